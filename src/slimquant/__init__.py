@@ -1,0 +1,23 @@
+"""slimquant: quantize trained PyTorch models so they deploy smaller and faster."""
+
+from slimquant.api import evaluate, load, quantize, save
+from slimquant.errors import NotSupportedYet, SlimquantError
+from slimquant.models.loading import LoadedModel, load_model
+from slimquant.types import Granularity, QuantSpec, Recipe
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "quantize",
+    "save",
+    "load",
+    "load_model",
+    "evaluate",
+    "Recipe",
+    "QuantSpec",
+    "Granularity",
+    "LoadedModel",
+    "SlimquantError",
+    "NotSupportedYet",
+    "__version__",
+]

@@ -1,0 +1,5 @@
+import sys
+
+from slimquant.cli.main import main
+
+sys.exit(main())

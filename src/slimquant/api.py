@@ -1,0 +1,81 @@
+"""The public Python API: quantize, save, load, load_model, evaluate."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from slimquant.errors import SlimquantError
+from slimquant.formats.msmodelslim import save as _save
+from slimquant.models.loading import LoadedModel, load_checkpoint
+from slimquant.pipeline.convert import ConversionReport, convert
+from slimquant.types.spec import Recipe
+
+log = logging.getLogger(__name__)
+
+
+def quantize(model: nn.Module, recipe: Recipe | None = None, calib_data: Any = None, show_progress: bool = True) -> nn.Module:
+    """Quantize ``model`` in place with ``recipe`` (default: W8A16 per-channel RTN) and return it.
+
+    The per-layer report is attached as ``model.slimquant_report`` (:class:`ConversionReport`).
+    ``calib_data`` is accepted for algorithms that need data; RTN does not and says so.
+    """
+    recipe = recipe or Recipe()
+    if getattr(model, "slimquant_recipe", None) is not None:
+        raise SlimquantError("model is already quantized by slimquant; start from the float model")
+    if calib_data is not None and recipe.algorithm == "rtn":
+        log.info("calib_data is not used by RTN (data-free)")
+    report: ConversionReport = convert(model, recipe, show_progress=show_progress)
+    model.slimquant_report = report
+    log.info("quantized %d layer(s) with %s (%s)", len(report.layers), recipe.algorithm, recipe.quant_type)
+    return model
+
+
+def save(
+    model: nn.Module,
+    directory: str | os.PathLike,
+    tokenizer: Any = None,
+    part_file_size: float | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Save a quantized model (msModelSlim layout + manifest) atomically. See docs/format.md."""
+    return _save(model, directory, tokenizer=tokenizer, part_file_size=part_file_size, overwrite=overwrite)
+
+
+def load(directory: str | os.PathLike, model: nn.Module | None = None, trust_remote_code: bool = False) -> nn.Module:
+    """Deploy-mode load: rebuild the quantized model from its manifest and load the tensors.
+
+    For Hugging Face models the structure comes from config.json; for a plain ``nn.Module``
+    pass ``model``, an instance of the original architecture.
+    """
+    return load_checkpoint(directory, model=model, trust_remote_code=trust_remote_code).model
+
+
+def evaluate(
+    model: nn.Module | LoadedModel,
+    tokenizer: Any = None,
+    text: str = "",
+    reference: nn.Module | LoadedModel | None = None,
+    windows: int = 8,
+    seq_len: int = 512,
+    kind: str | None = None,
+) -> dict[str, Any]:
+    """Accuracy on ``text``: perplexity/KL/top-1 for causal LMs, embedding cosine for encoders."""
+    from slimquant.eval.lm import evaluate_encoder, evaluate_lm
+
+    if isinstance(model, LoadedModel):
+        tokenizer = tokenizer or model.tokenizer
+        kind = kind or model.kind
+        model = model.model
+    if isinstance(reference, LoadedModel):
+        reference = reference.model
+    if tokenizer is None:
+        raise SlimquantError("evaluate needs a tokenizer")
+    kind = kind or ("encoder" if not hasattr(model, "generate") else "causal_lm")
+    if kind == "encoder":
+        return evaluate_encoder(model, tokenizer, text, reference, sentences=windows * 32)
+    return evaluate_lm(model, tokenizer, text, reference, windows=windows, seq_len=seq_len)

@@ -1,0 +1,168 @@
+"""``slimquant quantize``: msModelSlim-compatible flags -> Recipe -> quantize -> save."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+
+from slimquant.cli.args import positive_float, str2bool
+from slimquant.errors import NotSupportedYet, SlimquantError
+from slimquant.types import Granularity, QuantSpec, Recipe, int_qtype_for_bits
+
+log = logging.getLogger("slimquant.cli")
+
+# Seed flags accepted by the parser whose non-default values are not built yet: flag -> (default, issue).
+_LATER = {
+    "act_method": (1, "activation quantization"),
+    "anti_method": ("", "outlier suppression (m1/m2/m4) and AWQ (m3)"),
+    "co_sparse": (False, "sparse quantization"),
+    "fraction": (0.01, "sparse quantization"),
+    "disable_level": ("L0", "automatic fallback"),
+    "do_smooth": (False, "activation smoothing"),
+    "use_sigma": (False, "activation quantization"),
+    "sigma_factor": (3.0, "activation quantization"),
+    "use_reduce_quant": (False, "lccl reduce quantization"),
+    "tp_size": (1, "lccl reduce quantization"),
+    "is_lowbit": (False, "lowbit sparse quantization"),
+    "open_outlier": (True, "lowbit sparse quantization"),
+    "mm_tensor": (True, "W8A8 (per-tensor vs per-channel weights with int8 activations)"),
+    "use_kvcache_quant": (False, "KV-cache quantization"),
+    "use_fa_quant": (False, "attention quantization"),
+    "fa_amp": (0, "attention quantization"),
+    "is_dynamic": (False, "W8A8 per-token dynamic quantization"),
+}
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "quantize",
+        help="quantize a model and save it (msModelSlim-compatible flags)",
+        description="Quantize a model and save it in the msModelSlim layout (see docs/format.md).",
+    )
+    p.add_argument("--model_path", default="smollm2-135m",
+                   help="embedded model name (smollm2-135m, minilm-l6), HF directory or .gguf file")  # fmt: skip
+    p.add_argument("--save_directory", required=True, help="output directory (written atomically)")
+    p.add_argument("--recipe", help="a recipe .json/.yaml file; replaces the weight flags below")
+    p.add_argument("--w_bit", type=int, choices=(2, 3, 4, 8), default=8, help="weight bits (default 8)")
+    p.add_argument("--a_bit", type=int, choices=(8, 16), default=16,
+                   help="activation bits; 16 = weight-only (default; 8 is not supported yet)")  # fmt: skip
+    p.add_argument("--group_size", type=int, default=0,
+                   help="per-group size (32, 64, 128, 256); 0 = per-channel (default)")  # fmt: skip
+    p.add_argument("--w_sym", type=str2bool, default=True, help="symmetric weights (default True)")
+    p.add_argument("--w_method", choices=("rtn",), default="rtn", help="weight algorithm (default rtn)")
+    p.add_argument("--w_clip_search", type=str2bool, default=False,
+                   help="MSE-optimal clipping search per channel/group (default False)")  # fmt: skip
+    p.add_argument("--embedding_bit", type=int, choices=(8, 16), default=16,
+                   help="8: quantize embeddings int8 per row (a tied lm_head shares them); 16: keep float")  # fmt: skip
+    p.add_argument("--disable_names", nargs="*", default=[],
+                   help="layers to keep float: names, globs, or re:REGEX")  # fmt: skip
+    p.add_argument("--disable_last_linear", type=str2bool, default=True, help="keep the output layer float (default True)")
+    p.add_argument("--device_type", choices=("cpu", "cuda", "npu"), default="cpu")
+    p.add_argument("--part_file_size", type=positive_float, default=None, help="shard size in GB (default: one file)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty save_directory")
+    p.add_argument("--trust_remote_code", action="store_true", help="run custom modeling code in the model directory")
+    # Calibration inputs: used by algorithms that need data (none of the built ones yet).
+    p.add_argument("--calib_texts", nargs="*", default=None, help="calibration texts (unused by RTN)")
+    p.add_argument("--calib_file", default=None, help="calibration file (unused by RTN)")
+    p.add_argument("--tokenizer_args", default="{}", help="JSON tokenizer arguments for calibration")
+    p.add_argument("--input_ids_name", default="input_ids")
+    p.add_argument("--attention_mask_name", default="attention_mask")
+    # Seed flags of later issues.
+    p.add_argument("--act_method", type=int, choices=(1, 2, 3), default=1)
+    p.add_argument("--anti_method", choices=("", "m1", "m2", "m3", "m4", "m5"), default="")
+    p.add_argument("--co_sparse", type=str2bool, default=False)
+    p.add_argument("--fraction", type=float, default=0.01)
+    p.add_argument("--disable_level", choices=tuple(f"L{i}" for i in range(6)), default="L0")
+    p.add_argument("--do_smooth", type=str2bool, default=False)
+    p.add_argument("--use_sigma", type=str2bool, default=False)
+    p.add_argument("--sigma_factor", type=float, default=3.0)
+    p.add_argument("--use_reduce_quant", type=str2bool, default=False)
+    p.add_argument("--tp_size", type=int, default=1)
+    p.add_argument("--is_lowbit", type=str2bool, default=False)
+    p.add_argument("--open_outlier", type=str2bool, default=True)
+    p.add_argument("--mm_tensor", type=str2bool, default=True)
+    p.add_argument("--use_kvcache_quant", type=str2bool, default=False)
+    p.add_argument("--use_fa_quant", type=str2bool, default=False)
+    p.add_argument("--fa_amp", type=int, default=0)
+    p.add_argument("--is_dynamic", type=str2bool, default=False)
+    p.set_defaults(func=run)
+
+
+def recipe_from_args(args: argparse.Namespace) -> Recipe:
+    """Build the Recipe the flags describe; unsupported combinations raise with the flag's name."""
+    for flag, (default, what) in _LATER.items():
+        if getattr(args, flag) != default:
+            raise NotSupportedYet(f"--{flag} {getattr(args, flag)}: {what} is not supported yet")
+    if args.a_bit == 8:
+        raise NotSupportedYet("--a_bit 8: activation quantization (W8A8) is not supported yet; use --a_bit 16")
+    if args.device_type == "npu":
+        raise SlimquantError("--device_type npu: Ascend NPUs are not supported; use cpu or cuda")
+    if args.recipe:
+        defaults = {"w_bit": 8, "group_size": 0, "w_sym": True, "w_method": "rtn", "w_clip_search": False,
+                    "embedding_bit": 16, "disable_names": [], "disable_last_linear": True}  # fmt: skip
+        clash = [f"--{k}" for k, v in defaults.items() if getattr(args, k) != v]
+        if clash:
+            raise SlimquantError(f"--recipe replaces the weight flags; remove {', '.join(clash)} or put them in the recipe")
+        return Recipe.from_file(args.recipe)
+    if args.group_size < 0 or (args.group_size and args.group_size not in (32, 64, 128, 256)):
+        raise SlimquantError(f"--group_size {args.group_size}: valid values are 32, 64, 128, 256, or 0 for per-channel")
+    if args.group_size and args.w_bit == 8:
+        log.info("--group_size with --w_bit 8: using per-group int8 weights")
+    qt = int_qtype_for_bits(args.w_bit).name
+    weight = (
+        QuantSpec(qt, Granularity.PER_GROUP, args.group_size, args.w_sym)
+        if args.group_size
+        else QuantSpec(qt, Granularity.PER_CHANNEL, None, args.w_sym)
+    )
+    embedding = QuantSpec("int8", Granularity.PER_CHANNEL, None, True) if args.embedding_bit == 8 else None
+    return Recipe(
+        weight=weight,
+        algorithm=args.w_method,
+        clip_search=args.w_clip_search,
+        disable_names=tuple(args.disable_names),
+        disable_last_linear=args.disable_last_linear,
+        embedding=embedding,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from slimquant import api
+    from slimquant.eval.size import model_bytes
+    from slimquant.formats.atomic import check_target
+    from slimquant.models.loading import load_model
+
+    recipe = recipe_from_args(args)
+    check_target(args.save_directory, args.overwrite)  # fail before the slow part
+    if args.device_type == "cuda" and not torch.cuda.is_available():
+        raise SlimquantError("--device_type cuda: no CUDA device is available")
+    if args.calib_file or args.calib_texts:
+        log.warning("calibration data given, but %s is data-free: it is not used", recipe.algorithm)
+    t0 = time.perf_counter()
+    lm = load_model(args.model_path, trust_remote_code=args.trust_remote_code)
+    float_bytes = model_bytes(lm.model)
+    log.info("loaded %s in %.1fs", args.model_path, time.perf_counter() - t0)
+    if args.device_type == "cuda":
+        lm.model.to("cuda")
+    t1 = time.perf_counter()
+    api.quantize(lm.model, recipe)
+    qtime = time.perf_counter() - t1
+    lm.model.to("cpu")
+    report = lm.model.slimquant_report
+    api.save(lm.model, args.save_directory, tokenizer=lm.tokenizer, part_file_size=args.part_file_size, overwrite=args.overwrite)
+    from slimquant.eval.size import checkpoint_bytes
+
+    size = checkpoint_bytes(args.save_directory)
+    print(f"quantized {len(report.layers)} layer(s) of {args.model_path} to {recipe.quant_type} "
+          f"({recipe.weight.describe() if recipe.weight else 'float'}) in {qtime:.1f}s")  # fmt: skip
+    for name, why in sorted(report.skipped.items()):
+        print(f"  kept float: {name} ({why})")
+    for name, emb in report.tied.items():
+        print(f"  tied: {name} shares the quantized {emb}")
+    for p in report.unmatched_patterns:
+        print(f"  warning: --disable_names pattern {p!r} matched no layer")
+    print(f"checkpoint: {args.save_directory} {size / 2**20:.1f} MiB (float model {float_bytes / 2**20:.1f} MiB, "
+          f"{size / float_bytes:.3f}x)")  # fmt: skip
+    return 0

@@ -1,0 +1,351 @@
+"""The msModelSlim / MindIE weight layout as a state-dict codec plus a JSON manifest.
+
+Directory written by :func:`save`::
+
+    config.json                                   model config + "quantize": "w4a16"
+    quant_model_weight_w4a16.safetensors          all tensors (or -0000i-of-0000n shards + .index.json)
+    quant_model_description_w4a16.json            "model_quant_type" + one type label per tensor
+    slimquant_manifest.json                       recipe, per-layer module/spec/args, tensor aliases
+    tokenizer files                               when a tokenizer is given
+
+See docs/format.md for the tensor layout of each layer type.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from slimquant.errors import SlimquantError
+from slimquant.formats.atomic import atomic_directory
+from slimquant.nn.modules import QMODULES, QConv2d, QEmbedding, QLinear, _QWeight
+from slimquant.types.qtype import qtype as lookup_qtype
+from slimquant.types.spec import QuantSpec, Recipe
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "slimquant_manifest.json"
+FORMAT = "slimquant/msmodelslim"
+FORMAT_VERSION = 1
+
+_DTYPES = {str(d).removeprefix("torch."): d for d in (torch.float32, torch.float16, torch.bfloat16, torch.float64)}
+
+
+def weight_file(quant_type: str) -> str:
+    return f"quant_model_weight_{quant_type}.safetensors"
+
+
+def description_file(quant_type: str) -> str:
+    return f"quant_model_description_{quant_type}.json"
+
+
+def layer_label(module: _QWeight) -> str:
+    """Per-tensor type label of a quantized layer: W8A16, W4A16, ... (WFP8A16 for fp8 weights)."""
+    qt = lookup_qtype(module.spec.qtype)
+    return "WFP8A16" if qt.is_float else f"W{qt.bits}A16"
+
+
+# -- export ------------------------------------------------------------------------------------
+
+
+def _layer_entry(module: _QWeight) -> dict[str, Any]:
+    entry: dict[str, Any] = {
+        "module": type(module).__name__,
+        "spec": module.spec.to_dict(),
+        "dtype": str(module.compute_dtype).removeprefix("torch."),
+        "bias": module.bias is not None,
+        "method": getattr(module, "method", {}),
+    }
+    if isinstance(module, QLinear):
+        entry["args"] = {"in_features": module.in_features, "out_features": module.out_features}
+    elif isinstance(module, QConv2d):
+        entry["args"] = module.conv_args()
+    elif isinstance(module, QEmbedding):
+        entry["args"] = {
+            "num_embeddings": module.num_embeddings,
+            "embedding_dim": module.embedding_dim,
+            "padding_idx": module.padding_idx,
+        }
+    return entry
+
+
+def _model_entry(model: nn.Module) -> dict[str, Any]:
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "to_dict") and type(model).__module__.startswith("transformers."):
+        return {"kind": "transformers", "architecture": type(model).__name__}
+    return {"kind": "module", "class": f"{type(model).__module__}.{type(model).__qualname__}"}
+
+
+def export_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
+    """Split a quantized model into (tensors to write, description, manifest).
+
+    Tensors shared by several names (tied weights) are written once; the manifest records the
+    other names as aliases.
+    """
+    recipe: Recipe | None = getattr(model, "slimquant_recipe", None)
+    if recipe is None:
+        raise SlimquantError("model has not been quantized by slimquant (no recipe attached); call slimquant.quantize first")
+    qlayers = {n: m for n, m in model.named_modules() if isinstance(m, _QWeight)}
+    state = model.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    seen: dict[tuple, str] = {}
+    for name, t in state.items():
+        if t.device.type == "meta":
+            raise SlimquantError(f"tensor {name} is on the meta device; the model is not fully loaded")
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
+        if t.numel() and key in seen:
+            aliases[name] = seen[key]
+            continue
+        seen[key] = name
+        tensors[name] = t.detach().contiguous()
+    quant_type = recipe.quant_type
+    description: dict[str, Any] = {"model_quant_type": quant_type.upper()}
+    for name in tensors:
+        prefix = name.rpartition(".")[0]
+        description[name] = layer_label(qlayers[prefix]) if prefix in qlayers else "FLOAT"
+    manifest = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "quant_type": quant_type,
+        "recipe": recipe.to_dict(),
+        "model": _model_entry(model),
+        "layers": {n: _layer_entry(m) for n, m in qlayers.items()},
+        "aliases": aliases,
+    }
+    return tensors, description, manifest
+
+
+def _shards(tensors: dict[str, torch.Tensor], max_bytes: int | None) -> list[list[str]]:
+    if not max_bytes:
+        return [list(tensors)]
+    shards: list[list[str]] = [[]]
+    size = 0
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += nbytes
+    return shards
+
+
+def save(
+    model: nn.Module,
+    directory: str | os.PathLike,
+    tokenizer: Any = None,
+    part_file_size: float | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write a quantized model to ``directory`` atomically.
+
+    Args:
+        part_file_size: shard the weights into files of at most this many GB (1e9 bytes).
+        overwrite: replace an existing non-empty directory.
+    Returns:
+        The directory path.
+    """
+    from safetensors.torch import save_file
+
+    if part_file_size is not None and part_file_size <= 0:
+        raise SlimquantError(f"part_file_size must be positive, got {part_file_size}")
+    tensors, description, manifest = export_state(model)
+    quant_type = manifest["quant_type"]
+    max_bytes = int(part_file_size * 1e9) if part_file_size else None
+    shards = _shards(tensors, max_bytes)
+    with atomic_directory(directory, overwrite) as tmp:
+        base = weight_file(quant_type)
+        files: list[str] = []
+        if len(shards) == 1:
+            save_file(tensors, str(tmp / base), metadata={"format": "pt"})
+            files.append(base)
+        else:
+            weight_map: dict[str, str] = {}
+            stem = base.removesuffix(".safetensors")
+            for i, names in enumerate(shards, 1):
+                fname = f"{stem}-{i:05d}-of-{len(shards):05d}.safetensors"
+                save_file({n: tensors[n] for n in names}, str(tmp / fname), metadata={"format": "pt"})
+                files.append(fname)
+                weight_map.update({n: fname for n in names})
+            total = sum(t.numel() * t.element_size() for t in tensors.values())
+            _write_json(tmp / f"{base}.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map})
+        manifest["files"] = files
+        _write_json(tmp / description_file(quant_type), description)
+        _write_json(tmp / "config.json", _config_dict(model, quant_type))
+        _write_json(tmp / MANIFEST, manifest)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+    log.info("saved %s checkpoint to %s (%d file(s))", quant_type, directory, len(files))
+    return Path(directory)
+
+
+def _config_dict(model: nn.Module, quant_type: str) -> dict[str, Any]:
+    config = getattr(model, "config", None)
+    out: dict[str, Any] = {}
+    if config is not None and hasattr(config, "to_dict"):
+        out = config.to_dict()
+        # The float source may have been a GGUF / other quantized file: that is not what we hold now.
+        out.pop("quantization_config", None)
+        out.pop("_name_or_path", None)
+    out["quantize"] = quant_type
+    return out
+
+
+def _write_json(path: Path, data: Any) -> None:
+    with open(path, "w", encoding="utf-8") as fh:
+        json.dump(data, fh, indent=2, sort_keys=False)
+        fh.write("\n")
+
+
+# -- import ------------------------------------------------------------------------------------
+
+
+def read_manifest(directory: str | os.PathLike) -> dict[str, Any]:
+    path = Path(directory)
+    if not path.is_dir():
+        raise SlimquantError(f"{path} is not a directory")
+    mpath = path / MANIFEST
+    if not mpath.is_file():
+        raise SlimquantError(f"{path} is not a slimquant checkpoint: {MANIFEST} is missing")
+    try:
+        manifest = json.loads(mpath.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise SlimquantError(f"{mpath} is not valid JSON: {e}") from None
+    if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
+        raise SlimquantError(
+            f"{mpath}: unsupported format {manifest.get('format')!r} version {manifest.get('format_version')!r}"
+        )
+    return manifest
+
+
+def is_checkpoint(directory: str | os.PathLike) -> bool:
+    return (Path(directory) / MANIFEST).is_file()
+
+
+def read_tensors(directory: Path, files: list[str]) -> dict[str, torch.Tensor]:
+    """Load every tensor of the checkpoint's safetensors files (no pickle)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    out: dict[str, torch.Tensor] = {}
+    for fname in files:
+        fpath = directory / fname
+        if not fpath.is_file():
+            raise SlimquantError(f"checkpoint file {fpath} is missing")
+        try:
+            out.update(load_file(str(fpath)))
+        except (SafetensorError, OSError, RuntimeError, ValueError) as e:
+            raise SlimquantError(f"cannot read {fpath}: {e} (truncated or corrupt file?)") from None
+    return out
+
+
+def build_qmodule(name: str, entry: dict[str, Any]) -> _QWeight:
+    """An empty (meta) quantized module from its manifest entry."""
+    try:
+        cls = QMODULES[entry["module"]]
+        spec = QuantSpec.from_dict(entry["spec"])
+        dtype = _DTYPES[entry["dtype"]]
+        args = dict(entry["args"])
+    except (KeyError, TypeError) as e:
+        raise SlimquantError(f"manifest entry for layer {name} is invalid: missing/unknown {e}") from None
+    if cls is QLinear:
+        return QLinear(args["in_features"], args["out_features"], spec, entry["bias"], dtype, "meta")
+    if cls is QConv2d:
+        return QConv2d(
+            args["in_channels"], args["out_channels"], tuple(args["kernel_size"]), spec, tuple(args["stride"]),
+            args["padding"] if isinstance(args["padding"], str) else tuple(args["padding"]),
+            tuple(args["dilation"]), args["groups"], entry["bias"], args["padding_mode"], dtype, "meta",
+        )  # fmt: skip
+    return QEmbedding(args["num_embeddings"], args["embedding_dim"], spec, args["padding_idx"], dtype, "meta")
+
+
+def load_into(model: nn.Module, directory: str | os.PathLike, manifest: dict[str, Any]) -> nn.Module:
+    """Swap in the manifest's quantized modules and load the checkpoint tensors into ``model``.
+
+    ``model`` is a skeleton of the float architecture, typically with parameters on the meta device.
+    """
+    from slimquant.surgery import set_module
+
+    directory = Path(directory)
+    names = {n for n, _ in model.named_modules()}
+    for name, entry in manifest["layers"].items():
+        if name not in names:
+            raise SlimquantError(f"checkpoint layer {name} does not exist in the model skeleton")
+        qmod = build_qmodule(name, entry)
+        qmod.method = entry.get("method", {})
+        set_module(model, name, qmod)
+    tensors = read_tensors(directory, manifest["files"])
+    for alias, source in manifest.get("aliases", {}).items():
+        if source not in tensors:
+            raise SlimquantError(f"manifest alias {alias} -> {source}: {source} is not in the checkpoint")
+        tensors[alias] = tensors[source]
+    try:
+        model.load_state_dict(tensors, strict=True, assign=True)
+    except RuntimeError as e:
+        raise SlimquantError(f"checkpoint {directory} does not match the model: {e}") from None
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if t.device.type == "meta":
+            raise SlimquantError(f"after loading {directory}, {name} is still uninitialised (meta)")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.slimquant_recipe = Recipe.from_dict(manifest["recipe"])
+    model.eval()
+    return model
+
+
+def describe_checkpoint(directory: str | os.PathLike) -> dict[str, Any]:
+    """What a checkpoint holds, read from its manifest and safetensors headers (no tensor data).
+
+    Returns ``{"quant_type", "recipe", "layers": [{name, module, qtype, granularity, bits, bytes}],
+    "float_bytes", "quantized_bytes", "total_bytes", "files"}``.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    directory = Path(directory)
+    manifest = read_manifest(directory)
+    sizes: dict[str, int] = {}
+    for fname in manifest["files"]:
+        fpath = directory / fname
+        try:
+            with safe_open(str(fpath), framework="pt") as fh:
+                for name in fh.keys():
+                    sl = fh.get_slice(name)
+                    numel = 1
+                    for d in sl.get_shape():
+                        numel *= d
+                    sizes[name] = numel * _DTYPE_BYTES[sl.get_dtype()]
+        except (SafetensorError, OSError) as e:
+            raise SlimquantError(f"cannot read {fpath}: {e}") from None
+    rows = []
+    claimed: set[str] = set()
+    for lname, entry in manifest["layers"].items():
+        spec = QuantSpec.from_dict(entry["spec"])
+        names = [t for t in sizes if t.rpartition(".")[0] == lname]
+        claimed.update(names)
+        rows.append({
+            "name": lname, "module": entry["module"], "qtype": spec.qtype, "granularity": spec.granularity.value,
+            "group_size": spec.group_size, "symmetric": spec.symmetric, "bits": lookup_qtype(spec.qtype).bits,
+            "bytes": sum(sizes[t] for t in names), "tied_to": entry.get("method", {}).get("tied_to"),
+        })  # fmt: skip
+    float_bytes = sum(v for k, v in sizes.items() if k not in claimed)
+    return {
+        "quant_type": manifest["quant_type"],
+        "recipe": manifest["recipe"],
+        "layers": rows,
+        "float_bytes": float_bytes,
+        "quantized_bytes": sum(r["bytes"] for r in rows),
+        "total_bytes": sum(sizes.values()),
+        "files": manifest["files"],
+        "aliases": manifest.get("aliases", {}),
+    }
+
+
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+                "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}  # fmt: skip

@@ -1,0 +1,191 @@
+"""Quantized module classes holding stored integer weights plus scales/offsets.
+
+Real classes (no patched ``forward``). Their state dict is the checkpoint layout of
+:mod:`slimquant.kernels.weight_only`: ``weight``, ``weight_scale``, ``weight_offset`` and ``bias``.
+The forward is the reference path: dequantize the weight to the input's dtype, then the float op.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from slimquant.kernels.weight_only import dequantize_stored_weight, stored_weight_layout, to_stored
+from slimquant.math.weights import QuantizedWeight
+from slimquant.types.spec import QuantSpec
+
+
+class _QWeight(nn.Module):
+    """Shared storage of a quantized ``[n, k]`` weight matrix."""
+
+    spec: QuantSpec
+    weight_rows: int
+    weight_cols: int
+
+    def _init_storage(
+        self, n: int, k: int, spec: QuantSpec, bias: bool, dtype: torch.dtype, device: Any
+    ) -> None:
+        self.spec = spec
+        self.weight_rows, self.weight_cols = n, k
+        self.compute_dtype = dtype
+        for name, (shape, dt) in stored_weight_layout(n, k, spec).items():
+            self.register_buffer(name, torch.empty(shape, dtype=dt, device=device))
+        if not hasattr(self, "weight_offset"):
+            self.weight_offset = None
+        if bias:
+            self.bias = nn.Parameter(torch.empty(n, dtype=dtype, device=device), requires_grad=False)
+        else:
+            self.register_parameter("bias", None)
+
+    def _set_weight(self, qw: QuantizedWeight) -> None:
+        for name, t in to_stored(qw, self.spec).items():
+            getattr(self, name).copy_(t)
+
+    def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The float ``[n, k]`` weight this module computes with."""
+        return dequantize_stored_weight(
+            self.weight, self.weight_scale, self.weight_offset, self.spec, self.weight_cols, dtype or self.compute_dtype
+        )
+
+    def stored_bytes(self) -> int:
+        """Bytes of the stored tensors (weights, scales, offsets, bias)."""
+        return sum(t.numel() * t.element_size() for t in list(self.buffers(recurse=False)) + list(self.parameters(recurse=False)))
+
+    def extra_repr(self) -> str:
+        return f"{self.weight_cols}, {self.weight_rows}, spec={self.spec.describe()}, bias={self.bias is not None}"
+
+
+class QLinear(_QWeight):
+    """Weight-quantized ``nn.Linear``: ``y = x @ dequant(W).T + b``."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        spec: QuantSpec,
+        bias: bool = True,
+        dtype: torch.dtype = torch.float32,
+        device: Any = None,
+    ) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self._init_storage(out_features, in_features, spec, bias, dtype, device)
+
+    @classmethod
+    def from_float(cls, module: nn.Linear, qw: QuantizedWeight, spec: QuantSpec) -> "QLinear":
+        q = cls(module.in_features, module.out_features, spec, module.bias is not None, module.weight.dtype, module.weight.device)
+        q._set_weight(qw)
+        if module.bias is not None:
+            q.bias.data.copy_(module.bias.detach())
+        return q
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.dequantized_weight(x.dtype), self.bias)
+
+
+class QConv2d(_QWeight):
+    """Weight-quantized ``nn.Conv2d``; the weight is stored flattened as ``[out, in/groups*kh*kw]``."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: tuple[int, int],
+        spec: QuantSpec,
+        stride: tuple[int, int] = (1, 1),
+        padding: Any = (0, 0),
+        dilation: tuple[int, int] = (1, 1),
+        groups: int = 1,
+        bias: bool = True,
+        padding_mode: str = "zeros",
+        dtype: torch.dtype = torch.float32,
+        device: Any = None,
+    ) -> None:
+        super().__init__()
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.kernel_size, self.stride, self.padding = tuple(kernel_size), tuple(stride), padding
+        self.dilation, self.groups, self.padding_mode = tuple(dilation), groups, padding_mode
+        k = in_channels // groups * self.kernel_size[0] * self.kernel_size[1]
+        self._init_storage(out_channels, k, spec, bias, dtype, device)
+
+    @classmethod
+    def from_float(cls, module: nn.Conv2d, qw: QuantizedWeight, spec: QuantSpec) -> "QConv2d":
+        q = cls(
+            module.in_channels, module.out_channels, module.kernel_size, spec, module.stride, module.padding,
+            module.dilation, module.groups, module.bias is not None, module.padding_mode,
+            module.weight.dtype, module.weight.device,
+        )  # fmt: skip
+        q._set_weight(qw)
+        if module.bias is not None:
+            q.bias.data.copy_(module.bias.detach())
+        return q
+
+    def conv_args(self) -> dict[str, Any]:
+        """Constructor arguments (besides spec/dtype), as recorded in the manifest."""
+        return {
+            "in_channels": self.in_channels, "out_channels": self.out_channels,
+            "kernel_size": list(self.kernel_size), "stride": list(self.stride),
+            "padding": self.padding if isinstance(self.padding, str) else list(self.padding),
+            "dilation": list(self.dilation), "groups": self.groups, "padding_mode": self.padding_mode,
+        }  # fmt: skip
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.dequantized_weight(x.dtype).reshape(
+            self.out_channels, self.in_channels // self.groups, *self.kernel_size
+        )
+        if self.padding_mode != "zeros":
+            pad = [p for p in reversed(self.padding) for _ in range(2)]
+            x = F.pad(x, pad, mode=self.padding_mode)
+            return F.conv2d(x, w, self.bias, self.stride, 0, self.dilation, self.groups)
+        return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+class QEmbedding(_QWeight):
+    """Weight-quantized ``nn.Embedding`` (per row or per group); only looked-up rows are dequantized."""
+
+    def __init__(
+        self,
+        num_embeddings: int,
+        embedding_dim: int,
+        spec: QuantSpec,
+        padding_idx: int | None = None,
+        dtype: torch.dtype = torch.float32,
+        device: Any = None,
+    ) -> None:
+        super().__init__()
+        self.num_embeddings, self.embedding_dim, self.padding_idx = num_embeddings, embedding_dim, padding_idx
+        self._init_storage(num_embeddings, embedding_dim, spec, False, dtype, device)
+
+    @classmethod
+    def from_float(cls, module: nn.Embedding, qw: QuantizedWeight, spec: QuantSpec) -> "QEmbedding":
+        q = cls(module.num_embeddings, module.embedding_dim, spec, module.padding_idx, module.weight.dtype, module.weight.device)
+        q._set_weight(qw)
+        return q
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, spec={self.spec.describe()}"
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        flat = ids.reshape(-1)
+        rows = dequantize_stored_weight(
+            self.weight[flat], self.weight_scale[flat], None if self.weight_offset is None else self.weight_offset[flat],
+            self.spec, self.embedding_dim, self.compute_dtype,
+        )  # fmt: skip
+        return rows.reshape(*ids.shape, self.embedding_dim)
+
+
+def tied_linear(embedding: QEmbedding, bias: bool = False) -> QLinear:
+    """A QLinear (e.g. a tied lm_head) that shares the embedding's stored tensors."""
+    lin = QLinear(
+        embedding.embedding_dim, embedding.num_embeddings, embedding.spec, bias, embedding.compute_dtype, device="meta"
+    )
+    for name in ("weight", "weight_scale", "weight_offset"):
+        if getattr(embedding, name, None) is not None:
+            setattr(lin, name, getattr(embedding, name))
+    return lin
+
+
+QMODULES: dict[str, type[_QWeight]] = {"QLinear": QLinear, "QConv2d": QConv2d, "QEmbedding": QEmbedding}

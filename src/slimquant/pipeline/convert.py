@@ -1,0 +1,136 @@
+"""The weight-only conversion loop: plan which layers to quantize, solve each, swap in Q modules.
+
+Algorithms are looked up by name (:func:`slimquant.algorithms.weight_solver`); module choice lives in
+:mod:`slimquant.surgery`. Data-free algorithms (RTN) need nothing else.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from slimquant.algorithms import weight_solver
+from slimquant.errors import SlimquantError
+from slimquant.math.metrics import sqnr_db
+from slimquant.math.weights import check_weight_shape
+from slimquant.nn.modules import QConv2d, QEmbedding, QLinear, tied_linear
+from slimquant.surgery import last_linear_name, select, set_module
+from slimquant.types.spec import QuantSpec, Recipe
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    name: str
+    kind: str  # linear | conv2d | embedding
+    spec: QuantSpec
+
+
+@dataclass
+class ConversionReport:
+    """What a conversion did: per-layer rows, skipped layers with reasons, patterns that matched nothing."""
+
+    layers: list[dict] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)
+    unmatched_patterns: tuple[str, ...] = ()
+    tied: dict[str, str] = field(default_factory=dict)
+
+
+def plan(model: nn.Module, recipe: Recipe) -> tuple[list[LayerPlan], ConversionReport]:
+    """Decide which modules get which spec. Pure inspection: the model is not changed."""
+    names = [n for n, _ in model.named_modules() if n]
+    sel = select(names, recipe.disable_names)
+    report = ConversionReport(unmatched_patterns=sel.unmatched_patterns)
+    for p in sel.unmatched_patterns:
+        log.warning("disable_names pattern %r matched no layer", p)
+    last = last_linear_name(model) if recipe.disable_last_linear else None
+    layers: list[LayerPlan] = []
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Linear):
+            kind, spec = "linear", recipe.weight
+        elif isinstance(m, nn.Conv2d):
+            kind, spec = "conv2d", recipe.weight if recipe.include_conv else None
+        elif isinstance(m, nn.Embedding):
+            kind, spec = "embedding", recipe.embedding
+        else:
+            continue
+        if spec is None:
+            continue
+        if name in sel.matched:
+            report.skipped[name] = "disable_names"
+        elif name == last:
+            report.skipped[name] = "disable_last_linear"
+        else:
+            layers.append(LayerPlan(name, kind, spec))
+    return layers, report
+
+
+def _tied_output(model: nn.Module, embedding_name: str) -> str | None:
+    """Name of the Linear whose weight *is* the embedding's weight (tied lm_head), if any."""
+    emb = model.get_submodule(embedding_name)
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Linear) and m.weight is emb.weight:
+            return name
+    return None
+
+
+def _weight_2d(module: nn.Module) -> torch.Tensor:
+    w = module.weight.detach()
+    return w.reshape(w.shape[0], -1)
+
+
+def convert(model: nn.Module, recipe: Recipe, show_progress: bool = True) -> ConversionReport:
+    """Quantize ``model`` in place according to ``recipe`` and return a report."""
+    layers, report = plan(model, recipe)
+    solver = weight_solver(recipe.algorithm)
+    # Validate everything first so a bad layer fails before any module is swapped.
+    for lp in layers:
+        w = _weight_2d(model.get_submodule(lp.name))
+        if w.device.type == "meta":
+            raise SlimquantError(f"layer {lp.name}: weight is on the meta device (model not loaded)")
+        if not torch.isfinite(w).all():
+            bad = int((~torch.isfinite(w)).sum())
+            raise SlimquantError(f"layer {lp.name}: weight has {bad} NaN/Inf value(s); cannot quantize")
+        try:
+            check_weight_shape(tuple(w.shape), lp.spec)  # type: ignore[arg-type]
+        except ValueError as e:
+            raise SlimquantError(f"layer {lp.name}: {e}; choose another group size or add it to disable_names") from None
+    # A tied output layer must follow its quantized embedding: resolve ties before swapping.
+    ties: dict[str, str] = {}
+    for lp in layers:
+        if lp.kind == "embedding":
+            out = _tied_output(model, lp.name)
+            if out is not None:
+                ties[out] = lp.name
+    for out, emb in ties.items():
+        report.skipped.pop(out, None)
+    layers = [lp for lp in layers if lp.name not in ties]
+
+    for lp in tqdm(layers, desc=f"{recipe.algorithm} {recipe.quant_type}", disable=not show_progress, unit="layer"):
+        module = model.get_submodule(lp.name)
+        w = _weight_2d(module)
+        qw = solver(w, lp.spec, recipe)
+        cls = {"linear": QLinear, "conv2d": QConv2d, "embedding": QEmbedding}[lp.kind]
+        qmod = cls.from_float(module, qw, lp.spec)  # type: ignore[attr-defined]
+        qmod.method = {"algorithm": recipe.algorithm, "clip_search": recipe.clip_search}
+        err = sqnr_db(w, qmod.dequantized_weight(torch.float32))
+        set_module(model, lp.name, qmod)
+        report.layers.append({"name": lp.name, "kind": lp.kind, "spec": lp.spec.describe(), "sqnr_db": round(err, 2)})
+        log.debug("quantized %s (%s): SQNR %.2f dB", lp.name, lp.spec.describe(), err)
+    for out, emb in ties.items():
+        qemb = model.get_submodule(emb)
+        old = model.get_submodule(out)
+        lin = tied_linear(qemb, bias=old.bias is not None)
+        if old.bias is not None:
+            lin.bias = nn.Parameter(old.bias.detach().clone(), requires_grad=False)
+        lin.method = dict(qemb.method, tied_to=emb)
+        set_module(model, out, lin)
+        report.tied[out] = emb
+        log.info("%s is tied to %s: it now shares the quantized embedding (%s)", out, emb, qemb.spec.describe())
+    model.slimquant_recipe = recipe
+    return report

@@ -1,0 +1,221 @@
+"""Quantization specs per tensor role and the Recipe that groups them.
+
+Both are frozen dataclasses validated at construction; a Recipe round-trips JSON and YAML exactly.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from enum import Enum
+from typing import Any
+
+from slimquant.errors import SlimquantError
+from slimquant.types.qtype import QTYPES, qtype as _lookup_qtype
+
+GROUP_SIZES = (32, 64, 128, 256)
+
+
+class Granularity(str, Enum):
+    """How quantization parameters are shared across a tensor."""
+
+    PER_TENSOR = "per_tensor"
+    PER_CHANNEL = "per_channel"  # one scale per output channel (row of a weight)
+    PER_GROUP = "per_group"  # one scale per `group_size` consecutive input elements of a row
+    PER_TOKEN = "per_token"  # activations: one scale per token (row of the input)
+
+    @classmethod
+    def parse(cls, value: "str | Granularity") -> "Granularity":
+        if isinstance(value, Granularity):
+            return value
+        try:
+            return cls(value)
+        except ValueError:
+            valid = ", ".join(g.value for g in cls)
+            raise SlimquantError(f"unknown granularity {value!r}; valid: {valid}") from None
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """How one tensor role (weight, input, output, kv) is quantized.
+
+    Attributes:
+        qtype: name of a qtype in :data:`slimquant.types.QTYPES` (``int4``, ``int8``, ...).
+        granularity: per_tensor / per_channel / per_group / per_token.
+        group_size: elements per group along the input dimension; only for per_group.
+        symmetric: symmetric (no zero point) or asymmetric (zero point / offset).
+        dynamic: activations only: compute the range at run time instead of calibrating.
+        zero_point: ``int`` (seed 003: rounded to an integer) or ``float`` (unrounded, so the range
+            ends land exactly on the grid; weight-only, asymmetric only).
+    """
+
+    qtype: str = "int8"
+    granularity: Granularity = Granularity.PER_CHANNEL
+    group_size: int | None = None
+    symmetric: bool = True
+    dynamic: bool = False
+    zero_point: str = "int"
+
+    def __post_init__(self) -> None:
+        if self.zero_point not in ("int", "float"):
+            raise SlimquantError(f"zero_point must be 'int' or 'float', got {self.zero_point!r}")
+        _lookup_qtype(self.qtype)
+        object.__setattr__(self, "granularity", Granularity.parse(self.granularity))
+        if self.granularity is Granularity.PER_GROUP:
+            if not isinstance(self.group_size, int) or self.group_size <= 0 or self.group_size % 8:
+                raise SlimquantError(
+                    f"per_group needs a positive group_size that is a multiple of 8, got {self.group_size!r}"
+                )
+        elif self.group_size is not None:
+            raise SlimquantError(f"group_size={self.group_size} is only valid with per_group granularity")
+        if QTYPES[self.qtype].is_float and not self.symmetric:
+            raise SlimquantError(f"{self.qtype} is a float type and can only be quantized symmetrically")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["granularity"] = self.granularity.value
+        return d
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "QuantSpec":
+        return cls(**_checked_keys(cls, data, "QuantSpec"))
+
+    def describe(self) -> str:
+        """Short human label, e.g. ``int4 g64 asym``."""
+        gran = {
+            Granularity.PER_TENSOR: "per-tensor",
+            Granularity.PER_CHANNEL: "per-channel",
+            Granularity.PER_TOKEN: "per-token",
+            Granularity.PER_GROUP: f"g{self.group_size}",
+        }[self.granularity]
+        sym = "sym" if self.symmetric else ("asym" if self.zero_point == "int" else "asym-fzp")
+        return f"{self.qtype} {gran} {sym}"
+
+
+ALGORITHMS = ("rtn",)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Everything a quantization run needs to know, independent of the model.
+
+    Attributes:
+        weight: spec for the weights of Linear/Conv2d layers (None: weights stay float).
+        input / output / kv: specs for activations and KV cache (not built yet: must be None).
+        algorithm: weight algorithm name (``rtn``).
+        clip_search: search per channel/group for the clipping ratio with the lowest MSE.
+        disable_names: layer names, globs or ``re:`` regexes to keep in float.
+        disable_last_linear: keep the model's output projection (lm_head) in float.
+        embedding: spec for nn.Embedding weights (None: embeddings stay float).
+        include_conv: quantize Conv2d layers too (for vision models).
+    """
+
+    weight: QuantSpec | None = field(default_factory=lambda: QuantSpec("int8", Granularity.PER_CHANNEL))
+    input: QuantSpec | None = None
+    output: QuantSpec | None = None
+    kv: QuantSpec | None = None
+    algorithm: str = "rtn"
+    clip_search: bool = False
+    disable_names: tuple[str, ...] = ()
+    disable_last_linear: bool = True
+    embedding: QuantSpec | None = None
+    include_conv: bool = True
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "disable_names", tuple(self.disable_names))
+        if self.algorithm not in ALGORITHMS:
+            raise SlimquantError(f"unknown algorithm {self.algorithm!r}; valid: {', '.join(ALGORITHMS)}")
+        for role in ("input", "output", "kv"):
+            if getattr(self, role) is not None:
+                from slimquant.errors import NotSupportedYet
+
+                raise NotSupportedYet(
+                    f"{role} quantization is not supported yet (activation/KV-cache quantization is a later issue); "
+                    "use weight-only recipes (a_bit 16)"
+                )
+        if self.weight is not None and self.weight.granularity in (Granularity.PER_TOKEN,):
+            raise SlimquantError("per_token granularity applies to activations, not weights")
+        if self.embedding is not None and self.embedding.granularity not in (
+            Granularity.PER_CHANNEL,
+            Granularity.PER_GROUP,
+        ):
+            raise SlimquantError("embedding quantization must be per_channel (per row) or per_group")
+
+    @property
+    def quant_type(self) -> str:
+        """msModelSlim-style label: w8a16, w4a16, ..."""
+        if self.weight is None:
+            return "float"
+        return f"w{_lookup_qtype(self.weight.qtype).bits}a16"
+
+    # -- serialization -------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"type": "slimquant.Recipe", "version": 1}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, QuantSpec):
+                v = v.to_dict()
+            elif isinstance(v, tuple):
+                v = list(v)
+            out[f.name] = v
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Recipe":
+        data = dict(data)
+        tag = data.pop("type", "slimquant.Recipe")
+        version = data.pop("version", 1)
+        if tag != "slimquant.Recipe" or version != 1:
+            raise SlimquantError(f"not a slimquant recipe (type={tag!r}, version={version!r})")
+        data = _checked_keys(cls, data, "Recipe")
+        for role in ("weight", "input", "output", "kv", "embedding"):
+            if data.get(role) is not None:
+                data[role] = QuantSpec.from_dict(data[role])
+        if "disable_names" in data:
+            data["disable_names"] = tuple(data["disable_names"])
+        return cls(**data)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "Recipe":
+        try:
+            return cls.from_dict(json.loads(text))
+        except json.JSONDecodeError as e:
+            raise SlimquantError(f"recipe is not valid JSON: {e}") from None
+
+    def to_yaml(self) -> str:
+        import yaml
+
+        return yaml.safe_dump(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_yaml(cls, text: str) -> "Recipe":
+        import yaml
+
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise SlimquantError(f"recipe is not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise SlimquantError("recipe YAML must be a mapping")
+        return cls.from_dict(data)
+
+    @classmethod
+    def from_file(cls, path: str) -> "Recipe":
+        """Read a recipe from a .json, .yaml or .yml file."""
+        try:
+            with open(path, encoding="utf-8") as fh:
+                text = fh.read()
+        except OSError as e:
+            raise SlimquantError(f"cannot read recipe {path}: {e.strerror}") from None
+        return cls.from_yaml(text) if path.endswith((".yaml", ".yml")) else cls.from_json(text)
+
+
+def _checked_keys(cls: type, data: dict[str, Any], what: str) -> dict[str, Any]:
+    valid = {f.name for f in fields(cls)}
+    unknown = set(data) - valid
+    if unknown:
+        raise SlimquantError(f"unknown {what} field(s) {sorted(unknown)}; valid: {sorted(valid)}")
+    return data
