@@ -31,6 +31,10 @@ def main(argv: list[str] | None = None) -> int:
     except SlimquantError as e:
         print(f"slimquant: error: {e}", file=sys.stderr)
         return 1
+    except OSError as e:
+        where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+        print(f"slimquant: error: {e.strerror or e}{where}; nothing was written", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("slimquant: interrupted; nothing was written", file=sys.stderr)
         return 130

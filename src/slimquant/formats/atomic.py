@@ -39,7 +39,11 @@ def atomic_directory(target: str | os.PathLike, overwrite: bool = False) -> Iter
             backup = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
             os.rmdir(backup)
             os.rename(path, backup)
-            os.rename(tmp, path)
+            try:
+                os.rename(tmp, path)
+            except OSError:
+                os.rename(backup, path)  # put the old output back
+                raise
             shutil.rmtree(backup, ignore_errors=True)
         else:
             os.rename(tmp, path)

@@ -194,6 +194,10 @@ def _config_dict(model: nn.Module, quant_type: str) -> dict[str, Any]:
         # The float source may have been a GGUF / other quantized file: that is not what we hold now.
         out.pop("quantization_config", None)
         out.pop("_name_or_path", None)
+        # As save_pretrained does: a model built from a config has no architectures yet, and
+        # runtimes reading config.json need it to pick the model class.
+        if not out.get("architectures") and _model_entry(model)["kind"] == "transformers":
+            out["architectures"] = [type(model).__name__]
     out["quantize"] = quant_type
     return out
 

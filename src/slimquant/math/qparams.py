@@ -43,7 +43,8 @@ def qparams_from_minmax(
     ``integer_zero_point=False`` keeps the zero point unrounded (``qmin - rmin / scale``), so ``rmin``
     and ``rmax`` land exactly on the grid ends; weight-only formats whose offset is a float
     (msModelSlim ``weight_offset``, quanto's shift) can hold it.
-    Degenerate ranges (rmin == rmax) get a scale that still reproduces the constant exactly.
+    Degenerate asymmetric ranges (rmin == rmax) get a scale that still reproduces the constant exactly;
+    symmetric ones keep the formula above (the constant comes back within one float32 ulp).
     """
     rmin = rmin.float()
     rmax = rmax.float()
@@ -59,9 +60,10 @@ def qparams_from_minmax(
             scale = torch.clamp(torch.maximum(rmin, rmax), min=0.0) / (qmax - qmin)
         return _nonzero(scale), None
     scale = (rmax - rmin) / (qmax - qmin)
-    # Constant ranges: fall back to the symmetric scale so the constant lands on the grid edge.
-    sym_half = (qmax - qmin - 1.0) / 2.0 if qt.signed else (qmax - qmin)
-    scale = torch.where(scale > 0, scale, absmax / sym_half)
+    # Constant ranges: scale = |c| puts the constant one step from the zero point, on the grid edge
+    # (q = qmin); c / |c| = +-1 and +-1 * |c| = c are exact in floating point, so c comes back bit
+    # for bit (|c| / 127 and the like does not multiply back to c for every c, and can underflow).
+    scale = torch.where(scale > 0, scale, absmax)
     scale = _nonzero(scale)
     zero_point = qmin - (torch.round(rmin / scale) if integer_zero_point else rmin / scale)
     return scale, zero_point

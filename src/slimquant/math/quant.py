@@ -63,4 +63,6 @@ def fake_quantize(
     """Quantize then dequantize, with a straight-through gradient (identity w.r.t. ``x``)."""
     q = quantize(x, scale, zero_point, qt, reduce_range, integer_zero_point)
     y = dequantize(q, scale, zero_point, x.dtype)
-    return x + (y - x).detach()
+    # Forward is exactly y (x - x == 0); x + (y - x).detach() would round y off the grid by an ulp
+    # wherever y - x is inexact (e.g. float zero points).
+    return y.detach() + (x - x.detach())

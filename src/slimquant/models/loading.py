@@ -185,6 +185,8 @@ def _load_gguf(path: Path, dtype: torch.dtype | None) -> LoadedModel:
     # The GGUF source quantization was dequantized on load; the config must not claim otherwise.
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer = None
     model.eval()
     return LoadedModel(model, tok, "causal_lm", str(path))
 

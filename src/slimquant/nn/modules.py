@@ -132,13 +132,23 @@ class QConv2d(_QWeight):
             "dilation": list(self.dilation), "groups": self.groups, "padding_mode": self.padding_mode,
         }  # fmt: skip
 
+    def _reversed_padding_repeated_twice(self) -> list[int]:
+        # F.pad order (last dim first), as nn.Conv2d computes it; string paddings ('same', 'valid')
+        # must be turned into numbers here because the conv below runs with padding 0.
+        if isinstance(self.padding, str):
+            out: list[int] = []
+            for d, k in zip(reversed(self.dilation), reversed(self.kernel_size)):
+                total = 0 if self.padding == "valid" else d * (k - 1)
+                out += [total // 2, total - total // 2]
+            return out
+        return [p for p in reversed(self.padding) for _ in range(2)]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.dequantized_weight(x.dtype).reshape(
             self.out_channels, self.in_channels // self.groups, *self.kernel_size
         )
         if self.padding_mode != "zeros":
-            pad = [p for p in reversed(self.padding) for _ in range(2)]
-            x = F.pad(x, pad, mode=self.padding_mode)
+            x = F.pad(x, self._reversed_padding_repeated_twice(), mode=self.padding_mode)
             return F.conv2d(x, w, self.bias, self.stride, 0, self.dilation, self.groups)
         return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
 

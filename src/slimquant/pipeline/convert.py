@@ -49,12 +49,17 @@ def plan(model: nn.Module, recipe: Recipe) -> tuple[list[LayerPlan], ConversionR
     for p in sel.unmatched_patterns:
         log.warning("disable_names pattern %r matched no layer", p)
     last = last_linear_name(model) if recipe.disable_last_linear else None
+    override_hits = {p: select(names, (p,)).matched for p, _ in recipe.overrides}
+    for p, hits in override_hits.items():
+        if not hits:
+            log.warning("overrides pattern %r matched no layer", p)
     layers: list[LayerPlan] = []
     for name, m in model.named_modules():
+        weight_spec = next((sp for p, sp in recipe.overrides if name in override_hits[p]), recipe.weight)
         if isinstance(m, nn.Linear):
-            kind, spec = "linear", recipe.weight
+            kind, spec = "linear", weight_spec
         elif isinstance(m, nn.Conv2d):
-            kind, spec = "conv2d", recipe.weight if recipe.include_conv else None
+            kind, spec = "conv2d", weight_spec if recipe.include_conv else None
         elif isinstance(m, nn.Embedding):
             kind, spec = "embedding", recipe.embedding
         else:

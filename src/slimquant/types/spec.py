@@ -108,6 +108,8 @@ class Recipe:
         disable_last_linear: keep the model's output projection (lm_head) in float.
         embedding: spec for nn.Embedding weights (None: embeddings stay float).
         include_conv: quantize Conv2d layers too (for vision models).
+        overrides: ``(pattern, spec)`` pairs; the first pattern (name, glob or ``re:``) matching a
+            layer gives its weight spec instead of ``weight`` (mixed precision, per-layer groups).
     """
 
     weight: QuantSpec | None = field(default_factory=lambda: QuantSpec("int8", Granularity.PER_CHANNEL))
@@ -120,9 +122,17 @@ class Recipe:
     disable_last_linear: bool = True
     embedding: QuantSpec | None = None
     include_conv: bool = True
+    overrides: tuple[tuple[str, QuantSpec], ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "disable_names", tuple(self.disable_names))
+        pairs = []
+        for item in self.overrides:
+            if not (isinstance(item, (tuple, list)) and len(item) == 2 and isinstance(item[0], str)):
+                raise SlimquantError(f"overrides entries must be (pattern, QuantSpec) pairs, got {item!r}")
+            spec = item[1] if isinstance(item[1], QuantSpec) else QuantSpec.from_dict(item[1])
+            pairs.append((item[0], spec))
+        object.__setattr__(self, "overrides", tuple(pairs))
         if self.algorithm not in ALGORITHMS:
             raise SlimquantError(f"unknown algorithm {self.algorithm!r}; valid: {', '.join(ALGORITHMS)}")
         for role in ("input", "output", "kv"):
@@ -146,7 +156,8 @@ class Recipe:
         """msModelSlim-style label: w8a16, w4a16, ..."""
         if self.weight is None:
             return "float"
-        return f"w{_lookup_qtype(self.weight.qtype).bits}a16"
+        qt = _lookup_qtype(self.weight.qtype)
+        return "wfp8a16" if qt.is_float else f"w{qt.bits}a16"
 
     # -- serialization -------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -155,6 +166,8 @@ class Recipe:
             v = getattr(self, f.name)
             if isinstance(v, QuantSpec):
                 v = v.to_dict()
+            elif f.name == "overrides":
+                v = [[pattern, spec.to_dict()] for pattern, spec in v]
             elif isinstance(v, tuple):
                 v = list(v)
             out[f.name] = v

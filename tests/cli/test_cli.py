@@ -1,0 +1,401 @@
+"""The ``slimquant`` command, run in-process: happy paths on tiny saved models, and every refusal."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import safetensors.torch
+import torch
+
+from slimquant import Granularity, QuantSpec, Recipe
+from slimquant.cli.main import build_parser, main
+from slimquant.cli.quantize_cmd import recipe_from_args
+from slimquant.formats.msmodelslim import read_manifest
+
+
+def run(capsys, *argv: str) -> tuple[int, str, str]:
+    rc = main([str(a) for a in argv])
+    cap = capsys.readouterr()
+    return rc, cap.out, cap.err
+
+
+def error_line(err: str) -> str:
+    """The single ``slimquant: error: ...`` line (progress bars from loading may precede it)."""
+    assert "Traceback" not in err
+    lines = [ln for ln in err.splitlines() if "slimquant: error:" in ln]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("slimquant: error: ")
+    return lines[0]
+
+
+@pytest.fixture
+def outs(tmp_path) -> Path:
+    """An empty parent directory for outputs, so leftovers are easy to see."""
+    d = tmp_path / "outs"
+    d.mkdir()
+    return d
+
+
+def assert_nothing_written(parent: Path) -> None:
+    assert [p.name for p in parent.iterdir()] == []
+
+
+# -- happy paths ----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def w4_out(capsys, llama_dir, outs) -> Path:
+    out = outs / "w4"
+    rc, stdout, _ = run(capsys, "quantize", "--model_path", llama_dir, "--save_directory", out, "--w_bit", "4",
+                        "--group_size", "32", "--w_sym", "False", "--w_clip_search", "true")  # fmt: skip
+    assert rc == 0
+    assert "quantized 14 layer(s)" in stdout and "w4a16 (int4 g32 asym)" in stdout
+    assert "kept float: lm_head (disable_last_linear)" in stdout
+    return out
+
+
+def test_quantize_writes_the_checkpoint(w4_out, llama_dir):
+    names = {p.name for p in w4_out.iterdir()}
+    assert {"quant_model_weight_w4a16.safetensors", "quant_model_description_w4a16.json", "config.json",
+            "slimquant_manifest.json", "tokenizer.json"} <= names  # fmt: skip
+    recipe = Recipe.from_dict(read_manifest(w4_out)["recipe"])
+    assert recipe.weight == QuantSpec("int4", Granularity.PER_GROUP, 32, False)
+    assert recipe.clip_search is True and recipe.disable_last_linear is True
+    assert json.loads((w4_out / "config.json").read_text())["quantize"] == "w4a16"
+    assert (w4_out / "quant_model_weight_w4a16.safetensors").stat().st_size < (llama_dir / "model.safetensors").stat().st_size
+
+
+def test_inspect_text_and_json(capsys, w4_out):
+    rc, out, _ = run(capsys, "inspect", w4_out)
+    assert rc == 0
+    assert out.startswith(f"{w4_out}: w4a16")
+    row = next(ln for ln in out.splitlines() if ln.startswith("model.layers.1.mlp.down_proj"))
+    assert row.split()[1:5] == ["QLinear", "int4", "g32", "asym"] and row.split()[5] == "4"
+    assert "quantized layers: 14" in out
+    assert "alias: lm_head.weight -> model.embed_tokens.weight" in out
+
+    rc, out, _ = run(capsys, "inspect", w4_out, "--json")
+    assert rc == 0
+    info = json.loads(out)
+    assert info["quant_type"] == "w4a16" and len(info["layers"]) == 14
+    assert {(r["qtype"], r["bits"], r["group_size"], r["symmetric"]) for r in info["layers"]} == {("int4", 4, 32, False)}
+    assert info["files"] == ["quant_model_weight_w4a16.safetensors"]
+
+
+def test_eval_lm_against_reference(capsys, w4_out, llama_dir, text_file):
+    rc, out, _ = run(capsys, "eval", "--model", w4_out, "--reference", llama_dir, "--text", text_file,
+                     "--windows", "2", "--seq_len", "16", "--json")  # fmt: skip
+    assert rc == 0
+    res = json.loads(out)
+    assert (res["windows"], res["seq_len"], res["tokens"]) == (2, 16, 30)
+    assert res["model"] == str(w4_out) and res["reference"] == str(llama_dir)
+    assert 1.0 < res["perplexity"] < 1e6 and 1.0 < res["reference_perplexity"] < 1e6
+    assert res["kl"] >= 0.0 and 0.0 <= res["top1"] <= 1.0
+    assert res["kl"] > 0.0  # 4-bit weights do change the distribution
+
+
+def test_eval_reference_against_itself(capsys, llama_dir, text_file):
+    rc, out, _ = run(capsys, "eval", "--model", llama_dir, "--reference", llama_dir, "--text", text_file,
+                     "--windows", "2", "--seq_len", "16", "--json")  # fmt: skip
+    assert rc == 0
+    res = json.loads(out)
+    assert res["kl"] == 0.0 and res["top1"] == 1.0
+    assert res["perplexity"] == res["reference_perplexity"]
+
+
+def test_eval_plain_text_output(capsys, llama_dir, text_file):
+    rc, out, _ = run(capsys, "eval", "--model", llama_dir, "--text", text_file, "--windows", "1", "--seq_len", "8")
+    assert rc == 0
+    fields = dict(ln.split(None, 1) for ln in out.strip().splitlines())
+    assert fields["windows"] == "1" and fields["tokens"] == "7"
+    assert float(fields["perplexity"]) > 1.0
+    assert "kl" not in fields  # no reference, no comparison
+
+
+def test_quantize_and_eval_bert_encoder(capsys, bert_dir, outs, text_file):
+    out = outs / "bert8"
+    rc, stdout, _ = run(capsys, "quantize", "--model_path", bert_dir, "--save_directory", out)
+    assert rc == 0 and "kept float: pooler.dense (disable_last_linear)" in stdout
+    rc, stdout, _ = run(capsys, "eval", "--model", out, "--reference", bert_dir, "--text", text_file, "--json")
+    assert rc == 0
+    res = json.loads(stdout)
+    assert res["sentences"] == 18
+    assert 0.99 < res["cosine_mean"] <= 1.0 + 1e-9  # int8 per-channel
+    assert res["cosine_min"] <= res["cosine_mean"]
+
+
+def test_embedding_bit_8_and_shards(capsys, llama_dir, outs):
+    out = outs / "emb"
+    rc, stdout, _ = run(capsys, "quantize", "--model_path", llama_dir, "--save_directory", out,
+                        "--embedding_bit", "8", "--part_file_size", "0.00002")  # fmt: skip
+    assert rc == 0
+    assert "tied: lm_head shares the quantized model.embed_tokens" in stdout
+    files = read_manifest(out)["files"]
+    assert len(files) > 1 and all(f.startswith("quant_model_weight_w8a16-") for f in files)
+    assert (out / "quant_model_weight_w8a16.safetensors.index.json").is_file()
+    rc, stdout, _ = run(capsys, "inspect", out, "--json")
+    info = json.loads(stdout)
+    assert {r["name"]: r["tied_to"] for r in info["layers"]}["lm_head"] == "model.embed_tokens"
+
+
+def test_boolean_flags_accept_any_case(capsys, llama_dir, outs):
+    out = outs / "bools"
+    rc, stdout, _ = run(capsys, "quantize", "--model_path", llama_dir, "--save_directory", out,
+                        "--w_sym", "TRUE", "--w_clip_search", "True", "--disable_last_linear", "false")  # fmt: skip
+    assert rc == 0
+    recipe = Recipe.from_dict(read_manifest(out)["recipe"])
+    assert recipe.weight.symmetric is True and recipe.clip_search is True
+    assert recipe.disable_last_linear is False
+    assert "quantized 15 layer(s)" in stdout  # lm_head too
+    assert "lm_head" in read_manifest(out)["layers"]
+
+
+@pytest.mark.parametrize(
+    "value, expected", [("True", True), ("false", False), ("TRUE", True), ("False", False), ("1", True), ("no", False)]
+)
+def test_str2bool_values_reach_the_recipe(value, expected):
+    args = build_parser().parse_args(["quantize", "--save_directory", "x", "--w_sym", value,
+                                      "--disable_last_linear", value, "--w_clip_search", value])  # fmt: skip
+    recipe = recipe_from_args(args)
+    assert recipe.weight.symmetric is expected
+    assert recipe.disable_last_linear is expected and recipe.clip_search is expected
+
+
+def test_disable_names_flag(capsys, llama_dir, outs):
+    out = outs / "dn"
+    rc, stdout, _ = run(capsys, "quantize", "--model_path", llama_dir, "--save_directory", out, "--disable_names",
+                        "model.layers.0.mlp.down_proj", "model.layers.1.*", "re:.*q_proj", "no_such_layer")  # fmt: skip
+    assert rc == 0
+    assert "kept float: model.layers.0.mlp.down_proj (disable_names)" in stdout
+    assert "kept float: model.layers.0.self_attn.q_proj (disable_names)" in stdout
+    assert "warning: --disable_names pattern 'no_such_layer' matched no layer" in stdout
+    assert set(read_manifest(out)["layers"]) == {
+        f"model.layers.0.{s}" for s in ("self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                                        "mlp.gate_proj", "mlp.up_proj")  # fmt: skip
+    }
+
+
+def test_recipe_file(capsys, llama_dir, outs, tmp_path):
+    recipe = Recipe(weight=QuantSpec("int3", Granularity.PER_GROUP, 32, False), disable_names=("model.layers.0.*",))
+    path = tmp_path / "recipe.yaml"
+    path.write_text(recipe.to_yaml())
+    out = outs / "r"
+    rc, stdout, _ = run(capsys, "quantize", "--model_path", llama_dir, "--save_directory", out, "--recipe", path)
+    assert rc == 0 and "quantized 7 layer(s)" in stdout
+    assert Recipe.from_dict(read_manifest(out)["recipe"]) == recipe
+    assert (out / "quant_model_weight_w3a16.safetensors").is_file()
+
+
+def test_recipe_file_with_weight_flags_is_refused(capsys, llama_dir, outs, tmp_path):
+    path = tmp_path / "recipe.yaml"
+    path.write_text(Recipe().to_yaml())
+    rc, _, err = run(capsys, "quantize", "--model_path", llama_dir, "--save_directory", outs / "r",
+                     "--recipe", path, "--w_bit", "4")  # fmt: skip
+    assert rc == 1
+    assert "--w_bit" in error_line(err) and "--recipe" in error_line(err)
+    assert_nothing_written(outs)
+
+
+def test_bad_recipe_file_is_refused(capsys, llama_dir, outs, tmp_path):
+    path = tmp_path / "recipe.yaml"
+    path.write_text("weight: {qtype: int5}\n")
+    rc, _, err = run(capsys, "quantize", "--model_path", llama_dir, "--save_directory", outs / "r", "--recipe", path)
+    assert rc == 1 and "int5" in error_line(err)
+    assert_nothing_written(outs)
+
+
+def test_overwrite(capsys, llama_dir, outs):
+    target = outs / "q"
+    target.mkdir()
+    (target / "old.txt").write_text("old")
+    rc, _, err = run(capsys, "quantize", "--model_path", llama_dir, "--save_directory", target)
+    assert rc == 1 and "not empty" in error_line(err) and "--overwrite" in error_line(err)
+    assert [p.name for p in target.iterdir()] == ["old.txt"]
+
+    rc, _, _ = run(capsys, "quantize", "--model_path", llama_dir, "--save_directory", target, "--overwrite")
+    assert rc == 0
+    assert not (target / "old.txt").exists()
+    assert (target / "quant_model_weight_w8a16.safetensors").is_file()
+    assert [p.name for p in outs.iterdir()] == ["q"]  # no temp or backup directories
+
+
+def test_save_target_that_is_a_file(capsys, llama_dir, outs):
+    target = outs / "q"
+    target.write_text("keep")
+    rc, _, err = run(capsys, "quantize", "--model_path", llama_dir, "--save_directory", target)
+    assert rc == 1 and str(target) in error_line(err) and "not a directory" in error_line(err)
+    assert target.read_text() == "keep" and [p.name for p in outs.iterdir()] == ["q"]
+
+
+def test_exception_while_saving_leaves_nothing(capsys, llama_dir, outs, monkeypatch):
+    def broken(*a, **k):
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", broken)
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        main(["quantize", "--model_path", str(llama_dir), "--save_directory", str(outs / "q")])
+    assert_nothing_written(outs)
+
+
+# -- bad inputs -------------------------------------------------------------------------------
+
+
+def _nan_llama_dir(tmp_path, factories, tokenizer, value) -> Path:
+    model = factories["llama"](len(tokenizer))
+    with torch.no_grad():
+        model.model.layers[1].self_attn.v_proj.weight[0, 0] = value
+    d = tmp_path / "nan_llama"
+    model.save_pretrained(str(d), safe_serialization=True)
+    tokenizer.save_pretrained(str(d))
+    return d
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_weight_names_the_layer(capsys, tmp_path, outs, factories, tokenizer, value):
+    d = _nan_llama_dir(tmp_path, factories, tokenizer, value)
+    rc, _, err = run(capsys, "quantize", "--model_path", d, "--save_directory", outs / "q")
+    assert rc == 1
+    assert "model.layers.1.self_attn.v_proj" in error_line(err) and "NaN/Inf" in error_line(err)
+    assert_nothing_written(outs)
+
+
+def test_group_size_not_dividing_names_the_layer(capsys, llama_dir, outs):
+    rc, _, err = run(capsys, "quantize", "--model_path", llama_dir, "--save_directory", outs / "q",
+                     "--w_bit", "4", "--group_size", "128")  # fmt: skip
+    assert rc == 1
+    line = error_line(err)
+    assert "layer model.layers.0.self_attn.q_proj" in line and "group_size 128" in line
+    assert_nothing_written(outs)
+
+
+def test_invalid_group_size_value(capsys, llama_dir, outs):
+    rc, _, err = run(capsys, "quantize", "--model_path", llama_dir, "--save_directory", outs / "q", "--group_size", "48")
+    assert rc == 1 and "--group_size 48" in error_line(err)
+    assert_nothing_written(outs)
+
+
+def test_truncated_safetensors_in_model_dir(capsys, llama_dir, outs):
+    f = llama_dir / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:4000])
+    rc, _, err = run(capsys, "quantize", "--model_path", llama_dir, "--save_directory", outs / "q")
+    assert rc == 1 and str(f) in error_line(err)
+    assert_nothing_written(outs)
+
+
+def test_gguf_with_bad_magic(capsys, tmp_path, outs):
+    f = tmp_path / "model.gguf"
+    f.write_bytes(b"NOPE" + bytes(100))
+    rc, _, err = run(capsys, "quantize", "--model_path", f, "--save_directory", outs / "q")
+    assert rc == 1 and str(f) in error_line(err) and "magic" in error_line(err)
+    assert_nothing_written(outs)
+
+
+def test_pickle_only_model_dir_is_refused(capsys, llama_dir, outs):
+    (llama_dir / "model.safetensors").unlink()
+    (llama_dir / "pytorch_model.bin").write_bytes(b"\x80\x04N.")
+    rc, _, err = run(capsys, "quantize", "--model_path", llama_dir, "--save_directory", outs / "q")
+    assert rc == 1 and "pytorch_model.bin" in error_line(err) and "never loaded" in error_line(err)
+    assert_nothing_written(outs)
+
+
+def test_missing_config_json(capsys, llama_dir, outs):
+    (llama_dir / "config.json").unlink()
+    rc, _, err = run(capsys, "quantize", "--model_path", llama_dir, "--save_directory", outs / "q")
+    assert rc == 1 and "config.json" in error_line(err) and str(llama_dir) in error_line(err)
+    assert_nothing_written(outs)
+
+
+def test_eval_on_truncated_checkpoint_names_the_file(capsys, w4_out, text_file):
+    f = w4_out / "quant_model_weight_w4a16.safetensors"
+    f.write_bytes(f.read_bytes()[:3000])
+    rc, _, err = run(capsys, "eval", "--model", w4_out, "--text", text_file, "--windows", "1", "--seq_len", "8")
+    assert rc == 1 and str(f) in error_line(err)
+
+
+def test_eval_text_too_short(capsys, llama_dir, tmp_path):
+    t = tmp_path / "short.txt"
+    t.write_text("the quick fox")
+    rc, _, err = run(capsys, "eval", "--model", llama_dir, "--text", t, "--seq_len", "16")
+    assert rc == 1 and "fewer than one window of 16" in error_line(err)
+
+
+def test_eval_missing_text_file(capsys, llama_dir, tmp_path):
+    rc, _, err = run(capsys, "eval", "--model", llama_dir, "--text", tmp_path / "nope.txt")
+    assert rc == 1 and "nope.txt" in error_line(err)
+
+
+@pytest.mark.parametrize(
+    "argv, flag, words",
+    [
+        (["--a_bit", "8"], "--a_bit", "not supported yet"),
+        (["--anti_method", "m1"], "--anti_method", "not supported yet"),
+        (["--use_kvcache_quant", "True"], "--use_kvcache_quant", "not supported yet"),
+        (["--act_method", "3"], "--act_method", "not supported yet"),
+        (["--co_sparse", "true"], "--co_sparse", "not supported yet"),
+        (["--device_type", "npu"], "--device_type npu", "Ascend"),
+    ],
+)
+def test_flags_not_supported(capsys, llama_dir, outs, argv, flag, words):
+    rc, _, err = run(capsys, "quantize", "--model_path", llama_dir, "--save_directory", outs / "q", *argv)
+    assert rc == 1
+    line = error_line(err)
+    assert flag in line and words in line
+    assert_nothing_written(outs)
+
+
+@pytest.mark.parametrize(
+    "argv, flag, words",
+    [
+        (["--w_bit", "5"], "--w_bit", "invalid choice"),
+        (["--w_sym", "maybe"], "--w_sym", "expected a boolean"),
+        (["--w_clip_search", "sometimes"], "--w_clip_search", "expected a boolean"),
+        (["--part_file_size", "-1"], "--part_file_size", "positive"),
+        (["--device_type", "tpu"], "--device_type", "invalid choice"),
+        (["--disable_level", "L9"], "--disable_level", "invalid choice"),
+    ],
+)
+def test_bad_flag_values_exit_2(capsys, llama_dir, outs, argv, flag, words):
+    with pytest.raises(SystemExit) as ei:
+        main(["quantize", "--model_path", str(llama_dir), "--save_directory", str(outs / "q"), *argv])
+    assert ei.value.code == 2
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("slimquant quantize: error: argument " + flag) and words in last
+    assert_nothing_written(outs)
+
+
+def test_missing_required_flag_exits_2(capsys):
+    with pytest.raises(SystemExit) as ei:
+        main(["quantize"])
+    assert ei.value.code == 2
+    assert "--save_directory" in capsys.readouterr().err
+
+
+def test_inspect_non_checkpoint(capsys, llama_dir):
+    rc, _, err = run(capsys, "inspect", llama_dir)
+    assert rc == 1 and "not a slimquant checkpoint" in error_line(err)
+
+
+def test_cuda_requested_without_cuda(capsys, llama_dir, outs, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    rc, _, err = run(capsys, "quantize", "--model_path", llama_dir, "--save_directory", outs / "q", "--device_type", "cuda")
+    assert rc == 1 and "--device_type cuda" in error_line(err)
+    assert_nothing_written(outs)
+
+
+def test_quantizing_a_checkpoint_again_is_refused(capsys, w4_out, tmp_path):
+    rc, _, err = run(capsys, "quantize", "--model_path", w4_out, "--save_directory", tmp_path / "again")
+    assert rc == 1 and "already quantized" in error_line(err)
+    assert not (tmp_path / "again").exists()
+
+
+def test_eval_checkpoint_without_tokenizer(capsys, llama_dir, outs, text_file):
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        (llama_dir / f).unlink()
+    out = outs / "notok"
+    assert run(capsys, "quantize", "--model_path", llama_dir, "--save_directory", out)[0] == 0
+    assert not (out / "tokenizer.json").exists()
+    rc, _, err = run(capsys, "eval", "--model", out, "--text", text_file)
+    assert rc == 1 and f"{out} has no tokenizer files" in error_line(err)
