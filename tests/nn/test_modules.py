@@ -225,3 +225,23 @@ def test_tied_linear_shares_the_embedding_storage(spec: QuantSpec) -> None:
     with torch.no_grad():
         qemb.weight_scale.mul_(2)
     assert torch.equal(lin.dequantized_weight(), qemb.dequantized_weight())
+
+
+def test_qconv2d_accepts_int_arguments_like_nn_conv2d() -> None:
+    from slimquant.math.weights import quantize_weight
+    from slimquant.nn import QConv2d
+    from slimquant.types import QuantSpec
+
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(3, 4, 3, stride=1, padding=1, padding_mode="reflect")
+    spec = QuantSpec("int8", "per_channel")
+    qw = quantize_weight(conv.weight.detach().reshape(4, -1), spec)
+    q = QConv2d(3, 4, 3, spec, stride=1, padding=1, padding_mode="reflect")
+    q._set_weight(qw)
+    q.bias = torch.nn.Parameter(conv.bias.detach().clone())
+    x = torch.randn(1, 3, 8, 8)
+    ref = torch.nn.functional.conv2d(
+        torch.nn.functional.pad(x, [1, 1, 1, 1], mode="reflect"), q.dequantized_weight().reshape(4, 3, 3, 3), conv.bias
+    )
+    assert q.kernel_size == (3, 3) and q.padding == (1, 1)
+    assert torch.equal(q(x), ref)

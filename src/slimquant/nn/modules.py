@@ -106,8 +106,10 @@ class QConv2d(_QWeight):
     ) -> None:
         super().__init__()
         self.in_channels, self.out_channels = in_channels, out_channels
-        self.kernel_size, self.stride, self.padding = tuple(kernel_size), tuple(stride), padding
-        self.dilation, self.groups, self.padding_mode = tuple(dilation), groups, padding_mode
+        pair = torch.nn.modules.utils._pair
+        self.kernel_size, self.stride = pair(kernel_size), pair(stride)
+        self.padding = padding if isinstance(padding, str) else pair(padding)
+        self.dilation, self.groups, self.padding_mode = pair(dilation), groups, padding_mode
         k = in_channels // groups * self.kernel_size[0] * self.kernel_size[1]
         self._init_storage(out_channels, k, spec, bias, dtype, device)
 
