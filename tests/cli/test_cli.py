@@ -163,6 +163,20 @@ def test_str2bool_values_reach_the_recipe(value, expected):
     assert recipe.disable_last_linear is expected and recipe.clip_search is expected
 
 
+@pytest.mark.parametrize("value", ["int", "float"])
+def test_w_zero_point_reaches_the_recipe(value):
+    args = build_parser().parse_args(["quantize", "--save_directory", "x", "--w_bit", "4", "--group_size", "64",
+                                      "--w_sym", "False", "--w_zero_point", value])  # fmt: skip
+    assert recipe_from_args(args).weight == QuantSpec("int4", Granularity.PER_GROUP, 64, False, zero_point=value)
+
+
+def test_float_zero_point_needs_asymmetric_weights(capsys, llama_dir, outs):
+    rc, _, err = run(capsys, "quantize", "--model_path", llama_dir, "--save_directory", outs / "q",
+                     "--w_bit", "4", "--w_zero_point", "float")  # fmt: skip
+    assert rc == 1 and "--w_zero_point float" in error_line(err) and "--w_sym False" in error_line(err)
+    assert_nothing_written(outs)
+
+
 def test_disable_names_flag(capsys, llama_dir, outs):
     out = outs / "dn"
     rc, stdout, _ = run(capsys, "quantize", "--model_path", llama_dir, "--save_directory", out, "--disable_names",

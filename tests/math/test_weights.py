@@ -15,6 +15,9 @@ from slimquant.math import (
     quantize_weight,
     sqnr_db,
 )
+from slimquant.math.qparams import qparams_from_minmax
+from slimquant.math.quant import dequantize, quantize
+from slimquant.math.weights import clip_grid
 from slimquant.types import QTYPES, Granularity, QuantSpec
 
 EPS32 = torch.finfo(torch.float32).eps
@@ -228,6 +231,46 @@ def test_clip_search_with_custom_grid_only_shrinks_the_range() -> None:
     ratio = clip.scale / rtn.scale
     allowed = torch.tensor([1.0, 0.92, 0.84, 0.76, 0.68, 0.6])
     assert bool(((ratio[..., None] - allowed).abs().amin(-1) < 1e-5).all())
+
+
+def _diagonal_search_error(w: torch.Tensor, spec: QuantSpec, steps: int, span: float) -> torch.Tensor:
+    """Per-group error of the best range among min/max shrunk by the same ratio (the 1-D search)."""
+    qt = QTYPES[spec.qtype]
+    wg = grouped(w, spec)
+    best = None
+    for i in range(steps + 1):
+        r = 1.0 - span * i / steps
+        scale, zp = qparams_from_minmax(wg.amin(-1) * r, wg.amax(-1) * r, qt, False,
+                                        integer_zero_point=spec.zero_point == "int")  # fmt: skip
+        q = quantize(wg, scale[..., None], zp[..., None], qt, integer_zero_point=spec.zero_point == "int")
+        err = (dequantize(q, scale[..., None], zp[..., None]) - wg).pow(2).sum(-1)
+        best = err if best is None else torch.minimum(best, err)
+    return best
+
+
+@pytest.mark.parametrize("zero_point", ["int", "float"])
+@pytest.mark.parametrize("qtype", ["int2", "int3", "int4", "uint8"])
+def test_asymmetric_search_is_at_least_as_good_as_the_diagonal_in_every_group(qtype: str, zero_point: str) -> None:
+    torch.manual_seed(3)
+    w = torch.distributions.StudentT(3.0).sample((16, 128))
+    spec = QuantSpec(qtype, PG, 32, symmetric=False, zero_point=zero_point)
+    steps, span = clip_grid(QTYPES[qtype].bits, symmetric=False)
+    two_d = _group_sq_error(w, quantize_weight(w, spec, clip_search=True), spec)
+    assert bool((two_d <= _diagonal_search_error(w, spec, steps, span) * (1 + 1e-6)).all())
+
+
+def test_asymmetric_search_beats_the_diagonal_on_a_one_sided_outlier() -> None:
+    # Shrinking both ends by one ratio cannot serve a range stretched on one side only.
+    torch.manual_seed(0)
+    w = torch.randn(32, 64) * 0.02
+    w[:, 7] = 0.09  # one large positive weight per row; the negative side is Gaussian
+    spec = QuantSpec("int4", PC, symmetric=False, zero_point="float")
+    steps, span = clip_grid(4, symmetric=False)
+    rtn = quantize_weight(w, spec)
+    clip = quantize_weight(w, spec, clip_search=True)
+    err = _group_sq_error(w, clip, spec).sum()
+    assert err < 0.93 * _diagonal_search_error(w, spec, steps, span).sum()  # observed 0.880
+    assert err < 0.88 * _group_sq_error(w, rtn, spec).sum()  # observed 0.824
 
 
 # -- errors --------------------------------------------------------------------------------------

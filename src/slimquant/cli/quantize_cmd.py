@@ -50,6 +50,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--group_size", type=int, default=0,
                    help="per-group size (32, 64, 128, 256); 0 = per-channel (default)")  # fmt: skip
     p.add_argument("--w_sym", type=str2bool, default=True, help="symmetric weights (default True)")
+    p.add_argument("--w_zero_point", choices=("int", "float"), default="int",
+                   help="asymmetric weights: integer zero point (seed 003, default) or float (as quanto; "
+                   "fits the float32 weight_offset and is often more accurate)")  # fmt: skip
     p.add_argument("--w_method", choices=("rtn",), default="rtn", help="weight algorithm (default rtn)")
     p.add_argument("--w_clip_search", type=str2bool, default=False,
                    help="MSE-optimal clipping search per channel/group (default False)")  # fmt: skip
@@ -100,7 +103,7 @@ def recipe_from_args(args: argparse.Namespace) -> Recipe:
         raise SlimquantError("--device_type npu: Ascend NPUs are not supported; use cpu or cuda")
     if args.recipe:
         defaults = {"w_bit": 8, "group_size": 0, "w_sym": True, "w_method": "rtn", "w_clip_search": False,
-                    "embedding_bit": 16, "disable_names": [], "disable_last_linear": True}  # fmt: skip
+                    "w_zero_point": "int", "embedding_bit": 16, "disable_names": [], "disable_last_linear": True}  # fmt: skip
         clash = [f"--{k}" for k, v in defaults.items() if getattr(args, k) != v]
         if clash:
             raise SlimquantError(f"--recipe replaces the weight flags; remove {', '.join(clash)} or put them in the recipe")
@@ -109,12 +112,11 @@ def recipe_from_args(args: argparse.Namespace) -> Recipe:
         raise SlimquantError(f"--group_size {args.group_size}: valid values are 32, 64, 128, 256, or 0 for per-channel")
     if args.group_size and args.w_bit == 8:
         log.info("--group_size with --w_bit 8: using per-group int8 weights")
+    if args.w_zero_point == "float" and args.w_sym:
+        raise SlimquantError("--w_zero_point float: symmetric weights have no zero point; add --w_sym False")
     qt = int_qtype_for_bits(args.w_bit).name
-    weight = (
-        QuantSpec(qt, Granularity.PER_GROUP, args.group_size, args.w_sym)
-        if args.group_size
-        else QuantSpec(qt, Granularity.PER_CHANNEL, None, args.w_sym)
-    )
+    gran = Granularity.PER_GROUP if args.group_size else Granularity.PER_CHANNEL
+    weight = QuantSpec(qt, gran, args.group_size or None, args.w_sym, zero_point=args.w_zero_point)
     embedding = QuantSpec("int8", Granularity.PER_CHANNEL, None, True) if args.embedding_bit == 8 else None
     return Recipe(
         weight=weight,

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from slimquant.math.qparams import qparams_from_minmax
+from slimquant.math.qparams import grid, qparams_from_minmax
 from slimquant.math.quant import dequantize, quantize
 from slimquant.types.qtype import qtype as lookup_qtype
 from slimquant.types.spec import Granularity, QuantSpec
@@ -56,6 +56,20 @@ def grouped(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     return w.reshape(n, k // g, g)
 
 
+def clip_grid(bits: int, symmetric: bool) -> tuple[int, float]:
+    """Default clipping-search grid ``(steps, max_shrink)`` for a bit width.
+
+    Symmetric ranges shrink their absmax by ``1 - max_shrink * i / steps``, ``i = 0..steps``.
+    Asymmetric ranges shrink their lower and upper ends independently over the same ratios
+    (``(steps + 1)**2`` candidates), which also lets the grid slide onto the weights' own structure.
+    Fewer bits leave coarser steps, so their optimum lies further inside the range.
+    """
+    if symmetric:
+        return (20, 0.5) if bits <= 4 else (40, 0.2)
+    span = {2: 0.5, 3: 0.4, 4: 0.3}.get(bits, 0.1)
+    return 15, span
+
+
 def quantize_weight(
     w: torch.Tensor,
     spec: QuantSpec,
@@ -68,10 +82,10 @@ def quantize_weight(
     Args:
         w: ``[n, k]`` float weight.
         spec: target spec (qtype, granularity, symmetry).
-        clip_search: try ranges shrunk by ratios ``1, 1 - s/grid_points, ..., 1 - max_shrink`` per
-            channel/group and keep the one with the lowest squared reconstruction error.
-        grid_points / max_shrink: default 20 / 0.5 for up to 4 bits; 40 / 0.2 for more bits, whose
-            optimum lies close to the full range.
+        clip_search: per channel/group, try clipping ranges inside ``[min, max]`` and keep the one
+            with the lowest squared reconstruction error (see :func:`clip_grid`). The full range is
+            always a candidate, so no group's error grows.
+        grid_points / max_shrink: override :func:`clip_grid`'s ``steps`` / ``max_shrink``.
     """
     check_weight_shape(tuple(w.shape), spec)  # type: ignore[arg-type]
     qt = lookup_qtype(spec.qtype)
@@ -81,10 +95,10 @@ def quantize_weight(
     izp = spec.zero_point == "int"
     scale, zp = qparams_from_minmax(rmin, rmax, qt, spec.symmetric, integer_zero_point=izp)
     if clip_search:
-        low_bit = qt.bits <= 4
-        grid_points = grid_points or (20 if low_bit else 40)
-        max_shrink = max_shrink or (0.5 if low_bit else 0.2)
-        scale, zp = _search_clip(wg, rmin, rmax, scale, zp, spec, grid_points, max_shrink)
+        steps, span = clip_grid(qt.bits, spec.symmetric)
+        steps = grid_points or steps
+        span = max_shrink or span
+        scale, zp = _search_clip(wg, rmin, rmax, scale, zp, spec, steps, span)
     q = quantize(wg, scale.unsqueeze(-1), None if zp is None else zp.unsqueeze(-1), qt, integer_zero_point=izp)
     return QuantizedWeight(q.reshape(w.shape), scale.contiguous(), None if zp is None else zp.contiguous())
 
@@ -96,16 +110,18 @@ def _search_clip(
     scale: torch.Tensor,
     zp: torch.Tensor | None,
     spec: QuantSpec,
-    grid_points: int,
+    steps: int,
     max_shrink: float,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     qt = lookup_qtype(spec.qtype)
     izp = spec.zero_point == "int"
+    ratios = [1.0 - max_shrink * i / steps for i in range(steps + 1)]
+    # symmetric grids have one free end; asymmetric ones shrink both ends independently
+    pairs = [(r, r) for r in ratios[1:]] if spec.symmetric else [(a, b) for a in ratios for b in ratios][1:]
     best_err = _group_error(wg, scale, zp, qt, izp)
     best_scale, best_zp = scale.clone(), None if zp is None else zp.clone()
-    for i in range(1, grid_points + 1):
-        ratio = 1.0 - max_shrink * i / grid_points
-        s, z = qparams_from_minmax(rmin * ratio, rmax * ratio, qt, spec.symmetric, integer_zero_point=izp)
+    for lo_ratio, hi_ratio in pairs:
+        s, z = qparams_from_minmax(rmin * lo_ratio, rmax * hi_ratio, qt, spec.symmetric, integer_zero_point=izp)
         err = _group_error(wg, s, z, qt, izp)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
@@ -116,10 +132,26 @@ def _search_clip(
 
 
 def _group_error(wg: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor | None, qt, izp: bool) -> torch.Tensor:
+    """Squared reconstruction error per group, ``[n, G]``."""
     s = scale.unsqueeze(-1)
     z = None if zp is None else zp.unsqueeze(-1)
-    deq = dequantize(quantize(wg, s, z, qt, integer_zero_point=izp), s, z)
-    return (deq - wg).pow(2).sum(dim=-1)
+    if qt.is_float:
+        deq = dequantize(quantize(wg, s, z, qt, integer_zero_point=izp), s, z)
+        return (deq - wg).pow(2).sum(dim=-1)
+    # Same arithmetic as quantize() then dequantize(), kept in float and in place: this runs once
+    # per candidate range, and the integer casts would dominate its cost.
+    qmin, qmax = grid(qt)
+    y = wg / s
+    if z is not None and not izp:
+        y.add_(z)
+    y.round_()
+    if z is not None and izp:
+        y.add_(z)
+    y.clamp_(qmin, qmax)
+    if z is not None:
+        y.sub_(z)
+    y.mul_(s).sub_(wg)
+    return y.square_().sum(dim=-1)
 
 
 def dequantize_weight(qw: QuantizedWeight, spec: QuantSpec, dtype: torch.dtype = torch.float32) -> torch.Tensor:
