@@ -10,7 +10,7 @@ from safetensors import safe_open
 from torch import nn
 
 import slimquant
-from slimquant import Granularity, NotSupportedYet, QuantSpec, Recipe, SlimquantError
+from slimquant import Granularity, QuantSpec, Recipe, SlimquantError
 from slimquant.eval.size import model_bytes
 from slimquant.nn.modules import QConv2d, QEmbedding, QLinear, _QWeight
 
@@ -221,11 +221,6 @@ def test_saving_a_float_model_is_refused(mlp, tmp_path):
     with pytest.raises(SlimquantError, match="not been quantized"):
         slimquant.save(mlp, tmp_path / "out")
     assert not (tmp_path / "out").exists()
-
-
-def test_activation_quantization_is_not_supported_yet():
-    with pytest.raises(NotSupportedYet, match="not supported yet"):
-        Recipe(input=QuantSpec("int8", G.PER_TENSOR))
 
 
 def test_default_recipe_is_w8a16_per_channel(mlp):

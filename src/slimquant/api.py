@@ -22,14 +22,18 @@ def quantize(model: nn.Module, recipe: Recipe | None = None, calib_data: Any = N
     """Quantize ``model`` in place with ``recipe`` (default: W8A16 per-channel RTN) and return it.
 
     The per-layer report is attached as ``model.slimquant_report`` (:class:`ConversionReport`).
-    ``calib_data`` is accepted for algorithms that need data; RTN does not and says so.
+    ``calib_data``: what static activation quantization calibrates on: a ``[N, L]`` tensor of token
+    windows (see :func:`slimquant.data.calibration_data`) or an iterable of model inputs (tensors,
+    dicts of keyword arguments, or tuples). Weight-only RTN is data-free and does not use it.
     """
     recipe = recipe or Recipe()
     if getattr(model, "slimquant_recipe", None) is not None:
         raise SlimquantError("model is already quantized by slimquant; start from the float model")
-    if calib_data is not None and recipe.algorithm == "rtn":
-        log.info("calib_data is not used by RTN (data-free)")
-    report: ConversionReport = convert(model, recipe, show_progress=show_progress)
+    needs_data = recipe.input is not None and not recipe.input.dynamic
+    if calib_data is not None and not needs_data:
+        log.info("calib_data is not used: %s is data-free", recipe.quant_type)
+        calib_data = None
+    report: ConversionReport = convert(model, recipe, show_progress=show_progress, calib_data=calib_data)
     model.slimquant_report = report
     log.info("quantized %d layer(s) with %s (%s)", len(report.layers), recipe.algorithm, recipe.quant_type)
     return model

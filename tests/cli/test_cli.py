@@ -177,6 +177,84 @@ def test_float_zero_point_needs_asymmetric_weights(capsys, llama_dir, outs):
     assert_nothing_written(outs)
 
 
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["--a_bit", "8"], Recipe(weight=QuantSpec("int8", Granularity.PER_TENSOR),
+                                  input=QuantSpec("int8", Granularity.PER_TENSOR, symmetric=False))),
+        (["--a_bit", "8", "--mm_tensor", "False", "--act_method", "3"],
+         Recipe(weight=QuantSpec("int8", Granularity.PER_CHANNEL),
+                input=QuantSpec("int8", Granularity.PER_TENSOR, symmetric=False), act_observer="auto")),
+        (["--a_bit", "8", "--act_method", "2", "--use_sigma", "True", "--sigma_factor", "4"],
+         Recipe(weight=QuantSpec("int8", Granularity.PER_TENSOR),
+                input=QuantSpec("int8", Granularity.PER_TENSOR, symmetric=False), act_observer="histogram",
+                sigma_factor=4.0)),
+        (["--a_bit", "8", "--is_dynamic", "True", "--mm_tensor", "false"],
+         Recipe(weight=QuantSpec("int8", Granularity.PER_CHANNEL),
+                input=QuantSpec("int8", Granularity.PER_TOKEN, dynamic=True))),
+        (["--mm_tensor", "True"], Recipe(weight=QuantSpec("int8", Granularity.PER_TENSOR))),
+    ],
+)  # fmt: skip
+def test_activation_flags_reach_the_recipe(argv, expected):
+    args = build_parser().parse_args(["quantize", "--save_directory", "x", *argv])
+    assert recipe_from_args(args) == expected
+
+
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        (["--a_bit", "8", "--w_bit", "4"], "--a_bit 8 needs symmetric 8-bit weights"),
+        (["--a_bit", "8", "--group_size", "64", "--mm_tensor", "False"], "--a_bit 8 needs"),
+        (["--is_dynamic", "True"], "--is_dynamic applies to activation quantization; add --a_bit 8"),
+        (["--act_method", "2"], "--act_method applies to activation quantization"),
+        (["--a_bit", "8", "--is_dynamic", "True", "--act_method", "3"], "does not apply with --is_dynamic True"),
+        (["--a_bit", "8", "--sigma_factor", "2"], "--sigma_factor needs --use_sigma True"),
+        (["--mm_tensor", "True", "--group_size", "64"], "conflicts with --group_size"),
+    ],
+)
+def test_bad_activation_flag_combinations(capsys, llama_dir, outs, argv, words):
+    rc, _, err = run(capsys, "quantize", "--model_path", llama_dir, "--save_directory", outs / "q", *argv)
+    assert rc == 1 and words in error_line(err)
+    assert_nothing_written(outs)
+
+
+def test_w8a8_static_with_a_calibration_file(capsys, llama_dir, outs, tmp_path, text_file):
+    out = outs / "w8a8"
+    rc, stdout, _ = run(capsys, "quantize", "--model_path", llama_dir, "--save_directory", out, "--a_bit", "8",
+                        "--mm_tensor", "False", "--calib_file", text_file, "--calib_size", "4",
+                        "--calib_seq_len", "16")  # fmt: skip
+    assert rc == 0 and "w8a8" in stdout
+    desc = json.loads((out / "quant_model_description_w8a8.json").read_text())
+    assert desc["model.layers.0.mlp.gate_proj.input_offset"] == "W8A8"
+    rc, stdout, _ = run(capsys, "eval", "--model", out, "--reference", llama_dir, "--text", text_file,
+                        "--windows", "2", "--seq_len", "16")  # fmt: skip
+    assert rc == 0
+
+
+def test_w8a8_static_generates_its_own_calibration_text(capsys, llama_dir, outs, caplog):
+    import logging
+
+    caplog.set_level(logging.INFO)
+    rc, _, _ = run(capsys, "quantize", "--model_path", llama_dir, "--save_directory", outs / "gen", "--a_bit", "8",
+                   "--calib_size", "2", "--calib_seq_len", "16")  # fmt: skip
+    assert rc == 0
+    assert "generated from the model itself" in caplog.text
+
+
+def test_empty_calibration_file_names_it(capsys, llama_dir, outs, tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    rc, _, err = run(capsys, "quantize", "--model_path", llama_dir, "--save_directory", outs / "q", "--a_bit", "8",
+                     "--calib_file", empty)  # fmt: skip
+    assert rc == 1 and str(empty) in error_line(err)
+    assert_nothing_written(outs)
+
+
+def test_encoder_w8a8_static_needs_calibration_text(capsys, bert_dir, outs):
+    rc, _, err = run(capsys, "quantize", "--model_path", bert_dir, "--save_directory", outs / "q", "--a_bit", "8")
+    assert rc == 1 and "--calib_file or --calib_texts" in error_line(err)
+
+
 def test_disable_names_flag(capsys, llama_dir, outs):
     out = outs / "dn"
     rc, stdout, _ = run(capsys, "quantize", "--model_path", llama_dir, "--save_directory", out, "--disable_names",
@@ -343,10 +421,8 @@ def test_eval_missing_text_file(capsys, llama_dir, tmp_path):
 @pytest.mark.parametrize(
     "argv, flag, words",
     [
-        (["--a_bit", "8"], "--a_bit", "not supported yet"),
         (["--anti_method", "m1"], "--anti_method", "not supported yet"),
         (["--use_kvcache_quant", "True"], "--use_kvcache_quant", "not supported yet"),
-        (["--act_method", "3"], "--act_method", "not supported yet"),
         (["--co_sparse", "true"], "--co_sparse", "not supported yet"),
         (["--device_type", "npu"], "--device_type npu", "Ascend"),
     ],

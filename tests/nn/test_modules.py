@@ -12,7 +12,7 @@ from torch import nn
 import slimquant.nn.modules as modules_mod
 from slimquant.kernels import stored_weight_layout
 from slimquant.math import dequantize_weight, quantize_weight, sqnr_db
-from slimquant.nn import QMODULES, QConv2d, QEmbedding, QLinear, tied_linear
+from slimquant.nn import QMODULES, QConv2d, QEmbedding, QLinear, QLinearW8A8, tied_linear
 from slimquant.types import Granularity, QuantSpec
 
 PT, PC, PG = Granularity.PER_TENSOR, Granularity.PER_CHANNEL, Granularity.PER_GROUP
@@ -100,7 +100,7 @@ def test_qlinear_keeps_the_float_dtype_and_computes_in_the_input_dtype() -> None
 def test_extra_repr_and_registry() -> None:
     _, q, _ = _qlinear(QuantSpec("int4", PG, 32))
     assert repr(q) == "QLinear(64, 24, spec=int4 g32 sym, bias=True)"
-    assert QMODULES == {"QLinear": QLinear, "QConv2d": QConv2d, "QEmbedding": QEmbedding}
+    assert QMODULES == {"QLinear": QLinear, "QConv2d": QConv2d, "QEmbedding": QEmbedding, "QLinearW8A8": QLinearW8A8}
 
 
 # -- QConv2d --------------------------------------------------------------------------------------
@@ -142,7 +142,7 @@ def test_qconv2d_conv_args_round_trip_through_the_constructor() -> None:
     conv = nn.Conv2d(4, 8, (3, 2), stride=2, padding=(1, 0), groups=2, padding_mode="reflect")
     spec = QuantSpec("int8", PC)
     q = QConv2d.from_float(conv, quantize_weight(conv.weight.detach().reshape(8, -1), spec), spec)
-    args = q.conv_args()
+    args = q.manifest_args()
     assert args == {
         "in_channels": 4, "out_channels": 8, "kernel_size": [3, 2], "stride": [2, 2], "padding": [1, 0],
         "dilation": [1, 1], "groups": 2, "padding_mode": "reflect",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 
 import pytest
 from hypothesis import given, settings
@@ -11,6 +12,7 @@ from hypothesis import strategies as st
 
 from slimquant.errors import NotSupportedYet, SlimquantError
 from slimquant.types import GROUP_SIZES, QTYPES, Granularity, QuantSpec, Recipe
+from slimquant.types.spec import ACT_OBSERVERS
 
 # -- QuantSpec validation -------------------------------------------------------------------------
 
@@ -100,11 +102,53 @@ def test_describe(spec: QuantSpec, label: str) -> None:
 # -- Recipe validation ----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("role", ["input", "output", "kv"])
-def test_activation_and_kv_roles_are_not_supported_yet(role: str) -> None:
+@pytest.mark.parametrize("role", ["output", "kv"])
+def test_output_and_kv_roles_are_not_supported_yet(role: str) -> None:
     with pytest.raises(NotSupportedYet, match=f"{role} quantization is not supported yet"):
         Recipe(**{role: QuantSpec("int8", Granularity.PER_TOKEN, dynamic=True)})
     assert issubclass(NotSupportedYet, SlimquantError)
+
+
+W8 = QuantSpec("int8", Granularity.PER_CHANNEL)
+STATIC_IN = QuantSpec("int8", Granularity.PER_TENSOR, symmetric=False)
+DYNAMIC_IN = QuantSpec("int8", Granularity.PER_TOKEN, dynamic=True)
+
+
+@pytest.mark.parametrize(
+    ("recipe", "quant_type"),
+    [
+        (Recipe(weight=W8, input=STATIC_IN), "w8a8"),
+        (Recipe(weight=QuantSpec("int8", Granularity.PER_TENSOR), input=STATIC_IN), "w8a8"),
+        (Recipe(weight=W8, input=DYNAMIC_IN), "w8a8_dynamic"),
+        (Recipe(weight=QuantSpec("fp8_e4m3", Granularity.PER_CHANNEL),
+                input=QuantSpec("fp8_e4m3", Granularity.PER_TENSOR)), "wfp8afp8"),  # fmt: skip
+        (Recipe(weight=QuantSpec("fp8_e4m3", Granularity.PER_CHANNEL),
+                input=QuantSpec("fp8_e4m3", Granularity.PER_TOKEN, dynamic=True)), "wfp8afp8_dynamic"),  # fmt: skip
+    ],
+)
+def test_activation_recipes_and_their_labels(recipe: Recipe, quant_type: str) -> None:
+    assert recipe.quant_type == quant_type
+    assert Recipe.from_json(recipe.to_json()) == recipe
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"weight": W8, "input": QuantSpec("int4", Granularity.PER_TENSOR)}, "int8 or fp8 only"),
+        ({"weight": W8, "input": QuantSpec("int8", Granularity.PER_TOKEN)}, "per_token needs dynamic=True"),
+        ({"weight": W8, "input": QuantSpec("int8", Granularity.PER_TENSOR, dynamic=True)}, "per_token and symmetric"),
+        ({"weight": QuantSpec("int4", Granularity.PER_GROUP, 64), "input": STATIC_IN}, "got int4 g64 sym"),
+        ({"weight": QuantSpec("int8", Granularity.PER_CHANNEL, symmetric=False), "input": STATIC_IN}, "symmetric 8-bit"),
+        ({"weight": None, "input": STATIC_IN}, "needs quantized weights"),
+        ({"weight": QuantSpec("fp8_e4m3", Granularity.PER_CHANNEL), "input": STATIC_IN}, "8-bit int8 weights"),
+        ({"weight": W8, "input": STATIC_IN, "overrides": (("x", W8),)}, "weight-only recipes"),
+        ({"act_observer": "percentile"}, "unknown act_observer 'percentile'; valid: minmax, moving_average"),
+        ({"sigma_factor": 0.0}, "sigma_factor must be positive"),
+    ],
+)
+def test_bad_activation_recipes(kwargs: dict, message: str) -> None:
+    with pytest.raises(SlimquantError, match=re.escape(message)):
+        Recipe(**kwargs)
 
 
 def test_unknown_algorithm_lists_valid_ones() -> None:
@@ -175,6 +219,8 @@ def recipes(draw: st.DrawFn) -> Recipe:
         disable_last_linear=draw(st.booleans()),
         embedding=draw(st.none() | specs(EMB_GRANS)),
         include_conv=draw(st.booleans()),
+        act_observer=draw(st.sampled_from(ACT_OBSERVERS)),
+        sigma_factor=draw(st.none() | st.floats(0.5, 8.0)),
     )
 
 

@@ -6,7 +6,7 @@ import argparse
 import logging
 import time
 
-from slimquant.cli.args import positive_float, str2bool
+from slimquant.cli.args import positive_float, positive_int, str2bool
 from slimquant.errors import NotSupportedYet, SlimquantError
 from slimquant.types import Granularity, QuantSpec, Recipe, int_qtype_for_bits
 
@@ -14,23 +14,18 @@ log = logging.getLogger("slimquant.cli")
 
 # Seed flags accepted by the parser whose non-default values are not built yet: flag -> (default, issue).
 _LATER = {
-    "act_method": (1, "activation quantization"),
     "anti_method": ("", "outlier suppression (m1/m2/m4) and AWQ (m3)"),
     "co_sparse": (False, "sparse quantization"),
     "fraction": (0.01, "sparse quantization"),
     "disable_level": ("L0", "automatic fallback"),
     "do_smooth": (False, "activation smoothing"),
-    "use_sigma": (False, "activation quantization"),
-    "sigma_factor": (3.0, "activation quantization"),
     "use_reduce_quant": (False, "lccl reduce quantization"),
     "tp_size": (1, "lccl reduce quantization"),
     "is_lowbit": (False, "lowbit sparse quantization"),
     "open_outlier": (True, "lowbit sparse quantization"),
-    "mm_tensor": (True, "W8A8 (per-tensor vs per-channel weights with int8 activations)"),
     "use_kvcache_quant": (False, "KV-cache quantization"),
     "use_fa_quant": (False, "attention quantization"),
     "fa_amp": (0, "attention quantization"),
-    "is_dynamic": (False, "W8A8 per-token dynamic quantization"),
 }
 
 
@@ -46,7 +41,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--recipe", help="a recipe .json/.yaml file; replaces the weight flags below")
     p.add_argument("--w_bit", type=int, choices=(2, 3, 4, 8), default=8, help="weight bits (default 8)")
     p.add_argument("--a_bit", type=int, choices=(8, 16), default=16,
-                   help="activation bits; 16 = weight-only (default; 8 is not supported yet)")  # fmt: skip
+                   help="activation bits: 16 = weight-only (default), 8 = W8A8 (int8 inputs; needs --w_bit 8)")  # fmt: skip
     p.add_argument("--group_size", type=int, default=0,
                    help="per-group size (32, 64, 128, 256); 0 = per-channel (default)")  # fmt: skip
     p.add_argument("--w_sym", type=str2bool, default=True, help="symmetric weights (default True)")
@@ -65,30 +60,39 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--part_file_size", type=positive_float, default=None, help="shard size in GB (default: one file)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty save_directory")
     p.add_argument("--trust_remote_code", action="store_true", help="run custom modeling code in the model directory")
-    # Calibration inputs: used by algorithms that need data (none of the built ones yet).
-    p.add_argument("--calib_texts", nargs="*", default=None, help="calibration texts (unused by RTN)")
-    p.add_argument("--calib_file", default=None, help="calibration file (unused by RTN)")
+    # Calibration inputs (static W8A8). Without any, texts are sampled from the float model itself.
+    p.add_argument("--calib_texts", nargs="*", default=None, help="calibration texts")
+    p.add_argument("--calib_file", default=None,
+                   help="calibration file: .jsonl/.json (a 'text' field per line) or plain text")  # fmt: skip
+    p.add_argument("--calib_size", type=positive_int, default=64, help="calibration windows (default 64)")
+    p.add_argument("--calib_seq_len", type=positive_int, default=256, help="tokens per calibration window (default 256)")
     p.add_argument("--tokenizer_args", default="{}", help="JSON tokenizer arguments for calibration")
     p.add_argument("--input_ids_name", default="input_ids")
     p.add_argument("--attention_mask_name", default="attention_mask")
     # Seed flags of later issues.
-    p.add_argument("--act_method", type=int, choices=(1, 2, 3), default=1)
+    p.add_argument("--act_method", type=int, choices=(1, 2, 3), default=None,
+                   help="static activation ranges: 1 min-max (default), 2 histogram percentile, "
+                   "3 auto: per layer the lowest output error among min-max / histogram / histogram-MSE")  # fmt: skip
     p.add_argument("--anti_method", choices=("", "m1", "m2", "m3", "m4", "m5"), default="")
     p.add_argument("--co_sparse", type=str2bool, default=False)
     p.add_argument("--fraction", type=float, default=0.01)
     p.add_argument("--disable_level", choices=tuple(f"L{i}" for i in range(6)), default="L0")
     p.add_argument("--do_smooth", type=str2bool, default=False)
-    p.add_argument("--use_sigma", type=str2bool, default=False)
-    p.add_argument("--sigma_factor", type=float, default=3.0)
+    p.add_argument("--use_sigma", type=str2bool, default=False,
+                   help="clip static activation ranges at mean +- sigma_factor * std")  # fmt: skip
+    p.add_argument("--sigma_factor", type=positive_float, default=None, help="with --use_sigma (default 3.0)")
     p.add_argument("--use_reduce_quant", type=str2bool, default=False)
     p.add_argument("--tp_size", type=int, default=1)
     p.add_argument("--is_lowbit", type=str2bool, default=False)
     p.add_argument("--open_outlier", type=str2bool, default=True)
-    p.add_argument("--mm_tensor", type=str2bool, default=True)
+    p.add_argument("--mm_tensor", type=str2bool, default=None,
+                   help="W8A8 weights: True per-tensor (msModelSlim's default), False per-channel; "
+                   "with a_bit 16 True makes per-channel weights per-tensor")  # fmt: skip
     p.add_argument("--use_kvcache_quant", type=str2bool, default=False)
     p.add_argument("--use_fa_quant", type=str2bool, default=False)
     p.add_argument("--fa_amp", type=int, default=0)
-    p.add_argument("--is_dynamic", type=str2bool, default=False)
+    p.add_argument("--is_dynamic", type=str2bool, default=False,
+                   help="W8A8 with per-token activation scales computed at run time (needs --a_bit 8)")  # fmt: skip
     p.set_defaults(func=run)
 
 
@@ -97,13 +101,13 @@ def recipe_from_args(args: argparse.Namespace) -> Recipe:
     for flag, (default, what) in _LATER.items():
         if getattr(args, flag) != default:
             raise NotSupportedYet(f"--{flag} {getattr(args, flag)}: {what} is not supported yet")
-    if args.a_bit == 8:
-        raise NotSupportedYet("--a_bit 8: activation quantization (W8A8) is not supported yet; use --a_bit 16")
     if args.device_type == "npu":
         raise SlimquantError("--device_type npu: Ascend NPUs are not supported; use cpu or cuda")
     if args.recipe:
-        defaults = {"w_bit": 8, "group_size": 0, "w_sym": True, "w_method": "rtn", "w_clip_search": False,
-                    "w_zero_point": "int", "embedding_bit": 16, "disable_names": [], "disable_last_linear": True}  # fmt: skip
+        defaults = {"w_bit": 8, "a_bit": 16, "group_size": 0, "w_sym": True, "w_method": "rtn", "w_clip_search": False,
+                    "w_zero_point": "int", "embedding_bit": 16, "disable_names": [], "disable_last_linear": True,
+                    "act_method": None, "use_sigma": False, "sigma_factor": None, "mm_tensor": None,
+                    "is_dynamic": False}  # fmt: skip
         clash = [f"--{k}" for k, v in defaults.items() if getattr(args, k) != v]
         if clash:
             raise SlimquantError(f"--recipe replaces the weight flags; remove {', '.join(clash)} or put them in the recipe")
@@ -115,17 +119,48 @@ def recipe_from_args(args: argparse.Namespace) -> Recipe:
     if args.w_zero_point == "float" and args.w_sym:
         raise SlimquantError("--w_zero_point float: symmetric weights have no zero point; add --w_sym False")
     qt = int_qtype_for_bits(args.w_bit).name
-    gran = Granularity.PER_GROUP if args.group_size else Granularity.PER_CHANNEL
+    if args.mm_tensor and args.group_size:
+        raise SlimquantError("--mm_tensor True (per-tensor weights) conflicts with --group_size; use one of them")
+    input_spec, act_observer, sigma = _activation_flags(args)
+    per_tensor = args.mm_tensor if args.mm_tensor is not None else input_spec is not None  # seed: W8A8 default True
+    gran = Granularity.PER_GROUP if args.group_size else (Granularity.PER_TENSOR if per_tensor else Granularity.PER_CHANNEL)
     weight = QuantSpec(qt, gran, args.group_size or None, args.w_sym, zero_point=args.w_zero_point)
     embedding = QuantSpec("int8", Granularity.PER_CHANNEL, None, True) if args.embedding_bit == 8 else None
     return Recipe(
         weight=weight,
+        input=input_spec,
         algorithm=args.w_method,
         clip_search=args.w_clip_search,
         disable_names=tuple(args.disable_names),
         disable_last_linear=args.disable_last_linear,
         embedding=embedding,
+        act_observer=act_observer,
+        sigma_factor=sigma,
     )
+
+
+_ACT_METHODS = {1: "minmax", 2: "histogram", 3: "auto"}
+
+
+def _activation_flags(args: argparse.Namespace) -> tuple[QuantSpec | None, str, float | None]:
+    """(input spec, act_observer, sigma_factor) from --a_bit/--is_dynamic/--act_method/--use_sigma."""
+    if args.sigma_factor is not None and not args.use_sigma:
+        raise SlimquantError("--sigma_factor needs --use_sigma True")
+    if args.a_bit == 16:
+        for flag, default in (("is_dynamic", False), ("act_method", None), ("use_sigma", False)):
+            if getattr(args, flag) != default:
+                raise SlimquantError(f"--{flag} applies to activation quantization; add --a_bit 8")
+        return None, "minmax", None
+    if args.w_bit != 8 or args.group_size or not args.w_sym:
+        raise SlimquantError("--a_bit 8 needs symmetric 8-bit weights per channel or per tensor: "
+                             "--w_bit 8 --w_sym True and no --group_size")  # fmt: skip
+    if args.is_dynamic:
+        for flag, default in (("act_method", None), ("use_sigma", False)):
+            if getattr(args, flag) != default:
+                raise SlimquantError(f"--{flag} chooses static activation ranges; it does not apply with --is_dynamic True")
+        return QuantSpec("int8", Granularity.PER_TOKEN, None, True, dynamic=True), "minmax", None
+    sigma = (args.sigma_factor or 3.0) if args.use_sigma else None
+    return QuantSpec("int8", Granularity.PER_TENSOR, None, False), _ACT_METHODS[args.act_method or 1], sigma
 
 
 def run(args: argparse.Namespace) -> int:
@@ -140,16 +175,28 @@ def run(args: argparse.Namespace) -> int:
     check_target(args.save_directory, args.overwrite)  # fail before the slow part
     if args.device_type == "cuda" and not torch.cuda.is_available():
         raise SlimquantError("--device_type cuda: no CUDA device is available")
-    if args.calib_file or args.calib_texts:
-        log.warning("calibration data given, but %s is data-free: it is not used", recipe.algorithm)
+    needs_data = recipe.input is not None and not recipe.input.dynamic
+    if (args.calib_file or args.calib_texts) and not needs_data:
+        log.warning("calibration data given, but %s is data-free: it is not used", recipe.quant_type)
     t0 = time.perf_counter()
     lm = load_model(args.model_path, trust_remote_code=args.trust_remote_code)
     float_bytes = model_bytes(lm.model)
     log.info("loaded %s in %.1fs", args.model_path, time.perf_counter() - t0)
     if args.device_type == "cuda":
         lm.model.to("cuda")
+    calib = None
+    if needs_data:
+        from slimquant.data import calibration_data
+
+        if lm.tokenizer is None:
+            raise SlimquantError(f"{args.model_path} has no tokenizer; static W8A8 calibration needs one")
+        if lm.kind != "causal_lm" and not (args.calib_file or args.calib_texts):
+            raise SlimquantError(f"{args.model_path} is an {lm.kind}: it cannot generate its own calibration text; "
+                                 "give --calib_file or --calib_texts")  # fmt: skip
+        calib = calibration_data(lm.model, lm.tokenizer, args.calib_file or None, args.calib_texts or None,
+                                 num_windows=args.calib_size, seq_len=args.calib_seq_len)  # fmt: skip
     t1 = time.perf_counter()
-    api.quantize(lm.model, recipe)
+    api.quantize(lm.model, recipe, calib_data=calib)
     qtime = time.perf_counter() - t1
     lm.model.to("cpu")
     report = lm.model.slimquant_report

@@ -24,7 +24,7 @@ from torch import nn
 
 from slimquant.errors import SlimquantError
 from slimquant.formats.atomic import atomic_directory
-from slimquant.nn.modules import QMODULES, QConv2d, QEmbedding, QLinear, _QWeight
+from slimquant.nn import QMODULES, QModule
 from slimquant.types.qtype import qtype as lookup_qtype
 from slimquant.types.spec import QuantSpec, Recipe
 
@@ -34,7 +34,6 @@ MANIFEST = "slimquant_manifest.json"
 FORMAT = "slimquant/msmodelslim"
 FORMAT_VERSION = 1
 
-_DTYPES = {str(d).removeprefix("torch."): d for d in (torch.float32, torch.float16, torch.bfloat16, torch.float64)}
 
 
 def weight_file(quant_type: str) -> str:
@@ -43,36 +42,6 @@ def weight_file(quant_type: str) -> str:
 
 def description_file(quant_type: str) -> str:
     return f"quant_model_description_{quant_type}.json"
-
-
-def layer_label(module: _QWeight) -> str:
-    """Per-tensor type label of a quantized layer: W8A16, W4A16, ... (WFP8A16 for fp8 weights)."""
-    qt = lookup_qtype(module.spec.qtype)
-    return "WFP8A16" if qt.is_float else f"W{qt.bits}A16"
-
-
-# -- export ------------------------------------------------------------------------------------
-
-
-def _layer_entry(module: _QWeight) -> dict[str, Any]:
-    entry: dict[str, Any] = {
-        "module": type(module).__name__,
-        "spec": module.spec.to_dict(),
-        "dtype": str(module.compute_dtype).removeprefix("torch."),
-        "bias": module.bias is not None,
-        "method": getattr(module, "method", {}),
-    }
-    if isinstance(module, QLinear):
-        entry["args"] = {"in_features": module.in_features, "out_features": module.out_features}
-    elif isinstance(module, QConv2d):
-        entry["args"] = module.conv_args()
-    elif isinstance(module, QEmbedding):
-        entry["args"] = {
-            "num_embeddings": module.num_embeddings,
-            "embedding_dim": module.embedding_dim,
-            "padding_idx": module.padding_idx,
-        }
-    return entry
 
 
 def _model_entry(model: nn.Module) -> dict[str, Any]:
@@ -91,7 +60,7 @@ def export_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, A
     recipe: Recipe | None = getattr(model, "slimquant_recipe", None)
     if recipe is None:
         raise SlimquantError("model has not been quantized by slimquant (no recipe attached); call slimquant.quantize first")
-    qlayers = {n: m for n, m in model.named_modules() if isinstance(m, _QWeight)}
+    qlayers = {n: m for n, m in model.named_modules() if isinstance(m, QModule)}
     state = model.state_dict()
     tensors: dict[str, torch.Tensor] = {}
     aliases: dict[str, str] = {}
@@ -109,14 +78,14 @@ def export_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, A
     description: dict[str, Any] = {"model_quant_type": quant_type.upper()}
     for name in tensors:
         prefix = name.rpartition(".")[0]
-        description[name] = layer_label(qlayers[prefix]) if prefix in qlayers else "FLOAT"
+        description[name] = qlayers[prefix].tensor_label() if prefix in qlayers else "FLOAT"
     manifest = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "quant_type": quant_type,
         "recipe": recipe.to_dict(),
         "model": _model_entry(model),
-        "layers": {n: _layer_entry(m) for n, m in qlayers.items()},
+        "layers": {n: m.manifest_entry() for n, m in qlayers.items()},
         "aliases": aliases,
     }
     return tensors, description, manifest
@@ -250,24 +219,13 @@ def read_tensors(directory: Path, files: list[str]) -> dict[str, torch.Tensor]:
     return out
 
 
-def build_qmodule(name: str, entry: dict[str, Any]) -> _QWeight:
+def build_qmodule(name: str, entry: dict[str, Any]) -> QModule:
     """An empty (meta) quantized module from its manifest entry."""
     try:
         cls = QMODULES[entry["module"]]
-        spec = QuantSpec.from_dict(entry["spec"])
-        dtype = _DTYPES[entry["dtype"]]
-        args = dict(entry["args"])
-    except (KeyError, TypeError) as e:
+        return cls.from_manifest(entry)
+    except (KeyError, TypeError, SlimquantError) as e:
         raise SlimquantError(f"manifest entry for layer {name} is invalid: missing/unknown {e}") from None
-    if cls is QLinear:
-        return QLinear(args["in_features"], args["out_features"], spec, entry["bias"], dtype, "meta")
-    if cls is QConv2d:
-        return QConv2d(
-            args["in_channels"], args["out_channels"], tuple(args["kernel_size"]), spec, tuple(args["stride"]),
-            args["padding"] if isinstance(args["padding"], str) else tuple(args["padding"]),
-            tuple(args["dilation"]), args["groups"], entry["bias"], args["padding_mode"], dtype, "meta",
-        )  # fmt: skip
-    return QEmbedding(args["num_embeddings"], args["embedding_dim"], spec, args["padding_idx"], dtype, "meta")
 
 
 def load_into(model: nn.Module, directory: str | os.PathLike, manifest: dict[str, Any]) -> nn.Module:

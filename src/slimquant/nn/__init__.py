@@ -1,5 +1,8 @@
-"""Quantized module classes (real classes, reference forward)."""
+"""Quantized module classes. :data:`QMODULES` names every class a checkpoint may hold."""
 
-from slimquant.nn.modules import QMODULES, QConv2d, QEmbedding, QLinear, tied_linear
+from slimquant.nn.modules import QConv2d, QEmbedding, QLinear, QModule, tied_linear
+from slimquant.nn.w8a8 import QLinearW8A8
 
-__all__ = ["QLinear", "QConv2d", "QEmbedding", "QMODULES", "tied_linear"]
+QMODULES: dict[str, type[QModule]] = {c.__name__: c for c in (QLinear, QConv2d, QEmbedding, QLinearW8A8)}
+
+__all__ = ["QLinear", "QConv2d", "QEmbedding", "QLinearW8A8", "QModule", "QMODULES", "tied_linear"]

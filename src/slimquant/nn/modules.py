@@ -15,13 +15,55 @@ from torch import nn
 
 from slimquant.kernels.weight_only import dequantize_stored_weight, stored_weight_layout, to_stored
 from slimquant.math.weights import QuantizedWeight
+from slimquant.types.qtype import qtype as lookup_qtype
 from slimquant.types.spec import QuantSpec
 
 
-class _QWeight(nn.Module):
-    """Shared storage of a quantized ``[n, k]`` weight matrix."""
+_DTYPES = {str(d).removeprefix("torch."): d for d in (torch.float32, torch.float16, torch.bfloat16, torch.float64)}
+
+
+class QModule(nn.Module):
+    """Base of every slimquant quantized module: its own state-dict codec for the checkpoint.
+
+    A subclass records what rebuilds it in :meth:`manifest_entry` (JSON) and rebuilds an empty
+    instance on the meta device from that entry in :meth:`from_manifest`; its buffers and
+    parameters are the checkpoint tensors.
+    """
 
     spec: QuantSpec
+    compute_dtype: torch.dtype
+
+    def manifest_args(self) -> dict[str, Any]:
+        """Constructor arguments besides spec/dtype/bias (JSON values)."""
+        raise NotImplementedError
+
+    def manifest_entry(self) -> dict[str, Any]:
+        return {
+            "module": type(self).__name__,
+            "spec": self.spec.to_dict(),
+            "dtype": str(self.compute_dtype).removeprefix("torch."),
+            "bias": self.bias is not None,
+            "method": getattr(self, "method", {}),
+            "args": self.manifest_args(),
+        }
+
+    @classmethod
+    def from_manifest(cls, entry: dict[str, Any]) -> "QModule":
+        """An empty (meta) module from :meth:`manifest_entry`'s output; KeyError/TypeError when invalid."""
+        raise NotImplementedError
+
+    @staticmethod
+    def _entry_basics(entry: dict[str, Any]) -> tuple[QuantSpec, torch.dtype, bool, dict[str, Any]]:
+        return QuantSpec.from_dict(entry["spec"]), _DTYPES[entry["dtype"]], bool(entry["bias"]), dict(entry["args"])
+
+    def tensor_label(self) -> str:
+        """The description-file label of this layer's tensors (W8A16, W4A16, W8A8, ...)."""
+        raise NotImplementedError
+
+
+class _QWeight(QModule):
+    """Shared storage of a quantized ``[n, k]`` weight matrix."""
+
     weight_rows: int
     weight_cols: int
 
@@ -57,6 +99,10 @@ class _QWeight(nn.Module):
     def extra_repr(self) -> str:
         return f"{self.weight_cols}, {self.weight_rows}, spec={self.spec.describe()}, bias={self.bias is not None}"
 
+    def tensor_label(self) -> str:
+        qt = lookup_qtype(self.spec.qtype)
+        return "WFP8A16" if qt.is_float else f"W{qt.bits}A16"
+
 
 class QLinear(_QWeight):
     """Weight-quantized ``nn.Linear``: ``y = x @ dequant(W).T + b``."""
@@ -81,6 +127,14 @@ class QLinear(_QWeight):
         if module.bias is not None:
             q.bias.data.copy_(module.bias.detach())
         return q
+
+    def manifest_args(self) -> dict[str, Any]:
+        return {"in_features": self.in_features, "out_features": self.out_features}
+
+    @classmethod
+    def from_manifest(cls, entry: dict[str, Any]) -> "QLinear":
+        spec, dtype, bias, args = cls._entry_basics(entry)
+        return cls(args["in_features"], args["out_features"], spec, bias, dtype, "meta")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.dequantized_weight(x.dtype), self.bias)
@@ -125,7 +179,16 @@ class QConv2d(_QWeight):
             q.bias.data.copy_(module.bias.detach())
         return q
 
-    def conv_args(self) -> dict[str, Any]:
+    @classmethod
+    def from_manifest(cls, entry: dict[str, Any]) -> "QConv2d":
+        spec, dtype, bias, a = cls._entry_basics(entry)
+        padding = a["padding"] if isinstance(a["padding"], str) else tuple(a["padding"])
+        return cls(
+            a["in_channels"], a["out_channels"], tuple(a["kernel_size"]), spec, tuple(a["stride"]), padding,
+            tuple(a["dilation"]), a["groups"], bias, a["padding_mode"], dtype, "meta",
+        )  # fmt: skip
+
+    def manifest_args(self) -> dict[str, Any]:
         """Constructor arguments (besides spec/dtype), as recorded in the manifest."""
         return {
             "in_channels": self.in_channels, "out_channels": self.out_channels,
@@ -180,6 +243,14 @@ class QEmbedding(_QWeight):
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, spec={self.spec.describe()}"
 
+    def manifest_args(self) -> dict[str, Any]:
+        return {"num_embeddings": self.num_embeddings, "embedding_dim": self.embedding_dim, "padding_idx": self.padding_idx}
+
+    @classmethod
+    def from_manifest(cls, entry: dict[str, Any]) -> "QEmbedding":
+        spec, dtype, _, args = cls._entry_basics(entry)
+        return cls(args["num_embeddings"], args["embedding_dim"], spec, args["padding_idx"], dtype, "meta")
+
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         flat = ids.reshape(-1)
         rows = dequantize_stored_weight(
@@ -198,6 +269,3 @@ def tied_linear(embedding: QEmbedding, bias: bool = False) -> QLinear:
         if getattr(embedding, name, None) is not None:
             setattr(lin, name, getattr(embedding, name))
     return lin
-
-
-QMODULES: dict[str, type[_QWeight]] = {"QLinear": QLinear, "QConv2d": QConv2d, "QEmbedding": QEmbedding}

@@ -8,16 +8,20 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from slimquant.algorithms import weight_solver
-from slimquant.errors import SlimquantError
+from slimquant.errors import NotSupportedYet, SlimquantError
 from slimquant.math.metrics import sqnr_db
-from slimquant.math.weights import check_weight_shape
+from slimquant.math.qparams import qparams_from_minmax
+from slimquant.math.weights import QuantizedWeight, check_weight_shape, dequantize_weight
 from slimquant.nn.modules import QConv2d, QEmbedding, QLinear, tied_linear
+from slimquant.nn.w8a8 import QLinearW8A8
+from slimquant.types.qtype import qtype as lookup_qtype
 from slimquant.surgery import last_linear_name, select, set_module
 from slimquant.types.spec import QuantSpec, Recipe
 
@@ -60,6 +64,9 @@ def plan(model: nn.Module, recipe: Recipe) -> tuple[list[LayerPlan], ConversionR
             kind, spec = "linear", weight_spec
         elif isinstance(m, nn.Conv2d):
             kind, spec = "conv2d", weight_spec if recipe.include_conv else None
+            if spec is not None and recipe.input is not None:
+                report.skipped[name] = "W8A8 covers Linear layers; Conv2d stays float"
+                continue
         elif isinstance(m, nn.Embedding):
             kind, spec = "embedding", recipe.embedding
         else:
@@ -89,8 +96,18 @@ def _weight_2d(module: nn.Module) -> torch.Tensor:
     return w.reshape(w.shape[0], -1)
 
 
-def convert(model: nn.Module, recipe: Recipe, show_progress: bool = True) -> ConversionReport:
-    """Quantize ``model`` in place according to ``recipe`` and return a report."""
+def convert(
+    model: nn.Module, recipe: Recipe, show_progress: bool = True, calib_data: Any = None
+) -> ConversionReport:
+    """Quantize ``model`` in place according to ``recipe`` and return a report.
+
+    ``calib_data`` (see :func:`slimquant.pipeline.calibrate.run_batches`) is needed by recipes with
+    static input quantization; the float model runs it once before any layer is swapped.
+    """
+    if recipe.input is not None and lookup_qtype(recipe.input.qtype).is_float:
+        raise NotSupportedYet("fp8 activation quantization is not supported yet; use int8 inputs")
+    if recipe.input is not None and not recipe.input.dynamic and calib_data is None:
+        raise SlimquantError("static activation quantization (W8A8) needs calibration data (calib_data)")
     layers, report = plan(model, recipe)
     solver = weight_solver(recipe.algorithm)
     # Validate everything first so a bad layer fails before any module is swapped.
@@ -116,16 +133,31 @@ def convert(model: nn.Module, recipe: Recipe, show_progress: bool = True) -> Con
         report.skipped.pop(out, None)
     layers = [lp for lp in layers if lp.name not in ties]
 
+    w8a8 = recipe.input is not None
+    solved = {lp.name: solver(_weight_2d(model.get_submodule(lp.name)), lp.spec, recipe) for lp in layers}
+    ranges: dict[str, dict[str, Any]] = {}
+    if w8a8 and not recipe.input.dynamic:  # type: ignore[union-attr]
+        ranges = _calibrate_inputs(model, recipe, [lp for lp in layers if lp.kind == "linear"], solved, calib_data,
+                                   show_progress)  # fmt: skip
+
     for lp in tqdm(layers, desc=f"{recipe.algorithm} {recipe.quant_type}", disable=not show_progress, unit="layer"):
         module = model.get_submodule(lp.name)
         w = _weight_2d(module)
-        qw = solver(w, lp.spec, recipe)
-        cls = {"linear": QLinear, "conv2d": QConv2d, "embedding": QEmbedding}[lp.kind]
-        qmod = cls.from_float(module, qw, lp.spec)  # type: ignore[attr-defined]
+        qw = solved.pop(lp.name)
+        row: dict[str, Any] = {"name": lp.name, "kind": lp.kind, "spec": lp.spec.describe()}
+        if w8a8 and lp.kind == "linear":
+            qmod = _w8a8_module(module, qw, lp.spec, recipe.input, ranges.get(lp.name))  # type: ignore[arg-type]
+            if lp.name in ranges:
+                r = ranges[lp.name]
+                row.update(input_rule=r["rule"], input_range=[round(r["rmin"], 6), round(r["rmax"], 6)])
+        else:
+            cls = {"linear": QLinear, "conv2d": QConv2d, "embedding": QEmbedding}[lp.kind]
+            qmod = cls.from_float(module, qw, lp.spec)  # type: ignore[attr-defined]
         qmod.method = {"algorithm": recipe.algorithm, "clip_search": recipe.clip_search}
         err = sqnr_db(w, qmod.dequantized_weight(torch.float32))
         set_module(model, lp.name, qmod)
-        report.layers.append({"name": lp.name, "kind": lp.kind, "spec": lp.spec.describe(), "sqnr_db": round(err, 2)})
+        row["sqnr_db"] = round(err, 2)
+        report.layers.append(row)
         log.debug("quantized %s (%s): SQNR %.2f dB", lp.name, lp.spec.describe(), err)
     for out, emb in ties.items():
         qemb = model.get_submodule(emb)
@@ -139,3 +171,37 @@ def convert(model: nn.Module, recipe: Recipe, show_progress: bool = True) -> Con
         log.info("%s is tied to %s: it now shares the quantized embedding (%s)", out, emb, qemb.spec.describe())
     model.slimquant_recipe = recipe
     return report
+
+
+def _calibrate_inputs(
+    model: nn.Module,
+    recipe: Recipe,
+    layers: list[LayerPlan],
+    solved: dict[str, QuantizedWeight],
+    calib_data: Any,
+    show_progress: bool,
+) -> dict[str, dict[str, Any]]:
+    """Static input ranges of the linear ``layers``, observed on the float model."""
+    from slimquant.pipeline.calibrate import input_ranges, observe_inputs, run_batches
+
+    names = [lp.name for lp in layers]
+    sample_rows = 512 if recipe.act_observer == "auto" else 0
+    with observe_inputs(model, names, recipe.act_observer, recipe.sigma_factor, sample_rows) as stats:
+        n = run_batches(model, calib_data, show_progress)
+    log.info("calibrated %d layer input(s) on %d batch(es) with %s", len(names), n, recipe.act_observer)
+    specs = {lp.name: lp.spec for lp in layers}
+    deq = {name: dequantize_weight(solved[name], specs[name]) for name in names} if recipe.act_observer == "auto" else {}
+    qt = lookup_qtype(recipe.input.qtype)  # type: ignore[union-attr]
+    return input_ranges(model, stats, recipe.act_observer, deq, qt, recipe.input.symmetric)  # type: ignore[union-attr]
+
+
+def _w8a8_module(
+    module: nn.Module, qw: QuantizedWeight, spec: QuantSpec, input_spec: QuantSpec, rng: dict[str, Any] | None
+) -> QLinearW8A8:
+    if input_spec.dynamic:
+        return QLinearW8A8.from_float(module, qw.q, qw.scale.reshape(-1), spec, input_spec)  # type: ignore[arg-type]
+    assert rng is not None
+    qt = lookup_qtype(input_spec.qtype)
+    scale, zp = qparams_from_minmax(torch.tensor(rng["rmin"]), torch.tensor(rng["rmax"]), qt, input_spec.symmetric)
+    offset = 0.0 if zp is None else float(zp)
+    return QLinearW8A8.from_float(module, qw.q, qw.scale.reshape(-1), spec, input_spec, float(scale), offset)  # type: ignore[arg-type]

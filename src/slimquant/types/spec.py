@@ -93,6 +93,9 @@ class QuantSpec:
 
 
 ALGORITHMS = ("rtn",)
+# How a static activation range is chosen from calibration data (msModelSlim act_method 1/2/3 =
+# minmax / histogram / auto). "auto" keeps, per layer, the candidate with the lowest output error.
+ACT_OBSERVERS = ("minmax", "moving_average", "histogram", "histogram_mse", "histogram_kl", "auto")
 
 
 @dataclass(frozen=True)
@@ -101,13 +104,19 @@ class Recipe:
 
     Attributes:
         weight: spec for the weights of Linear/Conv2d layers (None: weights stay float).
-        input / output / kv: specs for activations and KV cache (not built yet: must be None).
+        input: spec for the inputs of quantized Linear layers (W8A8): int8 ``per_tensor``
+            (static, calibrated; asymmetric as msModelSlim) or ``per_token`` with ``dynamic=True``
+            (symmetric, computed at run time); fp8 types alike. Needs 8-bit symmetric
+            per-channel/per-tensor weights.
+        output / kv: not built yet: must be None.
         algorithm: weight algorithm name (``rtn``).
         clip_search: search per channel/group for the clipping ratio with the lowest MSE.
         disable_names: layer names, globs or ``re:`` regexes to keep in float.
         disable_last_linear: keep the model's output projection (lm_head) in float.
         embedding: spec for nn.Embedding weights (None: embeddings stay float).
         include_conv: quantize Conv2d layers too (for vision models).
+        act_observer: how static input ranges are chosen from calibration data (ACT_OBSERVERS).
+        sigma_factor: clip static input ranges at mean +- sigma_factor * std (msModelSlim use_sigma).
         overrides: ``(pattern, spec)`` pairs; the first pattern (name, glob or ``re:``) matching a
             layer gives its weight spec instead of ``weight`` (mixed precision, per-layer groups).
     """
@@ -123,6 +132,8 @@ class Recipe:
     embedding: QuantSpec | None = None
     include_conv: bool = True
     overrides: tuple[tuple[str, QuantSpec], ...] = ()
+    act_observer: str = "minmax"
+    sigma_factor: float | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "disable_names", tuple(self.disable_names))
@@ -135,7 +146,7 @@ class Recipe:
         object.__setattr__(self, "overrides", tuple(pairs))
         if self.algorithm not in ALGORITHMS:
             raise SlimquantError(f"unknown algorithm {self.algorithm!r}; valid: {', '.join(ALGORITHMS)}")
-        for role in ("input", "output", "kv"):
+        for role in ("output", "kv"):
             if getattr(self, role) is not None:
                 from slimquant.errors import NotSupportedYet
 
@@ -143,6 +154,12 @@ class Recipe:
                     f"{role} quantization is not supported yet (activation/KV-cache quantization is a later issue); "
                     "use weight-only recipes (a_bit 16)"
                 )
+        if self.input is not None:
+            self._check_activation_recipe()
+        if self.act_observer not in ACT_OBSERVERS:
+            raise SlimquantError(f"unknown act_observer {self.act_observer!r}; valid: {', '.join(ACT_OBSERVERS)}")
+        if self.sigma_factor is not None and not self.sigma_factor > 0:
+            raise SlimquantError(f"sigma_factor must be positive, got {self.sigma_factor}")
         if self.weight is not None and self.weight.granularity in (Granularity.PER_TOKEN,):
             raise SlimquantError("per_token granularity applies to activations, not weights")
         if self.embedding is not None and self.embedding.granularity not in (
@@ -151,12 +168,42 @@ class Recipe:
         ):
             raise SlimquantError("embedding quantization must be per_channel (per row) or per_group")
 
+    def _check_activation_recipe(self) -> None:
+        inp, w = self.input, self.weight
+        assert inp is not None
+        qt = _lookup_qtype(inp.qtype)
+        if qt.bits != 8 or not qt.signed:
+            raise SlimquantError(f"input qtype {inp.qtype}: activations are quantized to int8 or fp8 only")
+        if inp.dynamic:
+            if inp.granularity is not Granularity.PER_TOKEN or not inp.symmetric:
+                raise SlimquantError("dynamic inputs are quantized per_token and symmetric")
+        elif inp.granularity is not Granularity.PER_TENSOR:
+            raise SlimquantError(f"static inputs are quantized per_tensor, not {inp.granularity.value} "
+                                 "(per_token needs dynamic=True)")  # fmt: skip
+        if qt.is_float and not inp.symmetric:
+            raise SlimquantError(f"{inp.qtype} inputs can only be quantized symmetrically")
+        if w is None:
+            raise SlimquantError("activation quantization needs quantized weights (weight spec is None)")
+        wq = _lookup_qtype(w.qtype)
+        if wq.bits != 8 or wq.is_float != qt.is_float or not w.symmetric or w.granularity not in (
+            Granularity.PER_CHANNEL, Granularity.PER_TENSOR
+        ):
+            raise SlimquantError(
+                f"W8A8 needs symmetric 8-bit {'fp8' if qt.is_float else 'int8'} weights per channel or per tensor, "
+                f"got {w.describe()} (per-group and low-bit weights go with a_bit 16)"
+            )
+        if self.overrides:
+            raise SlimquantError("overrides (per-layer weight specs) apply to weight-only recipes")
+
     @property
     def quant_type(self) -> str:
-        """msModelSlim-style label: w8a16, w4a16, ..."""
+        """msModelSlim-style label: w8a16, w4a16, ..., w8a8, w8a8_dynamic, wfp8afp8(_dynamic)."""
         if self.weight is None:
             return "float"
         qt = _lookup_qtype(self.weight.qtype)
+        if self.input is not None:
+            base = "wfp8afp8" if qt.is_float else "w8a8"
+            return base + ("_dynamic" if self.input.dynamic else "")
         return "wfp8a16" if qt.is_float else f"w{qt.bits}a16"
 
     # -- serialization -------------------------------------------------------------------------

@@ -1,0 +1,112 @@
+"""Int8 kernel micro-benchmark: fast and reference kernels of :mod:`slimquant.kernels.int8` vs ``F.linear``.
+
+Usage:
+    python benchmarks/int8_kernels.py                 # smollm2-135m linear shapes, M = 1 and 512, 1 thread
+    python benchmarks/int8_kernels.py --threads 2 --budget 0.5
+
+Within one (shape, M) every candidate runs once per round, round-robin, so all of them see the same
+machine load; the table shows medians over the rounds. Baseline: ``F.linear`` with a float weight
+of the activation dtype (float32, or bfloat16 for the ``bf16`` row). Prints only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from slimquant.kernels.int8 import fast_available, fold_static_w8a8, get_kernel
+
+# smollm2-135m: hidden 576, intermediate 1536, 9 heads x 64 (q, o), 3 kv heads x 64 (k, v)
+SHAPES = {"q/o 576->576": (576, 576), "k/v 576->192": (576, 192), "gate/up 576->1536": (576, 1536),
+          "down 1536->576": (1536, 576)}
+MS = (1, 512)
+
+
+def candidates(m: int, k: int, n: int) -> dict[str, tuple[str, Callable[[], object]]]:
+    """name -> (baseline name, zero-argument call), all on the same random data."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(m, k, generator=g)
+    w = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g)
+    ws = torch.rand(n, generator=g) * 0.01 + 1e-3
+    bias = torch.randn(n, generator=g)
+    w_fp32 = w.float() * ws[:, None]
+    xb, w_bf16 = x.bfloat16(), w_fp32.bfloat16()
+    s, off = float(x.abs().max()) / 255, 0
+    qb, dq = fold_static_w8a8(w, ws, s, off, bias)
+    out: dict[str, tuple[str, Callable[[], object]]] = {
+        "fp32 F.linear": ("", lambda: F.linear(x, w_fp32, bias)),
+        "bf16 F.linear": ("", lambda: F.linear(xb, w_bf16)),
+    }
+    for impl in ("fast", "reference"):
+        dyn, sta, w16 = (get_kernel(op, impl) for op in ("linear_w8a8_dynamic", "linear_w8a8_static", "linear_w8a16"))
+        out[f"w8a8_dynamic {impl}"] = ("fp32 F.linear", lambda f=dyn: f(x, w, ws, bias))
+        out[f"w8a8_static {impl}"] = ("fp32 F.linear", lambda f=sta: f(x, s, off, w, dq, qb))
+        out[f"w8a16 fp32 {impl}"] = ("fp32 F.linear", lambda f=w16: f(x, w, ws))
+        out[f"w8a16 bf16 {impl}"] = ("bf16 F.linear", lambda f=w16: f(xb, w, ws))
+    return out
+
+
+def measure(
+    calls: dict[str, tuple[str, Callable[[], object]]], budget_s: float, min_rounds: int
+) -> dict[str, tuple[float, float]]:
+    """Per call: (median seconds, interquartile range / median). Rounds interleave all calls until
+    ``budget_s`` is spent (>= ``min_rounds``). In a round each call gets one untimed warm-up call (so a
+    slow neighbour's temporaries have not evicted its weights) and then ~1 ms of timed calls, averaged."""
+    reps = {}
+    for name, (_, f) in calls.items():  # warm up (oneDNN primitive creation, allocator), size the slot
+        f()
+        t0 = time.perf_counter()
+        f()
+        reps[name] = max(1, min(50, int(1e-3 / max(time.perf_counter() - t0, 1e-7))))
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    t_end = time.perf_counter() + budget_s
+    rounds = 0
+    while rounds < min_rounds or time.perf_counter() < t_end:
+        for name, (_, f) in calls.items():
+            f()
+            t0 = time.perf_counter()
+            for _ in range(reps[name]):
+                f()
+            times[name].append((time.perf_counter() - t0) / reps[name])
+        rounds += 1
+    out = {}
+    for name, v in times.items():
+        q1, med, q3 = statistics.quantiles(v, n=4)
+        out[name] = (med, (q3 - q1) / med)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--budget", type=float, default=0.5, help="seconds per (shape, M) cell, at least 5 rounds")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, threads {args.threads}; "
+          f"fast primitive available: " + ", ".join(f"{op}={fast_available(op)}" for op in
+                                                   ("linear_w8a8_dynamic", "linear_w8a16")))
+    print("median us per call; iqr% = interquartile range / median; 'vs base' = baseline time / kernel time "
+          "(>1: faster than float F.linear); 'fast x' = reference time / fast time\n")
+    hdr = f"{'shape':<18} {'M':>4}  {'kernel':<22} {'us':>10} {'iqr%':>5} {'vs base':>8} {'fast x':>7}"
+    print(hdr)
+    print("-" * len(hdr))
+    for label, (k, n) in SHAPES.items():
+        for m in MS:
+            calls = candidates(m, k, n)
+            res = measure(calls, args.budget, min_rounds=5)
+            med = {name: r[0] for name, r in res.items()}
+            for name, (base, _) in calls.items():
+                vs = f"{med[base] / med[name]:8.2f}" if base else f"{'':>8}"
+                fx = f"{med[name.replace('fast', 'reference')] / med[name]:7.1f}" if name.endswith("fast") else ""
+                print(f"{label:<18} {m:>4}  {name:<22} {med[name] * 1e6:>10.1f} {res[name][1] * 100:>5.0f} {vs} {fx}")
+            print()
+
+
+if __name__ == "__main__":
+    main()

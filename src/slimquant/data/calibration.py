@@ -1,0 +1,305 @@
+"""Calibration data for language models: read texts, cut token windows, or sample texts from the model.
+
+The one entry point is :func:`calibration_data`; it returns ``[num_windows, seq_len]`` int64 token ids.
+Files are read as JSON lines or UTF-8 text and never unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from slimquant.errors import SlimquantError
+
+log = logging.getLogger(__name__)
+
+# Generic openings in several registers (prose, news, science, fiction, code, dialogue) so that
+# self-generated calibration text is not all of one kind.
+DEFAULT_PROMPTS: tuple[str, ...] = (
+    "The history of",
+    "In a recent study,",
+    "Once upon a time",
+    "def main():",
+    "The most important thing to know about",
+    "Here is a recipe for",
+    "Dear colleagues,",
+    "The results show that",
+)
+
+# Fixed sampling settings: generated calibration data must depend only on the model and the seed.
+_TOP_P = 0.95
+_TEMPERATURE = 1.0
+
+
+def read_calib_file(path: str | os.PathLike[str], field: str = "text") -> list[str]:
+    """The calibration texts in ``path``.
+
+    * ``.jsonl`` / ``.json``: one JSON value per line, either an object whose ``field`` is a string
+      or a bare JSON string; blank lines are skipped. A ``.json`` file holding one JSON array of such
+      values (e.g. pretty-printed) is accepted too.
+    * any other file: UTF-8 text split into documents at blank lines (a book becomes its paragraphs).
+
+    Blank texts are dropped. Raises :class:`SlimquantError` naming the file (and line) when the file is
+    missing or unreadable, not UTF-8, holds no text, or a JSON line is invalid or lacks ``field``.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise SlimquantError(f"calibration file {p} not found" + (" (it is a directory)" if p.is_dir() else ""))
+    try:
+        raw = p.read_bytes()
+    except OSError as e:
+        raise SlimquantError(f"cannot read calibration file {p}: {e.strerror or e}") from None
+    try:
+        content = raw.decode("utf-8-sig")  # tolerate a BOM (files saved by Windows editors)
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise SlimquantError(f"calibration file {p} line {line}: not UTF-8 (byte {e.start})") from None
+    content = content.replace("\r\n", "\n")
+
+    if p.suffix.lower() in (".jsonl", ".json"):
+        texts = _json_texts(p, content, field)
+    else:
+        texts = [d.strip() for d in re.split(r"\n[ \t\f\v]*\n", content)]
+    texts = [t for t in texts if t.strip()]
+    if not texts:
+        raise SlimquantError(f"calibration file {p} holds no text")
+    return texts
+
+
+def _json_texts(p: Path, content: str, field: str) -> list[str]:
+    if p.suffix.lower() == ".json" and content.lstrip().startswith("["):
+        try:
+            items = json.loads(content)
+        except json.JSONDecodeError as e:
+            raise SlimquantError(f"calibration file {p} line {e.lineno}: invalid JSON ({e.msg})") from None
+        return [_json_text(p, f"item {i}", item, field) for i, item in enumerate(items)]
+    texts = []
+    for lineno, line in enumerate(content.split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise SlimquantError(f"calibration file {p} line {lineno}: invalid JSON ({e.msg})") from None
+        texts.append(_json_text(p, f"line {lineno}", item, field))
+    return texts
+
+
+def _json_text(p: Path, where: str, item: Any, field: str) -> str:
+    if isinstance(item, str):
+        return item
+    if isinstance(item, dict):
+        value = item.get(field)
+        if isinstance(value, str):
+            return value
+        if field not in item:
+            keys = ", ".join(map(repr, item)) or "none"
+            raise SlimquantError(f"calibration file {p} {where}: no field {field!r} (keys: {keys})")
+        raise SlimquantError(f"calibration file {p} {where}: field {field!r} is {type(value).__name__}, not a string")
+    raise SlimquantError(
+        f"calibration file {p} {where}: expected a JSON object with field {field!r} or a JSON string, "
+        f"got {type(item).__name__}"
+    )
+
+
+def start_tokens(tokenizer: Any) -> list[int]:
+    """The special tokens the tokenizer puts before a text by default (``[BOS]`` for Llama, ``[CLS]`` for
+    BERT, ``[]`` for GPT-2/Qwen-style tokenizers); found by encoding a probe with and without them."""
+    probe = "calibration"
+    with_special = list(tokenizer(probe, add_special_tokens=True)["input_ids"])
+    plain = list(tokenizer(probe, add_special_tokens=False)["input_ids"])
+    for i in range(len(with_special) - len(plain) + 1):
+        if with_special[i : i + len(plain)] == plain:
+            return with_special[:i]
+    return []
+
+
+def calibration_stream(tokenizer: Any, texts: Sequence[str]) -> torch.Tensor:
+    """All ``texts`` tokenized without special tokens and joined by a separator: ``[N]`` int64.
+
+    The separator is the tokenizer's EOS token, else the tokens of ``"\\n"`` (possibly none).
+    """
+    if isinstance(texts, str):
+        raise SlimquantError("texts must be a list of strings, got one string")
+    if not texts:
+        raise SlimquantError("no calibration texts")
+    if tokenizer.eos_token_id is not None:
+        sep = [int(tokenizer.eos_token_id)]
+    else:
+        sep = list(tokenizer("\n", add_special_tokens=False)["input_ids"])
+    stream: list[int] = []
+    for i, ids in enumerate(tokenizer(list(texts), add_special_tokens=False)["input_ids"]):
+        if i:
+            stream.extend(sep)
+        stream.extend(ids)
+    return torch.tensor(stream, dtype=torch.int64)
+
+
+def calibration_windows(
+    tokenizer: Any, texts: Sequence[str], num_windows: int, seq_len: int, seed: int = 0
+) -> torch.Tensor:
+    """``num_windows`` windows of ``seq_len`` tokens cut from :func:`calibration_stream` of ``texts``.
+
+    Each window is the tokenizer's :func:`start_tokens` (BOS, when the tokenizer adds one by default,
+    because that is how the model sees every real input) followed by a contiguous slice of the stream of
+    ``body = seq_len - len(start_tokens)`` tokens.
+
+    With at least ``num_windows * body`` stream tokens, the stream is cut into ``num_windows`` equal
+    strides and each window starts at a random offset inside its own stride, drawn from
+    ``torch.Generator().manual_seed(seed)``: windows cover the whole stream, never overlap, and the same
+    seed gives the same windows on any machine. With fewer tokens (but at least one window) a warning is
+    logged and the windows start at evenly spaced offsets and overlap (``seed`` is then unused).
+
+    Returns ``[num_windows, seq_len]`` int64. Raises :class:`SlimquantError` when the stream is shorter
+    than one window.
+    """
+    if seq_len < 2 or num_windows < 1:
+        raise SlimquantError(
+            f"need seq_len >= 2 and num_windows >= 1, got seq_len={seq_len}, num_windows={num_windows}"
+        )
+    prefix = start_tokens(tokenizer)
+    body = seq_len - len(prefix)
+    if body < 1:
+        raise SlimquantError(f"seq_len={seq_len} leaves no room after the tokenizer's {len(prefix)} start tokens")
+    stream = calibration_stream(tokenizer, texts)
+    n = stream.numel()
+    if n < body:
+        extra = f" (after {len(prefix)} start token(s))" if prefix else ""
+        raise SlimquantError(
+            f"calibration text has {n} tokens, fewer than one window of {body}{extra}; seq_len={seq_len}"
+        )
+    if n >= num_windows * body:
+        stride = n // num_windows
+        g = torch.Generator().manual_seed(seed)
+        offsets = torch.randint(0, stride - body + 1, (num_windows,), generator=g)
+        starts = torch.arange(num_windows) * stride + offsets
+    else:
+        log.warning(
+            "calibration text has %d tokens, fewer than %d non-overlapping windows of %d: windows overlap",
+            n, num_windows, body,
+        )  # fmt: skip
+        starts = torch.linspace(0, n - body, num_windows).round().long()
+    windows = stream[starts.unsqueeze(1) + torch.arange(body)]
+    if prefix:
+        windows = torch.cat([torch.tensor(prefix, dtype=torch.int64).expand(num_windows, -1), windows], dim=1)
+    return windows
+
+
+@torch.no_grad()
+def generate_calibration_texts(
+    model: nn.Module,
+    tokenizer: Any,
+    num_texts: int,
+    max_new_tokens: int,
+    seed: int = 0,
+    prompts: Sequence[str] | None = None,
+    batch_size: int = 8,
+    show_progress: bool = True,
+) -> list[str]:
+    """``num_texts`` texts sampled from ``model`` itself (for LLMs given no calibration text).
+
+    Text ``i`` continues prompt ``i % len(prompts)`` (:data:`DEFAULT_PROMPTS` by default) by exactly
+    ``max_new_tokens`` sampled tokens (EOS is suppressed so every text is long enough), top-p
+    ``0.95``, temperature ``1.0``; texts sharing a prompt are sampled together, up to ``batch_size``
+    at a time. Each returned text is the decoded prompt + continuation without special tokens.
+
+    Sampling is seeded with ``seed`` inside ``torch.random.fork_rng``: the same seed gives the same
+    texts, and the caller's global RNG state (CPU and CUDA) is left untouched.
+    """
+    if num_texts < 1 or max_new_tokens < 1 or batch_size < 1:
+        raise SlimquantError(
+            f"need num_texts, max_new_tokens, batch_size >= 1, got {num_texts}, {max_new_tokens}, {batch_size}"
+        )
+    prompts = list(prompts) if prompts is not None else list(DEFAULT_PROMPTS)
+    if not prompts:
+        raise SlimquantError("prompts is empty")
+    if not hasattr(model, "generate"):
+        raise SlimquantError(f"{type(model).__name__} cannot generate text: pass calibration text instead")
+    device = next(model.parameters()).device
+    gen_cfg = getattr(model, "generation_config", None)
+    # Tiny or base tokenizers may have no pad token; generate() needs one for its outputs.
+    candidates = (getattr(gen_cfg, "pad_token_id", None), tokenizer.pad_token_id, tokenizer.eos_token_id)
+    pad = next((t for t in candidates if t is not None), None)
+    # (prompt, how many texts) jobs, in prompt order; a job is one generate call.
+    counts = [len(range(j, num_texts, len(prompts))) for j in range(len(prompts))]
+    jobs = [(j, min(batch_size, c - k)) for j, c in enumerate(counts) for k in range(0, c, batch_size)]
+    cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    by_prompt: list[list[str]] = [[] for _ in prompts]
+    with torch.random.fork_rng(devices=cuda), tqdm(
+        total=num_texts, desc="generating calibration text", unit="text", disable=not show_progress or num_texts <= 1
+    ) as bar:
+        torch.manual_seed(seed)
+        for j, k in jobs:
+            enc = tokenizer(prompts[j], return_tensors="pt")  # default special tokens: BOS as in real use
+            ids = enc["input_ids"]
+            if ids.numel() == 0:  # a prompt the tokenizer maps to nothing: start from BOS/EOS instead
+                start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+                ids = torch.tensor([[start]])
+            out = model.generate(
+                input_ids=ids.to(device),
+                attention_mask=torch.ones_like(ids).to(device),
+                do_sample=True,
+                top_p=_TOP_P,
+                top_k=0,  # only top-p truncates (a model's generation_config may set top_k)
+                temperature=_TEMPERATURE,
+                max_new_tokens=max_new_tokens,
+                min_new_tokens=max_new_tokens,
+                num_return_sequences=k,
+                pad_token_id=pad,
+            )
+            by_prompt[j].extend(tokenizer.batch_decode(out.cpu(), skip_special_tokens=True))
+            bar.update(k)
+    log.info(
+        "calibration data generated from the model itself: %d texts, %d new tokens (seed %d)",
+        num_texts, num_texts * max_new_tokens, seed,
+    )  # fmt: skip
+    return [by_prompt[i % len(prompts)][i // len(prompts)].strip() for i in range(num_texts)]
+
+
+def calibration_data(
+    model: nn.Module,
+    tokenizer: Any,
+    calib_file: str | os.PathLike[str] | None = None,
+    calib_texts: Sequence[str] | None = None,
+    num_windows: int = 128,
+    seq_len: int = 512,
+    seed: int = 0,
+    field: str = "text",
+    show_progress: bool = True,
+) -> torch.Tensor:
+    """Calibration token windows ``[num_windows, seq_len]`` int64 for ``model``.
+
+    Texts come from ``calib_file`` (:func:`read_calib_file`, JSON field ``field``) followed by
+    ``calib_texts``; both may be given and are concatenated. An empty ``calib_file`` string means no
+    file (msModelSlim's ``--calib_file=``), and ``calib_texts`` None or ``[]`` means no texts. With
+    neither, ``num_windows`` texts of ``seq_len + max(16, seq_len // 8)`` new tokens are sampled from
+    the model (:func:`generate_calibration_texts`), enough for non-overlapping windows. Windows are
+    cut by :func:`calibration_windows` with ``seed``.
+    """
+    if tokenizer is None:
+        raise SlimquantError("calibration data for a model without a tokenizer must be given as tensors, not text")
+    texts: list[str] = []
+    if calib_file is not None and str(calib_file) != "":
+        texts += read_calib_file(calib_file, field=field)
+    if calib_texts:
+        if isinstance(calib_texts, str):
+            raise SlimquantError("calib_texts must be a list of strings, got one string")
+        given = [t for t in calib_texts if t.strip()]
+        if not given:
+            raise SlimquantError("calib_texts holds only blank texts")
+        texts += given
+    if not texts:
+        new_tokens = seq_len + max(16, seq_len // 8)  # margin: decode + re-tokenize can lose a few tokens
+        texts = generate_calibration_texts(
+            model, tokenizer, num_windows, new_tokens, seed=seed, show_progress=show_progress
+        )
+    return calibration_windows(tokenizer, texts, num_windows, seq_len, seed=seed)

@@ -1,0 +1,325 @@
+"""Int8 linear kernels: a pure-torch reference and a fast CPU version of every op, chosen explicitly.
+
+Ops (registry key -> signature; weights are int8 ``[n, k]``, symmetric per output channel):
+    quantize_per_token   (x) -> (x_int8 [..., k], scale [..., 1] float32)
+    int8_matmul          (a_int8 [..., k], w_int8 [n, k]) -> int32 [..., n]
+    linear_w8a8_dynamic  (x, w_int8, w_scale [n], bias [n] | None) -> [..., n] x.dtype
+    linear_w8a8_static   (x, input_scale, input_offset, w_int8, deq_scale [n], quant_bias [n]) -> [..., n] x.dtype
+    linear_w8a16         (x, w_int8, w_scale [n]) -> [..., n] x.dtype
+
+Select with ``get_kernel(op, "reference" | "fast")``. A fast kernel checks the constraints of the
+torch primitive it wraps and computes through the reference where they fail, so it is always safe
+to call; :func:`fast_available` says whether the primitive exists in this torch build.
+
+Fast paths (torch 2.13 CPU):
+    ``torch._int_mm`` (int8 x int8 -> int32, oneDNN/VNNI): on CPU any M (0, 1, 3, ...) and odd K/N are
+    exact, but K == 1, or a size-1 dim with transposed-looking strides, gives wrong numbers: we pass
+    row-major copies and use the reference for K < 2. On CUDA it needs M > 16 and K, N multiples of 8,
+    else we use the reference.
+    ``torch._weight_int8pack_mm`` (float x int8 weight): only its bfloat16 kernel is vectorized on
+    x86, and that kernel reads K in steps of 16 with aligned loads: K % 16 != 0 gives wrong results or
+    a segfault, and an activation not 32-byte aligned segfaults. float32/float16 use a scalar loop ~10x
+    slower than ``F.linear``, and bfloat16 is a GEMV that loses to dequantize + GEMM past ~256 rows. So
+    W8A16 uses it for bfloat16 with K % 16 == 0 and M <= 128 only (copying a misaligned input); float32 gets
+    ``F.linear(x, w.float()) * w_scale`` (scale on the output, no scaled weight), the rest the reference.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from slimquant.errors import SlimquantError
+from slimquant.math.qparams import qparams_from_minmax
+from slimquant.math.quant import quantize
+from slimquant.types.qtype import qtype as lookup_qtype
+
+__all__ = [
+    "KERNELS",
+    "deq_scale_from_int64",
+    "deq_scale_to_int64",
+    "fast_available",
+    "fold_static_w8a8",
+    "get_kernel",
+]
+
+_INT8 = lookup_qtype("int8")
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """``[..., k]`` -> ``[M, k]`` (a view when possible)."""
+    return x.reshape(-1, x.shape[-1])
+
+
+# -- quantize_per_token ----------------------------------------------------------------------------
+
+
+def quantize_per_token_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric dynamic int8 per row: scale = absmax / 127 (1.0 for all-zero rows), q = round(x / scale).
+
+    ``x`` float ``[..., k]`` -> ``(q int8 [..., k], scale float32 [..., 1])``; via :mod:`slimquant.math`.
+    """
+    xf = x.float()
+    scale, _ = qparams_from_minmax(xf.amin(-1, keepdim=True), xf.amax(-1, keepdim=True), _INT8, symmetric=True)
+    return quantize(xf, scale, None, _INT8), scale
+
+
+def quantize_per_token_fast(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Same values as :func:`quantize_per_token_reference` bit for bit, in fewer ops (at M=1 each
+    op's ~2-5 us overhead is the cost)."""
+    xf = x.float()
+    absmax = torch.linalg.vector_norm(xf, ord=float("inf"), dim=-1, keepdim=True)  # max |x|, one op
+    scale = absmax.div_(127.0)  # == 2 * absmax / 254 of math.qparams, bit for bit
+    scale = torch.where(scale > 0, scale, 1.0)  # as math.qparams._nonzero: zero (and NaN) rows get 1.0
+    # |x / scale| <= 127 up to one rounding, but a denormal absmax makes a coarse scale: keep the clamp
+    q = torch.div(xf, scale).round_().clamp_(-128, 127).to(torch.int8)
+    return q, scale
+
+
+# -- int8_matmul ---------------------------------------------------------------------------------
+
+
+def int8_matmul_reference(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Exact ``a @ w.T`` in int64, returned as int32.
+
+    ``a`` int8 ``[..., k]``, ``w`` int8 ``[n, k]`` -> int32 ``[..., n]``; |sum| <= 2^14 * k fits int32
+    for k < 2^17.
+    """
+    return (a.to(torch.int64) @ w.to(torch.int64).T).to(torch.int32)
+
+
+def _int_mm_ok(m: int, k: int, n: int, device: torch.device) -> bool:
+    if device.type == "cpu":
+        return True
+    if device.type == "cuda":
+        return m > 16 and k % 8 == 0 and n % 8 == 0
+    return False
+
+
+def _row_major(t: torch.Tensor) -> torch.Tensor:
+    # torch._int_mm (oneDNN) misreads a size-1 dim whose stride looks transposed (e.g. [1, k] with
+    # strides (1, 1)) and returns wrong numbers; fresh row-major strides (k, 1) avoid it.
+    return t if t.stride() == (t.shape[1], 1) else t.clone(memory_format=torch.contiguous_format)
+
+
+def int8_matmul_fast(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``torch._int_mm`` on ``[M, k] x [k, n]``; the reference where its constraints fail (see module doc)."""
+    a2 = a if a.dim() == 2 else _rows(a)
+    m, k = a2.shape
+    n = w.shape[0]
+    # k == 1: w.T is [1, n] with strides (1, 1) whatever we do, which _int_mm gets wrong
+    if k < 2 or not hasattr(torch, "_int_mm") or not _int_mm_ok(m, k, n, a.device):
+        return int8_matmul_reference(a, w)
+    # w.T as a view: oneDNN takes the transposed layout, and at M=1 it is ~2x faster than a copy
+    out = torch._int_mm(_row_major(a2), _row_major(w).T)
+    return out if a.dim() == 2 else out.reshape(*a.shape[:-1], n)
+
+
+# -- linear_w8a8_dynamic -------------------------------------------------------------------------
+
+
+def _w8a8_dynamic(
+    quant: Callable, mm: Callable, x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    q, s = quant(x)
+    # int32 * float32 promotes acc to float32 in the same op; same op order in both impls -> same bits
+    y = mm(q, w) * s * w_scale.reshape(-1).float()
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)
+
+
+def linear_w8a8_dynamic_reference(
+    x: torch.Tensor, w_int8: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Per-token dynamic int8 activations x per-channel int8 weights, int32 accumulation.
+
+    ``x`` float ``[..., k]``, ``w_int8`` ``[n, k]``, ``w_scale`` float32 ``[n]`` (or ``[n, 1]``),
+    ``bias`` ``[n]`` or None -> ``y = acc * x_scale * w_scale + bias``, ``[..., n]`` in ``x.dtype``.
+    """
+    return _w8a8_dynamic(quantize_per_token_reference, int8_matmul_reference, x, w_int8, w_scale, bias)
+
+
+def linear_w8a8_dynamic_fast(
+    x: torch.Tensor, w_int8: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """:func:`linear_w8a8_dynamic_reference` with ``torch._int_mm``; identical accumulators and outputs."""
+    return _w8a8_dynamic(quantize_per_token_fast, int8_matmul_fast, x, w_int8, w_scale, bias)
+
+
+# -- linear_w8a8_static (msModelSlim W8A8) -------------------------------------------------------
+
+
+def linear_w8a8_static_reference(
+    x: torch.Tensor,
+    input_scale: float,
+    input_offset: int,
+    w_int8: torch.Tensor,
+    deq_scale: torch.Tensor,
+    quant_bias: torch.Tensor,
+) -> torch.Tensor:
+    """msModelSlim W8A8: ``x_q = clamp(round(x / input_scale) + input_offset, -128, 127)`` int8,
+    ``y = (x_q @ w_int8.T + quant_bias) * deq_scale``.
+
+    ``x`` float ``[..., k]``, ``w_int8`` ``[n, k]``, ``deq_scale`` float32 ``[n]`` (see
+    :func:`deq_scale_from_int64` for the int64 table), ``quant_bias`` int32 ``[n]`` from
+    :func:`fold_static_w8a8` -> ``[..., n]`` in ``x.dtype``.
+    """
+    scale = torch.tensor(float(input_scale), dtype=torch.float32, device=x.device)
+    zp = torch.tensor(float(input_offset), dtype=torch.float32, device=x.device)
+    xq = quantize(x.float(), scale, zp, _INT8)
+    acc = int8_matmul_reference(xq, w_int8) + quant_bias.to(torch.int32)
+    return (acc.float() * deq_scale.float()).to(x.dtype)
+
+
+def linear_w8a8_static_fast(
+    x: torch.Tensor,
+    input_scale: float,
+    input_offset: int,
+    w_int8: torch.Tensor,
+    deq_scale: torch.Tensor,
+    quant_bias: torch.Tensor,
+) -> torch.Tensor:
+    """:func:`linear_w8a8_static_reference` with ``torch._int_mm`` and fewer ops; identical outputs."""
+    # a python-float divisor is applied as float32, like the reference's 0-d float32 tensor
+    xq = torch.div(x.float(), float(input_scale)).round_().add_(int(input_offset)).clamp_(-128, 127)
+    acc = int8_matmul_fast(xq.to(torch.int8), w_int8).add_(quant_bias.to(torch.int32))
+    return (acc * deq_scale.float()).to(x.dtype)  # int32 * float32 == acc.float() * deq_scale
+
+
+def fold_static_w8a8(
+    w_int8: torch.Tensor,
+    w_scale: torch.Tensor,
+    input_scale: float,
+    input_offset: int,
+    bias: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fold float bias and activation offset into msModelSlim's ``(quant_bias int32 [n], deq_scale float32 [n])``.
+
+    ``deq_scale = input_scale * w_scale``; ``quant_bias = round(bias / deq_scale) - input_offset * w_int8.sum(1)``,
+    so ``(x_q @ w.T + quant_bias) * deq_scale == (round(x / s) @ w.T) * deq_scale + bias`` up to the bias
+    rounding. The division uses the stored float32 ``deq_scale`` (what dequantization multiplies by) in float64.
+    """
+    deq_scale = (float(input_scale) * w_scale.reshape(-1).double()).float()
+    b = torch.zeros_like(deq_scale, dtype=torch.float64) if bias is None else bias.double()
+    quant_bias = torch.round(b / deq_scale.double()) - int(input_offset) * w_int8.to(torch.int64).sum(1)
+    if quant_bias.abs().max() >= 2**31:
+        raise SlimquantError("quant_bias overflows int32: bias too large for input_scale * w_scale")
+    return quant_bias.to(torch.int32), deq_scale
+
+
+def deq_scale_to_int64(deq_scale: torch.Tensor) -> torch.Tensor:
+    """float32 ``[n]`` -> int64 ``[n]`` holding the float32 bit pattern zero-extended (the seed's
+    ``deq_scale`` dtype for float16 models)."""
+    bits = deq_scale.to(torch.float32).contiguous().view(torch.int32).to(torch.int64)
+    return bits & 0xFFFFFFFF
+
+
+def deq_scale_from_int64(deq_scale: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`deq_scale_to_int64`: int64 ``[n]`` -> float32 ``[n]`` from the low 32 bits
+    (so a sign-extended table reads back the same)."""
+    low = deq_scale.to(torch.int64) & 0xFFFFFFFF
+    low = torch.where(low >= 2**31, low - 2**32, low)  # two's complement into int32 range
+    return low.to(torch.int32).view(torch.float32)
+
+
+# -- linear_w8a16 (weight-only) ------------------------------------------------------------------
+
+
+def linear_w8a16_reference(x: torch.Tensor, w_int8: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
+    """Weight-only int8: ``F.linear(x, w_int8 * w_scale)``.
+
+    ``x`` float ``[..., k]``, ``w_int8`` ``[n, k]``, ``w_scale`` float32 ``[n]`` (or ``[n, 1]``) ->
+    ``[..., n]`` in ``x.dtype``; the weight is dequantized in float32, then cast to ``x.dtype``.
+    """
+    w = w_int8.float() * w_scale.reshape(-1, 1).float()
+    return F.linear(x, w.to(x.dtype))
+
+
+# torch._weight_int8pack_mm is a GEMV-style kernel (~25 us per row at 576x1536, one thread) while the
+# reference pays a fixed ~1-3 ms to dequantize and then runs a bfloat16 GEMM: they cross near 256 rows.
+_INT8PACK_MAX_ROWS = 128
+
+
+def _int8pack_ok(x2: torch.Tensor) -> bool:
+    m, k = x2.shape
+    return (
+        hasattr(torch, "_weight_int8pack_mm")
+        and x2.device.type == "cpu"
+        and x2.dtype == torch.bfloat16
+        and 0 < m <= _INT8PACK_MAX_ROWS
+        and k > 0
+        and k % 16 == 0
+    )
+
+
+def linear_w8a16_fast(x: torch.Tensor, w_int8: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
+    """Per input, one path:
+    bfloat16, M <= 128 rows, k % 16 == 0: ``torch._weight_int8pack_mm`` (scale rounded to bfloat16, so it
+    matches the reference to bfloat16 precision); float32: ``F.linear(x, w.float()) * w_scale`` (the
+    scale on the ``[M, n]`` output instead of the ``[n, k]`` weight; equal up to float rounding);
+    anything else: the reference.
+    """
+    k, n = x.shape[-1], w_int8.shape[0]
+    x2 = _rows(x)
+    if _int8pack_ok(x2):
+        x2 = x2.contiguous()
+        if x2.data_ptr() % 32:  # its kernel uses aligned 32-byte loads; a fresh tensor is 64-byte aligned
+            x2 = x2.clone()
+        w = w_int8.contiguous()
+        if w.data_ptr() % 16:
+            w = w.clone()
+        y = torch._weight_int8pack_mm(x2, w, w_scale.reshape(-1).to(torch.bfloat16))
+    elif x.dtype == torch.float32:
+        y = F.linear(x2, w_int8.float()) * w_scale.reshape(-1).float()
+    else:
+        return linear_w8a16_reference(x, w_int8, w_scale)
+    return y.reshape(*x.shape[:-1], n)
+
+
+# -- registry ------------------------------------------------------------------------------------
+
+Kernel = Callable[..., object]
+
+KERNELS: dict[str, dict[str, Kernel]] = {
+    "quantize_per_token": {"reference": quantize_per_token_reference, "fast": quantize_per_token_fast},
+    "int8_matmul": {"reference": int8_matmul_reference, "fast": int8_matmul_fast},
+    "linear_w8a8_dynamic": {"reference": linear_w8a8_dynamic_reference, "fast": linear_w8a8_dynamic_fast},
+    "linear_w8a8_static": {"reference": linear_w8a8_static_reference, "fast": linear_w8a8_static_fast},
+    "linear_w8a16": {"reference": linear_w8a16_reference, "fast": linear_w8a16_fast},
+}
+
+# the torch primitive each fast kernel wraps (None: pure torch, always available)
+_PRIMITIVE: dict[str, str | None] = {
+    "quantize_per_token": None,
+    "int8_matmul": "_int_mm",
+    "linear_w8a8_dynamic": "_int_mm",
+    "linear_w8a8_static": "_int_mm",
+    "linear_w8a16": "_weight_int8pack_mm",
+}
+
+
+def _impls(op: str) -> dict[str, Kernel]:
+    if op not in KERNELS:
+        raise SlimquantError(f"unknown int8 kernel op {op!r}; valid ops: {', '.join(sorted(KERNELS))}")
+    return KERNELS[op]
+
+
+def get_kernel(op: str, impl: str = "reference") -> Kernel:
+    """The ``impl`` (``"reference"`` or ``"fast"``) implementation of ``op``.
+
+    Unknown names raise :class:`SlimquantError` listing the valid ones."""
+    impls = _impls(op)
+    if impl not in impls:
+        raise SlimquantError(f"unknown implementation {impl!r} of {op!r}; valid: {', '.join(sorted(impls))}")
+    return impls[impl]
+
+
+def fast_available(op: str) -> bool:
+    """Whether this torch build has the primitive behind ``op``'s fast kernel. When False the fast
+    kernel still runs, through the reference; when True it still falls back for some inputs (module doc)."""
+    _impls(op)
+    prim = _PRIMITIVE[op]
+    return prim is None or hasattr(torch, prim)

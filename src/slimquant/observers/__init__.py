@@ -1,0 +1,23 @@
+"""Stateful calibration statistics: min/max, moving average, histogram (percentile/MSE/KL), sigma."""
+
+from slimquant.observers.observers import (
+    HISTOGRAM_METHODS,
+    OBSERVERS,
+    HistogramObserver,
+    MinMaxObserver,
+    MovingAverageMinMaxObserver,
+    Observer,
+    SigmaObserver,
+    make_observer,
+)
+
+__all__ = [
+    "Observer",
+    "MinMaxObserver",
+    "MovingAverageMinMaxObserver",
+    "HistogramObserver",
+    "SigmaObserver",
+    "make_observer",
+    "OBSERVERS",
+    "HISTOGRAM_METHODS",
+]

@@ -1,0 +1,164 @@
+"""Run calibration data through a model and collect the input statistics of chosen layers.
+
+Hooks are owned by :func:`observe_inputs` (a context manager) and always removed. Which range a
+layer finally gets is decided by :func:`input_ranges` from the observers and, for the ``auto``
+rule, by :func:`slimquant.algorithms.activation.choose_input_range` on a sample of the inputs.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from slimquant.errors import SlimquantError
+from slimquant.observers import make_observer
+
+log = logging.getLogger(__name__)
+
+# Recipe.act_observer -> the observers it needs (auto tries them all).
+OBSERVER_KWARGS: dict[str, tuple[str, dict[str, Any]]] = {
+    "minmax": ("minmax", {}),
+    "moving_average": ("moving_average", {}),
+    "histogram": ("histogram_percentile", {}),
+    "histogram_mse": ("histogram_mse", {}),
+    "histogram_kl": ("histogram_kl", {}),
+}
+AUTO_CANDIDATES = ("minmax", "histogram", "histogram_mse")
+
+
+@dataclass
+class InputStats:
+    """Statistics of one layer's input: one observer per candidate rule, a sigma observer, a sample."""
+
+    observers: dict[str, Any]
+    sigma: Any | None = None
+    sample_rows: int = 0
+    samples: list[torch.Tensor] = field(default_factory=list)
+    seen_rows: int = 0
+
+    def update(self, x: torch.Tensor, generator: torch.Generator) -> None:
+        x = x.detach().reshape(-1, x.shape[-1])
+        for obs in self.observers.values():
+            obs.update(x)
+        if self.sigma is not None:
+            self.sigma.update(x)
+        if self.sample_rows:
+            # Keep a uniform sample of rows across batches (reservoir sampling, batch at a time).
+            take = min(len(x), self.sample_rows)
+            idx = torch.randperm(len(x), generator=generator)[:take]
+            self.samples.append(x[idx].float().cpu())
+            self.seen_rows += len(x)
+            pool = torch.cat(self.samples)
+            if len(pool) > self.sample_rows:
+                keep = torch.randperm(len(pool), generator=generator)[: self.sample_rows]
+                pool = pool[keep]
+            self.samples = [pool]
+
+    def sample(self) -> torch.Tensor:
+        return torch.cat(self.samples) if self.samples else torch.empty(0)
+
+
+def _observer_names(act_observer: str) -> tuple[str, ...]:
+    return AUTO_CANDIDATES if act_observer == "auto" else (act_observer,)
+
+
+@contextmanager
+def observe_inputs(
+    model: nn.Module, names: Iterable[str], act_observer: str, sigma_factor: float | None = None, sample_rows: int = 0
+) -> Iterator[dict[str, InputStats]]:
+    """Attach input observers to the named modules for the duration of the ``with`` block."""
+    stats: dict[str, InputStats] = {}
+    handles = []
+    generator = torch.Generator().manual_seed(0)
+    try:
+        for name in names:
+            observers = {}
+            for rule in _observer_names(act_observer):
+                obs_name, kwargs = OBSERVER_KWARGS[rule]
+                observers[rule] = make_observer(obs_name, **kwargs)
+            sigma = make_observer("sigma", k=sigma_factor) if sigma_factor else None
+            st = stats[name] = InputStats(observers, sigma, sample_rows)
+
+            def hook(_m: nn.Module, args: tuple, kwargs: dict, st: InputStats = st, name: str = name) -> None:
+                x = args[0] if args else kwargs.get("input")
+                if not isinstance(x, torch.Tensor):
+                    raise SlimquantError(f"layer {name}: cannot observe a non-tensor input")
+                try:
+                    st.update(x, generator)
+                except ValueError as e:
+                    raise SlimquantError(f"layer {name}: {e}") from None
+
+            handles.append(model.get_submodule(name).register_forward_pre_hook(hook, with_kwargs=True))
+        yield stats
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def run_batches(model: nn.Module, batches: Any, show_progress: bool = True, desc: str = "calibration") -> int:
+    """Forward every calibration batch through ``model`` without gradients; returns how many ran.
+
+    ``batches``: a ``[N, L]`` integer tensor of token windows (each row runs as ``input_ids``), or an
+    iterable of model inputs (a tensor: ``model(t)``; a dict: ``model(**d)``; a tuple: ``model(*t)``).
+    """
+    if isinstance(batches, torch.Tensor) and batches.dtype in (torch.int32, torch.int64) and batches.dim() == 2:
+        items: list[Any] = [{"input_ids": row[None]} for row in batches]
+    else:
+        items = list(batches)
+    if not items:
+        raise SlimquantError("calibration data is empty")
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    with torch.no_grad():
+        for item in tqdm(items, desc=desc, disable=not show_progress, unit="batch"):
+            if isinstance(item, dict):
+                model(**{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in item.items()})
+            elif isinstance(item, (tuple, list)):
+                model(*[v.to(device) if isinstance(v, torch.Tensor) else v for v in item])
+            else:
+                model(item.to(device))
+    return len(items)
+
+
+def input_ranges(
+    model: nn.Module,
+    stats: dict[str, InputStats],
+    act_observer: str,
+    weight_deq: dict[str, torch.Tensor],
+    qt: Any,
+    symmetric: bool,
+) -> dict[str, dict[str, Any]]:
+    """Final ``{layer: {"rmin", "rmax", "rule", "errors"}}`` from collected statistics.
+
+    ``weight_deq`` maps each layer to its dequantized weight, which the ``auto`` rule needs to
+    measure output errors (the float weight comes from the model).
+    """
+    from slimquant.algorithms.activation import choose_input_range
+
+    out: dict[str, dict[str, Any]] = {}
+    for name, st in stats.items():
+        cands: dict[str, tuple[float, float]] = {}
+        for rule, obs in st.observers.items():
+            try:
+                lo, hi = obs.range()
+            except (ValueError, RuntimeError) as e:
+                raise SlimquantError(f"layer {name}: no calibration statistics ({e}); did the calibration data reach it?") from None
+            lo, hi = float(lo), float(hi)
+            if st.sigma is not None:
+                s_lo, s_hi = st.sigma.range()
+                lo, hi = max(lo, float(s_lo)), min(hi, float(s_hi))
+            cands[rule] = (min(lo, 0.0), max(hi, 0.0))
+        if act_observer == "auto":
+            w = model.get_submodule(name).weight.detach()
+            rule, lo, hi, errors = choose_input_range(st.sample(), w, weight_deq[name], cands, qt, symmetric)
+        else:
+            rule = act_observer
+            (lo, hi), errors = cands[rule], {}
+        out[name] = {"rmin": lo, "rmax": hi, "rule": rule, "errors": errors}
+    return out
