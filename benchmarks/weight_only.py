@@ -188,17 +188,26 @@ def run_child(model_name: str, cfg: dict, workdir: Path, result_path: Path) -> N
     return res
 
 
-def quanto_roundtrip(model, cfg: dict, ckpt: Path):
-    """Quantize with optimum-quanto (lm_head excluded, as ours keeps it float), save, reload."""
+def quanto_roundtrip(model, cfg: dict, ckpt: Path, calib: torch.Tensor | None = None):
+    """Quantize with optimum-quanto (lm_head excluded, as ours keeps it float), save, reload.
+
+    ``cfg["qtype"]``: weight qtype (qint8 / qint4); ``cfg.get("activations")``: ``"qint8"`` also
+    quantizes activations, calibrated on the ``calib`` token windows.
+    """
     from accelerate import init_empty_weights
-    from optimum.quanto import freeze, qint4, qint8, quantization_map, quantize, requantize
+    from optimum.quanto import Calibration, freeze, qint4, qint8, quantization_map, quantize, requantize
     from safetensors.torch import load_file, save_file
 
-    qtype = {"qint8": qint8, "qint4": qint4}[cfg["qtype"]]
+    qtypes = {"qint8": qint8, "qint4": qint4}
     out = {}
     exclude = ["lm_head"] if hasattr(model, "lm_head") else None
+    activations = qtypes[cfg["activations"]] if cfg.get("activations") else None
     t0 = time.perf_counter()
-    quantize(model, weights=qtype, exclude=exclude)
+    quantize(model, weights=qtypes[cfg["qtype"]], activations=activations, exclude=exclude)
+    if activations is not None:
+        with torch.no_grad(), Calibration():
+            for ids in calib:
+                model(input_ids=ids.unsqueeze(0))
     freeze(model)
     out["quantize_s"] = time.perf_counter() - t0
     ckpt.mkdir(parents=True)
@@ -311,10 +320,11 @@ def reference(model_name: str, windows_per_text: int) -> Path:
     return path
 
 
-def run_config(model_name: str, name: str, ref: Path, windows: int) -> dict:
+def run_config(model_name: str, name: str, ref: Path, windows: int, script: str = __file__) -> dict:
+    """Run one configuration of ``script`` (this file or another benchmark reusing it) in a child process."""
     with tempfile.NamedTemporaryFile(dir=OUT, suffix=".json", delete=False) as fh:
         result = Path(fh.name)
-    cmd = [sys.executable, __file__, "--child", "--model", model_name, "--config", name, "--ref", str(ref),
+    cmd = [sys.executable, script, "--child", "--model", model_name, "--config", name, "--ref", str(ref),
            "--result", str(result), "--windows", str(windows)]  # fmt: skip
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)

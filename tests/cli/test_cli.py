@@ -193,6 +193,15 @@ def test_float_zero_point_needs_asymmetric_weights(capsys, llama_dir, outs):
          Recipe(weight=QuantSpec("int8", Granularity.PER_CHANNEL),
                 input=QuantSpec("int8", Granularity.PER_TOKEN, dynamic=True))),
         (["--mm_tensor", "True"], Recipe(weight=QuantSpec("int8", Granularity.PER_TENSOR))),
+        (["--a_bit", "8", "--is_dynamic", "True", "--anti_method", "m1"],
+         Recipe(weight=QuantSpec("int8", Granularity.PER_TENSOR),
+                input=QuantSpec("int8", Granularity.PER_TOKEN, dynamic=True), smooth="m1")),
+        (["--a_bit", "8", "--act_method", "3", "--anti_method", "m4"],
+         Recipe(weight=QuantSpec("int8", Granularity.PER_TENSOR),
+                input=QuantSpec("int8", Granularity.PER_TENSOR, symmetric=False), act_observer="auto", smooth="m4")),
+        (["--a_bit", "8", "--do_smooth", "True", "--smooth_alpha", "0.8"],
+         Recipe(weight=QuantSpec("int8", Granularity.PER_TENSOR),
+                input=QuantSpec("int8", Granularity.PER_TENSOR, symmetric=False), smooth="m1", smooth_alpha=0.8)),
     ],
 )  # fmt: skip
 def test_activation_flags_reach_the_recipe(argv, expected):
@@ -210,6 +219,9 @@ def test_activation_flags_reach_the_recipe(argv, expected):
         (["--a_bit", "8", "--is_dynamic", "True", "--act_method", "3"], "does not apply with --is_dynamic True"),
         (["--a_bit", "8", "--sigma_factor", "2"], "--sigma_factor needs --use_sigma True"),
         (["--mm_tensor", "True", "--group_size", "64"], "conflicts with --group_size"),
+        (["--anti_method", "m1"], "--anti_method m1 smooths activations for quantization; add --a_bit 8"),
+        (["--a_bit", "8", "--anti_method", "m4", "--smooth_alpha", "0.3"], "--smooth_alpha sets SmoothQuant m1"),
+        (["--a_bit", "8", "--anti_method", "m1", "--smooth_alpha", "1.5"], "must be in [0, 1]"),
     ],
 )
 def test_bad_activation_flag_combinations(capsys, llama_dir, outs, argv, words):
@@ -239,6 +251,22 @@ def test_w8a8_static_generates_its_own_calibration_text(capsys, llama_dir, outs,
                    "--calib_size", "2", "--calib_seq_len", "16")  # fmt: skip
     assert rc == 0
     assert "generated from the model itself" in caplog.text
+
+
+def test_seed_example_dynamic_m1_runs(capsys, llama_dir, outs, text_file):
+    # msModelSlim's example: --a_bit 8 --is_dynamic True --anti_method m1
+    rc, stdout, _ = run(capsys, "quantize", "--model_path", llama_dir, "--save_directory", outs / "dm1", "--w_bit", "8",
+                        "--a_bit", "8", "--is_dynamic", "True", "--anti_method", "m1", "--calib_file", text_file,
+                        "--calib_size", "2", "--calib_seq_len", "16")  # fmt: skip
+    assert rc == 0 and "w8a8_dynamic" in stdout
+    assert (outs / "dm1" / "quant_model_weight_w8a8_dynamic.safetensors").is_file()
+
+
+def test_seed_example_static_auto_m4_runs(capsys, llama_dir, outs, text_file):
+    rc, stdout, _ = run(capsys, "quantize", "--model_path", llama_dir, "--save_directory", outs / "m4", "--a_bit", "8",
+                        "--act_method", "3", "--anti_method", "m4", "--calib_file", text_file,
+                        "--calib_size", "2", "--calib_seq_len", "16")  # fmt: skip
+    assert rc == 0 and "w8a8" in stdout
 
 
 def test_empty_calibration_file_names_it(capsys, llama_dir, outs, tmp_path):
@@ -421,7 +449,8 @@ def test_eval_missing_text_file(capsys, llama_dir, tmp_path):
 @pytest.mark.parametrize(
     "argv, flag, words",
     [
-        (["--anti_method", "m1"], "--anti_method", "not supported yet"),
+        (["--a_bit", "8", "--anti_method", "m2"], "--anti_method m2", "not supported yet"),
+        (["--a_bit", "8", "--anti_method", "m3"], "--anti_method m3", "not supported yet"),
         (["--use_kvcache_quant", "True"], "--use_kvcache_quant", "not supported yet"),
         (["--co_sparse", "true"], "--co_sparse", "not supported yet"),
         (["--device_type", "npu"], "--device_type npu", "Ascend"),

@@ -14,11 +14,9 @@ log = logging.getLogger("slimquant.cli")
 
 # Seed flags accepted by the parser whose non-default values are not built yet: flag -> (default, issue).
 _LATER = {
-    "anti_method": ("", "outlier suppression (m1/m2/m4) and AWQ (m3)"),
     "co_sparse": (False, "sparse quantization"),
     "fraction": (0.01, "sparse quantization"),
     "disable_level": ("L0", "automatic fallback"),
-    "do_smooth": (False, "activation smoothing"),
     "use_reduce_quant": (False, "lccl reduce quantization"),
     "tp_size": (1, "lccl reduce quantization"),
     "is_lowbit": (False, "lowbit sparse quantization"),
@@ -73,11 +71,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--act_method", type=int, choices=(1, 2, 3), default=None,
                    help="static activation ranges: 1 min-max (default), 2 histogram percentile, "
                    "3 auto: per layer the lowest output error among min-max / histogram / histogram-MSE")  # fmt: skip
-    p.add_argument("--anti_method", choices=("", "m1", "m2", "m3", "m4", "m5"), default="")
+    p.add_argument("--anti_method", choices=("", "m1", "m2", "m3", "m4", "m5"), default="",
+                   help="outliers before W8A8: m1 SmoothQuant (--smooth_alpha), m4 SmoothQuant with alpha searched "
+                   "per layer group; m2 (Outlier Suppression), m3 (AWQ), m5 (CBQ) are not supported yet")  # fmt: skip
+    p.add_argument("--smooth_alpha", type=float, default=None, help="SmoothQuant migration strength for m1 (default 0.5)")
     p.add_argument("--co_sparse", type=str2bool, default=False)
     p.add_argument("--fraction", type=float, default=0.01)
     p.add_argument("--disable_level", choices=tuple(f"L{i}" for i in range(6)), default="L0")
-    p.add_argument("--do_smooth", type=str2bool, default=False)
+    p.add_argument("--do_smooth", type=str2bool, default=False,
+                   help="smooth activations before W8A8: SmoothQuant m1 unless --anti_method names another method")  # fmt: skip
     p.add_argument("--use_sigma", type=str2bool, default=False,
                    help="clip static activation ranges at mean +- sigma_factor * std")  # fmt: skip
     p.add_argument("--sigma_factor", type=positive_float, default=None, help="with --use_sigma (default 3.0)")
@@ -107,7 +109,7 @@ def recipe_from_args(args: argparse.Namespace) -> Recipe:
         defaults = {"w_bit": 8, "a_bit": 16, "group_size": 0, "w_sym": True, "w_method": "rtn", "w_clip_search": False,
                     "w_zero_point": "int", "embedding_bit": 16, "disable_names": [], "disable_last_linear": True,
                     "act_method": None, "use_sigma": False, "sigma_factor": None, "mm_tensor": None,
-                    "is_dynamic": False}  # fmt: skip
+                    "is_dynamic": False, "anti_method": "", "smooth_alpha": None, "do_smooth": False}  # fmt: skip
         clash = [f"--{k}" for k, v in defaults.items() if getattr(args, k) != v]
         if clash:
             raise SlimquantError(f"--recipe replaces the weight flags; remove {', '.join(clash)} or put them in the recipe")
@@ -122,6 +124,7 @@ def recipe_from_args(args: argparse.Namespace) -> Recipe:
     if args.mm_tensor and args.group_size:
         raise SlimquantError("--mm_tensor True (per-tensor weights) conflicts with --group_size; use one of them")
     input_spec, act_observer, sigma = _activation_flags(args)
+    smooth, alpha = _smooth_flags(args, input_spec)
     per_tensor = args.mm_tensor if args.mm_tensor is not None else input_spec is not None  # seed: W8A8 default True
     gran = Granularity.PER_GROUP if args.group_size else (Granularity.PER_TENSOR if per_tensor else Granularity.PER_CHANNEL)
     weight = QuantSpec(qt, gran, args.group_size or None, args.w_sym, zero_point=args.w_zero_point)
@@ -136,7 +139,25 @@ def recipe_from_args(args: argparse.Namespace) -> Recipe:
         embedding=embedding,
         act_observer=act_observer,
         sigma_factor=sigma,
+        smooth=smooth,
+        smooth_alpha=alpha,
     )
+
+
+def _smooth_flags(args: argparse.Namespace, input_spec: QuantSpec | None) -> tuple[str | None, float]:
+    """(Recipe.smooth, smooth_alpha) from --anti_method / --do_smooth / --smooth_alpha."""
+    method = args.anti_method or ("m1" if args.do_smooth else "")
+    if method in ("m2", "m3", "m5"):
+        what = {"m2": "Outlier Suppression", "m3": "AWQ", "m5": "CBQ"}[method]
+        raise NotSupportedYet(f"--anti_method {method}: {what} is not supported yet; m1 and m4 are")
+    if args.smooth_alpha is not None and method != "m1":
+        raise SlimquantError("--smooth_alpha sets SmoothQuant m1's strength; add --anti_method m1")
+    if method and input_spec is None:
+        raise SlimquantError(f"--anti_method {method} smooths activations for quantization; add --a_bit 8")
+    alpha = 0.5 if args.smooth_alpha is None else args.smooth_alpha
+    if not 0.0 <= alpha <= 1.0:
+        raise SlimquantError(f"--smooth_alpha {alpha}: must be in [0, 1]")
+    return method or None, alpha
 
 
 _ACT_METHODS = {1: "minmax", 2: "histogram", 3: "auto"}
@@ -175,7 +196,7 @@ def run(args: argparse.Namespace) -> int:
     check_target(args.save_directory, args.overwrite)  # fail before the slow part
     if args.device_type == "cuda" and not torch.cuda.is_available():
         raise SlimquantError("--device_type cuda: no CUDA device is available")
-    needs_data = recipe.input is not None and not recipe.input.dynamic
+    needs_data = (recipe.input is not None and not recipe.input.dynamic) or recipe.smooth is not None
     if (args.calib_file or args.calib_texts) and not needs_data:
         log.warning("calibration data given, but %s is data-free: it is not used", recipe.quant_type)
     t0 = time.perf_counter()
@@ -204,8 +225,14 @@ def run(args: argparse.Namespace) -> int:
     from slimquant.eval.size import checkpoint_bytes
 
     size = checkpoint_bytes(args.save_directory)
-    print(f"quantized {len(report.layers)} layer(s) of {args.model_path} to {recipe.quant_type} "
-          f"({recipe.weight.describe() if recipe.weight else 'float'}) in {qtime:.1f}s")  # fmt: skip
+    what = recipe.weight.describe() if recipe.weight else "float"
+    if recipe.input is not None:
+        mode = "dynamic" if recipe.input.dynamic else f"static, {recipe.act_observer}"
+        what = f"weights {what}, inputs {recipe.input.describe()} {mode}"
+    print(f"quantized {len(report.layers)} layer(s) of {args.model_path} to {recipe.quant_type} ({what}) in {qtime:.1f}s")
+    if report.smoothing:
+        alphas = sorted({str(r["alpha"]) for r in report.smoothing})
+        print(f"  smoothed {len(report.smoothing)} group(s) with {recipe.smooth} (alpha: {', '.join(alphas)})")
     for name, why in sorted(report.skipped.items()):
         print(f"  kept float: {name} ({why})")
     for name, emb in report.tied.items():

@@ -8,7 +8,7 @@ rule, by :func:`slimquant.algorithms.activation.choose_input_range` on a sample 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,10 +35,9 @@ AUTO_CANDIDATES = ("minmax", "histogram", "histogram_mse")
 
 @dataclass
 class InputStats:
-    """Statistics of one layer's input: one observer per candidate rule, a sigma observer, a sample."""
+    """Statistics of one layer's input: named observers and a uniform sample of its rows."""
 
     observers: dict[str, Any]
-    sigma: Any | None = None
     sample_rows: int = 0
     samples: list[torch.Tensor] = field(default_factory=list)
     seen_rows: int = 0
@@ -47,8 +46,6 @@ class InputStats:
         x = x.detach().reshape(-1, x.shape[-1])
         for obs in self.observers.values():
             obs.update(x)
-        if self.sigma is not None:
-            self.sigma.update(x)
         if self.sample_rows:
             # Keep a uniform sample of rows across batches (reservoir sampling, batch at a time).
             take = min(len(x), self.sample_rows)
@@ -65,26 +62,32 @@ class InputStats:
         return torch.cat(self.samples) if self.samples else torch.empty(0)
 
 
-def _observer_names(act_observer: str) -> tuple[str, ...]:
-    return AUTO_CANDIDATES if act_observer == "auto" else (act_observer,)
+def range_observers(act_observer: str, sigma_factor: float | None = None) -> Callable[[], dict[str, Any]]:
+    """A factory of the observers a static-range rule needs (``auto``: all its candidates; plus
+    ``sigma`` when ``sigma_factor`` is set)."""
+    rules = AUTO_CANDIDATES if act_observer == "auto" else (act_observer,)
+
+    def make() -> dict[str, Any]:
+        out = {rule: make_observer(OBSERVER_KWARGS[rule][0], **OBSERVER_KWARGS[rule][1]) for rule in rules}
+        if sigma_factor:
+            out["sigma"] = make_observer("sigma", k=sigma_factor)
+        return out
+
+    return make
 
 
 @contextmanager
 def observe_inputs(
-    model: nn.Module, names: Iterable[str], act_observer: str, sigma_factor: float | None = None, sample_rows: int = 0
+    model: nn.Module, names: Iterable[str], observers: Callable[[], dict[str, Any]], sample_rows: int = 0
 ) -> Iterator[dict[str, InputStats]]:
-    """Attach input observers to the named modules for the duration of the ``with`` block."""
+    """Attach input observers (a fresh ``observers()`` dict per module) to the named modules for the
+    duration of the ``with`` block; ``sample_rows`` > 0 also keeps a uniform sample of input rows."""
     stats: dict[str, InputStats] = {}
     handles = []
     generator = torch.Generator().manual_seed(0)
     try:
         for name in names:
-            observers = {}
-            for rule in _observer_names(act_observer):
-                obs_name, kwargs = OBSERVER_KWARGS[rule]
-                observers[rule] = make_observer(obs_name, **kwargs)
-            sigma = make_observer("sigma", k=sigma_factor) if sigma_factor else None
-            st = stats[name] = InputStats(observers, sigma, sample_rows)
+            st = stats[name] = InputStats(observers(), sample_rows)
 
             def hook(_m: nn.Module, args: tuple, kwargs: dict, st: InputStats = st, name: str = name) -> None:
                 x = args[0] if args else kwargs.get("input")
@@ -144,14 +147,17 @@ def input_ranges(
     out: dict[str, dict[str, Any]] = {}
     for name, st in stats.items():
         cands: dict[str, tuple[float, float]] = {}
+        sigma = st.observers.get("sigma")
         for rule, obs in st.observers.items():
+            if rule == "sigma":
+                continue
             try:
                 lo, hi = obs.range()
             except (ValueError, RuntimeError) as e:
                 raise SlimquantError(f"layer {name}: no calibration statistics ({e}); did the calibration data reach it?") from None
             lo, hi = float(lo), float(hi)
-            if st.sigma is not None:
-                s_lo, s_hi = st.sigma.range()
+            if sigma is not None:
+                s_lo, s_hi = sigma.range()
                 lo, hi = max(lo, float(s_lo)), min(hi, float(s_hi))
             cands[rule] = (min(lo, 0.0), max(hi, 0.0))
         if act_observer == "auto":

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from slimquant.adapters import smooth_groups
 from slimquant.algorithms import weight_solver
 from slimquant.errors import NotSupportedYet, SlimquantError
 from slimquant.math.metrics import sqnr_db
@@ -43,6 +44,7 @@ class ConversionReport:
     skipped: dict[str, str] = field(default_factory=dict)
     unmatched_patterns: tuple[str, ...] = ()
     tied: dict[str, str] = field(default_factory=dict)
+    smoothing: list[dict] = field(default_factory=list)
 
 
 def plan(model: nn.Module, recipe: Recipe) -> tuple[list[LayerPlan], ConversionReport]:
@@ -108,6 +110,8 @@ def convert(
         raise NotSupportedYet("fp8 activation quantization is not supported yet; use int8 inputs")
     if recipe.input is not None and not recipe.input.dynamic and calib_data is None:
         raise SlimquantError("static activation quantization (W8A8) needs calibration data (calib_data)")
+    if recipe.smooth is not None and calib_data is None:
+        raise SlimquantError(f"smooth {recipe.smooth} needs calibration data (calib_data)")
     layers, report = plan(model, recipe)
     solver = weight_solver(recipe.algorithm)
     # Validate everything first so a bad layer fails before any module is swapped.
@@ -133,6 +137,11 @@ def convert(
         report.skipped.pop(out, None)
     layers = [lp for lp in layers if lp.name not in ties]
 
+    if recipe.smooth is not None:
+        from slimquant.pipeline.smooth import smooth_model
+
+        smooth_groups(model)  # an unknown architecture fails here, before any work
+        report.smoothing = smooth_model(model, recipe, calib_data, show_progress)
     w8a8 = recipe.input is not None
     solved = {lp.name: solver(_weight_2d(model.get_submodule(lp.name)), lp.spec, recipe) for lp in layers}
     ranges: dict[str, dict[str, Any]] = {}
@@ -182,11 +191,12 @@ def _calibrate_inputs(
     show_progress: bool,
 ) -> dict[str, dict[str, Any]]:
     """Static input ranges of the linear ``layers``, observed on the float model."""
-    from slimquant.pipeline.calibrate import input_ranges, observe_inputs, run_batches
+    from slimquant.pipeline.calibrate import input_ranges, observe_inputs, range_observers, run_batches
 
     names = [lp.name for lp in layers]
     sample_rows = 512 if recipe.act_observer == "auto" else 0
-    with observe_inputs(model, names, recipe.act_observer, recipe.sigma_factor, sample_rows) as stats:
+    make = range_observers(recipe.act_observer, recipe.sigma_factor)
+    with observe_inputs(model, names, make, sample_rows) as stats:
         n = run_batches(model, calib_data, show_progress)
     log.info("calibrated %d layer input(s) on %d batch(es) with %s", len(names), n, recipe.act_observer)
     specs = {lp.name: lp.spec for lp in layers}

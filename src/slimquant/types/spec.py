@@ -95,6 +95,7 @@ class QuantSpec:
 ALGORITHMS = ("rtn",)
 # How a static activation range is chosen from calibration data (msModelSlim act_method 1/2/3 =
 # minmax / histogram / auto). "auto" keeps, per layer, the candidate with the lowest output error.
+SMOOTH_METHODS = ("m1", "m4")
 ACT_OBSERVERS = ("minmax", "moving_average", "histogram", "histogram_mse", "histogram_kl", "auto")
 
 
@@ -117,6 +118,10 @@ class Recipe:
         include_conv: quantize Conv2d layers too (for vision models).
         act_observer: how static input ranges are chosen from calibration data (ACT_OBSERVERS).
         sigma_factor: clip static input ranges at mean +- sigma_factor * std (msModelSlim use_sigma).
+        smooth: outlier handling before activation quantization (msModelSlim anti_method):
+            ``m1`` SmoothQuant with ``smooth_alpha``; ``m4`` SmoothQuant with alpha searched per
+            group on calibration output error (or no smoothing where that is best).
+        smooth_alpha: SmoothQuant migration strength for ``m1``.
         overrides: ``(pattern, spec)`` pairs; the first pattern (name, glob or ``re:``) matching a
             layer gives its weight spec instead of ``weight`` (mixed precision, per-layer groups).
     """
@@ -134,6 +139,8 @@ class Recipe:
     overrides: tuple[tuple[str, QuantSpec], ...] = ()
     act_observer: str = "minmax"
     sigma_factor: float | None = None
+    smooth: str | None = None
+    smooth_alpha: float = 0.5
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "disable_names", tuple(self.disable_names))
@@ -158,6 +165,13 @@ class Recipe:
             self._check_activation_recipe()
         if self.act_observer not in ACT_OBSERVERS:
             raise SlimquantError(f"unknown act_observer {self.act_observer!r}; valid: {', '.join(ACT_OBSERVERS)}")
+        if self.smooth is not None:
+            if self.smooth not in SMOOTH_METHODS:
+                raise SlimquantError(f"unknown smooth method {self.smooth!r}; valid: {', '.join(SMOOTH_METHODS)}")
+            if self.input is None:
+                raise SlimquantError(f"smooth {self.smooth} prepares activations for quantization; it needs an input spec")
+        if not 0.0 <= self.smooth_alpha <= 1.0:
+            raise SlimquantError(f"smooth_alpha must be in [0, 1], got {self.smooth_alpha}")
         if self.sigma_factor is not None and not self.sigma_factor > 0:
             raise SlimquantError(f"sigma_factor must be positive, got {self.sigma_factor}")
         if self.weight is not None and self.weight.granularity in (Granularity.PER_TOKEN,):

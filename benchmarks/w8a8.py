@@ -1,0 +1,203 @@
+"""W8A8 benchmark: accuracy, size and time of slimquant's int8-activation recipes vs float and optimum-quanto.
+
+Usage:
+    python benchmarks/w8a8.py            # full run, rewrites the w8a8 section of BENCHMARKS.md
+    python benchmarks/w8a8.py --quick    # 1 window per text, fewer configs, prints only
+
+Same evaluation text, windows and metrics as benchmarks/weight_only.py (whose helpers it reuses);
+calibration uses token windows of the calibration plays (never the evaluation plays). Every config
+runs in its own process: load float, calibrate + quantize, save, reload from disk, evaluate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import text as corpus  # noqa: E402
+import weight_only as wo  # noqa: E402
+
+CALIB_WINDOWS = 32
+CALIB_SEQ_LEN = 256
+
+# name -> settings. kind: float | ours | quanto
+LLM_CONFIGS: dict[str, dict] = {
+    "float32": {"kind": "float"},
+    "W8A8 static, per-tensor weights (msModelSlim default)": {"kind": "ours", "wgran": "per_tensor"},
+    "W8A8 static": {"kind": "ours"},
+    "W8A8 static, act_method 3 (auto)": {"kind": "ours", "act": "auto"},
+    "W8A8 static + m1": {"kind": "ours", "smooth": "m1"},
+    "W8A8 static + m4": {"kind": "ours", "smooth": "m4"},
+    "W8A8 static + m4, act_method 3": {"kind": "ours", "smooth": "m4", "act": "auto"},
+    "W8A8 dynamic": {"kind": "ours", "dynamic": True},
+    "W8A8 dynamic + m1": {"kind": "ours", "dynamic": True, "smooth": "m1"},
+    "W8A8 dynamic + m4": {"kind": "ours", "dynamic": True, "smooth": "m4"},
+    "quanto W8A8 (qint8 weights + activations, calibrated)": {"kind": "quanto"},
+}
+ENC_CONFIGS: dict[str, dict] = {
+    "float32": {"kind": "float"},
+    "W8A8 static": {"kind": "ours"},
+    "W8A8 static + m4, act_method 3": {"kind": "ours", "smooth": "m4", "act": "auto"},
+    "W8A8 dynamic": {"kind": "ours", "dynamic": True},
+    "quanto W8A8 (qint8 weights + activations, calibrated)": {"kind": "quanto"},
+}
+QUICK = {"float32", "W8A8 static", "W8A8 dynamic + m1", "quanto W8A8 (qint8 weights + activations, calibrated)"}
+
+
+def calibration(tokenizer) -> torch.Tensor:
+    from slimquant.data import calibration_windows
+
+    texts = corpus.read(list(corpus.CALIB_FILES)).split("\n\n")
+    return calibration_windows(tokenizer, texts, CALIB_WINDOWS, CALIB_SEQ_LEN)
+
+
+def recipe_for(cfg: dict):
+    from slimquant import QuantSpec, Recipe
+
+    weight = QuantSpec("int8", cfg.get("wgran", "per_channel"))
+    if cfg.get("dynamic"):
+        inp = QuantSpec("int8", "per_token", dynamic=True)
+    else:
+        inp = QuantSpec("int8", "per_tensor", symmetric=False)
+    return Recipe(weight=weight, input=inp, act_observer=cfg.get("act", "minmax"), smooth=cfg.get("smooth"))
+
+
+def child_main(args: argparse.Namespace) -> None:
+    import slimquant as sq
+    from slimquant.eval.size import checkpoint_bytes
+
+    torch.manual_seed(0)
+    cfg = (LLM_CONFIGS if args.model == wo.LLM else ENC_CONFIGS)[args.config]
+    res: dict = {}
+    with tempfile.TemporaryDirectory(dir=wo.OUT) as tmp:
+        lm = sq.load_model(args.model)
+        tok, model = lm.tokenizer, lm.model
+        calib = calibration(tok)
+        ckpt = Path(tmp) / "ckpt"
+        if cfg["kind"] == "float":
+            res.update(quantize_s=0.0, ckpt_bytes=sum(p.numel() * p.element_size() for p in model.state_dict().values()))
+        elif cfg["kind"] == "ours":
+            t0 = time.perf_counter()
+            sq.quantize(model, recipe_for(cfg), calib_data=calib, show_progress=False)
+            res["quantize_s"] = time.perf_counter() - t0
+            sq.save(model, ckpt, tokenizer=tok)
+            res["peak_rss_quantize_mib"] = wo.peak_rss_mib()
+            res["ckpt_bytes"] = checkpoint_bytes(ckpt)
+            del model, lm.model
+            t0 = time.perf_counter()
+            model = sq.load(ckpt)
+            res["load_s"] = time.perf_counter() - t0
+        else:
+            model, extra = wo.quanto_roundtrip(model, {"qtype": "qint8", "activations": "qint8"}, ckpt, calib)
+            res.update(extra)
+        t0 = time.perf_counter()
+        if args.model == wo.LLM:
+            res.update(wo.eval_llm(model, wo.eval_windows(tok, args.windows), Path(args.ref)))
+        else:
+            res.update(wo.eval_encoder(model, tok, wo.eval_sentences(), Path(args.ref)))
+        res["eval_s"] = time.perf_counter() - t0
+    Path(args.result).write_text(json.dumps(res))
+
+
+def fmt_llm(rows: dict[str, dict]) -> str:
+    f = rows["float32"]
+    out = ["| config | perplexity | vs float | KL/token | top-1 | quantize s | ckpt MiB | vs fp32 |", "|---|---|---|---|---|---|---|---|"]
+    for name, r in rows.items():
+        out.append(f"| {name} | {r['perplexity']:.3f} | {r['perplexity'] / f['perplexity'] - 1:+.2%} | {r['kl']:.5f} | "
+                   f"{r['top1']:.4f} | {r['quantize_s']:.1f} | {r['ckpt_bytes'] / 2**20:.1f} | "
+                   f"{r['ckpt_bytes'] / f['ckpt_bytes']:.3f}x |")  # fmt: skip
+    return "\n".join(out)
+
+
+def fmt_enc(rows: dict[str, dict]) -> str:
+    out = ["| config | cosine mean | cosine min | quantize s |", "|---|---|---|---|"]
+    for name, r in rows.items():
+        out.append(f"| {name} | {r['cosine_mean']:.5f} | {r['cosine_min']:.5f} | {r['quantize_s']:.1f} |")
+    return "\n".join(out)
+
+
+def write_section(report: str) -> None:
+    path = HERE.parent / "BENCHMARKS.md"
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    begin, end = "<!-- w8a8:begin -->", "<!-- w8a8:end -->"
+    block = f"{begin}\n{report}\n{end}"
+    if begin in text:
+        text = text[: text.index(begin)] + block + text[text.index(end) + len(end):]
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    path.write_text(text)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--child", action="store_true")
+    ap.add_argument("--model"), ap.add_argument("--config"), ap.add_argument("--ref"), ap.add_argument("--result")
+    ap.add_argument("--windows", type=int, default=wo.WINDOWS_PER_TEXT)
+    args = ap.parse_args()
+    if args.child:
+        child_main(args)
+        return
+    wo.OUT.mkdir(exist_ok=True)
+    windows = 1 if args.quick else wo.WINDOWS_PER_TEXT
+    t_start = time.perf_counter()
+    results: dict[str, dict[str, dict]] = {}
+    for model_name, configs in ((wo.LLM, LLM_CONFIGS), (wo.ENC, ENC_CONFIGS)):
+        ref = wo.reference(model_name, windows)
+        results[model_name] = {}
+        for name in configs:
+            if args.quick and name not in QUICK:
+                continue
+            res = wo.run_config(model_name, name, ref, windows, script=__file__)
+            results[model_name][name] = res
+            print(f"[{model_name}] {name}: {json.dumps({k: round(v, 5) if isinstance(v, float) else v for k, v in res.items()})}",
+                  flush=True)  # fmt: skip
+    import transformers
+
+    try:
+        from importlib.metadata import version
+
+        qv = version("optimum-quanto")
+    except Exception:  # noqa: BLE001
+        qv = "?"
+    llm = results[wo.LLM]
+    tokens = llm["float32"]["tokens"]
+    report = "\n".join([
+        "## W8A8 (issue 3): int8 weights and activations vs float and optimum-quanto",
+        "",
+        f"Command: `.venv/bin/python benchmarks/w8a8.py`. Machine: {torch.get_num_threads()} threads, "
+        f"{platform.machine()}, torch {torch.__version__}, transformers {transformers.__version__}, optimum-quanto {qv}; "
+        f"one run, {(time.perf_counter() - t_start) / 60:.1f} min.",
+        "",
+        f"**smollm2-135m**: the weight-only benchmark's text and windows ({len(corpus.EVAL_FILES) * windows} windows x "
+        f"{wo.SEQ_LEN} tokens, {tokens} predicted tokens; KL(float || quantized) per token). Calibration: "
+        f"{CALIB_WINDOWS} windows x {CALIB_SEQ_LEN} tokens of {', '.join(corpus.CALIB_FILES)} (seed 0). Weights int8 "
+        "symmetric per channel unless noted; static = per-tensor asymmetric input ranges from calibration (min-max unless "
+        "act_method 3), dynamic = per-token symmetric. m1 = SmoothQuant alpha 0.5; m4 = alpha searched per group among "
+        "0.3..0.9 or none. lm_head stays float in every row (quanto: excluded). Every row is measured on the checkpoint "
+        "reloaded from disk.",
+        "",
+        fmt_llm(llm),
+        "",
+        "**minilm-l6**: cosine similarity of mean-pooled sentence embeddings vs float, the weight-only benchmark's "
+        "sentences; calibration as above.",
+        "",
+        fmt_enc(results[wo.ENC]),
+    ])
+    print()
+    print(report)
+    if not args.quick:
+        write_section(report)
+
+
+if __name__ == "__main__":
+    main()

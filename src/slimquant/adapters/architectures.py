@@ -1,0 +1,110 @@
+"""Per-architecture descriptions (data only; the transforms live in algorithms/ and pipeline/).
+
+A :class:`SmoothGroup` names, relative to one block, the op whose output feeds a set of linear
+layers and nothing else, so scaling that output per channel by ``1/s`` and the linears' input
+columns by ``s`` leaves the block's function unchanged. The op is a norm (its weight, and bias,
+are divided) or a linear layer (its output rows are divided).
+
+Groups are listed only where that holds exactly: post-norm models (BERT) feed their norms into the
+residual stream too, so only their value -> attention-output pair qualifies; Llama-style ``v_proj ->
+o_proj`` is left out because grouped-query attention repeats each value channel across heads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from slimquant.errors import SlimquantError
+
+
+@dataclass(frozen=True)
+class SmoothGroup:
+    prev: str
+    linears: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Architecture:
+    name: str
+    model_types: tuple[str, ...]
+    blocks: str  # dotted path of the ModuleList of repeated blocks (a prefix such as "bert." is allowed)
+    smooth: tuple[SmoothGroup, ...]
+
+
+_ATTN = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+
+ARCHITECTURES: tuple[Architecture, ...] = (
+    Architecture(
+        "llama",
+        ("llama", "mistral", "qwen2", "qwen3"),
+        "model.layers",
+        (
+            SmoothGroup("input_layernorm", _ATTN),
+            SmoothGroup("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
+            SmoothGroup("mlp.up_proj", ("mlp.down_proj",)),  # down's input is act(gate) * up
+        ),
+    ),
+    Architecture(
+        "opt",
+        ("opt",),
+        "model.decoder.layers",
+        (
+            SmoothGroup("self_attn_layer_norm", _ATTN),
+            SmoothGroup("final_layer_norm", ("fc1",)),
+            SmoothGroup("self_attn.v_proj", ("self_attn.out_proj",)),  # full multi-head attention
+        ),
+    ),
+    Architecture(
+        "gpt2",
+        ("gpt2",),
+        "transformer.h",
+        (SmoothGroup("ln_1", ("attn.c_attn",)), SmoothGroup("ln_2", ("mlp.c_fc",))),
+    ),
+    Architecture(
+        "bert",
+        ("bert",),
+        "encoder.layer",
+        (SmoothGroup("attention.self.value", ("attention.output.dense",)),),
+    ),
+)
+
+
+def architecture_for(model: nn.Module) -> Architecture:
+    """The description of ``model``'s architecture, by its config's ``model_type``."""
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    for arch in ARCHITECTURES:
+        if model_type in arch.model_types:
+            return arch
+    known = sorted(t for a in ARCHITECTURES for t in a.model_types)
+    what = f"model_type {model_type!r}" if model_type else f"{type(model).__name__} (no Hugging Face config)"
+    raise SlimquantError(f"no architecture description for {what}; known: {', '.join(known)}")
+
+
+def _blocks_path(model: nn.Module, arch: Architecture) -> str:
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.ModuleList)]
+    for n in names:
+        if n == arch.blocks or n.endswith("." + arch.blocks):
+            return n
+    raise SlimquantError(f"{type(model).__name__}: no block list {arch.blocks!r} as the {arch.name} description expects")
+
+
+def smooth_groups(model: nn.Module) -> list[tuple[str, tuple[str, ...]]]:
+    """Every ``(prev, linears)`` group of the model with full module names, checked to exist."""
+    arch = architecture_for(model)
+    path = _blocks_path(model, arch)
+    blocks = model.get_submodule(path)
+    out = []
+    for i in range(len(blocks)):
+        for g in arch.smooth:
+            prev = f"{path}.{i}.{g.prev}"
+            linears = tuple(f"{path}.{i}.{name}" for name in g.linears)
+            for name in (prev, *linears):
+                try:
+                    model.get_submodule(name)
+                except AttributeError:
+                    raise SlimquantError(f"{arch.name} description: module {name} does not exist in this model") from None
+            out.append((prev, linears))
+    return out

@@ -1,0 +1,28 @@
+"""Smoothing scales for equivalence transforms (pure).
+
+A smoothing scale ``s [k]`` moves quantization difficulty between a layer's input and its weight:
+``x @ W.T == (x / s) @ (W * s).T``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def smoothquant_scales(act_absmax: torch.Tensor, weight_absmax: torch.Tensor, alpha: float, eps: float = 1e-5) -> torch.Tensor:
+    """SmoothQuant's ``s_j = max|X_j|^alpha / max|W_j|^(1 - alpha)`` per input channel.
+
+    Args:
+        act_absmax: ``[k]`` per-channel max |input| over calibration data.
+        weight_absmax: ``[k]`` per-input-channel max |weight| over every linear fed by the input.
+        alpha: migration strength in [0, 1]; 0.5 splits the difficulty evenly.
+    Returns:
+        ``[k]`` float32, positive; channels that never saw input (or have zero weights) get 1.
+    """
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    a = act_absmax.float().clamp(min=eps)
+    w = weight_absmax.float().clamp(min=eps)
+    s = a.pow(alpha) / w.pow(1.0 - alpha)
+    dead = (act_absmax <= 0) | (weight_absmax <= 0)
+    return torch.where(dead | ~torch.isfinite(s), torch.ones_like(s), s.clamp(min=eps))
