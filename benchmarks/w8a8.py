@@ -41,6 +41,8 @@ LLM_CONFIGS: dict[str, dict] = {
     "W8A8 dynamic": {"kind": "ours", "dynamic": True},
     "W8A8 dynamic + m1": {"kind": "ours", "dynamic": True, "smooth": "m1"},
     "W8A8 dynamic + m4": {"kind": "ours", "dynamic": True, "smooth": "m4"},
+    "W8A8 dynamic + m1 + KV int8": {"kind": "ours", "dynamic": True, "smooth": "m1", "kv": True},
+    "KV int8 only (float weights)": {"kind": "ours", "kv_only": True},
     "quanto W8A8 (qint8 weights + activations, calibrated)": {"kind": "quanto"},
 }
 ENC_CONFIGS: dict[str, dict] = {
@@ -63,12 +65,15 @@ def calibration(tokenizer) -> torch.Tensor:
 def recipe_for(cfg: dict):
     from slimquant import QuantSpec, Recipe
 
+    kv = QuantSpec("int8", "per_token", dynamic=True) if cfg.get("kv") or cfg.get("kv_only") else None
+    if cfg.get("kv_only"):
+        return Recipe(weight=None, kv=kv)
     weight = QuantSpec("int8", cfg.get("wgran", "per_channel"))
     if cfg.get("dynamic"):
         inp = QuantSpec("int8", "per_token", dynamic=True)
     else:
         inp = QuantSpec("int8", "per_tensor", symmetric=False)
-    return Recipe(weight=weight, input=inp, act_observer=cfg.get("act", "minmax"), smooth=cfg.get("smooth"))
+    return Recipe(weight=weight, input=inp, act_observer=cfg.get("act", "minmax"), smooth=cfg.get("smooth"), kv=kv)
 
 
 def child_main(args: argparse.Namespace) -> None:
@@ -183,7 +188,8 @@ def main() -> None:
         f"{CALIB_WINDOWS} windows x {CALIB_SEQ_LEN} tokens of {', '.join(corpus.CALIB_FILES)} (seed 0). Weights int8 "
         "symmetric per channel unless noted; static = per-tensor asymmetric input ranges from calibration (min-max unless "
         "act_method 3), dynamic = per-token symmetric. m1 = SmoothQuant alpha 0.5; m4 = alpha searched per group among "
-        "0.3..0.9 or none. lm_head stays float in every row (quanto: excluded). Every row is measured on the checkpoint "
+        "0.3..0.9 or none. KV int8: keys and values int8 per token and head (dynamic), used in every eval forward so "
+        "attention within the window reads the quantized cache. lm_head stays float in every row (quanto: excluded). Every row is measured on the checkpoint "
         "reloaded from disk.",
         "",
         fmt_llm(llm),

@@ -238,13 +238,14 @@ def quanto_roundtrip(model, cfg: dict, ckpt: Path, calib: torch.Tensor | None = 
 def eval_llm(model, windows: torch.Tensor, ref_path: Path) -> dict:
     from safetensors import safe_open
 
+    from slimquant.eval.lm import kv_cache_kwargs
     from slimquant.math.metrics import kl_divergence, top1_agreement
 
     nll = kl = agree = 0.0
     count = 0
     with safe_open(str(ref_path), framework="pt") as ref_f:
         for i, ids in enumerate(windows):
-            logits = model(input_ids=ids.unsqueeze(0)).logits[0, :-1].float()
+            logits = model(input_ids=ids.unsqueeze(0), **kv_cache_kwargs(model)).logits[0, :-1].float()
             target = ids[1:]
             nll += float(torch.nn.functional.cross_entropy(logits, target, reduction="sum"))
             ref = ref_f.get_tensor(f"w{i}")

@@ -1,6 +1,6 @@
 """slimquant: quantize trained PyTorch models so they deploy smaller and faster."""
 
-from slimquant.api import evaluate, load, quantize, save
+from slimquant.api import evaluate, kv_cache, load, quantize, save
 from slimquant.errors import NotSupportedYet, SlimquantError
 from slimquant.models.loading import LoadedModel, load_model
 from slimquant.types import Granularity, QuantSpec, Recipe
@@ -13,6 +13,7 @@ __all__ = [
     "load",
     "load_model",
     "evaluate",
+    "kv_cache",
     "Recipe",
     "QuantSpec",
     "Granularity",

@@ -59,6 +59,16 @@ def load(directory: str | os.PathLike, model: nn.Module | None = None, trust_rem
     return load_checkpoint(directory, model=model, trust_remote_code=trust_remote_code).model
 
 
+def kv_cache(model: nn.Module) -> Any:
+    """A fresh int8 KV cache for ``model`` if its recipe quantizes the KV cache, else None.
+
+    Pass it to Hugging Face: ``model.generate(ids, past_key_values=slimquant.kv_cache(model))``.
+    """
+    from slimquant.eval.lm import kv_cache_kwargs
+
+    return kv_cache_kwargs(model).get("past_key_values")
+
+
 def evaluate(
     model: nn.Module | LoadedModel,
     tokenizer: Any = None,

@@ -253,6 +253,13 @@ def test_w8a8_static_generates_its_own_calibration_text(capsys, llama_dir, outs,
     assert "generated from the model itself" in caplog.text
 
 
+def test_use_kvcache_quant_records_the_kv_spec(capsys, llama_dir, outs):
+    rc, _, _ = run(capsys, "quantize", "--model_path", llama_dir, "--save_directory", outs / "kv", "--use_kvcache_quant", "True")
+    assert rc == 0
+    recipe = Recipe.from_dict(read_manifest(outs / "kv")["recipe"])
+    assert recipe.kv == QuantSpec("int8", Granularity.PER_TOKEN, dynamic=True)
+
+
 def test_seed_example_dynamic_m1_runs(capsys, llama_dir, outs, text_file):
     # msModelSlim's example: --a_bit 8 --is_dynamic True --anti_method m1
     rc, stdout, _ = run(capsys, "quantize", "--model_path", llama_dir, "--save_directory", outs / "dm1", "--w_bit", "8",
@@ -451,7 +458,7 @@ def test_eval_missing_text_file(capsys, llama_dir, tmp_path):
     [
         (["--a_bit", "8", "--anti_method", "m2"], "--anti_method m2", "not supported yet"),
         (["--a_bit", "8", "--anti_method", "m3"], "--anti_method m3", "not supported yet"),
-        (["--use_kvcache_quant", "True"], "--use_kvcache_quant", "not supported yet"),
+        (["--use_fa_quant", "True"], "--use_fa_quant", "not supported yet"),
         (["--co_sparse", "true"], "--co_sparse", "not supported yet"),
         (["--device_type", "npu"], "--device_type npu", "Ascend"),
     ],

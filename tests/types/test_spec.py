@@ -102,11 +102,14 @@ def test_describe(spec: QuantSpec, label: str) -> None:
 # -- Recipe validation ----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("role", ["output", "kv"])
-def test_output_and_kv_roles_are_not_supported_yet(role: str) -> None:
-    with pytest.raises(NotSupportedYet, match=f"{role} quantization is not supported yet"):
-        Recipe(**{role: QuantSpec("int8", Granularity.PER_TOKEN, dynamic=True)})
+def test_output_role_and_static_kv_are_not_supported_yet() -> None:
+    with pytest.raises(NotSupportedYet, match="output quantization is not supported yet"):
+        Recipe(output=QuantSpec("int8", Granularity.PER_TOKEN, dynamic=True))
+    with pytest.raises(NotSupportedYet, match="kv int8 per-channel sym is not supported yet"):
+        Recipe(kv=QuantSpec("int8", Granularity.PER_CHANNEL))
     assert issubclass(NotSupportedYet, SlimquantError)
+    kv = QuantSpec("int8", Granularity.PER_TOKEN, dynamic=True)
+    assert Recipe.from_json(Recipe(kv=kv).to_json()).kv == kv
 
 
 W8 = QuantSpec("int8", Granularity.PER_CHANNEL)

@@ -9,6 +9,7 @@ import time
 from slimquant.cli.args import positive_float, positive_int, str2bool
 from slimquant.errors import NotSupportedYet, SlimquantError
 from slimquant.types import Granularity, QuantSpec, Recipe, int_qtype_for_bits
+from slimquant.types.spec import KV_INT8_DYNAMIC
 
 log = logging.getLogger("slimquant.cli")
 
@@ -21,7 +22,6 @@ _LATER = {
     "tp_size": (1, "lccl reduce quantization"),
     "is_lowbit": (False, "lowbit sparse quantization"),
     "open_outlier": (True, "lowbit sparse quantization"),
-    "use_kvcache_quant": (False, "KV-cache quantization"),
     "use_fa_quant": (False, "attention quantization"),
     "fa_amp": (0, "attention quantization"),
 }
@@ -90,7 +90,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--mm_tensor", type=str2bool, default=None,
                    help="W8A8 weights: True per-tensor (msModelSlim's default), False per-channel; "
                    "with a_bit 16 True makes per-channel weights per-tensor")  # fmt: skip
-    p.add_argument("--use_kvcache_quant", type=str2bool, default=False)
+    p.add_argument("--use_kvcache_quant", type=str2bool, default=False,
+                   help="int8 KV cache (per token and head, dynamic): recorded in the recipe; slimquant.kv_cache(model) "
+                   "builds the cache for generate/eval")  # fmt: skip
     p.add_argument("--use_fa_quant", type=str2bool, default=False)
     p.add_argument("--fa_amp", type=int, default=0)
     p.add_argument("--is_dynamic", type=str2bool, default=False,
@@ -109,7 +111,8 @@ def recipe_from_args(args: argparse.Namespace) -> Recipe:
         defaults = {"w_bit": 8, "a_bit": 16, "group_size": 0, "w_sym": True, "w_method": "rtn", "w_clip_search": False,
                     "w_zero_point": "int", "embedding_bit": 16, "disable_names": [], "disable_last_linear": True,
                     "act_method": None, "use_sigma": False, "sigma_factor": None, "mm_tensor": None,
-                    "is_dynamic": False, "anti_method": "", "smooth_alpha": None, "do_smooth": False}  # fmt: skip
+                    "is_dynamic": False, "anti_method": "", "smooth_alpha": None, "do_smooth": False,
+                    "use_kvcache_quant": False}  # fmt: skip
         clash = [f"--{k}" for k, v in defaults.items() if getattr(args, k) != v]
         if clash:
             raise SlimquantError(f"--recipe replaces the weight flags; remove {', '.join(clash)} or put them in the recipe")
@@ -141,6 +144,7 @@ def recipe_from_args(args: argparse.Namespace) -> Recipe:
         sigma_factor=sigma,
         smooth=smooth,
         smooth_alpha=alpha,
+        kv=KV_INT8_DYNAMIC if args.use_kvcache_quant else None,
     )
 
 

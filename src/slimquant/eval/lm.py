@@ -53,7 +53,7 @@ def evaluate_lm(
     count = 0
     for ids in tqdm(batches, desc="eval windows", disable=not show_progress, unit="win"):
         x = ids.unsqueeze(0)
-        logits = model(input_ids=x).logits[0, :-1].float()
+        logits = model(input_ids=x, **kv_cache_kwargs(model)).logits[0, :-1].float()
         target = ids[1:]
         nll += float(torch.nn.functional.cross_entropy(logits, target, reduction="sum"))
         if reference is not None:
@@ -103,6 +103,17 @@ def evaluate_encoder(
     return out
 
 
+def kv_cache_kwargs(model: nn.Module) -> dict[str, Any]:
+    """``{"past_key_values": Int8KVCache(), "use_cache": True}`` when the model's recipe quantizes the KV
+    cache (so prefill attention sees the quantized cache too), else ``{}``."""
+    recipe = getattr(model, "slimquant_recipe", None)
+    if recipe is None or recipe.kv is None:
+        return {}
+    from slimquant.nn.kv_cache import Int8KVCache
+
+    return {"past_key_values": Int8KVCache(), "use_cache": True}
+
+
 @torch.no_grad()
 def generate_text(model: nn.Module, tokenizer: Any, prompt: str, max_new_tokens: int = 24) -> str:
     """Greedy continuation of ``prompt`` (the chat template is applied when the tokenizer has one)."""
@@ -111,5 +122,6 @@ def generate_text(model: nn.Module, tokenizer: Any, prompt: str, max_new_tokens:
     else:
         text = prompt
     enc = tokenizer(text, return_tensors="pt", add_special_tokens=False)
-    out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.eos_token_id)
+    out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.eos_token_id,
+                         **kv_cache_kwargs(model))  # fmt: skip
     return tokenizer.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True).strip()

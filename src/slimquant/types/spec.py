@@ -96,6 +96,7 @@ ALGORITHMS = ("rtn",)
 # How a static activation range is chosen from calibration data (msModelSlim act_method 1/2/3 =
 # minmax / histogram / auto). "auto" keeps, per layer, the candidate with the lowest output error.
 SMOOTH_METHODS = ("m1", "m4")
+KV_INT8_DYNAMIC = QuantSpec("int8", Granularity.PER_TOKEN, None, True, dynamic=True)
 ACT_OBSERVERS = ("minmax", "moving_average", "histogram", "histogram_mse", "histogram_kl", "auto")
 
 
@@ -109,7 +110,9 @@ class Recipe:
             (static, calibrated; asymmetric as msModelSlim) or ``per_token`` with ``dynamic=True``
             (symmetric, computed at run time); fp8 types alike. Needs 8-bit symmetric
             per-channel/per-tensor weights.
-        output / kv: not built yet: must be None.
+        kv: KV-cache spec: int8 ``per_token`` ``dynamic`` symmetric (one scale per token and head,
+            :class:`slimquant.nn.kv_cache.Int8KVCache`); static per-channel scales are not built yet.
+        output: not built yet: must be None.
         algorithm: weight algorithm name (``rtn``).
         clip_search: search per channel/group for the clipping ratio with the lowest MSE.
         disable_names: layer names, globs or ``re:`` regexes to keep in float.
@@ -153,14 +156,15 @@ class Recipe:
         object.__setattr__(self, "overrides", tuple(pairs))
         if self.algorithm not in ALGORITHMS:
             raise SlimquantError(f"unknown algorithm {self.algorithm!r}; valid: {', '.join(ALGORITHMS)}")
-        for role in ("output", "kv"):
-            if getattr(self, role) is not None:
-                from slimquant.errors import NotSupportedYet
+        from slimquant.errors import NotSupportedYet
 
-                raise NotSupportedYet(
-                    f"{role} quantization is not supported yet (activation/KV-cache quantization is a later issue); "
-                    "use weight-only recipes (a_bit 16)"
-                )
+        if self.output is not None:
+            raise NotSupportedYet("output quantization is not supported yet")
+        if self.kv is not None and self.kv != KV_INT8_DYNAMIC:
+            raise NotSupportedYet(
+                f"kv {self.kv.describe()}{' dynamic' if self.kv.dynamic else ''} is not supported yet; "
+                "the KV cache is quantized int8 per token (QuantSpec('int8', 'per_token', dynamic=True))"
+            )
         if self.input is not None:
             self._check_activation_recipe()
         if self.act_observer not in ACT_OBSERVERS:
