@@ -36,6 +36,7 @@ LLM_CONFIGS: dict[str, dict] = {
     "W8A8 static": {"kind": "ours"},
     "W8A8 static, act_method 3 (auto)": {"kind": "ours", "act": "auto"},
     "W8A8 static + m1": {"kind": "ours", "smooth": "m1"},
+    "W8A8 static + m2 (token clipping)": {"kind": "ours", "smooth": "m2", "act": "token_clip"},
     "W8A8 static + m4": {"kind": "ours", "smooth": "m4"},
     "W8A8 static + m4, act_method 3": {"kind": "ours", "smooth": "m4", "act": "auto"},
     "W8A8 dynamic": {"kind": "ours", "dynamic": True},
@@ -188,7 +189,8 @@ def main() -> None:
         f"{CALIB_WINDOWS} windows x {CALIB_SEQ_LEN} tokens of {', '.join(corpus.CALIB_FILES)} (seed 0). Weights int8 "
         "symmetric per channel unless noted; static = per-tensor asymmetric input ranges from calibration (min-max unless "
         "act_method 3), dynamic = per-token symmetric. m1 = SmoothQuant alpha 0.5; m4 = alpha searched per group among "
-        "0.3..0.9 or none. KV int8: keys and values int8 per token and head (dynamic), used in every eval forward so "
+        "0.3..0.9 or none; m2 = norm weights migrated into the linears + token-wise clipping (per layer the quantile "
+        "1..0.95 of per-token min/max with the lowest output error). KV int8: keys and values int8 per token and head (dynamic), used in every eval forward so "
         "attention within the window reads the quantized cache. lm_head stays float in every row (quanto: excluded). Every row is measured on the checkpoint "
         "reloaded from disk.",
         "",

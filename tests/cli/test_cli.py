@@ -199,6 +199,10 @@ def test_float_zero_point_needs_asymmetric_weights(capsys, llama_dir, outs):
         (["--a_bit", "8", "--act_method", "3", "--anti_method", "m4"],
          Recipe(weight=QuantSpec("int8", Granularity.PER_TENSOR),
                 input=QuantSpec("int8", Granularity.PER_TENSOR, symmetric=False), act_observer="auto", smooth="m4")),
+        (["--a_bit", "8", "--mm_tensor", "False", "--anti_method", "m2"],
+         Recipe(weight=QuantSpec("int8", Granularity.PER_CHANNEL),
+                input=QuantSpec("int8", Granularity.PER_TENSOR, symmetric=False), act_observer="token_clip",
+                smooth="m2")),
         (["--a_bit", "8", "--do_smooth", "True", "--smooth_alpha", "0.8"],
          Recipe(weight=QuantSpec("int8", Granularity.PER_TENSOR),
                 input=QuantSpec("int8", Granularity.PER_TENSOR, symmetric=False), smooth="m1", smooth_alpha=0.8)),
@@ -456,7 +460,7 @@ def test_eval_missing_text_file(capsys, llama_dir, tmp_path):
 @pytest.mark.parametrize(
     "argv, flag, words",
     [
-        (["--a_bit", "8", "--anti_method", "m2"], "--anti_method m2", "not supported yet"),
+        (["--a_bit", "8", "--anti_method", "m5"], "--anti_method m5", "not supported yet"),
         (["--a_bit", "8", "--anti_method", "m3"], "--anti_method m3", "not supported yet"),
         (["--use_fa_quant", "True"], "--use_fa_quant", "not supported yet"),
         (["--co_sparse", "true"], "--co_sparse", "not supported yet"),

@@ -236,16 +236,36 @@ def test_empty_batches_are_ignored_and_reset_forgets(name: str) -> None:
 
 
 def test_registry_builds_each_observer_with_its_arguments() -> None:
-    assert OBSERVERS == ("minmax", "moving_average", "histogram_percentile", "histogram_mse", "histogram_kl", "sigma")
+    assert OBSERVERS == ("minmax", "moving_average", "histogram_percentile", "histogram_mse", "histogram_kl", "sigma",
+                         "token_quantile")  # fmt: skip
     assert type(make_observer("minmax", axis=-1)) is MinMaxObserver
     assert make_observer("moving_average", averaging_constant=0.5).averaging_constant == 0.5
     for method in HISTOGRAM_METHODS:
         obs = make_observer(f"histogram_{method}", bins=64)
         assert isinstance(obs, HistogramObserver) and (obs.method, obs.bins) == (method, 64)
     assert make_observer("sigma", k=2.5).k == 2.5
+    assert make_observer("token_quantile", quantile=0.99).quantile == 0.99
 
 
 def test_registry_rejects_unknown_names_listing_the_valid_ones() -> None:
     with pytest.raises(ValueError, match="valid: minmax, moving_average, histogram_percentile") as e:
         make_observer("histogram")
     assert "sigma" in str(e.value)
+
+
+def test_token_quantile_observer_clips_outlier_tokens():
+    from slimquant.observers import TokenQuantileObserver
+
+    obs = TokenQuantileObserver()
+    x = torch.randn(1000, 8)
+    x[0, 3] = 50.0  # one outlier token
+    obs.update(x[:500])
+    obs.update(x[500:])
+    lo, hi = obs.range()  # quantile 1: plain min-max
+    assert float(hi) == 50.0 and float(lo) == float(x.min())
+    lo99, hi99 = obs.range_at(0.99)
+    assert float(hi99) < 5.0 and float(lo99) > float(x.min())
+    maxs = x.amax(1).double()
+    assert float(hi99) == pytest.approx(float(torch.quantile(maxs, 0.99)), rel=1e-6)
+    with pytest.raises(ValueError, match="quantile"):
+        TokenQuantileObserver(0.0)

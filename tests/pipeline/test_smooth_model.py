@@ -94,3 +94,25 @@ def test_smoothing_needs_data_and_a_known_architecture(llama, mlp):
         slimquant.quantize(mlp, Recipe(weight=W8, input=DYNAMIC, smooth="m1"), calib_data=[torch.randn(2, 64)],
                            show_progress=False)  # fmt: skip
     assert isinstance(mlp[0], torch.nn.Linear)  # nothing was swapped
+
+
+def test_m2_gamma_migration_keeps_the_function_and_sets_norms_to_one(outlier_llama, calib, input_ids):
+    with torch.no_grad():
+        ref = outlier_llama(input_ids).logits
+    rows = smooth_model(outlier_llama, Recipe(weight=W8, input=STATIC, smooth="m2"), calib, show_progress=False)
+    assert [r["prev"].rsplit(".", 1)[1] for r in rows] == ["input_layernorm", "post_attention_layernorm"] * 2
+    for layer in outlier_llama.model.layers:
+        assert torch.equal(layer.input_layernorm.weight, torch.ones_like(layer.input_layernorm.weight))
+    with torch.no_grad():
+        torch.testing.assert_close(outlier_llama(input_ids).logits, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_m2_with_token_clipping_end_to_end(outlier_llama, calib, input_ids, tmp_path):
+    with torch.no_grad():
+        ref = outlier_llama(input_ids).logits
+    recipe = Recipe(weight=W8, input=STATIC, smooth="m2", act_observer="token_clip")
+    slimquant.quantize(outlier_llama, recipe, calib_data=calib, show_progress=False)
+    rules = {r["input_rule"] for r in outlier_llama.slimquant_report.layers}
+    assert rules and all(r.startswith("token_clip ") for r in rules)
+    with torch.no_grad():
+        assert _kl(ref, outlier_llama(input_ids).logits) < 1e-4  # observed 3.9e-5 (no smoothing: 1.3e-4)

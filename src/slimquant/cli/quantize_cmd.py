@@ -72,8 +72,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="static activation ranges: 1 min-max (default), 2 histogram percentile, "
                    "3 auto: per layer the lowest output error among min-max / histogram / histogram-MSE")  # fmt: skip
     p.add_argument("--anti_method", choices=("", "m1", "m2", "m3", "m4", "m5"), default="",
-                   help="outliers before W8A8: m1 SmoothQuant (--smooth_alpha), m4 SmoothQuant with alpha searched "
-                   "per layer group; m2 (Outlier Suppression), m3 (AWQ), m5 (CBQ) are not supported yet")  # fmt: skip
+                   help="outliers before W8A8: m1 SmoothQuant (--smooth_alpha), m2 Outlier Suppression (gamma "
+                   "migration + token-wise clipping of static ranges), m4 SmoothQuant with alpha searched per layer "
+                   "group; m3 (AWQ), m5 (CBQ) are not supported yet")  # fmt: skip
     p.add_argument("--smooth_alpha", type=float, default=None, help="SmoothQuant migration strength for m1 (default 0.5)")
     p.add_argument("--co_sparse", type=str2bool, default=False)
     p.add_argument("--fraction", type=float, default=0.01)
@@ -128,6 +129,8 @@ def recipe_from_args(args: argparse.Namespace) -> Recipe:
         raise SlimquantError("--mm_tensor True (per-tensor weights) conflicts with --group_size; use one of them")
     input_spec, act_observer, sigma = _activation_flags(args)
     smooth, alpha = _smooth_flags(args, input_spec)
+    if smooth == "m2" and input_spec is not None and not input_spec.dynamic and args.act_method is None:
+        act_observer = "token_clip"  # Outlier Suppression = gamma migration + token-wise clipping
     per_tensor = args.mm_tensor if args.mm_tensor is not None else input_spec is not None  # seed: W8A8 default True
     gran = Granularity.PER_GROUP if args.group_size else (Granularity.PER_TENSOR if per_tensor else Granularity.PER_CHANNEL)
     weight = QuantSpec(qt, gran, args.group_size or None, args.w_sym, zero_point=args.w_zero_point)
@@ -151,9 +154,9 @@ def recipe_from_args(args: argparse.Namespace) -> Recipe:
 def _smooth_flags(args: argparse.Namespace, input_spec: QuantSpec | None) -> tuple[str | None, float]:
     """(Recipe.smooth, smooth_alpha) from --anti_method / --do_smooth / --smooth_alpha."""
     method = args.anti_method or ("m1" if args.do_smooth else "")
-    if method in ("m2", "m3", "m5"):
-        what = {"m2": "Outlier Suppression", "m3": "AWQ", "m5": "CBQ"}[method]
-        raise NotSupportedYet(f"--anti_method {method}: {what} is not supported yet; m1 and m4 are")
+    if method in ("m3", "m5"):
+        what = {"m3": "AWQ", "m5": "CBQ"}[method]
+        raise NotSupportedYet(f"--anti_method {method}: {what} is not supported yet; m1, m2 and m4 are")
     if args.smooth_alpha is not None and method != "m1":
         raise SlimquantError("--smooth_alpha sets SmoothQuant m1's strength; add --anti_method m1")
     if method and input_spec is None:

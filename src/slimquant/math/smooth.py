@@ -9,6 +9,13 @@ from __future__ import annotations
 import torch
 
 
+def gamma_migration_scales(gamma: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """Outlier Suppression's gamma migration: ``s = gamma`` (the norm's per-channel weight), so the
+    norm's weight becomes 1 and the following linears absorb it. Near-zero entries get 1."""
+    g = gamma.detach().float()
+    return torch.where(g.abs() > eps, g, torch.ones_like(g))
+
+
 def smoothquant_scales(act_absmax: torch.Tensor, weight_absmax: torch.Tensor, alpha: float, eps: float = 1e-5) -> torch.Tensor:
     """SmoothQuant's ``s_j = max|X_j|^alpha / max|W_j|^(1 - alpha)`` per input channel.
 

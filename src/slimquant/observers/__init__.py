@@ -8,6 +8,7 @@ from slimquant.observers.observers import (
     MovingAverageMinMaxObserver,
     Observer,
     SigmaObserver,
+    TokenQuantileObserver,
     make_observer,
 )
 
@@ -17,6 +18,7 @@ __all__ = [
     "MovingAverageMinMaxObserver",
     "HistogramObserver",
     "SigmaObserver",
+    "TokenQuantileObserver",
     "make_observer",
     "OBSERVERS",
     "HISTOGRAM_METHODS",

@@ -237,6 +237,41 @@ class SigmaObserver(Observer):
         return _unrow(rmin, self.axis).float(), _unrow(rmax, self.axis).float()
 
 
+class TokenQuantileObserver(Observer):
+    """Per-token minima and maxima of every row seen (rows = tokens of ``[..., k]`` inputs).
+
+    ``range()`` is ``(quantile(mins, 1 - q), quantile(maxs, q))`` for ``q = quantile``: Outlier
+    Suppression's token-wise clipping, which lets a few outlier tokens be clipped instead of
+    stretching the range for every token. ``quantile=1`` is plain min-max.
+    """
+
+    def __init__(self, quantile: float = 1.0) -> None:
+        if not 0.0 < quantile <= 1.0:
+            raise ValueError(f"quantile must be in (0, 1], got {quantile}")
+        self.quantile = quantile
+        super().__init__()
+
+    def reset(self) -> None:
+        self._mins: list[torch.Tensor] = []
+        self._maxs: list[torch.Tensor] = []
+
+    def _update(self, x: torch.Tensor) -> None:
+        rows = x.reshape(-1, x.shape[-1]) if x.dim() > 1 else x.reshape(1, -1)
+        lo, hi = torch.aminmax(rows, dim=1)
+        self._mins.append(lo.double())
+        self._maxs.append(hi.double())
+
+    def range_at(self, quantile: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """The range clipping the ``1 - quantile`` most extreme tokens on each side."""
+        if not self._mins:
+            raise RuntimeError("observer has seen no data")
+        mins, maxs = torch.cat(self._mins), torch.cat(self._maxs)
+        return torch.quantile(mins, 1.0 - quantile).float(), torch.quantile(maxs, quantile).float()
+
+    def range(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.range_at(self.quantile)
+
+
 _REGISTRY: Mapping[str, Callable[..., Observer]] = MappingProxyType(
     {
         "minmax": MinMaxObserver,
@@ -245,6 +280,7 @@ _REGISTRY: Mapping[str, Callable[..., Observer]] = MappingProxyType(
         "histogram_mse": lambda **kw: HistogramObserver(method="mse", **kw),
         "histogram_kl": lambda **kw: HistogramObserver(method="kl", **kw),
         "sigma": SigmaObserver,
+        "token_quantile": TokenQuantileObserver,
     }
 )
 OBSERVERS = tuple(_REGISTRY)

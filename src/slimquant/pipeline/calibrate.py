@@ -31,6 +31,7 @@ OBSERVER_KWARGS: dict[str, tuple[str, dict[str, Any]]] = {
     "histogram_kl": ("histogram_kl", {}),
 }
 AUTO_CANDIDATES = ("minmax", "histogram", "histogram_mse")
+TOKEN_QUANTILES = (1.0, 0.9999, 0.999, 0.99, 0.98, 0.95)
 
 
 @dataclass
@@ -68,7 +69,10 @@ def range_observers(act_observer: str, sigma_factor: float | None = None) -> Cal
     rules = AUTO_CANDIDATES if act_observer == "auto" else (act_observer,)
 
     def make() -> dict[str, Any]:
-        out = {rule: make_observer(OBSERVER_KWARGS[rule][0], **OBSERVER_KWARGS[rule][1]) for rule in rules}
+        if act_observer == "token_clip":
+            out = {"token_clip": make_observer("token_quantile")}
+        else:
+            out = {rule: make_observer(OBSERVER_KWARGS[rule][0], **OBSERVER_KWARGS[rule][1]) for rule in rules}
         if sigma_factor:
             out["sigma"] = make_observer("sigma", k=sigma_factor)
         return out
@@ -129,6 +133,22 @@ def run_batches(model: nn.Module, batches: Any, show_progress: bool = True, desc
     return len(items)
 
 
+def _candidate_ranges(name: str, st: InputStats) -> list[tuple[str, float, float]]:
+    out = []
+    try:
+        for rule, obs in st.observers.items():
+            if rule == "sigma":
+                continue
+            if rule == "token_clip":
+                out += [(f"token_clip {q}", *(float(v) for v in obs.range_at(q))) for q in TOKEN_QUANTILES]
+            else:
+                lo, hi = obs.range()
+                out.append((rule, float(lo), float(hi)))
+    except (ValueError, RuntimeError) as e:
+        raise SlimquantError(f"layer {name}: no calibration statistics ({e}); did the calibration data reach it?") from None
+    return out
+
+
 def input_ranges(
     model: nn.Module,
     stats: dict[str, InputStats],
@@ -148,19 +168,12 @@ def input_ranges(
     for name, st in stats.items():
         cands: dict[str, tuple[float, float]] = {}
         sigma = st.observers.get("sigma")
-        for rule, obs in st.observers.items():
-            if rule == "sigma":
-                continue
-            try:
-                lo, hi = obs.range()
-            except (ValueError, RuntimeError) as e:
-                raise SlimquantError(f"layer {name}: no calibration statistics ({e}); did the calibration data reach it?") from None
-            lo, hi = float(lo), float(hi)
+        for rule, lo, hi in _candidate_ranges(name, st):
             if sigma is not None:
                 s_lo, s_hi = sigma.range()
                 lo, hi = max(lo, float(s_lo)), min(hi, float(s_hi))
             cands[rule] = (min(lo, 0.0), max(hi, 0.0))
-        if act_observer == "auto":
+        if act_observer in ("auto", "token_clip"):
             w = model.get_submodule(name).weight.detach()
             rule, lo, hi, errors = choose_input_range(st.sample(), w, weight_deq[name], cands, qt, symmetric)
         else:

@@ -194,13 +194,14 @@ def _calibrate_inputs(
     from slimquant.pipeline.calibrate import input_ranges, observe_inputs, range_observers, run_batches
 
     names = [lp.name for lp in layers]
-    sample_rows = 512 if recipe.act_observer == "auto" else 0
+    searched = recipe.act_observer in ("auto", "token_clip")  # rules that compare output errors on samples
+    sample_rows = 512 if searched else 0
     make = range_observers(recipe.act_observer, recipe.sigma_factor)
     with observe_inputs(model, names, make, sample_rows) as stats:
         n = run_batches(model, calib_data, show_progress)
     log.info("calibrated %d layer input(s) on %d batch(es) with %s", len(names), n, recipe.act_observer)
     specs = {lp.name: lp.spec for lp in layers}
-    deq = {name: dequantize_weight(solved[name], specs[name]) for name in names} if recipe.act_observer == "auto" else {}
+    deq = {name: dequantize_weight(solved[name], specs[name]) for name in names} if searched else {}
     qt = lookup_qtype(recipe.input.qtype)  # type: ignore[union-attr]
     return input_ranges(model, stats, recipe.act_observer, deq, qt, recipe.input.symmetric)  # type: ignore[union-attr]
 

@@ -21,7 +21,7 @@ from slimquant.algorithms.smoothquant import (
     smoothed_output_error,
     weight_absmax_per_input,
 )
-from slimquant.math.smooth import smoothquant_scales
+from slimquant.math.smooth import gamma_migration_scales, smoothquant_scales
 from slimquant.observers import make_observer
 from slimquant.pipeline.calibrate import observe_inputs, run_batches
 from slimquant.types.spec import Recipe
@@ -34,7 +34,9 @@ SAMPLE_ROWS = 512
 
 
 def smooth_model(model: nn.Module, recipe: Recipe, calib_data: Any, show_progress: bool = True) -> list[dict[str, Any]]:
-    """Apply ``recipe.smooth`` (m1 / m4) to the float ``model`` in place; returns one row per group."""
+    """Apply ``recipe.smooth`` (m1 / m2 / m4) to the float ``model`` in place; returns one row per group."""
+    if recipe.smooth == "m2":
+        return _gamma_migration(model)
     groups = smooth_groups(model)
     selected = [(prev, lins) for prev, lins in groups]
     firsts = [lins[0] for _, lins in selected]
@@ -60,6 +62,21 @@ def smooth_model(model: nn.Module, recipe: Recipe, calib_data: Any, show_progres
                      "act_absmax_after": round(float((act_absmax / s).max()) if alpha is not None else float(act_absmax.max()), 4),
                      "errors": errors})  # fmt: skip
     log.info("%s smoothing applied to %d group(s)", recipe.smooth, sum(r["alpha"] is not None for r in rows))
+    return rows
+
+
+def _gamma_migration(model: nn.Module) -> list[dict[str, Any]]:
+    """m2: move every norm's weight into the linears it feeds (groups fed by a linear are left alone)."""
+    rows = []
+    for prev_name, lin_names in smooth_groups(model):
+        prev = model.get_submodule(prev_name)
+        if isinstance(prev, nn.Linear) or not isinstance(getattr(prev, "weight", None), torch.Tensor):
+            continue
+        s = gamma_migration_scales(prev.weight)
+        apply_smoothing(prev, [model.get_submodule(n) for n in lin_names], s)
+        rows.append({"prev": prev_name, "linears": list(lin_names), "alpha": "gamma",
+                     "gamma_absmax": round(float(s.abs().max()), 4)})  # fmt: skip
+    log.info("m2 gamma migration applied to %d norm(s)", len(rows))
     return rows
 
 

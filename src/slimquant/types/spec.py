@@ -95,9 +95,9 @@ class QuantSpec:
 ALGORITHMS = ("rtn",)
 # How a static activation range is chosen from calibration data (msModelSlim act_method 1/2/3 =
 # minmax / histogram / auto). "auto" keeps, per layer, the candidate with the lowest output error.
-SMOOTH_METHODS = ("m1", "m4")
+SMOOTH_METHODS = ("m1", "m2", "m4")
 KV_INT8_DYNAMIC = QuantSpec("int8", Granularity.PER_TOKEN, None, True, dynamic=True)
-ACT_OBSERVERS = ("minmax", "moving_average", "histogram", "histogram_mse", "histogram_kl", "auto")
+ACT_OBSERVERS = ("minmax", "moving_average", "histogram", "histogram_mse", "histogram_kl", "token_clip", "auto")
 
 
 @dataclass(frozen=True)
@@ -119,11 +119,15 @@ class Recipe:
         disable_last_linear: keep the model's output projection (lm_head) in float.
         embedding: spec for nn.Embedding weights (None: embeddings stay float).
         include_conv: quantize Conv2d layers too (for vision models).
-        act_observer: how static input ranges are chosen from calibration data (ACT_OBSERVERS).
+        act_observer: how static input ranges are chosen from calibration data (ACT_OBSERVERS);
+            ``token_clip`` picks, per layer, the quantile of per-token minima/maxima (1 .. 0.95) with
+            the lowest output error.
         sigma_factor: clip static input ranges at mean +- sigma_factor * std (msModelSlim use_sigma).
         smooth: outlier handling before activation quantization (msModelSlim anti_method):
             ``m1`` SmoothQuant with ``smooth_alpha``; ``m4`` SmoothQuant with alpha searched per
-            group on calibration output error (or no smoothing where that is best).
+            group on calibration output error (or no smoothing where that is best); ``m2`` Outlier
+            Suppression's gamma migration (each norm's weight moves into the linears it feeds; pair
+            it with ``act_observer="token_clip"``, its token-wise clipping, for static inputs).
         smooth_alpha: SmoothQuant migration strength for ``m1``.
         overrides: ``(pattern, spec)`` pairs; the first pattern (name, glob or ``re:``) matching a
             layer gives its weight spec instead of ``weight`` (mixed precision, per-layer groups).
