@@ -153,14 +153,16 @@ def input_ranges(
     model: nn.Module,
     stats: dict[str, InputStats],
     act_observer: str,
-    weight_deq: dict[str, torch.Tensor],
+    plans: dict[str, Any],
     qt: Any,
     symmetric: bool,
+    dequantized_weight: Callable[[Any], torch.Tensor] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Final ``{layer: {"rmin", "rmax", "rule", "errors"}}`` from collected statistics.
 
-    ``weight_deq`` maps each layer to its dequantized weight, which the ``auto`` rule needs to
-    measure output errors (the float weight comes from the model).
+    The ``auto`` and ``token_clip`` rules measure output errors with the layer's quantized weight:
+    ``dequantized_weight(plans[layer])`` gives it, one layer at a time (the float weight comes from
+    the model).
     """
     from slimquant.algorithms.activation import choose_input_range
 
@@ -174,8 +176,10 @@ def input_ranges(
                 lo, hi = max(lo, float(s_lo)), min(hi, float(s_hi))
             cands[rule] = (min(lo, 0.0), max(hi, 0.0))
         if act_observer in ("auto", "token_clip"):
+            assert dequantized_weight is not None
             w = model.get_submodule(name).weight.detach()
-            rule, lo, hi, errors = choose_input_range(st.sample(), w, weight_deq[name], cands, qt, symmetric)
+            w_deq = dequantized_weight(plans[name])
+            rule, lo, hi, errors = choose_input_range(st.sample(), w, w_deq, cands, qt, symmetric)
         else:
             rule = act_observer
             (lo, hi), errors = cands[rule], {}

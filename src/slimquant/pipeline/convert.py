@@ -22,8 +22,8 @@ from slimquant.math.qparams import qparams_from_minmax
 from slimquant.math.weights import QuantizedWeight, check_weight_shape, dequantize_weight
 from slimquant.nn.modules import QConv2d, QEmbedding, QLinear, tied_linear
 from slimquant.nn.w8a8 import QLinearW8A8
-from slimquant.types.qtype import qtype as lookup_qtype
 from slimquant.surgery import last_linear_name, select, set_module
+from slimquant.types.qtype import qtype as lookup_qtype
 from slimquant.types.spec import QuantSpec, Recipe
 
 log = logging.getLogger(__name__)
@@ -143,16 +143,15 @@ def convert(
         smooth_groups(model)  # an unknown architecture fails here, before any work
         report.smoothing = smooth_model(model, recipe, calib_data, show_progress)
     w8a8 = recipe.input is not None
-    solved = {lp.name: solver(_weight_2d(model.get_submodule(lp.name)), lp.spec, recipe) for lp in layers}
     ranges: dict[str, dict[str, Any]] = {}
     if w8a8 and not recipe.input.dynamic:  # type: ignore[union-attr]
-        ranges = _calibrate_inputs(model, recipe, [lp for lp in layers if lp.kind == "linear"], solved, calib_data,
-                                   show_progress)  # fmt: skip
+        linears = [lp for lp in layers if lp.kind == "linear"]
+        ranges = _calibrate_inputs(model, recipe, linears, solver, calib_data, show_progress)
 
     for lp in tqdm(layers, desc=f"{recipe.algorithm} {recipe.quant_type}", disable=not show_progress, unit="layer"):
         module = model.get_submodule(lp.name)
         w = _weight_2d(module)
-        qw = solved.pop(lp.name)
+        qw = solver(w, lp.spec, recipe)
         row: dict[str, Any] = {"name": lp.name, "kind": lp.kind, "spec": lp.spec.describe()}
         if w8a8 and lp.kind == "linear":
             qmod = _w8a8_module(module, qw, lp.spec, recipe.input, ranges.get(lp.name))  # type: ignore[arg-type]
@@ -186,11 +185,15 @@ def _calibrate_inputs(
     model: nn.Module,
     recipe: Recipe,
     layers: list[LayerPlan],
-    solved: dict[str, QuantizedWeight],
+    solver: Any,
     calib_data: Any,
     show_progress: bool,
 ) -> dict[str, dict[str, Any]]:
-    """Static input ranges of the linear ``layers``, observed on the float model."""
+    """Static input ranges of the linear ``layers``, observed on the float model.
+
+    Rules that compare output errors (auto, token_clip) measure them with the quantized weights
+    the layers will get (solved here once more, one layer at a time).
+    """
     from slimquant.pipeline.calibrate import input_ranges, observe_inputs, range_observers, run_batches
 
     names = [lp.name for lp in layers]
@@ -200,10 +203,13 @@ def _calibrate_inputs(
     with observe_inputs(model, names, make, sample_rows) as stats:
         n = run_batches(model, calib_data, show_progress)
     log.info("calibrated %d layer input(s) on %d batch(es) with %s", len(names), n, recipe.act_observer)
-    specs = {lp.name: lp.spec for lp in layers}
-    deq = {name: dequantize_weight(solved[name], specs[name]) for name in names} if searched else {}
     qt = lookup_qtype(recipe.input.qtype)  # type: ignore[union-attr]
-    return input_ranges(model, stats, recipe.act_observer, deq, qt, recipe.input.symmetric)  # type: ignore[union-attr]
+
+    def deq(lp: LayerPlan) -> torch.Tensor:
+        return dequantize_weight(solver(_weight_2d(model.get_submodule(lp.name)), lp.spec, recipe), lp.spec)
+
+    return input_ranges(model, stats, recipe.act_observer, {lp.name: lp for lp in layers} if searched else {},
+                        qt, recipe.input.symmetric, deq)  # type: ignore[union-attr]  # fmt: skip
 
 
 def _w8a8_module(
