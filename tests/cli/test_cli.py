@@ -463,6 +463,8 @@ def test_eval_missing_text_file(capsys, llama_dir, tmp_path):
         (["--a_bit", "8", "--anti_method", "m5"], "--anti_method m5", "not supported yet"),
         (["--a_bit", "8", "--anti_method", "m3"], "--anti_method m3", "not supported yet"),
         (["--use_fa_quant", "True"], "--use_fa_quant", "not supported yet"),
+        (["--tokenizer_args", '{"padding_side": "left"}'], "--tokenizer_args", "not supported yet"),
+        (["--input_ids_name", "ids"], "--input_ids_name", "not supported yet"),
         (["--co_sparse", "true"], "--co_sparse", "not supported yet"),
         (["--device_type", "npu"], "--device_type npu", "Ascend"),
     ],
