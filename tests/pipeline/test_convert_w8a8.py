@@ -145,3 +145,15 @@ def test_manifest_records_the_input_spec(llama, calib, tmp_path):
     entry = read_manifest(tmp_path / "m")["layers"]["model.layers.0.mlp.up_proj"]
     assert entry["module"] == "QLinearW8A8"
     assert QuantSpec.from_dict(entry["args"]["input_spec"]) == STATIC
+
+
+def test_input_sample_is_uniform_over_all_batches():
+    from slimquant.pipeline.calibrate import InputStats
+
+    st = InputStats({}, sample_rows=500)
+    g = torch.Generator().manual_seed(0)
+    for b in range(10):
+        st.update(torch.full((1, 250, 4), float(b)), g)
+    counts = torch.bincount(st.sample()[:, 0].long(), minlength=10)
+    assert st.sample().shape == (500, 4)
+    assert int(counts.min()) > 25 and int(counts.max()) < 80  # 50 expected from each batch

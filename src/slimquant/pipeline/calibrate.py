@@ -40,27 +40,25 @@ class InputStats:
 
     observers: dict[str, Any]
     sample_rows: int = 0
-    samples: list[torch.Tensor] = field(default_factory=list)
-    seen_rows: int = 0
+    _rows: torch.Tensor | None = None
+    _keys: torch.Tensor | None = None
 
     def update(self, x: torch.Tensor, generator: torch.Generator) -> None:
         x = x.detach().reshape(-1, x.shape[-1])
         for obs in self.observers.values():
             obs.update(x)
         if self.sample_rows:
-            # Keep a uniform sample of rows across batches (reservoir sampling, batch at a time).
-            take = min(len(x), self.sample_rows)
-            idx = torch.randperm(len(x), generator=generator)[:take]
-            self.samples.append(x[idx].float().cpu())
-            self.seen_rows += len(x)
-            pool = torch.cat(self.samples)
-            if len(pool) > self.sample_rows:
-                keep = torch.randperm(len(pool), generator=generator)[: self.sample_rows]
-                pool = pool[keep]
-            self.samples = [pool]
+            # Uniform sample without replacement over all rows seen: every row draws a random key and
+            # the rows with the smallest keys are kept.
+            keys = torch.rand(len(x), generator=generator)
+            rows = x.float().cpu()
+            if self._rows is not None and self._keys is not None:
+                keys, rows = torch.cat([self._keys, keys]), torch.cat([self._rows, rows])
+            keep = torch.argsort(keys)[: self.sample_rows]
+            self._keys, self._rows = keys[keep], rows[keep]
 
     def sample(self) -> torch.Tensor:
-        return torch.cat(self.samples) if self.samples else torch.empty(0)
+        return self._rows if self._rows is not None else torch.empty(0)
 
 
 def range_observers(act_observer: str, sigma_factor: float | None = None) -> Callable[[], dict[str, Any]]:
