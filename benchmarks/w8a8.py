@@ -32,24 +32,18 @@ CALIB_SEQ_LEN = 256
 # name -> settings. kind: float | ours | quanto
 LLM_CONFIGS: dict[str, dict] = {
     "float32": {"kind": "float"},
-    "W8A8 static, per-tensor weights (msModelSlim default)": {"kind": "ours", "wgran": "per_tensor"},
     "W8A8 static": {"kind": "ours"},
-    "W8A8 static, act_method 3 (auto)": {"kind": "ours", "act": "auto"},
     "W8A8 static + m1": {"kind": "ours", "smooth": "m1"},
     "W8A8 static + m2 (token clipping)": {"kind": "ours", "smooth": "m2", "act": "token_clip"},
     "W8A8 static + m4": {"kind": "ours", "smooth": "m4"},
-    "W8A8 static + m4, act_method 3": {"kind": "ours", "smooth": "m4", "act": "auto"},
     "W8A8 dynamic": {"kind": "ours", "dynamic": True},
     "W8A8 dynamic + m1": {"kind": "ours", "dynamic": True, "smooth": "m1"},
-    "W8A8 dynamic + m4": {"kind": "ours", "dynamic": True, "smooth": "m4"},
-    "W8A8 dynamic + m1 + KV int8": {"kind": "ours", "dynamic": True, "smooth": "m1", "kv": True},
     "KV int8 only (float weights)": {"kind": "ours", "kv_only": True},
     "quanto W8A8 (qint8 weights + activations, calibrated)": {"kind": "quanto"},
 }
 ENC_CONFIGS: dict[str, dict] = {
     "float32": {"kind": "float"},
     "W8A8 static": {"kind": "ours"},
-    "W8A8 static + m4, act_method 3": {"kind": "ours", "smooth": "m4", "act": "auto"},
     "W8A8 dynamic": {"kind": "ours", "dynamic": True},
     "quanto W8A8 (qint8 weights + activations, calibrated)": {"kind": "quanto"},
 }
