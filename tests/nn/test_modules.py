@@ -51,6 +51,22 @@ def test_qlinear_forward_is_f_linear_on_the_dequantized_weight(spec: QuantSpec, 
     assert not torch.equal(y, lin(x))
 
 
+@pytest.mark.parametrize("spec", LINEAR_SPECS + [QuantSpec("int8", PC, symmetric=False, zero_point="float"),
+                                                 QuantSpec("int8", PT)], ids=lambda s: s.describe())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_qlinear_fast_and_reference_kernels_give_the_same_bits(spec: QuantSpec, dtype: torch.dtype) -> None:
+    _, q, _ = _qlinear(spec)
+    q = q.to(dtype)
+    x = torch.randn(2, 7, 64, dtype=dtype)
+    q.kernel = "reference"
+    ref = q(x)
+    q.kernel = "fast"
+    assert torch.equal(q(x), ref)
+    q.kernel = "nope"
+    with pytest.raises(Exception, match="unknown QLinear kernel 'nope'"):
+        q(x)
+
+
 def test_qlinear_int8_is_close_to_float() -> None:
     lin, q, _ = _qlinear(QuantSpec("int8", PC))
     x = torch.randn(16, 64)

@@ -2,7 +2,10 @@
 
 Real classes (no patched ``forward``). Their state dict is the checkpoint layout of
 :mod:`slimquant.kernels.weight_only`: ``weight``, ``weight_scale``, ``weight_offset`` and ``bias``.
-The forward is the reference path: dequantize the weight to the input's dtype, then the float op.
+The forward dequantizes the weight to the input's dtype, then runs the float op. ``QLinear.kernel``
+(``"fast"``, the default, or ``"reference"``) picks how: ``"fast"`` dequantizes unpacked integer
+per-channel / per-tensor weights in place on one float32 copy, the same float32 operations as the
+reference, so both give the same bits.
 """
 
 from __future__ import annotations
@@ -13,10 +16,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from slimquant.errors import SlimquantError
 from slimquant.kernels.weight_only import dequantize_stored_weight, stored_weight_layout, to_stored
 from slimquant.math.weights import QuantizedWeight
 from slimquant.types.qtype import qtype as lookup_qtype
-from slimquant.types.spec import QuantSpec
+from slimquant.types.spec import Granularity, QuantSpec
 
 
 _DTYPES = {str(d).removeprefix("torch."): d for d in (torch.float32, torch.float16, torch.bfloat16, torch.float64)}
@@ -118,6 +122,7 @@ class QLinear(_QWeight):
     ) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
+        self.kernel = "fast"
         self._init_storage(out_features, in_features, spec, bias, dtype, device)
 
     @classmethod
@@ -137,7 +142,28 @@ class QLinear(_QWeight):
         return cls(args["in_features"], args["out_features"], spec, bias, dtype, "meta")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.dequantized_weight(x.dtype), self.bias)
+        if self.kernel == "reference":
+            return F.linear(x, self.dequantized_weight(x.dtype), self.bias)
+        if self.kernel != "fast":
+            raise SlimquantError(f"unknown QLinear kernel {self.kernel!r}; valid: fast, reference")
+        return F.linear(x, self._fused_dequantized_weight(x.dtype), self.bias)
+
+    def _fused_dequantized_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """:meth:`dequantized_weight` bit for bit, with fewer passes over the ``[n, k]`` weight.
+
+        The reference allocates three full-size float32 tensors (``q.float()``, ``+ offset``, ``* scale``)
+        per call, which at one token per call costs several times the matmul. Here the offset and scale are
+        applied in place on ``q.float()``, the same float32 operations in the same order; symmetric specs
+        store zero offsets (``to_stored``), and adding a zero to an integer-valued float is exact, so they
+        skip it. Packed, fp8 and per-group weights take the reference.
+        """
+        spec, qt = self.spec, lookup_qtype(self.spec.qtype)
+        if qt.packed or qt.is_float or spec.granularity is Granularity.PER_GROUP:  # fp8 does not promote
+            return self.dequantized_weight(dtype)
+        w = self.weight.float()  # the one fresh [n, k] tensor; the rest is in place
+        if self.weight_offset is not None and not spec.symmetric:
+            w.add_(self.weight_offset)
+        return w.mul_(self.weight_scale).to(dtype)  # scale [n, 1] or [1, 1]
 
 
 class QConv2d(_QWeight):

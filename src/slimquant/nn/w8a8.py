@@ -130,12 +130,13 @@ class QLinearW8A8(QModule):
         return (self.weight.float() * self.weight_scale_vector()[:, None]).to(dtype or self.compute_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Tensors go to the kernels as stored: weight_scale [n, 1] (the kernel views it as [n]) and the
+        # 1-element input_scale / input_offset (no float()/int() host reads per call; same values).
         if self.input_spec.dynamic:
             op = k8.get_kernel("linear_w8a8_dynamic", self.kernel)
-            return op(x, self.weight, self.weight_scale[:, 0], self.bias)
+            return op(x, self.weight, self.weight_scale, self.bias)
         op = k8.get_kernel("linear_w8a8_static", self.kernel)
-        return op(x, float(self.input_scale.float()), int(self.input_offset.float()), self.weight,
-                  self.float_deq_scale(), self.quant_bias)  # fmt: skip
+        return op(x, self.input_scale, self.input_offset, self.weight, self.float_deq_scale(), self.quant_bias)
 
     # -- checkpoint codec ----------------------------------------------------------------------
     def manifest_args(self) -> dict[str, Any]:
