@@ -36,9 +36,17 @@ LLM_CONFIGS: dict[str, dict] = {
     "W8A8 static + m1": {"kind": "ours", "smooth": "m1"},
     "W8A8 static + m2 (token clipping)": {"kind": "ours", "smooth": "m2", "act": "token_clip"},
     "W8A8 static + m4": {"kind": "ours", "smooth": "m4"},
+    "W8A8 static, act_method 3": {"kind": "ours", "act": "auto"},
+    "W8A8 static + m4, act_method 3": {"kind": "ours", "smooth": "m4", "act": "auto"},
     "W8A8 dynamic": {"kind": "ours", "dynamic": True},
     "W8A8 dynamic + m1": {"kind": "ours", "dynamic": True, "smooth": "m1"},
-    "KV int8 only (float weights)": {"kind": "ours", "kv_only": True},
+    "fp8 W8A8 static (e4m3 weights + inputs)": {"kind": "ours", "fp8": True},
+    "fp8 W8A8 dynamic (e4m3 weights + inputs)": {"kind": "ours", "fp8": True, "dynamic": True},
+    "KV int8 per token, dynamic (float weights)": {"kind": "ours", "kv_only": True},
+    "KV int8 per channel, static C8 (float weights)": {"kind": "ours", "kv_only": True, "kv_static": True},
+    "attention Q/K/V int8 only (fa_quant, float weights)": {"kind": "ours", "fa_only": True},
+    "attention Q/K/V int8, fa_amp 3 (float weights)": {"kind": "ours", "fa_only": True, "fa_amp": 3},
+    "W8A8 dynamic + m1 + KV int8 + attention int8": {"kind": "ours", "dynamic": True, "smooth": "m1", "kv": True, "fa": True},
     "quanto W8A8 (qint8 weights + activations, calibrated)": {"kind": "quanto"},
 }
 ENC_CONFIGS: dict[str, dict] = {
@@ -60,15 +68,40 @@ def calibration(tokenizer) -> torch.Tensor:
 def recipe_for(cfg: dict):
     from slimquant import QuantSpec, Recipe
 
+    from slimquant.types.spec import FA_INT8_PER_HEAD
+
     kv = QuantSpec("int8", "per_token", dynamic=True) if cfg.get("kv") or cfg.get("kv_only") else None
+    if kv is not None and cfg.get("kv_static"):
+        kv = QuantSpec("int8", "per_channel")
+    fa = FA_INT8_PER_HEAD if cfg.get("fa") or cfg.get("fa_only") else None
     if cfg.get("kv_only"):
         return Recipe(weight=None, kv=kv)
-    weight = QuantSpec("int8", cfg.get("wgran", "per_channel"))
+    if cfg.get("fa_only"):
+        return Recipe(weight=None, fa=fa, fa_amp=cfg.get("fa_amp", 0))
+    qt = "fp8_e4m3" if cfg.get("fp8") else "int8"
+    weight = QuantSpec(qt, cfg.get("wgran", "per_channel"))
     if cfg.get("dynamic"):
-        inp = QuantSpec("int8", "per_token", dynamic=True)
+        inp = QuantSpec(qt, "per_token", dynamic=True)
     else:
-        inp = QuantSpec("int8", "per_tensor", symmetric=False)
-    return Recipe(weight=weight, input=inp, act_observer=cfg.get("act", "minmax"), smooth=cfg.get("smooth"), kv=kv)
+        inp = QuantSpec(qt, "per_tensor", symmetric=qt != "int8")
+    return Recipe(weight=weight, input=inp, act_observer=cfg.get("act", "minmax"), smooth=cfg.get("smooth"), kv=kv, fa=fa)
+
+
+def kv_bytes_per_token(model, window: torch.Tensor) -> float:
+    """Bytes the model's KV cache holds per token after one prefill of ``window`` (its int8 cache when the
+    recipe quantizes it, else transformers' float DynamicCache)."""
+    import slimquant as sq
+    from transformers import DynamicCache
+
+    cache = sq.kv_cache(model) if getattr(model, "slimquant_recipe", None) is not None else None
+    cache = cache if cache is not None else DynamicCache()
+    with torch.no_grad():
+        model(window, past_key_values=cache, use_cache=True)
+    if hasattr(cache, "nbytes"):
+        total = cache.nbytes()
+    else:
+        total = sum(t.numel() * t.element_size() for lay in cache.layers for t in (lay.keys, lay.values))
+    return total / window.shape[1]
 
 
 def child_main(args: argparse.Namespace) -> None:
@@ -101,6 +134,7 @@ def child_main(args: argparse.Namespace) -> None:
             res.update(extra)
         t0 = time.perf_counter()
         if args.model == wo.LLM:
+            res["kv_bytes_per_token"] = kv_bytes_per_token(model, wo.eval_windows(tok, 1)[:1])
             res.update(wo.eval_llm(model, wo.eval_windows(tok, args.windows), Path(args.ref)))
         else:
             res.update(wo.eval_encoder(model, tok, wo.eval_sentences(), Path(args.ref)))
@@ -110,11 +144,14 @@ def child_main(args: argparse.Namespace) -> None:
 
 def fmt_llm(rows: dict[str, dict]) -> str:
     f = rows["float32"]
-    out = ["| config | perplexity | vs float | KL/token | top-1 | quantize s | ckpt MiB | vs fp32 |", "|---|---|---|---|---|---|---|---|"]
+    out = ["| config | perplexity | vs float | KL/token | top-1 | quantize s | ckpt MiB | vs fp32 | KV cache bytes/token |",
+           "|---|---|---|---|---|---|---|---|---|"]
     for name, r in rows.items():
+        kv, kv_float = r.get("kv_bytes_per_token"), f.get("kv_bytes_per_token")
+        kv_cell = "-" if kv is None or not kv_float else f"{kv:.0f} ({kv / kv_float:.3f}x)"
         out.append(f"| {name} | {r['perplexity']:.3f} | {r['perplexity'] / f['perplexity'] - 1:+.2%} | {r['kl']:.5f} | "
                    f"{r['top1']:.4f} | {r['quantize_s']:.1f} | {r['ckpt_bytes'] / 2**20:.1f} | "
-                   f"{r['ckpt_bytes'] / f['ckpt_bytes']:.3f}x |")  # fmt: skip
+                   f"{r['ckpt_bytes'] / f['ckpt_bytes']:.3f}x | {kv_cell} |")  # fmt: skip
     return "\n".join(out)
 
 
@@ -184,8 +221,12 @@ def main() -> None:
         "symmetric per channel unless noted; static = per-tensor asymmetric input ranges from calibration (min-max unless "
         "act_method 3), dynamic = per-token symmetric. m1 = SmoothQuant alpha 0.5; m4 = alpha searched per group among "
         "0.3..0.9 or none; m2 = norm weights migrated into the linears + token-wise clipping (per layer the quantile "
-        "1..0.95 of per-token min/max with the lowest output error). KV int8: keys and values int8 per token and head (dynamic), used in every eval forward so "
-        "attention within the window reads the quantized cache. lm_head stays float in every row (quanto: excluded). Every row is measured on the checkpoint "
+        "1..0.95 of per-token min/max with the lowest output error). fp8: e4m3 weights per channel and e4m3 inputs "
+        "(static: one symmetric calibrated scale, max|x|/448; dynamic: per token). KV int8: keys and values int8 per token and head (dynamic) or with static scales per (head, "
+        "channel) calibrated on the calibration windows (C8), used in every eval forward so attention within the window "
+        "reads the quantized cache. Attention int8: Q, K, V int8 with a static scale per head "
+        "calibrated on the same windows (simulated: SDPA on the dequantized values); fa_amp 3 leaves the 3 attention layers "
+        "with the largest calibration output error float. lm_head stays float in every row (quanto: excluded). Every row is measured on the checkpoint "
         "reloaded from disk.",
         "",
         fmt_llm(llm),

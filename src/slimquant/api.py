@@ -22,15 +22,14 @@ def quantize(model: nn.Module, recipe: Recipe | None = None, calib_data: Any = N
     """Quantize ``model`` in place with ``recipe`` (default: W8A16 per-channel RTN) and return it.
 
     The per-layer report is attached as ``model.slimquant_report`` (:class:`ConversionReport`).
-    ``calib_data``: what static activation quantization and smoothing calibrate on: a ``[N, L]`` tensor of token
+    ``calib_data``: what static activation quantization, smoothing and attention quantization calibrate on: a ``[N, L]`` tensor of token
     windows (see :func:`slimquant.data.calibration_data`) or an iterable of model inputs (tensors,
     dicts of keyword arguments, or tuples). Weight-only RTN is data-free and does not use it.
     """
     recipe = recipe or Recipe()
     if getattr(model, "slimquant_recipe", None) is not None:
         raise SlimquantError("model is already quantized by slimquant; start from the float model")
-    needs_data = (recipe.input is not None and not recipe.input.dynamic) or recipe.smooth is not None
-    if calib_data is not None and not needs_data:
+    if calib_data is not None and not recipe.needs_calibration:
         log.info("calib_data is not used: %s is data-free", recipe.quant_type)
         calib_data = None
     report: ConversionReport = convert(model, recipe, show_progress=show_progress, calib_data=calib_data)

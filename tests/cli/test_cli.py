@@ -257,11 +257,31 @@ def test_w8a8_static_generates_its_own_calibration_text(capsys, llama_dir, outs,
     assert "generated from the model itself" in caplog.text
 
 
-def test_use_kvcache_quant_records_the_kv_spec(capsys, llama_dir, outs):
-    rc, _, _ = run(capsys, "quantize", "--model_path", llama_dir, "--save_directory", outs / "kv", "--use_kvcache_quant", "True")
+def test_use_kvcache_quant_dynamic_records_the_kv_spec(capsys, llama_dir, outs):
+    rc, _, _ = run(capsys, "quantize", "--model_path", llama_dir, "--save_directory", outs / "kv", "--use_kvcache_quant", "True",
+                   "--kv_dynamic", "True")  # fmt: skip
     assert rc == 0
     recipe = Recipe.from_dict(read_manifest(outs / "kv")["recipe"])
     assert recipe.kv == QuantSpec("int8", Granularity.PER_TOKEN, dynamic=True)
+
+
+def test_use_kvcache_quant_is_static_c8_by_default(capsys, llama_dir, outs, text_file):
+    rc, stdout, _ = run(capsys, "quantize", "--model_path", llama_dir, "--save_directory", outs / "kv", "--use_kvcache_quant",
+                        "True", "--calib_file", text_file, "--calib_size", "2", "--calib_seq_len", "16")  # fmt: skip
+    assert rc == 0 and "KV cache: int8 with static per-channel scales in 2 layer(s)" in stdout
+    assert Recipe.from_dict(read_manifest(outs / "kv")["recipe"]).kv == QuantSpec("int8", Granularity.PER_CHANNEL)
+    desc = json.loads((outs / "kv" / "quant_model_description_w8a16.json").read_text())
+    assert desc["kv_quant_type"] == "C8" and desc["model.layers.0.self_attn.k_proj.kv_cache_scale"] == "C8"
+
+
+def test_use_fa_quant_with_fa_amp(capsys, llama_dir, outs, text_file):
+    rc, stdout, _ = run(capsys, "quantize", "--model_path", llama_dir, "--save_directory", outs / "fa", "--use_fa_quant",
+                        "True", "--fa_amp", "1", "--calib_file", text_file, "--calib_size", "2", "--calib_seq_len", "16")  # fmt: skip
+    assert rc == 0 and "attention Q/K/V int8 per head in 1 layer(s); float (fa_amp): model.layers." in stdout
+    manifest = read_manifest(outs / "fa")
+    assert len(manifest["attention"]["modules"]) == 1 and Recipe.from_dict(manifest["recipe"]).fa_amp == 1
+    desc = json.loads((outs / "fa" / "quant_model_description_w8a16.json").read_text())
+    assert desc["fa_quant_type"] == "FAQuant"
 
 
 def test_seed_example_dynamic_m1_runs(capsys, llama_dir, outs, text_file):
@@ -462,7 +482,9 @@ def test_eval_missing_text_file(capsys, llama_dir, tmp_path):
     [
         (["--a_bit", "8", "--anti_method", "m5"], "--anti_method m5", "not supported yet"),
         (["--a_bit", "8", "--anti_method", "m3"], "--anti_method m3", "not supported yet"),
-        (["--use_fa_quant", "True"], "--use_fa_quant", "not supported yet"),
+        (["--fa_amp", "1"], "--fa_amp", "needs --use_fa_quant True"),
+        (["--kv_dynamic", "True"], "--kv_dynamic", "needs --use_kvcache_quant True"),
+        (["--use_fa_quant", "True", "--fa_amp", "-1"], "--fa_amp -1", "positive"),
         (["--tokenizer_args", '{"padding_side": "left"}'], "--tokenizer_args", "not supported yet"),
         (["--input_ids_name", "ids"], "--input_ids_name", "not supported yet"),
         (["--co_sparse", "true"], "--co_sparse", "not supported yet"),

@@ -5,14 +5,16 @@ from __future__ import annotations
 import dataclasses
 import json
 
+import pytest
 import torch
 
 import slimquant
 from slimquant import Granularity, QuantSpec, Recipe
 from slimquant.eval.lm import evaluate_lm
-from slimquant.nn.kv_cache import Int8KVCache, dequantize_kv, quantize_kv
+from slimquant.nn.kv_cache import Int8KVCache, StaticInt8KVLayer, dequantize_kv, quantize_kv, quantize_kv_static, static_kv_scales
 
 KV = QuantSpec("int8", Granularity.PER_TOKEN, dynamic=True)
+KV_STATIC = QuantSpec("int8", Granularity.PER_CHANNEL)
 
 
 def test_quantize_kv_is_per_token_and_head():
@@ -66,3 +68,62 @@ def test_recipe_kv_reaches_eval_and_survives_save_load(llama, tokenizer, eval_te
 def test_no_kv_recipe_no_cache(llama):
     slimquant.quantize(llama, Recipe(), show_progress=False)
     assert slimquant.kv_cache(llama) is None
+
+
+# -- static per-channel scales (C8) ------------------------------------------------------------------
+
+
+@pytest.fixture
+def calib(tokenizer, eval_text) -> torch.Tensor:
+    from slimquant.data import calibration_windows
+
+    return calibration_windows(tokenizer, eval_text.split("\n"), 4, 16)
+
+
+def test_static_kv_cache_calibrates_per_channel_and_round_trips(llama, calib, input_ids, tmp_path):
+    with torch.no_grad():
+        ref = llama(input_ids).logits
+    slimquant.quantize(llama, Recipe(weight=None, kv=KV_STATIC), calib_data=calib, show_progress=False)
+    k = llama.model.layers[0].self_attn.k_proj
+    assert k.kv_cache_scale.shape == (2 * 16,) and k.kv_cache_offset.abs().sum() == 0  # 2 kv heads x head_dim 16
+    scales = static_kv_scales(llama)
+    assert len(scales) == 2 and scales[0][0].shape == (1, 2, 1, 16)
+    cache = slimquant.kv_cache(llama)
+    with torch.no_grad():
+        out = llama(input_ids, past_key_values=cache, use_cache=True).logits
+    layer = cache.layers[0]
+    assert isinstance(layer, StaticInt8KVLayer) and layer.keys.dtype == torch.int8
+    assert cache.nbytes() == sum(2 * lay.keys.numel() for lay in cache.layers)  # 1 byte per element, no scales
+    assert not torch.equal(out, ref) and float((out - ref).abs().max()) < 0.05
+    slimquant.save(llama, tmp_path / "q")
+    desc = json.loads((tmp_path / "q" / "quant_model_description_float.json").read_text())
+    assert desc["kv_quant_type"] == "C8" and desc["model.layers.1.self_attn.v_proj.kv_cache_offset"] == "C8"
+    loaded = slimquant.load(tmp_path / "q")
+    with torch.no_grad():
+        again = loaded(input_ids, past_key_values=slimquant.kv_cache(loaded), use_cache=True).logits
+    assert torch.equal(again, out)
+
+
+def test_static_kv_values_outside_the_calibrated_range_clamp(llama, calib):
+    slimquant.quantize(llama, Recipe(weight=None, kv=KV_STATIC), calib_data=calib, show_progress=False)
+    k_scale, _ = static_kv_scales(llama)[0]
+    x = torch.randn(1, 2, 3, 16) * 1e3
+    q = quantize_kv_static(x, k_scale)
+    assert q.dtype == torch.int8 and int(q.abs().max()) in (127, 128)
+
+
+def test_static_kv_with_w8a16_generates(llama, calib, input_ids):
+    slimquant.quantize(llama, Recipe(kv=KV_STATIC), calib_data=calib, show_progress=False)
+    out = llama.generate(input_ids[:1, :4], max_new_tokens=5, min_new_tokens=5, do_sample=False,
+                         past_key_values=slimquant.kv_cache(llama))  # fmt: skip
+    assert out.shape == (1, 9)
+
+
+def test_static_kv_needs_data_and_k_v_projections(llama, factories):
+    with pytest.raises(slimquant.errors.SlimquantError, match="needs calibration data"):
+        slimquant.quantize(llama, Recipe(kv=KV_STATIC))
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=50)).eval()
+    with pytest.raises(slimquant.errors.SlimquantError, match="k_proj/v_proj"):
+        slimquant.quantize(gpt2, Recipe(kv=KV_STATIC), calib_data=torch.randint(0, 50, (2, 8)), show_progress=False)

@@ -12,7 +12,7 @@ from torch import nn
 import slimquant.nn.modules as modules_mod
 from slimquant.kernels import stored_weight_layout
 from slimquant.math import dequantize_weight, quantize_weight, sqnr_db
-from slimquant.nn import QMODULES, QConv2d, QEmbedding, QLinear, QLinearW8A8, tied_linear
+from slimquant.nn import QMODULES, QConv2d, QEmbedding, QLinear, QLinearFP8, QLinearW8A8, tied_linear
 from slimquant.types import Granularity, QuantSpec
 
 PT, PC, PG = Granularity.PER_TENSOR, Granularity.PER_CHANNEL, Granularity.PER_GROUP
@@ -116,7 +116,8 @@ def test_qlinear_keeps_the_float_dtype_and_computes_in_the_input_dtype() -> None
 def test_extra_repr_and_registry() -> None:
     _, q, _ = _qlinear(QuantSpec("int4", PG, 32))
     assert repr(q) == "QLinear(64, 24, spec=int4 g32 sym, bias=True)"
-    assert QMODULES == {"QLinear": QLinear, "QConv2d": QConv2d, "QEmbedding": QEmbedding, "QLinearW8A8": QLinearW8A8}
+    assert QMODULES == {"QLinear": QLinear, "QConv2d": QConv2d, "QEmbedding": QEmbedding, "QLinearW8A8": QLinearW8A8,
+                        "QLinearFP8": QLinearFP8}  # fmt: skip
 
 
 # -- QConv2d --------------------------------------------------------------------------------------

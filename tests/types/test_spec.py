@@ -102,14 +102,16 @@ def test_describe(spec: QuantSpec, label: str) -> None:
 # -- Recipe validation ----------------------------------------------------------------------------
 
 
-def test_output_role_and_static_kv_are_not_supported_yet() -> None:
+def test_output_role_and_other_kv_specs_are_not_supported_yet() -> None:
     with pytest.raises(NotSupportedYet, match="output quantization is not supported yet"):
         Recipe(output=QuantSpec("int8", Granularity.PER_TOKEN, dynamic=True))
-    with pytest.raises(NotSupportedYet, match="kv int8 per-channel sym is not supported yet"):
-        Recipe(kv=QuantSpec("int8", Granularity.PER_CHANNEL))
+    with pytest.raises(NotSupportedYet, match="kv int8 per-tensor sym is not supported yet"):
+        Recipe(kv=QuantSpec("int8", Granularity.PER_TENSOR))
+    with pytest.raises(NotSupportedYet, match="kv int4 per-channel sym is not supported yet"):
+        Recipe(kv=QuantSpec("int4", Granularity.PER_CHANNEL))
     assert issubclass(NotSupportedYet, SlimquantError)
-    kv = QuantSpec("int8", Granularity.PER_TOKEN, dynamic=True)
-    assert Recipe.from_json(Recipe(kv=kv).to_json()).kv == kv
+    for kv in (QuantSpec("int8", Granularity.PER_TOKEN, dynamic=True), QuantSpec("int8", Granularity.PER_CHANNEL)):
+        assert Recipe.from_json(Recipe(kv=kv).to_json()).kv == kv
 
 
 W8 = QuantSpec("int8", Granularity.PER_CHANNEL)

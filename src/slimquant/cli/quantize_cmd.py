@@ -9,7 +9,7 @@ import time
 from slimquant.cli.args import positive_float, positive_int, str2bool
 from slimquant.errors import NotSupportedYet, SlimquantError
 from slimquant.types import Granularity, QuantSpec, Recipe, int_qtype_for_bits
-from slimquant.types.spec import KV_INT8_DYNAMIC
+from slimquant.types.spec import FA_INT8_PER_HEAD, KV_INT8_DYNAMIC, KV_INT8_STATIC
 
 log = logging.getLogger("slimquant.cli")
 
@@ -22,8 +22,6 @@ _LATER = {
     "tp_size": (1, "lccl reduce quantization"),
     "is_lowbit": (False, "lowbit sparse quantization"),
     "open_outlier": (True, "lowbit sparse quantization"),
-    "use_fa_quant": (False, "attention quantization"),
-    "fa_amp": (0, "attention quantization"),
     "tokenizer_args": ("{}", "custom tokenizer arguments for calibration"),
     "input_ids_name": ("input_ids", "renaming the calibration inputs"),
     "attention_mask_name": ("attention_mask", "renaming the calibration inputs"),
@@ -95,10 +93,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="W8A8 weights: True per-tensor (msModelSlim's default), False per-channel; "
                    "with a_bit 16 True makes per-channel weights per-tensor")  # fmt: skip
     p.add_argument("--use_kvcache_quant", type=str2bool, default=False,
-                   help="int8 KV cache (per token and head, dynamic): recorded in the recipe; slimquant.kv_cache(model) "
-                   "builds the cache for generate/eval")  # fmt: skip
-    p.add_argument("--use_fa_quant", type=str2bool, default=False)
-    p.add_argument("--fa_amp", type=int, default=0)
+                   help="int8 KV cache (msModelSlim C8): static scales per head and channel calibrated on "
+                   "--calib_file/--calib_texts (or generated text); with --kv_dynamic True, per-token scales computed "
+                   "as tokens arrive (no calibration). Used by slimquant eval and slimquant.kv_cache(model)")  # fmt: skip
+    p.add_argument("--kv_dynamic", type=str2bool, default=False,
+                   help="with --use_kvcache_quant: dynamic per-token KV scales instead of static per-channel ones")  # fmt: skip
+    p.add_argument("--use_fa_quant", type=str2bool, default=False,
+                   help="quantize attention inputs Q, K, V to int8 with static per-head scales (calibrated)")  # fmt: skip
+    p.add_argument("--fa_amp", type=int, default=0,
+                   help="with --use_fa_quant: this many attention layers (the most sensitive) stay float")  # fmt: skip
     p.add_argument("--is_dynamic", type=str2bool, default=False,
                    help="W8A8 with per-token activation scales computed at run time (needs --a_bit 8)")  # fmt: skip
     p.set_defaults(func=run)
@@ -116,7 +119,7 @@ def recipe_from_args(args: argparse.Namespace) -> Recipe:
                     "w_zero_point": "int", "embedding_bit": 16, "disable_names": [], "disable_last_linear": True,
                     "act_method": None, "use_sigma": False, "sigma_factor": None, "mm_tensor": None,
                     "is_dynamic": False, "anti_method": "", "smooth_alpha": None, "do_smooth": False,
-                    "use_kvcache_quant": False}  # fmt: skip
+                    "use_kvcache_quant": False, "kv_dynamic": False, "use_fa_quant": False, "fa_amp": 0}  # fmt: skip
         clash = [f"--{k}" for k, v in defaults.items() if getattr(args, k) != v]
         if clash:
             raise SlimquantError(f"--recipe replaces the weight flags; remove {', '.join(clash)} or put them in the recipe")
@@ -130,6 +133,12 @@ def recipe_from_args(args: argparse.Namespace) -> Recipe:
     qt = int_qtype_for_bits(args.w_bit).name
     if args.mm_tensor and args.group_size:
         raise SlimquantError("--mm_tensor True (per-tensor weights) conflicts with --group_size; use one of them")
+    if args.kv_dynamic and not args.use_kvcache_quant:
+        raise SlimquantError("--kv_dynamic chooses how the KV cache is quantized; it needs --use_kvcache_quant True")
+    if args.fa_amp < 0:
+        raise SlimquantError(f"--fa_amp {args.fa_amp}: must be 0 or a positive number of attention layers")
+    if args.fa_amp and not args.use_fa_quant:
+        raise SlimquantError("--fa_amp picks attention layers to leave float; it needs --use_fa_quant True")
     input_spec, act_observer, sigma = _activation_flags(args)
     smooth, alpha = _smooth_flags(args, input_spec)
     if smooth == "m2" and input_spec is not None and not input_spec.dynamic and args.act_method is None:
@@ -150,7 +159,9 @@ def recipe_from_args(args: argparse.Namespace) -> Recipe:
         sigma_factor=sigma,
         smooth=smooth,
         smooth_alpha=alpha,
-        kv=KV_INT8_DYNAMIC if args.use_kvcache_quant else None,
+        kv=(KV_INT8_DYNAMIC if args.kv_dynamic else KV_INT8_STATIC) if args.use_kvcache_quant else None,
+        fa=FA_INT8_PER_HEAD if args.use_fa_quant else None,
+        fa_amp=args.fa_amp,
     )
 
 
@@ -206,7 +217,7 @@ def run(args: argparse.Namespace) -> int:
     check_target(args.save_directory, args.overwrite)  # fail before the slow part
     if args.device_type == "cuda" and not torch.cuda.is_available():
         raise SlimquantError("--device_type cuda: no CUDA device is available")
-    needs_data = (recipe.input is not None and not recipe.input.dynamic) or recipe.smooth is not None
+    needs_data = recipe.needs_calibration
     if (args.calib_file or args.calib_texts) and not needs_data:
         log.warning("calibration data given, but %s is data-free: it is not used", recipe.quant_type)
     t0 = time.perf_counter()
@@ -220,7 +231,7 @@ def run(args: argparse.Namespace) -> int:
         from slimquant.data import calibration_data
 
         if lm.tokenizer is None:
-            raise SlimquantError(f"{args.model_path} has no tokenizer; static W8A8 calibration needs one")
+            raise SlimquantError(f"{args.model_path} has no tokenizer; calibration needs one")
         if lm.kind != "causal_lm" and not (args.calib_file or args.calib_texts):
             raise SlimquantError(f"{args.model_path} is an {lm.kind}: it cannot generate its own calibration text; "
                                  "give --calib_file or --calib_texts")  # fmt: skip
@@ -240,6 +251,12 @@ def run(args: argparse.Namespace) -> int:
         mode = "dynamic" if recipe.input.dynamic else f"static, {recipe.act_observer}"
         what = f"weights {what}, inputs {recipe.input.describe()} {mode}"
     print(f"quantized {len(report.layers)} layer(s) of {args.model_path} to {recipe.quant_type} ({what}) in {qtime:.1f}s")
+    if report.kv_cache:
+        print(f"  KV cache: int8 with static per-channel scales in {report.kv_cache['layers']} layer(s)")
+    if report.attention:
+        fl = report.attention["float"]
+        print(f"  attention Q/K/V int8 per head in {len(report.attention['quantized'])} layer(s)"
+              + (f"; float (fa_amp): {', '.join(fl)}" if fl else ""))  # fmt: skip
     if report.smoothing:
         alphas = sorted({str(r["alpha"]) for r in report.smoothing})
         print(f"  smoothed {len(report.smoothing)} group(s) with {recipe.smooth} (alpha: {', '.join(alphas)})")

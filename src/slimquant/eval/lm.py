@@ -104,13 +104,16 @@ def evaluate_encoder(
 
 
 def kv_cache_kwargs(model: nn.Module) -> dict[str, Any]:
-    """``{"past_key_values": Int8KVCache(), "use_cache": True}`` when the model's recipe quantizes the KV
-    cache (so prefill attention sees the quantized cache too), else ``{}``."""
+    """``{"past_key_values": Int8KVCache(...), "use_cache": True}`` (dynamic, or with the model's static
+    per-channel scales) when the model's recipe quantizes the KV cache (so prefill attention sees the quantized cache too), else ``{}``."""
     recipe = getattr(model, "slimquant_recipe", None)
     if recipe is None or recipe.kv is None:
         return {}
-    from slimquant.nn.kv_cache import Int8KVCache
+    from slimquant.nn.kv_cache import Int8KVCache, static_kv_scales
+    from slimquant.types.spec import KV_INT8_STATIC
 
+    if recipe.kv == KV_INT8_STATIC:
+        return {"past_key_values": Int8KVCache(static_kv_scales(model)), "use_cache": True}
     return {"past_key_values": Int8KVCache(), "use_cache": True}
 
 

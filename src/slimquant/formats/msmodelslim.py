@@ -24,9 +24,9 @@ from torch import nn
 
 from slimquant.errors import SlimquantError
 from slimquant.formats.atomic import atomic_directory
-from slimquant.nn import QMODULES, QModule
+from slimquant.nn import QMODULES, QModule, fa_quant, kv_cache
 from slimquant.types.qtype import qtype as lookup_qtype
-from slimquant.types.spec import QuantSpec, Recipe
+from slimquant.types.spec import KV_INT8_STATIC, QuantSpec, Recipe
 
 log = logging.getLogger(__name__)
 
@@ -74,11 +74,23 @@ def export_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, A
             continue
         seen[key] = name
         tensors[name] = t.detach().contiguous()
+    fa_modules = fa_quant.quantized_attention(model)
+    fa_prefixes = {f"{n}.{role}" for n in fa_modules for role in fa_quant.ROLES}
     quant_type = recipe.quant_type
     description: dict[str, Any] = {"model_quant_type": quant_type.upper()}
+    if fa_modules:
+        description["fa_quant_type"] = "FAQuant"  # msModelSlim's top-level key for attention quantization
+    kv_entries = kv_cache.kv_projections(model) if recipe.kv == KV_INT8_STATIC else []
+    if kv_entries:
+        description["kv_quant_type"] = "C8"
     for name in tensors:
-        prefix = name.rpartition(".")[0]
-        description[name] = qlayers[prefix].tensor_label() if prefix in qlayers else "FLOAT"
+        prefix, _, leaf = name.rpartition(".")
+        if leaf in (kv_cache.KV_SCALE, kv_cache.KV_OFFSET):
+            description[name] = "C8"
+        elif prefix in qlayers:
+            description[name] = qlayers[prefix].tensor_label()
+        else:
+            description[name] = "FAQuant" if prefix in fa_prefixes else "FLOAT"
     manifest = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -88,6 +100,10 @@ def export_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, A
         "layers": {n: m.manifest_entry() for n, m in qlayers.items()},
         "aliases": aliases,
     }
+    if fa_modules:
+        manifest["attention"] = {"modules": fa_modules, "implementation": fa_quant.ATTENTION}
+    if kv_entries:
+        manifest["kv_cache"] = {"layers": [list(e) for e in kv_entries]}
     return tensors, description, manifest
 
 
@@ -243,6 +259,18 @@ def load_into(model: nn.Module, directory: str | os.PathLike, manifest: dict[str
         qmod = build_qmodule(name, entry)
         qmod.method = entry.get("method", {})
         set_module(model, name, qmod)
+    fa_modules = manifest.get("attention", {}).get("modules", [])
+    if fa_modules:
+        missing = [n for n in fa_modules if n not in names]
+        if missing:
+            raise SlimquantError(f"checkpoint attention layer {missing[0]} does not exist in the model skeleton")
+        fa_quant.attach(model, fa_modules, "meta")
+    kv_entries = manifest.get("kv_cache", {}).get("layers", [])
+    if kv_entries:
+        try:
+            kv_cache.attach_kv_scales(model, [(int(i), str(k), str(v)) for i, k, v in kv_entries], device="meta")
+        except (AttributeError, ValueError, TypeError) as e:
+            raise SlimquantError(f"manifest kv_cache entry does not fit the model: {e}") from None
     tensors = read_tensors(directory, manifest["files"])
     for alias, source in manifest.get("aliases", {}).items():
         if source not in tensors:

@@ -16,15 +16,16 @@ from tqdm.auto import tqdm
 
 from slimquant.adapters import smooth_groups
 from slimquant.algorithms import weight_solver
-from slimquant.errors import NotSupportedYet, SlimquantError
+from slimquant.errors import SlimquantError
 from slimquant.math.metrics import sqnr_db
 from slimquant.math.qparams import qparams_from_minmax
 from slimquant.math.weights import QuantizedWeight, check_weight_shape, dequantize_weight
 from slimquant.nn.modules import QConv2d, QEmbedding, QLinear, tied_linear
+from slimquant.nn.fp8 import QLinearFP8
 from slimquant.nn.w8a8 import QLinearW8A8
 from slimquant.surgery import last_linear_name, select, set_module
 from slimquant.types.qtype import qtype as lookup_qtype
-from slimquant.types.spec import QuantSpec, Recipe
+from slimquant.types.spec import KV_INT8_STATIC, QuantSpec, Recipe
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,8 @@ class ConversionReport:
     unmatched_patterns: tuple[str, ...] = ()
     tied: dict[str, str] = field(default_factory=dict)
     smoothing: list[dict] = field(default_factory=list)
+    attention: dict = field(default_factory=dict)
+    kv_cache: dict = field(default_factory=dict)
 
 
 def plan(model: nn.Module, recipe: Recipe) -> tuple[list[LayerPlan], ConversionReport]:
@@ -106,12 +109,22 @@ def convert(
     ``calib_data`` (see :func:`slimquant.pipeline.calibrate.run_batches`) is needed by recipes with
     static input quantization; the float model runs it once before any layer is swapped.
     """
-    if recipe.input is not None and lookup_qtype(recipe.input.qtype).is_float:
-        raise NotSupportedYet("fp8 activation quantization is not supported yet; use int8 inputs")
     if recipe.input is not None and not recipe.input.dynamic and calib_data is None:
         raise SlimquantError("static activation quantization (W8A8) needs calibration data (calib_data)")
     if recipe.smooth is not None and calib_data is None:
         raise SlimquantError(f"smooth {recipe.smooth} needs calibration data (calib_data)")
+    if recipe.fa is not None:
+        from slimquant.nn.fa_quant import attention_modules
+
+        if calib_data is None:
+            raise SlimquantError("attention quantization (fa) needs calibration data (calib_data)")
+        attention_modules(model)  # a model without transformers attention fails here, before any work
+    if recipe.kv == KV_INT8_STATIC:
+        from slimquant.nn.kv_cache import kv_projections
+
+        if calib_data is None:
+            raise SlimquantError("a static KV cache (per-channel scales) needs calibration data (calib_data)")
+        kv_projections(model)  # fails before any work where the scales cannot be stored
     layers, report = plan(model, recipe)
     solver = weight_solver(recipe.algorithm)
     # Validate everything first so a bad layer fails before any module is swapped.
@@ -177,6 +190,14 @@ def convert(
         set_module(model, out, lin)
         report.tied[out] = emb
         log.info("%s is tied to %s: it now shares the quantized embedding (%s)", out, emb, qemb.spec.describe())
+    if recipe.kv == KV_INT8_STATIC:
+        from slimquant.pipeline.kv_calib import calibrate_kv
+
+        report.kv_cache = calibrate_kv(model, calib_data, show_progress)
+    if recipe.fa is not None:
+        from slimquant.pipeline.fa_quant import calibrate_attention
+
+        report.attention = calibrate_attention(model, recipe, calib_data, show_progress)
     model.slimquant_recipe = recipe
     return report
 
@@ -214,7 +235,13 @@ def _calibrate_inputs(
 
 def _w8a8_module(
     module: nn.Module, qw: QuantizedWeight, spec: QuantSpec, input_spec: QuantSpec, rng: dict[str, Any] | None
-) -> QLinearW8A8:
+) -> QLinearW8A8 | QLinearFP8:
+    if lookup_qtype(input_spec.qtype).is_float:  # fp8 weights and inputs
+        if input_spec.dynamic:
+            return QLinearFP8.from_float(module, qw.q, qw.scale.reshape(-1), spec, input_spec)  # type: ignore[arg-type]
+        assert rng is not None
+        scale, _ = qparams_from_minmax(torch.tensor(rng["rmin"]), torch.tensor(rng["rmax"]), lookup_qtype(input_spec.qtype), True)
+        return QLinearFP8.from_float(module, qw.q, qw.scale.reshape(-1), spec, input_spec, float(scale))  # type: ignore[arg-type]
     if input_spec.dynamic:
         return QLinearW8A8.from_float(module, qw.q, qw.scale.reshape(-1), spec, input_spec)  # type: ignore[arg-type]
     assert rng is not None

@@ -97,6 +97,10 @@ ALGORITHMS = ("rtn",)
 # minmax / histogram / auto). "auto" keeps, per layer, the candidate with the lowest output error.
 SMOOTH_METHODS = ("m1", "m2", "m4")
 KV_INT8_DYNAMIC = QuantSpec("int8", Granularity.PER_TOKEN, None, True, dynamic=True)
+# msModelSlim C8: int8 symmetric, one static scale per (head, channel), calibrated.
+KV_INT8_STATIC = QuantSpec("int8", Granularity.PER_CHANNEL, None, True)
+# Attention inputs (msModelSlim use_fa_quant): int8 symmetric, one static scale per head (the head is the channel).
+FA_INT8_PER_HEAD = QuantSpec("int8", Granularity.PER_CHANNEL, None, True)
 ACT_OBSERVERS = ("minmax", "moving_average", "histogram", "histogram_mse", "histogram_kl", "token_clip", "auto")
 
 
@@ -110,9 +114,15 @@ class Recipe:
             (static, calibrated; asymmetric as msModelSlim) or ``per_token`` with ``dynamic=True``
             (symmetric, computed at run time); fp8 types alike. Needs 8-bit symmetric
             per-channel/per-tensor weights.
-        kv: KV-cache spec: int8 ``per_token`` ``dynamic`` symmetric (one scale per token and head,
-            :class:`slimquant.nn.kv_cache.Int8KVCache`); static per-channel scales are not built yet.
+        kv: KV-cache spec (:class:`slimquant.nn.kv_cache.Int8KVCache`): ``KV_INT8_DYNAMIC``, int8
+            ``per_token`` ``dynamic`` symmetric (one scale per token and head, computed as tokens arrive),
+            or ``KV_INT8_STATIC``, int8 ``per_channel`` symmetric with static scales per (head, channel)
+            calibrated on data (msModelSlim C8).
         output: not built yet: must be None.
+        fa: attention-input spec (msModelSlim ``use_fa_quant``): ``FA_INT8_PER_HEAD``, static int8
+            symmetric scales per head for Q, K and V calibrated on data (:mod:`slimquant.nn.fa_quant`).
+        fa_amp: with ``fa``, how many attention layers fall back to float: those whose quantized
+            attention output has the largest relative error on the calibration data (msModelSlim ``fa_amp``).
         algorithm: weight algorithm name (``rtn``).
         clip_search: search per channel/group for the clipping ratio with the lowest MSE.
         disable_names: layer names, globs or ``re:`` regexes to keep in float.
@@ -148,6 +158,8 @@ class Recipe:
     sigma_factor: float | None = None
     smooth: str | None = None
     smooth_alpha: float = 0.5
+    fa: QuantSpec | None = None
+    fa_amp: int = 0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "disable_names", tuple(self.disable_names))
@@ -164,13 +176,21 @@ class Recipe:
 
         if self.output is not None:
             raise NotSupportedYet("output quantization is not supported yet")
-        if self.kv is not None and self.kv != KV_INT8_DYNAMIC:
+        if self.kv is not None and self.kv not in (KV_INT8_DYNAMIC, KV_INT8_STATIC):
             raise NotSupportedYet(
-                f"kv {self.kv.describe()}{' dynamic' if self.kv.dynamic else ''} is not supported yet; "
-                "the KV cache is quantized int8 per token (QuantSpec('int8', 'per_token', dynamic=True))"
+                f"kv {self.kv.describe()}{' dynamic' if self.kv.dynamic else ''} is not supported yet; the KV cache is "
+                "quantized int8 per token (QuantSpec('int8', 'per_token', dynamic=True)) or per channel with static "
+                "scales (QuantSpec('int8', 'per_channel'))"
             )
         if self.input is not None:
             self._check_activation_recipe()
+        if self.fa is not None and self.fa != FA_INT8_PER_HEAD:
+            raise NotSupportedYet(f"fa {self.fa.describe()} is not supported yet; attention inputs are quantized int8 "
+                                  "symmetric per head (QuantSpec('int8', 'per_channel'))")  # fmt: skip
+        if not isinstance(self.fa_amp, int) or self.fa_amp < 0:
+            raise SlimquantError(f"fa_amp must be a non-negative integer (layers left float), got {self.fa_amp!r}")
+        if self.fa_amp and self.fa is None:
+            raise SlimquantError(f"fa_amp {self.fa_amp} chooses attention layers to leave float; it needs fa (use_fa_quant)")
         if self.act_observer not in ACT_OBSERVERS:
             raise SlimquantError(f"unknown act_observer {self.act_observer!r}; valid: {', '.join(ACT_OBSERVERS)}")
         if self.smooth is not None:
@@ -218,6 +238,12 @@ class Recipe:
             raise SlimquantError("overrides (per-layer weight specs) apply to weight-only recipes")
 
     @property
+    def needs_calibration(self) -> bool:
+        """Whether quantizing needs calibration data (static inputs, smoothing, attention or static KV quantization)."""
+        return ((self.input is not None and not self.input.dynamic) or self.smooth is not None or self.fa is not None
+                or self.kv == KV_INT8_STATIC)  # fmt: skip
+
+    @property
     def quant_type(self) -> str:
         """msModelSlim-style label: w8a16, w4a16, ..., w8a8, w8a8_dynamic, wfp8afp8(_dynamic)."""
         if self.weight is None:
@@ -250,7 +276,7 @@ class Recipe:
         if tag != "slimquant.Recipe" or version != 1:
             raise SlimquantError(f"not a slimquant recipe (type={tag!r}, version={version!r})")
         data = _checked_keys(cls, data, "Recipe")
-        for role in ("weight", "input", "output", "kv", "embedding"):
+        for role in ("weight", "input", "output", "kv", "embedding", "fa"):
             if data.get(role) is not None:
                 data[role] = QuantSpec.from_dict(data[role])
         if "disable_names" in data:
