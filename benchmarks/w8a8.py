@@ -117,7 +117,8 @@ def child_main(args: argparse.Namespace) -> None:
         calib = calibration(tok)
         ckpt = Path(tmp) / "ckpt"
         if cfg["kind"] == "float":
-            res.update(quantize_s=0.0, ckpt_bytes=sum(p.numel() * p.element_size() for p in model.state_dict().values()))
+            model.save_pretrained(ckpt, safe_serialization=True)  # as weight_only.py: tied weights written once
+            res.update(quantize_s=0.0, ckpt_bytes=checkpoint_bytes(ckpt))
         elif cfg["kind"] == "ours":
             t0 = time.perf_counter()
             sq.quantize(model, recipe_for(cfg), calib_data=calib, show_progress=False)
