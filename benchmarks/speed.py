@@ -1,0 +1,357 @@
+"""Speed benchmark (CPU, batch 1): prefill and greedy decode of smollm2-135m, float32 vs W8A16 vs W8A8.
+
+Usage:
+    python benchmarks/speed.py            # full run (5 rounds), rewrites the speed section of BENCHMARKS.md
+    python benchmarks/speed.py --quick    # 1 round, fewer steps; prints only
+
+One process loads the float model once and builds four copies (``copy.deepcopy`` before quantizing):
+float32, W8A16 (int8 per-channel symmetric RTN weights, float32 activations), W8A8 dynamic (per-token
+int8 inputs) and W8A8 static (per-tensor asymmetric int8 inputs calibrated on 8 windows x 256 tokens of
+the calibration plays). lm_head stays float in every copy (the recipes' default ``disable_last_linear``).
+
+Timing is interleaved: each round runs every model once, in a rotated order, so all of them see the same
+machine load; tables show the median over rounds and ratios are float32 time / model time (>1: faster).
+    prefill  ``model(input_ids, logits_to_keep=1)`` on one 512-token window under ``torch.inference_mode``: the
+             KV cache plus the next token's logits, what ``generate``'s prefill computes; ``prefill, all logits``
+             is ``model(input_ids)`` (the 576 x 49152 lm_head on all 512 positions, as perplexity evaluation does)
+    decode   greedy ``generate`` from a 32-token prompt with ``min_new_tokens == max_new_tokens``, timed for
+             64 and for 1 new token; tokens/s = 63 / (t64 - t1), so the prompt's prefill is excluded
+    step     one bare decode forward (1 token, KV cache of the prompt, cropped back after each call): the
+             model's own per-token cost without ``generate``'s bookkeeping
+Then one decode step per model runs under ``torch.profiler`` (record_shapes off). Forward hooks (removed
+afterwards) wrap every Linear-like module in a ``record_function`` range, so op self-times split into
+matmul kernels, the other aten ops of the linear layers (quantize, rescale, dequantize, dtype casts),
+attention, the model's remaining aten ops, and interpreter time between ops (python; a range's self-time is
+python inside the layer's forward). The profiler adds a few microseconds per op: read shares, not totals.
+
+``torch.set_num_threads(2)`` (the benchmark machine's 2 cores): the numbers are for two intra-op threads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import platform
+import statistics
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import text as corpus  # noqa: E402
+
+LLM = "smollm2-135m"
+THREADS = 2
+PREFILL_LEN = 512
+SKIP_TOKENS = 1024  # skip the title page and cast list, as benchmarks/weight_only.py
+PROMPT_LEN = 32
+NEW_TOKENS = 64
+CALIB_WINDOWS, CALIB_LEN = 8, 256
+ROUNDS = 5
+STEPS = 20  # bare decode steps timed per model per round
+MATMUL_OPS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::_int_mm", "aten::_weight_int8pack_mm"}
+ATTENTION_OPS = {"aten::_scaled_dot_product_flash_attention_for_cpu", "aten::scaled_dot_product_attention",
+                 "aten::_scaled_dot_product_attention_math"}  # fmt: skip
+LINEAR_RANGE = "linear_layer"
+
+
+# -- models ----------------------------------------------------------------------------------------
+
+
+def build_models(lm, quick: bool) -> tuple[dict[str, nn.Module], dict[str, float]]:
+    """name -> model (eval), plus quantize seconds per quantized model."""
+    import slimquant as sq
+    from slimquant import QuantSpec, Recipe
+    from slimquant.data import calibration_windows
+
+    weight = QuantSpec("int8", "per_channel")
+    calib = calibration_windows(lm.tokenizer, [corpus.read(list(corpus.CALIB_FILES))], CALIB_WINDOWS, CALIB_LEN)
+    recipes = {
+        "W8A16": (Recipe(weight=weight), None),
+        "W8A8 dynamic": (Recipe(weight=weight, input=QuantSpec("int8", "per_token", dynamic=True)), None),
+        "W8A8 static": (Recipe(weight=weight, input=QuantSpec("int8", "per_tensor", symmetric=False)), calib),
+    }
+    models = {"float32": lm.model.eval()}
+    seconds = {}
+    for name, (recipe, data) in recipes.items():
+        m = copy.deepcopy(lm.model)
+        t0 = time.perf_counter()
+        sq.quantize(m, recipe, calib_data=data, show_progress=False)
+        seconds[name] = time.perf_counter() - t0
+        models[name] = m.eval()
+    return models, seconds
+
+
+def token_window(tokenizer) -> torch.Tensor:
+    """``[1, 512]`` int64: consecutive tokens of the first eval play after its front matter."""
+    ids = tokenizer(corpus.read([corpus.EVAL_FILES[0]]), add_special_tokens=False, return_tensors="pt")["input_ids"]
+    return ids[:, SKIP_TOKENS : SKIP_TOKENS + PREFILL_LEN].contiguous()
+
+
+# -- timing ----------------------------------------------------------------------------------------
+
+
+def timed(f: Callable[[], object]) -> float:
+    t0 = time.perf_counter()
+    f()
+    return time.perf_counter() - t0
+
+
+def generate(model: nn.Module, prompt: torch.Tensor, n: int) -> torch.Tensor:
+    return model.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                          attention_mask=torch.ones_like(prompt))  # fmt: skip
+
+
+class DecodeStep:
+    """One bare decode forward on a fixed KV cache of the prompt (cropped back after each call)."""
+
+    def __init__(self, model: nn.Module, prompt: torch.Tensor) -> None:
+        self.model = model
+        with torch.inference_mode():
+            out = model(prompt, use_cache=True)
+        self.cache = out.past_key_values
+        self.token = out.logits[:, -1:].argmax(-1)
+        self.length = prompt.shape[1]
+
+    def __call__(self) -> None:
+        with torch.inference_mode():
+            self.model(self.token, past_key_values=self.cache, use_cache=True)
+        self.cache.crop(self.length - self.cache.get_seq_length())  # a negative count: tokens to drop
+
+
+def measure(models: dict[str, nn.Module], window: torch.Tensor, rounds: int, steps: int, new_tokens: int) -> dict:
+    """Interleaved rounds; per model lists of prefill s, decode tokens/s, bare step s, generate s/token."""
+    prompt = window[:, :PROMPT_LEN]
+    names = list(models)
+    stepper = {n: DecodeStep(m, prompt) for n, m in models.items()}
+    res: dict[str, dict[str, list[float]]] = {n: defaultdict(list) for n in names}
+    with torch.inference_mode():
+        for m in models.values():  # warm-up: oneDNN primitives, allocator, cache classes
+            m(window)
+            generate(m, prompt, 2)
+        for r in range(rounds):
+            for name in names[r % len(names) :] + names[: r % len(names)]:
+                m = models[name]
+                res[name]["prefill_s"].append(timed(lambda: m(window, logits_to_keep=1)))
+                res[name]["prefill_all_s"].append(timed(lambda: m(window)))
+                t1 = timed(lambda: generate(m, prompt, 1))
+                tn = timed(lambda: generate(m, prompt, new_tokens))
+                res[name]["decode_tok_s"].append((new_tokens - 1) / (tn - t1))
+                res[name]["gen_s_per_token"].append((tn - t1) / (new_tokens - 1))
+                stepper[name]()
+                res[name]["step_s"].append(statistics.median(timed(stepper[name]) for _ in range(steps)))
+    return res
+
+
+def agreement(models: dict[str, nn.Module], window: torch.Tensor) -> dict[str, float]:
+    """Top-1 agreement of each model's next-token argmax with float32 on the prefill window (a sanity check)."""
+    with torch.inference_mode():
+        logits = {n: m(window).logits[0].float() for n, m in models.items()}
+    ref = logits["float32"].argmax(-1)
+    return {n: float((lg.argmax(-1) == ref).float().mean()) for n, lg in logits.items()}
+
+
+# -- profile of one decode step --------------------------------------------------------------------
+
+
+def linear_like(module: nn.Module) -> bool:
+    from slimquant.nn import QLinear, QLinearFP8, QLinearW8A8
+
+    return isinstance(module, (nn.Linear, QLinear, QLinearW8A8, QLinearFP8))
+
+
+def profile_step(model: nn.Module, step: DecodeStep) -> tuple[dict[str, float], object]:
+    """Self-time (s) of one decode step by category, and the profiler's key averages."""
+    from torch.autograd.profiler import record_function
+    from torch.profiler import ProfilerActivity, profile
+
+    open_ranges: dict[int, record_function] = {}
+
+    def pre(mod, args):
+        rf = record_function(LINEAR_RANGE)
+        rf.__enter__()
+        open_ranges[id(mod)] = rf
+
+    def post(mod, args, out):
+        open_ranges.pop(id(mod)).__exit__(None, None, None)
+
+    handles = []
+    for mod in model.modules():
+        if linear_like(mod):
+            handles += [mod.register_forward_pre_hook(pre), mod.register_forward_hook(post)]
+    try:
+        step()  # warm with the hooks on
+        with profile(activities=[ProfilerActivity.CPU], record_shapes=False) as prof:
+            t0 = time.perf_counter()
+            step()
+            wall = time.perf_counter() - t0
+    finally:
+        for h in handles:
+            h.remove()
+    cat: dict[str, float] = defaultdict(float)
+    events = [e for e in prof.events() if e.device_type.name == "CPU"]
+    for e in events:
+        inside, p = e.name == LINEAR_RANGE, e.cpu_parent
+        while p is not None and not inside:
+            inside, p = p.name == LINEAR_RANGE, p.cpu_parent
+        t = e.self_cpu_time_total * 1e-6
+        if e.name == LINEAR_RANGE:
+            cat["linear: python"] += t
+        elif e.name in MATMUL_OPS:
+            cat["linear: matmul" if inside else "other: matmul"] += t
+        elif inside:
+            cat["linear: other aten ops"] += t
+        elif e.name in ATTENTION_OPS:
+            cat["attention (sdpa)"] += t
+        else:
+            cat["model: other aten ops"] += t
+    accounted = sum(cat.values())
+    cat["model: python + generate-free glue"] = max(0.0, wall - accounted)
+    cat["wall (profiled)"] = wall
+    return dict(cat), prof.key_averages()
+
+
+CATEGORIES = ("linear: matmul", "linear: other aten ops", "linear: python", "attention (sdpa)",
+              "model: other aten ops", "model: python + generate-free glue")  # fmt: skip
+
+
+def top_ops(averages, n: int) -> str:
+    rows = sorted(averages, key=lambda a: a.self_cpu_time_total, reverse=True)
+    rows = [a for a in rows if a.key != LINEAR_RANGE][:n]
+    total = sum(a.self_cpu_time_total for a in averages)
+    lines = ["| op | calls | self ms | share of op time |", "|---|---|---|---|"]
+    for a in rows:
+        lines.append(f"| `{a.key}` | {a.count} | {a.self_cpu_time_total / 1e3:.2f} | "
+                     f"{a.self_cpu_time_total / total:.1%} |")  # fmt: skip
+    return "\n".join(lines)
+
+
+# -- report ----------------------------------------------------------------------------------------
+
+
+def med(v: list[float]) -> float:
+    return statistics.median(v)
+
+
+def spread(v: list[float]) -> str:
+    return f"{(max(v) - min(v)) / med(v):.0%}" if len(v) > 1 else "-"
+
+
+def speed_table(res: dict, top1: dict[str, float]) -> str:
+    f = res["float32"]
+    head = ("| model | prefill 512 ms | prefill vs fp32 | prefill, all logits ms | vs fp32 | decode tok/s | decode vs fp32 | "
+            "bare step ms | step vs fp32 | generate overhead ms/token | top-1 vs fp32 |")  # fmt: skip
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for name, r in res.items():
+        pf, dec, st, g = med(r["prefill_s"]), med(r["decode_tok_s"]), med(r["step_s"]), med(r["gen_s_per_token"])
+        lines.append(
+            f"| {name} | {pf * 1e3:.0f} (±{spread(r['prefill_s'])}) | {med(f['prefill_s']) / pf:.2f}x | "
+            f"{med(r['prefill_all_s']) * 1e3:.0f} | {med(f['prefill_all_s']) / med(r['prefill_all_s']):.2f}x | "
+            f"{dec:.1f} (±{spread(r['decode_tok_s'])}) | {dec / med(f['decode_tok_s']):.2f}x | "
+            f"{st * 1e3:.1f} | {med(f['step_s']) / st:.2f}x | {(g - st) * 1e3:.1f} | {top1[name]:.3f} |"
+        )
+    return "\n".join(lines)
+
+
+def profile_table(cats: dict[str, dict[str, float]]) -> str:
+    names = list(cats)
+    lines = ["| share of one decode step | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for c in CATEGORIES:
+        cells = [f"{cats[n].get(c, 0.0) * 1e3:.1f} ms ({cats[n].get(c, 0.0) / cats[n]['wall (profiled)']:.0%})"
+                 for n in names]  # fmt: skip
+        lines.append(f"| {c} | " + " | ".join(cells) + " |")
+    lines.append("| **wall, profiled** | " + " | ".join(f"{cats[n]['wall (profiled)'] * 1e3:.1f} ms" for n in names) + " |")
+    return "\n".join(lines)
+
+
+def render(res, top1, cats, tops, quant_s, rounds, elapsed) -> str:
+    import transformers
+
+    return "\n".join([
+        "## Speed (issue 3): prefill and decode, float32 vs W8A16 vs W8A8 (CPU, batch 1)",
+        "",
+        f"Command: `.venv/bin/python benchmarks/speed.py`. Machine: {os.cpu_count()} CPU cores, "
+        f"{platform.machine()}, torch {torch.__version__}, transformers {transformers.__version__}, "
+        f"`torch.set_num_threads({THREADS})`; one process, {rounds} interleaved rounds, {elapsed / 60:.1f} min. "
+        "The machine is shared: compare ratios (all measured side by side in one process), not absolute times.",
+        "",
+        f"**{LLM}** float32 (from the GGUF); every quantized copy keeps lm_head float (576 x 49152, "
+        "113 MB of float32 read per decoded token). W8A16 = int8 per-channel symmetric RTN weights; W8A8 dynamic = "
+        "+ per-token symmetric int8 inputs; W8A8 static = + per-tensor asymmetric int8 inputs calibrated (minmax) on "
+        f"{CALIB_WINDOWS} x {CALIB_LEN}-token windows of {', '.join(corpus.CALIB_FILES)}. "
+        f"Prefill: `model(input_ids, logits_to_keep=1)` (the KV cache and the next token's logits, as `generate`'s "
+        f"prefill) on tokens {SKIP_TOKENS}..{SKIP_TOKENS + PREFILL_LEN} of {corpus.EVAL_FILES[0]}; *all logits*: "
+        "`model(input_ids)`, which adds the float lm_head on all 512 positions (~21% of the float model's FLOPs). Decode: greedy `generate` of {NEW_TOKENS} and of 1 new token from the first "
+        f"{PROMPT_LEN} of those tokens (`min_new_tokens == max_new_tokens`); tokens/s = {NEW_TOKENS - 1} / "
+        "(t64 - t1). Bare step: one `model(token, past_key_values=cache)` call (median of "
+        f"{STEPS} per round); generate overhead = generate's time per token - bare step. ± = (max - min) / median "
+        "over rounds. Quantize time: " + ", ".join(f"{n} {s:.1f} s" for n, s in quant_s.items()) + ".",
+        "",
+        speed_table(res, top1),
+        "",
+        "**Where one decode step goes** (torch.profiler, record_shapes off, one step after the prompt; forward "
+        "hooks put each Linear / QLinear / QLinearW8A8 call in a range). *linear: matmul* = `mm`/`addmm`/`_int_mm` "
+        "inside the linear layers (lm_head included); *linear: other aten ops* = everything else the layers run "
+        "(per-token quantize, rescale, dequantize, casts, `t`/views of `F.linear`); *linear: python* = interpreter "
+        "time inside the layers' forwards (hooks included); *model: python* = the rest of the step not inside any "
+        "aten op. The profiler adds a few us per op, so the shares of small ops are inflated.",
+        "",
+        profile_table(cats),
+        "",
+        *[part for name, t in tops.items() for part in (f"Top ops by self time, {name}:", "", t, "")],
+    ])
+
+
+def write_section(report: str) -> None:
+    path = HERE.parent / "BENCHMARKS.md"
+    begin, end = "<!-- speed:begin -->", "<!-- speed:end -->"
+    text = path.read_text() if path.exists() else "# Benchmarks\n\nNumbers come only from the committed scripts named in each section.\n\n"
+    block = f"{begin}\n{report}\n{end}"
+    if begin in text and end in text:
+        text = text[: text.index(begin)] + block + text[text.index(end) + len(end) :]
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    path.write_text(text)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="1 round, 16 new tokens, 5 steps; no BENCHMARKS.md")
+    ap.add_argument("--rounds", type=int, default=ROUNDS)
+    args = ap.parse_args()
+    import logging
+
+    logging.basicConfig(level=logging.WARNING)
+    from slimquant.models.loading import load_model
+
+    torch.set_num_threads(THREADS)
+    torch.manual_seed(0)
+    t_start = time.perf_counter()
+    rounds = 1 if args.quick else args.rounds
+    steps = 5 if args.quick else STEPS
+    new_tokens = 16 if args.quick else NEW_TOKENS
+    lm = load_model(LLM)
+    models, quant_s = build_models(lm, args.quick)
+    window = token_window(lm.tokenizer)
+    top1 = agreement(models, window)
+    res = measure(models, window, rounds, steps, new_tokens)
+    cats, tops = {}, {}
+    for name, m in models.items():
+        cats[name], averages = profile_step(m, DecodeStep(m, window[:, :PROMPT_LEN]))
+        if name in ("float32", "W8A8 dynamic", "W8A16"):
+            tops[name] = top_ops(averages, 12)
+    report = render(res, top1, cats, tops, quant_s, rounds, time.perf_counter() - t_start)
+    print(report)
+    if not args.quick:
+        write_section(report)
+
+
+if __name__ == "__main__":
+    main()
