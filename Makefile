@@ -35,6 +35,8 @@ test-slow: venv
 bench: venv
 	$(PIP) install --quiet -e ".[bench]" "$(TORCH_SPEC)"
 	$(PY) benchmarks/weight_only.py
+	$(PY) benchmarks/w8a8.py
+	$(PY) benchmarks/speed.py
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info
