@@ -1,0 +1,165 @@
+"""GPTQ (Frantar et al., 2022) as a pure solver: ``(W, H, spec) -> QuantizedWeight``.
+
+Columns of ``W`` ``[n, k]`` are quantized one at a time; each column's rounding error is spread over the
+columns not yet quantized through the inverse Hessian ``H = 2 X^T X / N`` of the layer's inputs, so the
+layer's *output* error on the calibration inputs is minimised rather than the weight error. Columns are
+processed in blocks (lazy batch updates); ``act_order`` visits columns by decreasing ``diag(H)``.
+
+Quantization parameters come from :func:`slimquant.math.weights.quantize_weight` (same rules as RTN,
+including the optional clipping search): per channel and per tensor from the whole weight up front; per
+group when the sweep reaches the group's first column, from the group's error-updated values; with
+``static_groups`` (forced by ``act_order`` with groups, so that groups stay contiguous in the checkpoint
+layout and no column permutation has to be stored) all groups up front from the original weight.
+
+Not wired into the quantize pipeline yet: collecting ``H`` per layer needs the sequential block pipeline.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from slimquant.math.quant import dequantize, quantize
+from slimquant.math.weights import QuantizedWeight, check_weight_shape, quantize_weight
+from slimquant.types.qtype import qtype as lookup_qtype
+from slimquant.types.spec import Granularity, QuantSpec
+
+
+class GPTQError(ValueError):
+    """The Hessian stayed not positive definite after every dampening retry."""
+
+
+@dataclass(frozen=True)
+class GPTQResult:
+    weight: QuantizedWeight
+    damp: float  # the dampening fraction that made H positive definite
+    dead_columns: int  # input channels never active in calibration (diag(H) == 0): quantized as zeros
+
+
+class HessianAccumulator:
+    """Running ``H = 2/N * sum x^T x`` over calibration inputs ``x`` ``[..., k]`` (float64 accumulation)."""
+
+    def __init__(self, k: int) -> None:
+        self.k = k
+        self.h = torch.zeros(k, k, dtype=torch.float64)
+        self.n = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.detach().reshape(-1, x.shape[-1]).to(torch.float64)
+        if x.shape[1] != self.k:
+            raise ValueError(f"input width {x.shape[1]} does not match the Hessian's {self.k}")
+        m = x.shape[0]
+        if m == 0:
+            return
+        self.h.mul_(self.n / (self.n + m)).add_(x.T @ x, alpha=2.0 / (self.n + m))
+        self.n += m
+
+    def hessian(self) -> torch.Tensor:
+        return self.h.float()
+
+
+def _inverse_cholesky(h: torch.Tensor, percdamp: float, retries: int) -> tuple[torch.Tensor, float]:
+    """Upper Cholesky factor of ``(H + damp * mean(diag H) * I)^-1``, raising the dampening x10 per retry."""
+    mean_diag = float(torch.diag(h).mean())
+    damp = percdamp
+    eye = torch.eye(h.shape[0], dtype=h.dtype)
+    for _ in range(retries + 1):
+        hd = h + eye * (damp * mean_diag)
+        chol, info = torch.linalg.cholesky_ex(hd)
+        if int(info) == 0:
+            inv = torch.cholesky_inverse(chol)
+            upper, info = torch.linalg.cholesky_ex(inv, upper=True)
+            if int(info) == 0 and torch.isfinite(upper).all():
+                return upper, damp
+        damp *= 10.0
+    raise GPTQError(f"Hessian is not positive definite even with dampening {damp / 10:g} x mean(diag)")
+
+
+def gptq(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    spec: QuantSpec,
+    *,
+    percdamp: float = 0.01,
+    block_size: int = 128,
+    act_order: bool = False,
+    static_groups: bool = False,
+    clip_search: bool = False,
+    retries: int = 3,
+) -> GPTQResult:
+    """Quantize ``weight`` ``[n, k]`` to ``spec`` minimising the output error under ``hessian`` ``[k, k]``.
+
+    ``percdamp``: dampening as a fraction of the mean Hessian diagonal, multiplied by 10 up to ``retries``
+    times until the Cholesky factorisation succeeds (else :class:`GPTQError`: the caller falls back to RTN).
+    """
+    check_weight_shape(tuple(weight.shape), spec)  # type: ignore[arg-type]
+    n, k = weight.shape
+    if hessian.shape != (k, k):
+        raise ValueError(f"Hessian shape {tuple(hessian.shape)} does not match the weight's {k} input columns")
+    if not torch.isfinite(hessian).all():
+        raise GPTQError("Hessian has NaN/Inf values")
+    qt = lookup_qtype(spec.qtype)
+    izp = spec.zero_point == "int"
+    per_group = spec.granularity is Granularity.PER_GROUP
+    g = int(spec.group_size) if per_group else k  # type: ignore[arg-type]
+    static_groups = static_groups or (act_order and per_group)
+
+    w = weight.detach().float().clone()
+    h = hessian.detach().float().clone()
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+
+    # Parameters fixed up front (per channel, per tensor, static groups): [n, G] (or [1, 1]).
+    scale = zp = None
+    if not per_group or static_groups:
+        first = quantize_weight(w, spec, clip_search=clip_search)
+        scale, zp = first.scale.clone(), None if first.zero_point is None else first.zero_point.clone()
+    else:
+        scale = torch.empty(n, k // g)
+        zp = None if spec.symmetric or qt.is_float else torch.empty(n, k // g)
+
+    perm = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(k)
+    w, h = w[:, perm], h[perm][:, perm]
+    hinv, damp = _inverse_cholesky(h, percdamp, retries)
+
+    # a block starts on a group boundary and holds whole groups, so a group's columns are in one block
+    block = max(g, (block_size // g) * g) if per_group and not static_groups else block_size
+    q_out = torch.empty(n, k, dtype=qt.torch_dtype)
+    group_spec = QuantSpec(spec.qtype, Granularity.PER_CHANNEL, None, spec.symmetric, zero_point=spec.zero_point)
+
+    def params(col: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """[n, 1] scale / zero point of original column ``col``."""
+        assert scale is not None
+        if spec.granularity is Granularity.PER_TENSOR:
+            return scale.reshape(1, 1).expand(n, 1), None if zp is None else zp.reshape(1, 1).expand(n, 1)
+        gi = col // g if per_group else 0
+        return scale[:, gi : gi + 1], None if zp is None else zp[:, gi : gi + 1]
+
+    for i1 in range(0, k, block):
+        i2 = min(i1 + block, k)
+        w1 = w[:, i1:i2].clone()
+        err1 = torch.zeros_like(w1)
+        hinv1 = hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = i1 + i  # position in the (possibly permuted) order
+            orig = int(perm[col])
+            if per_group and not static_groups and orig % g == 0:
+                fresh = quantize_weight(w1[:, i : i + g], group_spec, clip_search=clip_search)
+                scale[:, orig // g] = fresh.scale[:, 0]
+                if zp is not None and fresh.zero_point is not None:
+                    zp[:, orig // g] = fresh.zero_point[:, 0]
+            s, z = params(orig)
+            col_w = w1[:, i : i + 1]
+            q = quantize(col_w, s, z, qt, integer_zero_point=izp)
+            dq = dequantize(q, s, z)
+            q_out[:, orig] = q[:, 0]
+            e = (col_w - dq) / hinv1[i, i]
+            w1[:, i:] -= e @ hinv1[i : i + 1, i:]
+            err1[:, i : i + 1] = e
+        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+
+    assert scale is not None
+    qw = QuantizedWeight(q_out, scale.contiguous(), None if zp is None else zp.contiguous())
+    return GPTQResult(qw, damp, int(dead.sum()))
