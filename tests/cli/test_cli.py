@@ -284,6 +284,16 @@ def test_use_fa_quant_with_fa_amp(capsys, llama_dir, outs, text_file):
     assert desc["fa_quant_type"] == "FAQuant"
 
 
+def test_w_method_gptq(capsys, llama_dir, outs, text_file):
+    rc, stdout, _ = run(capsys, "quantize", "--model_path", llama_dir, "--save_directory", outs / "g", "--w_bit", "4",
+                        "--group_size", "32", "--w_method", "gptq", "--desc_act", "True", "--calib_file", text_file,
+                        "--calib_size", "4", "--calib_seq_len", "16")  # fmt: skip
+    assert rc == 0 and "w4a16" in stdout
+    manifest = read_manifest(outs / "g")
+    assert Recipe.from_dict(manifest["recipe"]).gptq_act_order
+    assert manifest["layers"]["model.layers.0.self_attn.q_proj"]["method"]["algorithm"] == "gptq"
+
+
 def test_seed_example_dynamic_m1_runs(capsys, llama_dir, outs, text_file):
     # msModelSlim's example: --a_bit 8 --is_dynamic True --anti_method m1
     rc, stdout, _ = run(capsys, "quantize", "--model_path", llama_dir, "--save_directory", outs / "dm1", "--w_bit", "8",
@@ -484,6 +494,7 @@ def test_eval_missing_text_file(capsys, llama_dir, tmp_path):
         (["--a_bit", "8", "--anti_method", "m3"], "--anti_method m3", "not supported yet"),
         (["--fa_amp", "1"], "--fa_amp", "needs --use_fa_quant True"),
         (["--kv_dynamic", "True"], "--kv_dynamic", "needs --use_kvcache_quant True"),
+        (["--desc_act", "True"], "--desc_act", "--w_method gptq"),
         (["--use_fa_quant", "True", "--fa_amp", "-1"], "--fa_amp -1", "positive"),
         (["--tokenizer_args", '{"padding_side": "left"}'], "--tokenizer_args", "not supported yet"),
         (["--input_ids_name", "ids"], "--input_ids_name", "not supported yet"),

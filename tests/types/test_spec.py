@@ -157,8 +157,8 @@ def test_bad_activation_recipes(kwargs: dict, message: str) -> None:
 
 
 def test_unknown_algorithm_lists_valid_ones() -> None:
-    with pytest.raises(SlimquantError, match="unknown algorithm 'gptq'; valid: rtn"):
-        Recipe(algorithm="gptq")
+    with pytest.raises(SlimquantError, match="unknown algorithm 'awq'; valid: rtn, gptq"):
+        Recipe(algorithm="awq")
 
 
 def test_per_token_weights_are_rejected() -> None:

@@ -108,3 +108,20 @@ def smooth_groups(model: nn.Module) -> list[tuple[str, tuple[str, ...]]]:
                     raise SlimquantError(f"{arch.name} description: module {name} does not exist in this model") from None
             out.append((prev, linears))
     return out
+
+
+def block_list(model: nn.Module) -> str:
+    """Dotted name of the ``nn.ModuleList`` of the model's repeated blocks: from the architecture
+    description when there is one, else the longest ModuleList whose children all share one class."""
+    try:
+        return _blocks_path(model, architecture_for(model))
+    except SlimquantError:
+        pass
+    best, size = "", 1
+    for name, m in model.named_modules():
+        if isinstance(m, nn.ModuleList) and len(m) > size and len({type(c) for c in m}) == 1:
+            best, size = name, len(m)
+    if not best:
+        raise SlimquantError(f"{type(model).__name__}: no list of repeated blocks found (an nn.ModuleList of "
+                             "two or more modules of one class)")  # fmt: skip
+    return best

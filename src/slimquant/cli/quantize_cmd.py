@@ -47,7 +47,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--w_zero_point", choices=("int", "float"), default="int",
                    help="asymmetric weights: integer zero point (seed 003, default) or float (as quanto; "
                    "fits the float32 weight_offset and is often more accurate)")  # fmt: skip
-    p.add_argument("--w_method", choices=("rtn",), default="rtn", help="weight algorithm (default rtn)")
+    p.add_argument("--w_method", choices=("rtn", "gptq"), default="rtn",
+                   help="weight algorithm: rtn (round to nearest, default) or gptq (calibrated, block by block)")  # fmt: skip
+    p.add_argument("--percdamp", type=float, default=0.01, help="gptq: Hessian dampening, fraction of its mean diagonal")
+    p.add_argument("--desc_act", type=str2bool, default=False,
+                   help="gptq: quantize columns by decreasing Hessian diagonal (act-order; static groups)")  # fmt: skip
     p.add_argument("--w_clip_search", type=str2bool, default=False,
                    help="MSE-optimal clipping search per channel/group (default False)")  # fmt: skip
     p.add_argument("--embedding_bit", type=int, choices=(8, 16), default=16,
@@ -115,7 +119,7 @@ def recipe_from_args(args: argparse.Namespace) -> Recipe:
     if args.device_type == "npu":
         raise SlimquantError("--device_type npu: Ascend NPUs are not supported; use cpu or cuda")
     if args.recipe:
-        defaults = {"w_bit": 8, "a_bit": 16, "group_size": 0, "w_sym": True, "w_method": "rtn", "w_clip_search": False,
+        defaults = {"w_bit": 8, "a_bit": 16, "group_size": 0, "w_sym": True, "w_method": "rtn", "percdamp": 0.01, "desc_act": False, "w_clip_search": False,
                     "w_zero_point": "int", "embedding_bit": 16, "disable_names": [], "disable_last_linear": True,
                     "act_method": None, "use_sigma": False, "sigma_factor": None, "mm_tensor": None,
                     "is_dynamic": False, "anti_method": "", "smooth_alpha": None, "do_smooth": False,
@@ -133,6 +137,8 @@ def recipe_from_args(args: argparse.Namespace) -> Recipe:
     qt = int_qtype_for_bits(args.w_bit).name
     if args.mm_tensor and args.group_size:
         raise SlimquantError("--mm_tensor True (per-tensor weights) conflicts with --group_size; use one of them")
+    if args.w_method != "gptq" and (args.percdamp != 0.01 or args.desc_act):
+        raise SlimquantError("--percdamp and --desc_act tune GPTQ; add --w_method gptq")
     if args.kv_dynamic and not args.use_kvcache_quant:
         raise SlimquantError("--kv_dynamic chooses how the KV cache is quantized; it needs --use_kvcache_quant True")
     if args.fa_amp < 0:
@@ -151,6 +157,8 @@ def recipe_from_args(args: argparse.Namespace) -> Recipe:
         weight=weight,
         input=input_spec,
         algorithm=args.w_method,
+        gptq_percdamp=args.percdamp,
+        gptq_act_order=args.desc_act,
         clip_search=args.w_clip_search,
         disable_names=tuple(args.disable_names),
         disable_last_linear=args.disable_last_linear,

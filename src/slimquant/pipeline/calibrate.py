@@ -107,18 +107,24 @@ def observe_inputs(
             h.remove()
 
 
-def run_batches(model: nn.Module, batches: Any, show_progress: bool = True, desc: str = "calibration") -> int:
-    """Forward every calibration batch through ``model`` without gradients; returns how many ran.
-
-    ``batches``: a ``[N, L]`` integer tensor of token windows (each row runs as ``input_ids``), or an
-    iterable of model inputs (a tensor: ``model(t)``; a dict: ``model(**d)``; a tuple: ``model(*t)``).
-    """
+def model_inputs(batches: Any) -> list[Any]:
+    """The calibration items :func:`run_batches` accepts, as a list (token windows become ``{"input_ids"}`` dicts)."""
     if isinstance(batches, torch.Tensor) and batches.dtype in (torch.int32, torch.int64) and batches.dim() == 2:
         items: list[Any] = [{"input_ids": row[None]} for row in batches]
     else:
         items = list(batches)
     if not items:
         raise SlimquantError("calibration data is empty")
+    return items
+
+
+def run_batches(model: nn.Module, batches: Any, show_progress: bool = True, desc: str = "calibration") -> int:
+    """Forward every calibration batch through ``model`` without gradients; returns how many ran.
+
+    ``batches``: a ``[N, L]`` integer tensor of token windows (each row runs as ``input_ids``), or an
+    iterable of model inputs (a tensor: ``model(t)``; a dict: ``model(**d)``; a tuple: ``model(*t)``).
+    """
+    items = model_inputs(batches)
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     with torch.no_grad():
         for item in tqdm(items, desc=desc, disable=not show_progress, unit="batch"):

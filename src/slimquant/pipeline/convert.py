@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from slimquant.adapters import smooth_groups
+from slimquant.adapters import block_list, smooth_groups
 from slimquant.algorithms import weight_solver
 from slimquant.errors import SlimquantError
 from slimquant.math.metrics import sqnr_db
@@ -125,8 +125,13 @@ def convert(
         if calib_data is None:
             raise SlimquantError("a static KV cache (per-channel scales) needs calibration data (calib_data)")
         kv_projections(model)  # fails before any work where the scales cannot be stored
+    if recipe.algorithm == "gptq" and calib_data is None:
+        raise SlimquantError("gptq needs calibration data (calib_data)")
     layers, report = plan(model, recipe)
-    solver = weight_solver(recipe.algorithm)
+    # data-aware algorithms solve the layers inside the repeated blocks; the rest (and anything outside
+    # the blocks) is rounded to nearest
+    rest = "rtn" if recipe.algorithm == "gptq" else recipe.algorithm
+    solver = weight_solver(rest)
     # Validate everything first so a bad layer fails before any module is swapped.
     for lp in layers:
         w = _weight_2d(model.get_submodule(lp.name))
@@ -161,7 +166,12 @@ def convert(
         linears = [lp for lp in layers if lp.kind == "linear"]
         ranges = _calibrate_inputs(model, recipe, linears, solver, calib_data, show_progress)
 
-    for lp in tqdm(layers, desc=f"{recipe.algorithm} {recipe.quant_type}", disable=not show_progress, unit="layer"):
+    sequential: list[LayerPlan] = []
+    if recipe.algorithm == "gptq":  # the blocks' linears go block by block after everything else
+        path = block_list(model)
+        sequential = [lp for lp in layers if lp.kind == "linear" and lp.name.startswith(path + ".")]
+        layers = [lp for lp in layers if lp not in sequential]
+    for lp in tqdm(layers, desc=f"{rest} {recipe.quant_type}", disable=not show_progress, unit="layer"):
         module = model.get_submodule(lp.name)
         w = _weight_2d(module)
         qw = solver(w, lp.spec, recipe)
@@ -174,12 +184,17 @@ def convert(
         else:
             cls = {"linear": QLinear, "conv2d": QConv2d, "embedding": QEmbedding}[lp.kind]
             qmod = cls.from_float(module, qw, lp.spec)  # type: ignore[attr-defined]
-        qmod.method = {"algorithm": recipe.algorithm, "clip_search": recipe.clip_search}
+        qmod.method = {"algorithm": rest, "clip_search": recipe.clip_search}
         err = sqnr_db(w, qmod.dequantized_weight(torch.float32))
         set_module(model, lp.name, qmod)
         row["sqnr_db"] = round(err, 2)
         report.layers.append(row)
         log.debug("quantized %s (%s): SQNR %.2f dB", lp.name, lp.spec.describe(), err)
+    if sequential:
+        from slimquant.pipeline.sequential import quantize_sequential
+
+        rows, _ = quantize_sequential(model, recipe, sequential, calib_data, show_progress)
+        report.layers.extend(rows)
     for out, emb in ties.items():
         qemb = model.get_submodule(emb)
         old = model.get_submodule(out)

@@ -92,7 +92,7 @@ class QuantSpec:
         return f"{self.qtype} {gran} {sym}"
 
 
-ALGORITHMS = ("rtn",)
+ALGORITHMS = ("rtn", "gptq")
 # How a static activation range is chosen from calibration data (msModelSlim act_method 1/2/3 =
 # minmax / histogram / auto). "auto" keeps, per layer, the candidate with the lowest output error.
 SMOOTH_METHODS = ("m1", "m2", "m4")
@@ -123,7 +123,12 @@ class Recipe:
             symmetric scales per head for Q, K and V calibrated on data (:mod:`slimquant.nn.fa_quant`).
         fa_amp: with ``fa``, how many attention layers fall back to float: those whose quantized
             attention output has the largest relative error on the calibration data (msModelSlim ``fa_amp``).
-        algorithm: weight algorithm name (``rtn``).
+        algorithm: weight algorithm name: ``rtn`` (round to nearest, data-free) or ``gptq`` (calibrated,
+            block by block; :mod:`slimquant.pipeline.sequential`).
+        gptq_percdamp: GPTQ dampening, a fraction of the mean Hessian diagonal (raised x10 on failure).
+        gptq_act_order: GPTQ visits columns by decreasing Hessian diagonal (desc_act); with groups it
+            uses static groups so the checkpoint layout is unchanged.
+        gptq_static_groups: GPTQ computes every group's parameters up front from the float weight.
         clip_search: search per channel/group for the clipping ratio with the lowest MSE.
         disable_names: layer names, globs or ``re:`` regexes to keep in float.
         disable_last_linear: keep the model's output projection (lm_head) in float.
@@ -160,6 +165,9 @@ class Recipe:
     smooth_alpha: float = 0.5
     fa: QuantSpec | None = None
     fa_amp: int = 0
+    gptq_percdamp: float = 0.01
+    gptq_act_order: bool = False
+    gptq_static_groups: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "disable_names", tuple(self.disable_names))
@@ -187,6 +195,12 @@ class Recipe:
         if self.fa is not None and self.fa != FA_INT8_PER_HEAD:
             raise NotSupportedYet(f"fa {self.fa.describe()} is not supported yet; attention inputs are quantized int8 "
                                   "symmetric per head (QuantSpec('int8', 'per_channel'))")  # fmt: skip
+        if not 0.0 < self.gptq_percdamp <= 1.0:
+            raise SlimquantError(f"gptq_percdamp must be in (0, 1], got {self.gptq_percdamp}")
+        if self.algorithm == "gptq" and self.input is not None:
+            raise NotSupportedYet("gptq with activation quantization (W8A8) is not supported yet; use rtn")
+        if self.algorithm == "gptq" and self.weight is None:
+            raise SlimquantError("gptq quantizes weights; the recipe has no weight spec")
         if not isinstance(self.fa_amp, int) or self.fa_amp < 0:
             raise SlimquantError(f"fa_amp must be a non-negative integer (layers left float), got {self.fa_amp!r}")
         if self.fa_amp and self.fa is None:
@@ -241,7 +255,7 @@ class Recipe:
     def needs_calibration(self) -> bool:
         """Whether quantizing needs calibration data (static inputs, smoothing, attention or static KV quantization)."""
         return ((self.input is not None and not self.input.dynamic) or self.smooth is not None or self.fa is not None
-                or self.kv == KV_INT8_STATIC)  # fmt: skip
+                or self.kv == KV_INT8_STATIC or self.algorithm == "gptq")  # fmt: skip
 
     @property
     def quant_type(self) -> str:

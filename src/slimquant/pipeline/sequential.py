@@ -1,0 +1,153 @@
+"""The sequential (block by block) pipeline for data-aware weight algorithms (GPTQ).
+
+One explicit loop over the model's repeated blocks, no graph tracing:
+
+1. run the calibration items through the model until the first block, and keep that block's inputs
+   (positional and keyword arguments: hidden states, rotary embeddings, masks) per item;
+2. for each block: hook its planned linear layers to accumulate their input Hessians, run the block
+   on the kept inputs, solve every layer, swap the quantized modules in, then run the *quantized*
+   block again so the next block calibrates on what the deployed model will feed it.
+
+This version holds the whole model in memory; reading blocks one at a time from the safetensors
+files, spilling activations to disk and resuming after a crash are not built yet.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from slimquant.adapters import block_list
+from slimquant.algorithms.gptq import GPTQError, HessianAccumulator, gptq
+from slimquant.errors import SlimquantError
+from slimquant.math.metrics import sqnr_db
+from slimquant.math.weights import dequantize_weight, quantize_weight
+from slimquant.nn.modules import QLinear
+from slimquant.pipeline.calibrate import model_inputs
+from slimquant.surgery import set_module
+from slimquant.types.spec import Recipe
+
+log = logging.getLogger(__name__)
+
+
+class _Stop(Exception):
+    """Raised by the first block's pre-hook once its inputs are captured."""
+
+
+def _to(x: Any, device: torch.device) -> Any:
+    return x.to(device) if isinstance(x, torch.Tensor) else x
+
+
+def capture_block_inputs(model: nn.Module, block: nn.Module, calib_data: Any) -> list[tuple[tuple, dict]]:
+    """``(args, kwargs)`` of ``block``'s forward for every calibration item (the model stops there)."""
+    captured: list[tuple[tuple, dict]] = []
+
+    def hook(_m: nn.Module, args: tuple, kwargs: dict) -> None:
+        captured.append((args, dict(kwargs)))
+        raise _Stop
+
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    hf = getattr(model, "config", None) is not None
+    handle = block.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            for item in model_inputs(calib_data):
+                try:
+                    if isinstance(item, dict):
+                        extra = {"use_cache": False} if hf else {}
+                        model(**{k: _to(v, device) for k, v in item.items()}, **extra)
+                    elif isinstance(item, (tuple, list)):
+                        model(*[_to(v, device) for v in item])
+                    else:
+                        model(_to(item, device))
+                except _Stop:
+                    continue
+                raise SlimquantError(f"calibration item ran through the model without reaching {type(block).__name__}")
+    finally:
+        handle.remove()
+    return captured
+
+
+def _hidden(out: Any) -> torch.Tensor:
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def quantize_sequential(model: nn.Module, recipe: Recipe, plans: list[Any], calib_data: Any,
+                        show_progress: bool = True) -> tuple[list[dict], set[str]]:  # fmt: skip
+    """GPTQ every planned linear layer that lies inside the model's repeated blocks, block by block.
+
+    Returns the per-layer report rows and the names it quantized (the caller handles the rest with RTN).
+    """
+    if calib_data is None:
+        raise SlimquantError(f"{recipe.algorithm} needs calibration data (calib_data)")
+    path = block_list(model)
+    blocks = model.get_submodule(path)
+    by_block: dict[int, list[Any]] = {}
+    for lp in plans:
+        if lp.kind != "linear" or not lp.name.startswith(path + "."):
+            continue
+        by_block.setdefault(int(lp.name[len(path) + 1 :].split(".")[0]), []).append(lp)
+    inputs = capture_block_inputs(model, blocks[0], calib_data)
+    log.info("%s: %d block(s) under %s, %d calibration item(s)", recipe.algorithm, len(blocks), path, len(inputs))
+    rows: list[dict] = []
+    done: set[str] = set()
+    bar = tqdm(range(len(blocks)), desc=f"{recipe.algorithm} blocks", disable=not show_progress, unit="block")
+    for bi in bar:
+        block = blocks[bi]
+        layer_plans = by_block.get(bi, [])
+        accs = {lp.name: HessianAccumulator(model.get_submodule(lp.name).in_features) for lp in layer_plans}
+        handles = []
+        for lp in layer_plans:
+            def hook(_m: nn.Module, args: tuple, acc: HessianAccumulator = accs[lp.name]) -> None:
+                acc.add(args[0])
+
+            handles.append(model.get_submodule(lp.name).register_forward_pre_hook(hook))
+        try:
+            with torch.no_grad():
+                for args, kwargs in inputs:
+                    block(*args, **kwargs)
+        finally:
+            for h in handles:
+                h.remove()
+        errors = []
+        for lp in layer_plans:
+            rows.append(_solve_layer(model, lp, accs[lp.name], recipe))
+            errors.append(rows[-1]["output_error"])
+            done.add(lp.name)
+        with torch.no_grad():  # the quantized block's outputs feed the next block
+            inputs = [((_hidden(block(*args, **kwargs)), *args[1:]), kwargs) for args, kwargs in inputs]
+        if errors:
+            bar.set_postfix(rel_output_error=f"{max(errors):.2e}")
+    return rows, done
+
+
+def _solve_layer(model: nn.Module, lp: Any, acc: HessianAccumulator, recipe: Recipe) -> dict:
+    module = model.get_submodule(lp.name)
+    w = module.weight.detach().float()
+    h = acc.hessian()
+    row: dict[str, Any] = {"name": lp.name, "kind": lp.kind, "spec": lp.spec.describe(), "samples": acc.n}
+    if acc.n < w.shape[1]:
+        log.warning("%s: %d calibration rows for %d input channels; the Hessian is rank-deficient (dampened)",
+                    lp.name, acc.n, w.shape[1])  # fmt: skip
+    try:
+        res = gptq(w, h, lp.spec, percdamp=recipe.gptq_percdamp, act_order=recipe.gptq_act_order,
+                   static_groups=recipe.gptq_static_groups, clip_search=recipe.clip_search)  # fmt: skip
+        qw = res.weight
+        row.update(algorithm="gptq", damp=res.damp, dead_columns=res.dead_columns)
+    except GPTQError as e:
+        log.warning("%s: %s; falling back to RTN for this layer", lp.name, e)
+        qw = quantize_weight(w, lp.spec, clip_search=recipe.clip_search)
+        row.update(algorithm="rtn", fallback=str(e))
+    w_hat = dequantize_weight(qw, lp.spec)
+    row["sqnr_db"] = round(sqnr_db(w, w_hat), 2)
+    d = w_hat - w
+    ref = float(torch.einsum("ij,jk,ik->", w, h, w))  # tr(W H W^T): the output energy on the calibration rows
+    row["output_error"] = float(torch.einsum("ij,jk,ik->", d, h, d)) / max(ref, 1e-30)
+    qmod = QLinear.from_float(module, qw, lp.spec)
+    qmod.method = {"algorithm": row["algorithm"], "clip_search": recipe.clip_search}
+    set_module(model, lp.name, qmod)
+    return row

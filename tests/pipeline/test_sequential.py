@@ -1,0 +1,82 @@
+"""Sequential GPTQ pipeline on tiny models: block inputs, per-layer reports, reload, accuracy vs RTN."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import slimquant
+from slimquant import Granularity, QuantSpec, Recipe
+from slimquant.adapters import block_list
+from slimquant.data import calibration_windows
+from slimquant.errors import SlimquantError
+from slimquant.nn import QLinear
+from slimquant.pipeline.sequential import capture_block_inputs
+
+W4 = QuantSpec("int4", Granularity.PER_GROUP, 32, symmetric=False)
+
+
+@pytest.fixture
+def calib(tokenizer, eval_text) -> torch.Tensor:
+    return calibration_windows(tokenizer, eval_text.split("\n"), 8, 16)
+
+
+def _kl(ref: torch.Tensor, out: torch.Tensor) -> float:
+    return float(torch.nn.functional.kl_div(out.log_softmax(-1), ref.log_softmax(-1), log_target=True, reduction="batchmean"))
+
+
+def test_block_inputs_are_captured_per_item(llama, calib):
+    block = llama.get_submodule(block_list(llama))[0]
+    inputs = capture_block_inputs(llama, block, calib)
+    assert len(inputs) == len(calib)
+    args, kwargs = inputs[0]
+    hidden = args[0] if args else kwargs["hidden_states"]
+    assert hidden.shape == (1, 16, 64)
+
+
+def test_gptq_quantizes_every_block_linear_and_beats_rtn(llama, calib, input_ids, tmp_path):
+    with torch.no_grad():
+        ref = llama(input_ids).logits
+    rtn = copy.deepcopy(llama)
+    slimquant.quantize(rtn, Recipe(weight=W4), show_progress=False)
+    slimquant.quantize(llama, Recipe(weight=W4, algorithm="gptq"), calib_data=calib, show_progress=False)
+    rows = llama.slimquant_report.layers
+    assert len(rows) == 14 and all(r["algorithm"] == "gptq" for r in rows)  # 2 blocks x 7 linears
+    assert all(0 <= r["output_error"] < 1 and r["samples"] == 8 * 16 for r in rows)
+    assert isinstance(llama.model.layers[1].mlp.down_proj, QLinear)
+    assert llama.model.layers[1].mlp.down_proj.method["algorithm"] == "gptq"
+    with torch.no_grad():
+        out, out_rtn = llama(input_ids).logits, rtn(input_ids).logits
+    assert _kl(ref, out) < _kl(ref, out_rtn)
+    slimquant.save(llama, tmp_path / "q")
+    with torch.no_grad():
+        assert torch.equal(slimquant.load(tmp_path / "q")(input_ids).logits, out)
+
+
+def test_gptq_on_a_model_without_repeated_blocks_fails_clearly(mlp):
+    # the MLP has no repeated blocks: a clear error names what is missing
+    with pytest.raises(SlimquantError, match="no list of repeated blocks"):
+        slimquant.quantize(mlp, Recipe(weight=W4, algorithm="gptq"), calib_data=[torch.randn(4, 64)], show_progress=False)
+
+
+def test_gptq_act_order_runs_and_needs_data(llama, calib):
+    with pytest.raises(SlimquantError, match="gptq needs calibration data"):
+        slimquant.quantize(copy.deepcopy(llama), Recipe(weight=W4, algorithm="gptq"), show_progress=False)
+    recipe = Recipe(weight=W4, algorithm="gptq", gptq_act_order=True, gptq_percdamp=0.05)
+    slimquant.quantize(llama, recipe, calib_data=calib, show_progress=False)
+    assert {r["damp"] for r in llama.slimquant_report.layers} == {0.05}
+    assert Recipe.from_json(recipe.to_json()) == recipe
+    with pytest.raises(SlimquantError, match="gptq with activation quantization"):
+        Recipe(weight=QuantSpec("int8", Granularity.PER_CHANNEL), input=QuantSpec("int8", "per_token", dynamic=True),
+               algorithm="gptq")  # fmt: skip
+
+
+def test_gptq_on_an_encoder(bert, input_ids):
+    with torch.no_grad():
+        ref = bert(input_ids).last_hidden_state
+    slimquant.quantize(bert, Recipe(weight=W4, algorithm="gptq"), calib_data=input_ids, show_progress=False)
+    assert len(bert.slimquant_report.layers) == 12  # 2 layers x (q, k, v, attn out, intermediate, output)
+    with torch.no_grad():
+        assert float((bert(input_ids).last_hidden_state - ref).abs().max()) < 1.0
