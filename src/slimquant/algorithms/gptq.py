@@ -11,7 +11,7 @@ group when the sweep reaches the group's first column, from the group's error-up
 ``static_groups`` (forced by ``act_order`` with groups, so that groups stay contiguous in the checkpoint
 layout and no column permutation has to be stored) all groups up front from the original weight.
 
-Not wired into the quantize pipeline yet: collecting ``H`` per layer needs the sequential block pipeline.
+:mod:`slimquant.pipeline.sequential` collects ``H`` per layer block by block and calls this.
 """
 
 from __future__ import annotations
