@@ -495,6 +495,7 @@ def test_eval_missing_text_file(capsys, llama_dir, tmp_path):
         (["--fa_amp", "1"], "--fa_amp", "needs --use_fa_quant True"),
         (["--kv_dynamic", "True"], "--kv_dynamic", "needs --use_kvcache_quant True"),
         (["--desc_act", "True"], "--desc_act", "--w_method gptq"),
+        (["--w_method", "gptq", "--percdamp", "0"], "--percdamp 0", "(0, 1]"),
         (["--use_fa_quant", "True", "--fa_amp", "-1"], "--fa_amp -1", "positive"),
         (["--tokenizer_args", '{"padding_side": "left"}'], "--tokenizer_args", "not supported yet"),
         (["--input_ids_name", "ids"], "--input_ids_name", "not supported yet"),

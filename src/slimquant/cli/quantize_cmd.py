@@ -119,7 +119,8 @@ def recipe_from_args(args: argparse.Namespace) -> Recipe:
     if args.device_type == "npu":
         raise SlimquantError("--device_type npu: Ascend NPUs are not supported; use cpu or cuda")
     if args.recipe:
-        defaults = {"w_bit": 8, "a_bit": 16, "group_size": 0, "w_sym": True, "w_method": "rtn", "percdamp": 0.01, "desc_act": False, "w_clip_search": False,
+        defaults = {"w_bit": 8, "a_bit": 16, "group_size": 0, "w_sym": True, "w_method": "rtn", "percdamp": 0.01,
+                    "desc_act": False, "w_clip_search": False,
                     "w_zero_point": "int", "embedding_bit": 16, "disable_names": [], "disable_last_linear": True,
                     "act_method": None, "use_sigma": False, "sigma_factor": None, "mm_tensor": None,
                     "is_dynamic": False, "anti_method": "", "smooth_alpha": None, "do_smooth": False,
@@ -137,6 +138,8 @@ def recipe_from_args(args: argparse.Namespace) -> Recipe:
     qt = int_qtype_for_bits(args.w_bit).name
     if args.mm_tensor and args.group_size:
         raise SlimquantError("--mm_tensor True (per-tensor weights) conflicts with --group_size; use one of them")
+    if not 0.0 < args.percdamp <= 1.0:
+        raise SlimquantError(f"--percdamp {args.percdamp}: must be in (0, 1] (a fraction of the Hessian's mean diagonal)")
     if args.w_method != "gptq" and (args.percdamp != 0.01 or args.desc_act):
         raise SlimquantError("--percdamp and --desc_act tune GPTQ; add --w_method gptq")
     if args.kv_dynamic and not args.use_kvcache_quant:
