@@ -284,6 +284,19 @@ def test_use_fa_quant_with_fa_amp(capsys, llama_dir, outs, text_file):
     assert desc["fa_quant_type"] == "FAQuant"
 
 
+def test_readme_w8a8_with_kv_and_attention_quantization(capsys, llama_dir, outs, text_file):
+    rc, stdout, _ = run(capsys, "quantize", "--model_path", llama_dir, "--save_directory", outs / "all", "--w_bit", "8",
+                        "--a_bit", "8", "--is_dynamic", "True", "--anti_method", "m4", "--mm_tensor", "False",
+                        "--use_kvcache_quant", "True", "--use_fa_quant", "True", "--calib_file", text_file,
+                        "--calib_size", "2", "--calib_seq_len", "16")  # fmt: skip
+    assert rc == 0 and "w8a8_dynamic" in stdout and "KV cache: int8" in stdout and "attention Q/K/V" in stdout
+    desc = json.loads((outs / "all" / "quant_model_description_w8a8_dynamic.json").read_text())
+    assert desc["kv_quant_type"] == "C8" and desc["fa_quant_type"] == "FAQuant"
+    rc, stdout, _ = run(capsys, "eval", "--model", outs / "all", "--reference", llama_dir, "--text", text_file,
+                        "--seq_len", "16", "--windows", "2")  # fmt: skip
+    assert rc == 0 and "\nkl " in stdout
+
+
 def test_w_method_gptq(capsys, llama_dir, outs, text_file):
     rc, stdout, _ = run(capsys, "quantize", "--model_path", llama_dir, "--save_directory", outs / "g", "--w_bit", "4",
                         "--group_size", "32", "--w_method", "gptq", "--desc_act", "True", "--calib_file", text_file,
