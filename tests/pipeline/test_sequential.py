@@ -80,3 +80,38 @@ def test_gptq_on_an_encoder(bert, input_ids):
     assert len(bert.slimquant_report.layers) == 12  # 2 layers x (q, k, v, attn out, intermediate, output)
     with torch.no_grad():
         assert float((bert(input_ids).last_hidden_state - ref).abs().max()) < 1.0
+
+
+class _Block(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = torch.nn.Linear(32, 32)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return hidden_states + torch.relu(self.fc(hidden_states))
+
+
+class _Net(torch.nn.Module):
+    """A plain module whose blocks take the hidden states by keyword; found by the generic block search."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = torch.nn.ModuleList(_Block() for _ in range(3))
+        self.head = torch.nn.Linear(32, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for b in self.blocks:
+            x = b(hidden_states=x)
+        return self.head(x)
+
+
+def test_gptq_on_a_plain_module_with_keyword_block_inputs():
+    torch.manual_seed(0)
+    net = _Net().eval()
+    assert block_list(net) == "blocks"
+    calib = [torch.randn(16, 32) for _ in range(4)]
+    slimquant.quantize(net, Recipe(weight=QuantSpec("int4", Granularity.PER_CHANNEL), algorithm="gptq"),
+                       calib_data=calib, show_progress=False)  # fmt: skip
+    assert [r["name"] for r in net.slimquant_report.layers][-3:] == ["blocks.0.fc", "blocks.1.fc", "blocks.2.fc"]
+    assert all(r["samples"] == 64 for r in net.slimquant_report.layers if r["name"].startswith("blocks."))
+    assert net.slimquant_report.skipped == {"head": "disable_last_linear"}

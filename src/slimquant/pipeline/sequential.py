@@ -76,6 +76,16 @@ def _hidden(out: Any) -> torch.Tensor:
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
+def _next_inputs(hidden: torch.Tensor, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """The next block's arguments: this block's, with the hidden states replaced (positional or keyword)."""
+    if args:
+        return (hidden, *args[1:]), kwargs
+    if "hidden_states" in kwargs:
+        return args, {**kwargs, "hidden_states": hidden}
+    raise SlimquantError("cannot tell which block argument holds the hidden states (no positional argument, "
+                         "no hidden_states keyword)")  # fmt: skip
+
+
 def quantize_sequential(model: nn.Module, recipe: Recipe, plans: list[Any], calib_data: Any,
                         show_progress: bool = True) -> tuple[list[dict], set[str]]:  # fmt: skip
     """GPTQ every planned linear layer that lies inside the model's repeated blocks, block by block.
@@ -119,7 +129,7 @@ def quantize_sequential(model: nn.Module, recipe: Recipe, plans: list[Any], cali
             errors.append(rows[-1]["output_error"])
             done.add(lp.name)
         with torch.no_grad():  # the quantized block's outputs feed the next block
-            inputs = [((_hidden(block(*args, **kwargs)), *args[1:]), kwargs) for args, kwargs in inputs]
+            inputs = [_next_inputs(_hidden(block(*args, **kwargs)), args, kwargs) for args, kwargs in inputs]
         if errors:
             bar.set_postfix(rel_output_error=f"{max(errors):.2e}")
     return rows, done
