@@ -45,6 +45,9 @@ def test_gptq_quantizes_every_block_linear_and_beats_rtn(llama, calib, input_ids
     rows = llama.slimquant_report.layers
     assert len(rows) == 14 and all(r["algorithm"] == "gptq" for r in rows)  # 2 blocks x 7 linears
     assert all(0 <= r["output_error"] < 1 and r["samples"] == 8 * 16 for r in rows)
+    shared = {r["name"].split(".", 3)[-1]: r.get("hessian_shared_with", "").split(".", 3)[-1] for r in rows[:7]}
+    assert shared == {"self_attn.q_proj": "", "self_attn.k_proj": "self_attn.q_proj", "self_attn.v_proj": "self_attn.q_proj",
+                      "self_attn.o_proj": "", "mlp.gate_proj": "", "mlp.up_proj": "mlp.gate_proj", "mlp.down_proj": ""}  # fmt: skip
     assert isinstance(llama.model.layers[1].mlp.down_proj, QLinear)
     assert llama.model.layers[1].mlp.down_proj.method["algorithm"] == "gptq"
     with torch.no_grad():

@@ -38,15 +38,16 @@ class GPTQResult:
 
 
 class HessianAccumulator:
-    """Running ``H = 2/N * sum x^T x`` over calibration inputs ``x`` ``[..., k]`` (float64 accumulation)."""
+    """Running ``H = 2/N * sum x^T x`` over calibration inputs ``x`` ``[..., k]`` (float32, as GPTQ's
+    reference implementation)."""
 
     def __init__(self, k: int) -> None:
         self.k = k
-        self.h = torch.zeros(k, k, dtype=torch.float64)
+        self.h = torch.zeros(k, k, dtype=torch.float32)
         self.n = 0
 
     def add(self, x: torch.Tensor) -> None:
-        x = x.detach().reshape(-1, x.shape[-1]).to(torch.float64)
+        x = x.detach().reshape(-1, x.shape[-1]).float()
         if x.shape[1] != self.k:
             raise ValueError(f"input width {x.shape[1]} does not match the Hessian's {self.k}")
         m = x.shape[0]
@@ -56,7 +57,7 @@ class HessianAccumulator:
         self.n += m
 
     def hessian(self) -> torch.Tensor:
-        return self.h.float()
+        return self.h.clone()
 
 
 def _inverse_cholesky(h: torch.Tensor, percdamp: float, retries: int) -> tuple[torch.Tensor, float]:

@@ -110,22 +110,35 @@ def quantize_sequential(model: nn.Module, recipe: Recipe, plans: list[Any], cali
         block = blocks[bi]
         layer_plans = by_block.get(bi, [])
         accs = {lp.name: HessianAccumulator(model.get_submodule(lp.name).in_features) for lp in layer_plans}
+        # Layers fed the very same tensor (q/k/v, gate/up) share one Hessian: accumulated once, by the
+        # first of them to see it in each forward.
+        owner: dict[str, str] = {}
+        seen: dict[tuple, tuple[str, torch.Tensor]] = {}  # holding the tensor keeps its memory from reuse
         handles = []
         for lp in layer_plans:
-            def hook(_m: nn.Module, args: tuple, acc: HessianAccumulator = accs[lp.name]) -> None:
-                acc.add(args[0])
+            def hook(_m: nn.Module, args: tuple, name: str = lp.name) -> None:
+                x = args[0]
+                key = (x.data_ptr(), tuple(x.shape), tuple(x.stride()))
+                first = seen.setdefault(key, (name, x))[0]
+                if first == name:
+                    accs[name].add(x)
+                else:
+                    owner[name] = first
 
             handles.append(model.get_submodule(lp.name).register_forward_pre_hook(hook))
         try:
             with torch.no_grad():
                 for args, kwargs in inputs:
+                    seen.clear()
                     block(*args, **kwargs)
         finally:
             for h in handles:
                 h.remove()
         errors = []
         for lp in layer_plans:
-            rows.append(_solve_layer(model, lp, accs[lp.name], recipe))
+            rows.append(_solve_layer(model, lp, accs[owner.get(lp.name, lp.name)], recipe))
+            if lp.name in owner:
+                rows[-1]["hessian_shared_with"] = owner[lp.name]
             errors.append(rows[-1]["output_error"])
             done.add(lp.name)
         with torch.no_grad():  # the quantized block's outputs feed the next block
