@@ -1,0 +1,152 @@
+"""Low-bit weight benchmark (issue 4, first part): RTN, RTN + clipping search and GPTQ on smollm2-135m.
+
+Usage:
+    python benchmarks/gptq.py            # full run, rewrites the gptq section of BENCHMARKS.md
+    python benchmarks/gptq.py --quick    # 1 window per text, two configs, prints only
+
+Same evaluation text, windows and metrics as benchmarks/weight_only.py (whose helpers it reuses);
+calibration as benchmarks/w8a8.py (token windows of the calibration plays, never the evaluation plays).
+Every config runs in its own process: load float, quantize, save, reload from disk, evaluate.
+Not measured yet (issue 4): AWQ, GPTQ + AWQ, llm-compressor's GPTQModifier.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import text as corpus  # noqa: E402
+import w8a8  # noqa: E402
+import weight_only as wo  # noqa: E402
+
+# name -> (bits, group size or None, algorithm, clip search, act order)
+SHAPES = {"W4A16 g64": (4, 64), "W4A16 per-channel": (4, None), "W3A16 g64": (3, 64), "W2A16 g32": (2, 32)}
+METHODS = {"RTN": ("rtn", False, False), "RTN +clip": ("rtn", True, False), "GPTQ": ("gptq", False, False),
+           "GPTQ act-order": ("gptq", False, True)}  # fmt: skip
+CONFIGS: dict[str, dict] = {"float32": {"kind": "float"}}
+for shape, (bits, group) in SHAPES.items():
+    for method, (algo, clip, act) in METHODS.items():
+        CONFIGS[f"{shape} {method}"] = {"kind": "ours", "bits": bits, "group": group, "algo": algo, "clip": clip, "act": act}
+QUICK = {"float32", "W4A16 g64 GPTQ"}
+
+
+def recipe_for(cfg: dict):
+    from slimquant import QuantSpec, Recipe
+
+    gran = "per_group" if cfg["group"] else "per_channel"
+    spec = QuantSpec(f"int{cfg['bits']}", gran, cfg["group"], symmetric=False, zero_point="float")
+    return Recipe(weight=spec, algorithm=cfg["algo"], clip_search=cfg["clip"], gptq_act_order=cfg["act"])
+
+
+def child_main(args: argparse.Namespace) -> None:
+    import slimquant as sq
+    from slimquant.eval.size import checkpoint_bytes
+
+    torch.manual_seed(0)
+    cfg = CONFIGS[args.config]
+    res: dict = {}
+    with tempfile.TemporaryDirectory(dir=wo.OUT) as tmp:
+        lm = sq.load_model(args.model)
+        tok, model = lm.tokenizer, lm.model
+        ckpt = Path(tmp) / "ckpt"
+        if cfg["kind"] == "float":
+            model.save_pretrained(ckpt, safe_serialization=True)
+            res.update(quantize_s=0.0, ckpt_bytes=checkpoint_bytes(ckpt), peak_rss_quantize_mib=wo.peak_rss_mib())
+        else:
+            recipe = recipe_for(cfg)
+            calib = w8a8.calibration(tok) if recipe.needs_calibration else None
+            t0 = time.perf_counter()
+            sq.quantize(model, recipe, calib_data=calib, show_progress=False)
+            res["quantize_s"] = time.perf_counter() - t0
+            res["peak_rss_quantize_mib"] = wo.peak_rss_mib()
+            fallbacks = [r["name"] for r in model.slimquant_report.layers if r.get("fallback")]
+            res["rtn_fallbacks"] = len(fallbacks)
+            sq.save(model, ckpt, tokenizer=tok)
+            res["ckpt_bytes"] = checkpoint_bytes(ckpt)
+            del model, lm.model
+            model = sq.load(ckpt)
+        res.update(wo.eval_llm(model, wo.eval_windows(tok, args.windows), Path(args.ref)))
+    Path(args.result).write_text(json.dumps(res))
+
+
+def fmt(rows: dict[str, dict]) -> str:
+    out = ["| config | perplexity | KL/token | KL vs RTN | top-1 | quantize s | peak RSS MiB | ckpt MiB |",
+           "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for name, r in rows.items():
+        method = next((m for m in METHODS if m != "RTN" and name.endswith(" " + m)), None)
+        base = rows.get(name[: -len(method)] + "RTN") if method else None
+        vs = f"{r['kl'] / base['kl']:.2f}x" if base and base["kl"] > 0 else "-"
+        out.append(f"| {name} | {r['perplexity']:.3f} | {r['kl']:.5f} | {vs} | {r['top1']:.4f} | {r['quantize_s']:.1f} | "
+                   f"{r['peak_rss_quantize_mib']:.0f} | {r['ckpt_bytes'] / 2**20:.1f} |")  # fmt: skip
+    return "\n".join(out)
+
+
+def write_section(report: str) -> None:
+    path = HERE.parent / "BENCHMARKS.md"
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    begin, end = "<!-- gptq:begin -->", "<!-- gptq:end -->"
+    block = f"{begin}\n{report}\n{end}"
+    if begin in text:
+        text = text[: text.index(begin)] + block + text[text.index(end) + len(end) :]
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    path.write_text(text)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--child", action="store_true")
+    ap.add_argument("--model"), ap.add_argument("--config"), ap.add_argument("--ref"), ap.add_argument("--result")
+    ap.add_argument("--windows", type=int, default=wo.WINDOWS_PER_TEXT)
+    args = ap.parse_args()
+    if args.child:
+        child_main(args)
+        return
+    wo.OUT.mkdir(exist_ok=True)
+    windows = 1 if args.quick else wo.WINDOWS_PER_TEXT
+    t_start = time.perf_counter()
+    ref = wo.reference(wo.LLM, windows)
+    rows: dict[str, dict] = {}
+    for name in CONFIGS:
+        if args.quick and name not in QUICK:
+            continue
+        rows[name] = wo.run_config(wo.LLM, name, ref, windows, script=__file__)
+        print(f"{name}: {json.dumps({k: round(v, 5) if isinstance(v, float) else v for k, v in rows[name].items()})}", flush=True)
+    import transformers
+
+    tokens = rows["float32"]["tokens"]
+    report = "\n".join([
+        "## Low-bit weights (issue 4, first part): RTN vs GPTQ",
+        "",
+        f"Command: `.venv/bin/python benchmarks/gptq.py`. Machine: {torch.get_num_threads()} threads, {platform.machine()}, "
+        f"torch {torch.__version__}, transformers {transformers.__version__}; one run, {(time.perf_counter() - t_start) / 60:.1f} min.",
+        "",
+        f"**smollm2-135m**: the weight-only benchmark's text and windows ({len(corpus.EVAL_FILES) * windows} windows x "
+        f"{wo.SEQ_LEN} tokens, {tokens} predicted tokens; KL(float || quantized) per token). All rows asymmetric with a float "
+        "zero point (the best RTN variant of the weight-only table). GPTQ: `--w_method gptq` (percdamp 0.01, blocks of 128 "
+        f"columns), calibrated on {w8a8.CALIB_WINDOWS} windows x {w8a8.CALIB_SEQ_LEN} tokens of "
+        f"{', '.join(corpus.CALIB_FILES)} (seed 0), block by block with the whole model in memory; act-order visits "
+        "columns by decreasing Hessian diagonal with static groups. *KL vs RTN* = this row's KL / the same shape's RTN KL. "
+        "lm_head stays float; every row is measured on the checkpoint reloaded from disk. Not measured yet: AWQ, "
+        "GPTQ + AWQ, llm-compressor.",
+        "",
+        fmt(rows),
+    ])
+    print()
+    print(report)
+    if not args.quick:
+        write_section(report)
+
+
+if __name__ == "__main__":
+    main()
