@@ -37,6 +37,7 @@ bench: venv
 	$(PY) benchmarks/weight_only.py
 	$(PY) benchmarks/w8a8.py
 	$(PY) benchmarks/speed.py
+	$(PY) benchmarks/gptq.py
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info
