@@ -90,18 +90,6 @@ def fmt(rows: dict[str, dict]) -> str:
     return "\n".join(out)
 
 
-def write_section(report: str) -> None:
-    path = HERE.parent / "BENCHMARKS.md"
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    begin, end = "<!-- gptq:begin -->", "<!-- gptq:end -->"
-    block = f"{begin}\n{report}\n{end}"
-    if begin in text:
-        text = text[: text.index(begin)] + block + text[text.index(end) + len(end) :]
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    path.write_text(text)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
@@ -145,7 +133,7 @@ def main() -> None:
     print()
     print(report)
     if not args.quick:
-        write_section(report)
+        wo.write_section(report, "gptq")
 
 
 if __name__ == "__main__":

@@ -46,6 +46,7 @@ from torch import nn
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import text as corpus  # noqa: E402
+import weight_only as wo  # noqa: E402
 
 LLM = "smollm2-135m"
 THREADS = 2
@@ -309,18 +310,6 @@ def render(res, top1, cats, tops, quant_s, rounds, elapsed) -> str:
     ])
 
 
-def write_section(report: str) -> None:
-    path = HERE.parent / "BENCHMARKS.md"
-    begin, end = "<!-- speed:begin -->", "<!-- speed:end -->"
-    text = path.read_text() if path.exists() else "# Benchmarks\n\nNumbers come only from the committed scripts named in each section.\n\n"
-    block = f"{begin}\n{report}\n{end}"
-    if begin in text and end in text:
-        text = text[: text.index(begin)] + block + text[text.index(end) + len(end) :]
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    path.write_text(text)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="1 round, 16 new tokens, 5 steps; no BENCHMARKS.md")
@@ -350,7 +339,7 @@ def main() -> None:
     report = render(res, top1, cats, tops, quant_s, rounds, time.perf_counter() - t_start)
     print(report)
     if not args.quick:
-        write_section(report)
+        wo.write_section(report, "speed")
 
 
 if __name__ == "__main__":

@@ -474,9 +474,11 @@ def render(llm_rows, enc_rows, llm_float, enc_float, tokens, dl, elapsed) -> str
     return "\n".join(parts)
 
 
-def write_section(report: str) -> None:
+def write_section(report: str, name: str = "weight-only") -> None:
+    """Replace the ``<!-- {name}:begin/end -->`` block of BENCHMARKS.md (or append it); prose outside the
+    markers is kept. Every benchmark script writes its section through this."""
     path = HERE.parent / "BENCHMARKS.md"
-    begin, end = "<!-- weight-only:begin -->", "<!-- weight-only:end -->"
+    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
     text = path.read_text() if path.exists() else "# Benchmarks\n\nNumbers come only from the committed scripts named in each section.\n\n"
     block = f"{begin}\n{report}\n{end}"
     if begin in text and end in text:

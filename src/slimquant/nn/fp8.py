@@ -22,11 +22,11 @@ import torch
 from torch import nn
 
 from slimquant.kernels import fp8 as kf
-from slimquant.nn.modules import QModule
+from slimquant.nn.w8a8 import QuantizedInputLinear
 from slimquant.types.spec import QuantSpec
 
 
-class QLinearFP8(QModule):
+class QLinearFP8(QuantizedInputLinear):
     """``nn.Linear`` with fp8 e4m3 weights and fp8 inputs (static per-tensor or dynamic per-token)."""
 
     def __init__(self, in_features: int, out_features: int, spec: QuantSpec, input_spec: QuantSpec,
@@ -68,17 +68,6 @@ class QLinearFP8(QModule):
         if self.input_spec.dynamic:
             return kf.get_kernel("linear_fp8_dynamic", self.kernel)(x, self.weight, self.weight_scale, self.bias)
         return kf.get_kernel("linear_fp8_static", self.kernel)(x, self.input_scale, self.weight, self.weight_scale, self.bias)
-
-    # -- checkpoint codec ----------------------------------------------------------------------
-    def manifest_args(self) -> dict[str, Any]:
-        return {"in_features": self.in_features, "out_features": self.out_features,
-                "input_spec": self.input_spec.to_dict()}  # fmt: skip
-
-    @classmethod
-    def from_manifest(cls, entry: dict[str, Any]) -> "QLinearFP8":
-        spec, dtype, bias, args = cls._entry_basics(entry)
-        input_spec = QuantSpec.from_dict(args["input_spec"])
-        return cls(args["in_features"], args["out_features"], spec, input_spec, bias, dtype, "meta")
 
     def tensor_label(self) -> str:
         return "WFP8AFP8_DYNAMIC" if self.input_spec.dynamic else "WFP8AFP8"

@@ -44,7 +44,26 @@ def deq_scale_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.int64 if dtype == torch.float16 else torch.float32
 
 
-class QLinearW8A8(QModule):
+class QuantizedInputLinear(QModule):
+    """Checkpoint codec shared by linear layers that also quantize their input (int8 and fp8 W8A8): the
+    constructor takes ``(in_features, out_features, spec, input_spec, bias, dtype, device)``."""
+
+    in_features: int
+    out_features: int
+    input_spec: QuantSpec
+
+    def manifest_args(self) -> dict[str, Any]:
+        return {"in_features": self.in_features, "out_features": self.out_features,
+                "input_spec": self.input_spec.to_dict()}  # fmt: skip
+
+    @classmethod
+    def from_manifest(cls, entry: dict[str, Any]) -> "QuantizedInputLinear":
+        spec, dtype, bias, args = cls._entry_basics(entry)
+        input_spec = QuantSpec.from_dict(args["input_spec"])
+        return cls(args["in_features"], args["out_features"], spec, input_spec, bias, dtype, "meta")  # type: ignore[call-arg]
+
+
+class QLinearW8A8(QuantizedInputLinear):
     """``nn.Linear`` with int8 weights and int8 inputs (static per-tensor or dynamic per-token)."""
 
     def __init__(
@@ -139,20 +158,10 @@ class QLinearW8A8(QModule):
         return op(x, self.input_scale, self.input_offset, self.weight, self.float_deq_scale(), self.quant_bias)
 
     # -- checkpoint codec ----------------------------------------------------------------------
-    def manifest_args(self) -> dict[str, Any]:
-        return {"in_features": self.in_features, "out_features": self.out_features,
-                "input_spec": self.input_spec.to_dict()}  # fmt: skip
-
     def manifest_entry(self) -> dict[str, Any]:
         entry = super().manifest_entry()
-        entry["bias"] = self.has_bias
+        entry["bias"] = self.has_bias  # the static layout folds the bias into quant_bias
         return entry
-
-    @classmethod
-    def from_manifest(cls, entry: dict[str, Any]) -> "QLinearW8A8":
-        spec, dtype, bias, args = cls._entry_basics(entry)
-        input_spec = QuantSpec.from_dict(args["input_spec"])
-        return cls(args["in_features"], args["out_features"], spec, input_spec, bias, dtype, "meta")
 
     def tensor_label(self) -> str:
         return "W8A8_DYNAMIC" if self.input_spec.dynamic else "W8A8"

@@ -17,7 +17,7 @@ from transformers.cache_utils import DynamicCache
 from slimquant.errors import SlimquantError
 from slimquant.math.qparams import qparams_from_minmax
 from slimquant.nn.kv_cache import attach_kv_scales, kv_projections
-from slimquant.pipeline.calibrate import run_batches
+from slimquant.pipeline.calibrate import model_inputs, run_batches
 from slimquant.types.qtype import qtype as lookup_qtype
 
 log = logging.getLogger(__name__)
@@ -41,12 +41,8 @@ class _ObservingCache(DynamicCache):
 
 
 def _with_cache(calib_data: Any, stats: dict) -> list[dict[str, Any]]:
-    if isinstance(calib_data, torch.Tensor) and calib_data.dtype in (torch.int32, torch.int64) and calib_data.dim() == 2:
-        items: list[Any] = [{"input_ids": row[None]} for row in calib_data]
-    else:
-        items = list(calib_data)
     out = []
-    for item in items:
+    for item in model_inputs(calib_data):
         if isinstance(item, torch.Tensor):
             item = {"input_ids": item}
         if not isinstance(item, dict):
