@@ -1,4 +1,4 @@
-"""Int8 kernel micro-benchmark: fast and reference kernels of :mod:`slimquant.kernels.int8` vs ``F.linear``.
+"""Int8 kernel micro-benchmark: native, torch and reference kernels of :mod:`slimquant.kernels.int8` vs ``F.linear``.
 
 Usage:
     python benchmarks/int8_kernels.py                 # smollm2-135m linear shapes, M = 1 and 512, 1 thread
@@ -43,7 +43,9 @@ def candidates(m: int, k: int, n: int) -> dict[str, tuple[str, Callable[[], obje
         "fp32 F.linear": ("", lambda: F.linear(x, w_fp32, bias)),
         "bf16 F.linear": ("", lambda: F.linear(xb, w_bf16)),
     }
-    for impl in ("fast", "reference"):
+    from slimquant.kernels import native
+
+    for impl in ("native", "torch", "reference") if native.available() else ("torch", "reference"):
         dyn, sta, w16 = (get_kernel(op, impl) for op in ("linear_w8a8_dynamic", "linear_w8a8_static", "linear_w8a16"))
         out[f"w8a8_dynamic {impl}"] = ("fp32 F.linear", lambda f=dyn: f(x, w, ws, bias))
         out[f"w8a8_static {impl}"] = ("fp32 F.linear", lambda f=sta: f(x, s, off, w, dq, qb))

@@ -18,11 +18,14 @@ machine load; tables show the median over rounds and ratios are float32 time / m
              64 and for 1 new token; tokens/s = 63 / (t64 - t1), so the prompt's prefill is excluded
     step     one bare decode forward (1 token, KV cache of the prompt, cropped back after each call): the
              model's own per-token cost without ``generate``'s bookkeeping
+    split    one more prefill per model with forward hooks timing the Linear-like layers: the share of the
+             prefill the quantized kernels can change at all
 Then one decode step per model runs under ``torch.profiler`` (record_shapes off). Forward hooks (removed
 afterwards) wrap every Linear-like module in a ``record_function`` range, so op self-times split into
-matmul kernels, the other aten ops of the linear layers (quantize, rescale, dequantize, dtype casts),
-attention, the model's remaining aten ops, and interpreter time between ops (python; a range's self-time is
-python inside the layer's forward). The profiler adds a few microseconds per op: read shares, not totals.
+matmul kernels, the native C++ kernels (their ``slimquant::*`` ranges), the other aten ops of the linear
+layers (quantize, rescale, dequantize, dtype casts), attention, the model's remaining aten ops, and
+interpreter time between ops (python; a range's self-time is python inside the layer's forward). The
+profiler adds a few microseconds per op: read shares, not totals.
 
 ``torch.set_num_threads(2)`` (the benchmark machine's 2 cores): the numbers are for two intra-op threads.
 """
@@ -58,6 +61,7 @@ CALIB_WINDOWS, CALIB_LEN = 8, 256
 ROUNDS = 5
 STEPS = 20  # bare decode steps timed per model per round
 MATMUL_OPS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::_int_mm", "aten::_weight_int8pack_mm"}
+NATIVE_PREFIX = "slimquant::"  # the native kernels' profiler ranges (slimquant.kernels.native)
 ATTENTION_OPS = {"aten::_scaled_dot_product_flash_attention_for_cpu", "aten::scaled_dot_product_attention",
                  "aten::_scaled_dot_product_attention_math"}  # fmt: skip
 LINEAR_RANGE = "linear_layer"
@@ -159,6 +163,36 @@ def agreement(models: dict[str, nn.Module], window: torch.Tensor) -> dict[str, f
     return {n: float((lg.argmax(-1) == ref).float().mean()) for n, lg in logits.items()}
 
 
+def prefill_split(models: dict[str, nn.Module], window: torch.Tensor, reps: int = 3) -> dict[str, tuple[float, float]]:
+    """Per model, median over ``reps`` prefills (``logits_to_keep=1``) of (seconds, seconds inside Linear-like
+    layers), timed by forward hooks: how much of the prefill the quantized kernels can touch at all."""
+    out = {}
+    for name, m in models.items():
+        inside = [0.0]
+
+        def pre(mod, args):
+            mod._sq_t0 = time.perf_counter()
+
+        def post(mod, args, res):
+            inside[0] += time.perf_counter() - mod._sq_t0
+
+        handles = [h for mod in m.modules() if linear_like(mod)
+                   for h in (mod.register_forward_pre_hook(pre), mod.register_forward_hook(post))]  # fmt: skip
+        totals, lin = [], []
+        try:
+            with torch.inference_mode():
+                m(window, logits_to_keep=1)
+                for _ in range(reps):
+                    inside[0] = 0.0
+                    totals.append(timed(lambda: m(window, logits_to_keep=1)))
+                    lin.append(inside[0])
+        finally:
+            for h in handles:
+                h.remove()
+        out[name] = (statistics.median(totals), statistics.median(lin))
+    return out
+
+
 # -- profile of one decode step --------------------------------------------------------------------
 
 
@@ -205,6 +239,8 @@ def profile_step(model: nn.Module, step: DecodeStep) -> tuple[dict[str, float], 
         t = e.self_cpu_time_total * 1e-6
         if e.name == LINEAR_RANGE:
             cat["linear: python"] += t
+        elif e.name.startswith(NATIVE_PREFIX):
+            cat["linear: native kernel"] += t
         elif e.name in MATMUL_OPS:
             cat["linear: matmul" if inside else "other: matmul"] += t
         elif inside:
@@ -219,7 +255,7 @@ def profile_step(model: nn.Module, step: DecodeStep) -> tuple[dict[str, float], 
     return dict(cat), prof.key_averages()
 
 
-CATEGORIES = ("linear: matmul", "linear: other aten ops", "linear: python", "attention (sdpa)",
+CATEGORIES = ("linear: matmul", "linear: native kernel", "linear: other aten ops", "linear: python", "attention (sdpa)",
               "model: other aten ops", "model: python + generate-free glue")  # fmt: skip
 
 
@@ -272,8 +308,20 @@ def profile_table(cats: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
-def render(res, top1, cats, tops, quant_s, rounds, elapsed) -> str:
+def split_table(split: dict[str, tuple[float, float]]) -> str:
+    f_total, f_lin = split["float32"]
+    lines = ["| model | prefill ms | in linear layers ms | rest of the model ms | linear layers vs fp32 |",
+             "|---|---|---|---|---|"]  # fmt: skip
+    for name, (total, lin) in split.items():
+        lines.append(f"| {name} | {total * 1e3:.0f} | {lin * 1e3:.0f} ({lin / total:.0%}) | {(total - lin) * 1e3:.0f} | "
+                     f"{f_lin / lin:.2f}x |")  # fmt: skip
+    return "\n".join(lines)
+
+
+def render(res, top1, cats, tops, quant_s, rounds, elapsed, split) -> str:
     import transformers
+
+    from slimquant.kernels import native
 
     return "\n".join([
         "## Speed (issue 3): prefill and decode, float32 vs W8A16 vs W8A8 (CPU, batch 1)",
@@ -293,14 +341,24 @@ def render(res, top1, cats, tops, quant_s, rounds, elapsed) -> str:
         f"{PROMPT_LEN} of those tokens (`min_new_tokens == max_new_tokens`); tokens/s = {NEW_TOKENS - 1} / "
         "(t64 - t1). Bare step: one `model(token, past_key_values=cache)` call (median of "
         f"{STEPS} per round); generate overhead = generate's time per token - bare step. ± = (max - min) / median "
-        "over rounds. Quantize time: " + ", ".join(f"{n} {s:.1f} s" for n, s in quant_s.items()) + ".",
+        "over rounds. Quantize time: " + ", ".join(f"{n} {s:.1f} s" for n, s in quant_s.items()) + ". "
+        f"Quantized layers run the default `fast` kernels: native C++ ({native.cpu_features()}) when built, "
+        f"else torch ops{'' if native.available() else ' (native unavailable here: ' + str(native.unavailable_reason()) + ')'}.",
         "",
         speed_table(res, top1),
+        "",
+        "**Prefill split** (one more prefill per model, median of 3, forward hooks timing every Linear-like "
+        "layer, lm_head included): the quantized kernels only change the time inside the linear layers; "
+        "attention, norms, rotary embeddings and the MLP's activation stay float32 in every model.",
+        "",
+        split_table(split),
         "",
         "**Where one decode step goes** (torch.profiler, record_shapes off, one step after the prompt; forward "
         "hooks put each Linear / QLinear / QLinearW8A8 call in a range). *linear: matmul* = `mm`/`addmm`/`_int_mm` "
         "inside the linear layers (lm_head included); *linear: other aten ops* = everything else the layers run "
-        "(per-token quantize, rescale, dequantize, casts, `t`/views of `F.linear`); *linear: python* = interpreter "
+        "(per-token quantize, rescale, dequantize, casts, `t`/views of `F.linear`); *linear: native kernel* = "
+        "the C++ kernels' own time (quantize, GEMV, rescale; a `_int_mm` they call counts as matmul); "
+        "*linear: python* = interpreter "
         "time inside the layers' forwards (hooks included); *model: python* = the rest of the step not inside any "
         "aten op. The profiler adds a few us per op, so the shares of small ops are inflated.",
         "",
@@ -331,12 +389,13 @@ def main() -> None:
     window = token_window(lm.tokenizer)
     top1 = agreement(models, window)
     res = measure(models, window, rounds, steps, new_tokens)
+    split = prefill_split(models, window)
     cats, tops = {}, {}
     for name, m in models.items():
         cats[name], averages = profile_step(m, DecodeStep(m, window[:, :PROMPT_LEN]))
         if name in ("float32", "W8A8 dynamic", "W8A16"):
             tops[name] = top_ops(averages, 12)
-    report = render(res, top1, cats, tops, quant_s, rounds, time.perf_counter() - t_start)
+    report = render(res, top1, cats, tops, quant_s, rounds, time.perf_counter() - t_start, split)
     print(report)
     if not args.quick:
         wo.write_section(report, "speed")

@@ -177,3 +177,17 @@ def factories() -> dict:
 @pytest.fixture
 def eval_text() -> str:
     return EVAL_TEXT
+
+
+@pytest.fixture
+def native_lib():
+    """The compiled native CPU kernels (:mod:`slimquant.kernels.native`). Skipped only when the user turned
+    them off with ``SLIMQUANT_NATIVE=0``; a failed build fails the test with the reason (CI has a compiler)."""
+    import os
+
+    from slimquant.kernels import native
+
+    if os.environ.get("SLIMQUANT_NATIVE", "1").strip().lower() in ("0", "false", "no", "off"):
+        pytest.skip("native kernels disabled by SLIMQUANT_NATIVE=0")
+    assert native.available(), f"native CPU kernels failed to build: {native.unavailable_reason()}"
+    return native

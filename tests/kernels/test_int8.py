@@ -17,6 +17,16 @@ from slimquant.kernels.int8 import (
     get_kernel,
 )
 
+
+
+@pytest.fixture(params=["torch", "native", "fast"])
+def impl(request: pytest.FixtureRequest) -> str:
+    """Implementations of the linear ops that must agree with the reference ("fast" is native or torch)."""
+    if request.param == "native":
+        request.getfixturevalue("native_lib")
+    return request.param
+
+
 # (leading dims of x, k, n): M = 1, 3, 17, 0, 3-D; k and n odd or not multiples of 8
 SHAPES = [((1,), 576, 192), ((3,), 41, 24), ((17,), 40, 7), ((2, 5), 33, 9), ((0,), 16, 8), ((4,), 1, 3)]
 
@@ -98,13 +108,13 @@ def test_int8_matmul_extremes_are_exact() -> None:
 
 @pytest.mark.parametrize("with_bias", [False, True])
 @pytest.mark.parametrize(("lead", "k", "n"), SHAPES)
-def test_w8a8_dynamic_fast_equals_reference(lead: tuple[int, ...], k: int, n: int, with_bias: bool) -> None:
+def test_w8a8_dynamic_fast_equals_reference(lead: tuple[int, ...], k: int, n: int, with_bias: bool, impl: str) -> None:
     g = _gen(2)
     x = _x(lead, k, g)
     w, ws = _weights(n, k, g)
     bias = torch.randn(n, generator=g) if with_bias else None
     ref = get_kernel("linear_w8a8_dynamic")(x, w, ws, bias)
-    out = get_kernel("linear_w8a8_dynamic", "fast")(x, w, ws, bias)
+    out = get_kernel("linear_w8a8_dynamic", impl)(x, w, ws, bias)
     assert out.shape == (*lead, n) and out.dtype == x.dtype
     assert torch.equal(out, ref)  # same int32 accumulators, same float op order
 
@@ -123,12 +133,13 @@ def test_w8a8_dynamic_matches_its_definition_and_float() -> None:
     assert rel < 0.02  # activation rounding only; observed 0.0064
 
 
-def test_w8a8_dynamic_bf16_input() -> None:
+@pytest.mark.parametrize("rows", [2, 5])
+def test_w8a8_dynamic_bf16_input(impl: str, rows: int) -> None:
     g = _gen(4)
-    x = torch.randn(5, 64, generator=g).to(torch.bfloat16)
+    x = torch.randn(rows, 64, generator=g).to(torch.bfloat16)
     w, ws = _weights(24, 64, g)
     ref = get_kernel("linear_w8a8_dynamic")(x, w, ws)
-    out = get_kernel("linear_w8a8_dynamic", "fast")(x, w, ws)
+    out = get_kernel("linear_w8a8_dynamic", impl)(x, w, ws)
     assert out.dtype == torch.bfloat16 and torch.equal(out, ref)
 
 
@@ -146,10 +157,10 @@ def _static_case(lead: tuple[int, ...], k: int, n: int, seed: int = 5):
 
 
 @pytest.mark.parametrize(("lead", "k", "n"), SHAPES)
-def test_w8a8_static_fast_equals_reference(lead: tuple[int, ...], k: int, n: int) -> None:
+def test_w8a8_static_fast_equals_reference(lead: tuple[int, ...], k: int, n: int, impl: str) -> None:
     x, w, _, _, s, off, qb, dq = _static_case(lead, k, n)
     ref = get_kernel("linear_w8a8_static")(x, s, off, w, dq, qb)
-    out = get_kernel("linear_w8a8_static", "fast")(x, s, off, w, dq, qb)
+    out = get_kernel("linear_w8a8_static", impl)(x, s, off, w, dq, qb)
     assert out.shape == (*lead, n) and out.dtype == torch.float32
     assert torch.equal(out, ref)
 
@@ -191,10 +202,10 @@ def test_folded_static_equals_float_formula(lead: tuple[int, ...], k: int, n: in
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_w8a8_static_low_precision_input(dtype: torch.dtype) -> None:
+def test_w8a8_static_low_precision_input(dtype: torch.dtype, impl: str) -> None:
     x, w, _, _, s, off, qb, dq = _static_case((3,), 48, 16)
     x = x.to(dtype)
-    out = get_kernel("linear_w8a8_static", "fast")(x, s, off, w, dq, qb)
+    out = get_kernel("linear_w8a8_static", impl)(x, s, off, w, dq, qb)
     assert out.dtype == dtype and torch.equal(out, get_kernel("linear_w8a8_static")(x, s, off, w, dq, qb))
 
 
@@ -215,12 +226,12 @@ def test_deq_scale_int64_round_trip_is_bit_exact() -> None:
 
 
 @pytest.mark.parametrize(("lead", "k", "n"), SHAPES)
-def test_w8a16_fast_float32(lead: tuple[int, ...], k: int, n: int) -> None:
+def test_w8a16_fast_float32(lead: tuple[int, ...], k: int, n: int, impl: str) -> None:
     g = _gen(7)
     x = _x(lead, k, g)
     w, ws = _weights(n, k, g)
     ref = get_kernel("linear_w8a16")(x, w, ws)
-    out = get_kernel("linear_w8a16", "fast")(x, w, ws)
+    out = get_kernel("linear_w8a16", impl)(x, w, ws)
     assert out.shape == (*lead, n) and out.dtype == torch.float32
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
 
@@ -228,19 +239,19 @@ def test_w8a16_fast_float32(lead: tuple[int, ...], k: int, n: int) -> None:
 @pytest.mark.parametrize(
     ("lead", "k"), [((1,), 576), ((3,), 64), ((17,), 32), ((2, 3), 48), ((3,), 40), ((1,), 41), ((130,), 32)]
 )
-def test_w8a16_fast_bfloat16(lead: tuple[int, ...], k: int) -> None:
-    """k % 16 == 0 and M <= 128 run torch._weight_int8pack_mm; k = 40, 41 (wrong or crashing there) and
-    M = 130 take the reference."""
+def test_w8a16_fast_bfloat16(lead: tuple[int, ...], k: int, impl: str) -> None:
+    """torch: k % 16 == 0 and M <= 128 run torch._weight_int8pack_mm; k = 40, 41 (wrong or crashing there)
+    and M = 130 take the reference. native: up to 16 rows in float32, then torch."""
     g = _gen(8)
     x = _x(lead, k, g, torch.bfloat16)
     w, ws = _weights(24, k, g)
     ref = get_kernel("linear_w8a16")(x, w, ws)
-    out = get_kernel("linear_w8a16", "fast")(x, w, ws)
+    out = get_kernel("linear_w8a16", impl)(x, w, ws)
     assert out.dtype == torch.bfloat16 and out.shape == ref.shape
     torch.testing.assert_close(out.float(), ref.float(), rtol=2e-2, atol=2e-2 * ref.float().abs().max().item())
 
 
-def test_w8a16_fast_misaligned_bfloat16_input() -> None:
+def test_w8a16_fast_misaligned_bfloat16_input(impl: str) -> None:
     """An activation view 2 bytes off alignment would segfault torch._weight_int8pack_mm; we copy it."""
     g = _gen(9)
     base = torch.randn(3 * 64 + 1, generator=g).to(torch.bfloat16)
@@ -248,15 +259,15 @@ def test_w8a16_fast_misaligned_bfloat16_input() -> None:
     assert x.data_ptr() % 32 != 0
     w, ws = _weights(16, 64, g)
     ref = get_kernel("linear_w8a16")(x, w, ws)
-    out = get_kernel("linear_w8a16", "fast")(x, w, ws)
+    out = get_kernel("linear_w8a16", impl)(x, w, ws)
     torch.testing.assert_close(out.float(), ref.float(), rtol=2e-2, atol=2e-2 * ref.float().abs().max().item())
 
 
-def test_w8a16_fast_float16_does_not_overflow_before_scaling() -> None:
+def test_w8a16_fast_float16_does_not_overflow_before_scaling(impl: str) -> None:
     x = torch.full((2, 64), 100.0, dtype=torch.float16)  # x @ q.T = 812800 > float16 max
     w = torch.full((4, 64), 127, dtype=torch.int8)
     ws = torch.full((4,), 1e-3)
-    out = get_kernel("linear_w8a16", "fast")(x, w, ws)
+    out = get_kernel("linear_w8a16", impl)(x, w, ws)
     assert out.dtype == torch.float16
     torch.testing.assert_close(out.float(), torch.full((2, 4), 812.8), rtol=1e-3, atol=0.0)
 
@@ -268,7 +279,8 @@ def test_registry_has_reference_and_fast_for_every_op() -> None:
     assert set(KERNELS) == {"quantize_per_token", "int8_matmul", "linear_w8a8_dynamic", "linear_w8a8_static",
                             "linear_w8a16"}
     for op, impls in KERNELS.items():
-        assert set(impls) == {"reference", "fast"}
+        want = {"reference", "fast"} | ({"torch", "native"} if op.startswith("linear_") else set())
+        assert set(impls) == want
         assert get_kernel(op) is impls["reference"]
         assert isinstance(fast_available(op), bool)
     assert fast_available("int8_matmul") == hasattr(torch, "_int_mm")
@@ -288,7 +300,7 @@ def test_registry_errors_list_valid_names() -> None:
     (1, 576, torch.bfloat16, True), (128, 64, torch.bfloat16, True), (129, 64, torch.bfloat16, False),
     (1, 40, torch.bfloat16, False), (1, 576, torch.float32, False), (1, 576, torch.float16, False),
 ])
-def test_w8a16_fast_routes_to_int8pack(
+def test_w8a16_torch_routes_to_int8pack(
     monkeypatch: pytest.MonkeyPatch, m: int, k: int, dtype: torch.dtype, used: bool
 ) -> None:
     if not hasattr(torch, "_weight_int8pack_mm"):
@@ -297,7 +309,7 @@ def test_w8a16_fast_routes_to_int8pack(
     real = torch._weight_int8pack_mm
     monkeypatch.setattr(torch, "_weight_int8pack_mm", lambda *a: calls.append(1) or real(*a))
     w, ws = _weights(8, k, _gen(11))
-    get_kernel("linear_w8a16", "fast")(torch.randn(m, k).to(dtype), w, ws)
+    get_kernel("linear_w8a16", "torch")(torch.randn(m, k).to(dtype), w, ws)
     assert bool(calls) == used
 
 

@@ -1,4 +1,4 @@
-"""Int8 linear kernels: a pure-torch reference and a fast CPU version of every op, chosen explicitly.
+"""Int8 linear kernels: a pure-torch reference and faster versions of every op, chosen explicitly.
 
 Ops (registry key -> signature; weights are int8 ``[n, k]``, symmetric per output channel):
     quantize_per_token   (x) -> (x_int8 [..., k], scale [..., 1] float32)
@@ -7,11 +7,16 @@ Ops (registry key -> signature; weights are int8 ``[n, k]``, symmetric per outpu
     linear_w8a8_static   (x, input_scale, input_offset, w_int8, deq_scale [n], quant_bias [n]) -> [..., n] x.dtype
     linear_w8a16         (x, w_int8, w_scale [n]) -> [..., n] x.dtype
 
-Select with ``get_kernel(op, "reference" | "fast")``. A fast kernel checks the constraints of the
-torch primitive it wraps and computes through the reference where they fail, so it is always safe
-to call; :func:`fast_available` says whether the primitive exists in this torch build.
+Select with ``get_kernel(op, impl)``. Implementations: ``"reference"`` (pure torch, the definition; tests
+compare everything against it), ``"torch"`` (torch primitives, below), ``"native"`` (the C++ kernels of
+:mod:`slimquant.kernels.native`, linear ops only: one call per layer; W8A8 bit-identical to the reference,
+W8A16 equal up to float32 summation order) and ``"fast"`` (native where it runs, i.e. CPU tensors and a
+successful build, else torch; what the modules use). The torch kernels check the constraints of the
+primitive they wrap and compute through the reference where they fail, so they are always safe to call;
+:func:`fast_available` says whether the primitive exists in this torch build. ``"native"`` raises
+:class:`SlimquantError` when the library cannot be built and takes the torch kernel for non-CPU inputs.
 
-Fast paths (torch 2.13 CPU):
+Torch paths (torch 2.13 CPU):
     ``torch._int_mm`` (int8 x int8 -> int32, oneDNN/VNNI): on CPU any M (0, 1, 3, ...) and odd K/N are
     exact, but K == 1, or a size-1 dim with transposed-looking strides, gives wrong numbers: we pass
     row-major copies and use the reference for K < 2. On CUDA it needs M > 16 and K, N multiples of 8,
@@ -32,6 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from slimquant.errors import SlimquantError
+from slimquant.kernels import native
 from slimquant.math.qparams import qparams_from_minmax
 from slimquant.math.quant import quantize
 from slimquant.types.qtype import qtype as lookup_qtype
@@ -145,7 +151,7 @@ def linear_w8a8_dynamic_reference(
     return _w8a8_dynamic(quantize_per_token_reference, int8_matmul_reference, x, w_int8, w_scale, bias)
 
 
-def linear_w8a8_dynamic_fast(
+def linear_w8a8_dynamic_torch(
     x: torch.Tensor, w_int8: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None = None
 ) -> torch.Tensor:
     """:func:`linear_w8a8_dynamic_reference` with ``torch._int_mm``; identical accumulators and outputs."""
@@ -178,7 +184,7 @@ def linear_w8a8_static_reference(
     return (acc.float() * deq_scale.float()).to(x.dtype)
 
 
-def linear_w8a8_static_fast(
+def linear_w8a8_static_torch(
     x: torch.Tensor,
     input_scale: float | torch.Tensor,
     input_offset: int | torch.Tensor,
@@ -263,7 +269,7 @@ def _int8pack_ok(x2: torch.Tensor) -> bool:
     )
 
 
-def linear_w8a16_fast(x: torch.Tensor, w_int8: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
+def linear_w8a16_torch(x: torch.Tensor, w_int8: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
     """Per input, one path:
     bfloat16, M <= 128 rows, k % 16 == 0: ``torch._weight_int8pack_mm`` (scale rounded to bfloat16, so it
     matches the reference to bfloat16 precision); float32: ``F.linear(x, w.float()) * w_scale`` (the
@@ -287,19 +293,107 @@ def linear_w8a16_fast(x: torch.Tensor, w_int8: torch.Tensor, w_scale: torch.Tens
     return y.reshape(*x.shape[:-1], n)
 
 
+# -- native (C++) kernels and the "fast" choice ----------------------------------------------------
+
+
+def _native_lib(x: torch.Tensor) -> object | None:
+    """The native library when it runs for ``x`` (a CPU tensor, built library), else None."""
+    return native.library() if x.device.type == "cpu" else None
+
+
+def _require_native() -> None:
+    if not native.available():
+        raise SlimquantError(f"native CPU kernels unavailable: {native.unavailable_reason()}")
+
+
+def _as_tensor(v: float | torch.Tensor) -> torch.Tensor:
+    return v if isinstance(v, torch.Tensor) else torch.tensor(float(v), dtype=torch.float32)
+
+
+def linear_w8a8_dynamic_native(
+    x: torch.Tensor, w_int8: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """:func:`linear_w8a8_dynamic_reference` in one C++ call (:mod:`slimquant.kernels.native`); identical bits.
+    Non-CPU inputs take :func:`linear_w8a8_dynamic_torch`."""
+    _require_native()
+    return linear_w8a8_dynamic_fast(x, w_int8, w_scale, bias)
+
+
+def linear_w8a8_static_native(
+    x: torch.Tensor,
+    input_scale: float | torch.Tensor,
+    input_offset: int | torch.Tensor,
+    w_int8: torch.Tensor,
+    deq_scale: torch.Tensor,
+    quant_bias: torch.Tensor,
+) -> torch.Tensor:
+    """:func:`linear_w8a8_static_reference` in one C++ call; identical bits. Non-CPU inputs take the torch kernel."""
+    _require_native()
+    return linear_w8a8_static_fast(x, input_scale, input_offset, w_int8, deq_scale, quant_bias)
+
+
+def linear_w8a16_native(x: torch.Tensor, w_int8: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
+    """:func:`linear_w8a16_reference` as a C++ GEMV that reads the int8 weight once (no dequantized copy) for
+    up to ``native.W8A16_GEMV_MAX_ROWS`` float32 rows; more rows, other dtypes (the reference computes in the
+    input's dtype) and non-CPU inputs take :func:`linear_w8a16_torch`. Equal to the reference up to float32
+    summation order."""
+    _require_native()
+    return linear_w8a16_fast(x, w_int8, w_scale)
+
+
+# "fast": the native kernel where it runs, else the torch one (what the quantized modules use by default)
+
+
+def linear_w8a8_dynamic_fast(
+    x: torch.Tensor, w_int8: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    lib = _native_lib(x)
+    if lib is None:
+        return linear_w8a8_dynamic_torch(x, w_int8, w_scale, bias)
+    return lib.w8a8_dynamic(x, w_int8, w_scale, bias, native.W8A8_GEMV_MAX_ROWS)  # type: ignore[attr-defined]
+
+
+def linear_w8a8_static_fast(
+    x: torch.Tensor,
+    input_scale: float | torch.Tensor,
+    input_offset: int | torch.Tensor,
+    w_int8: torch.Tensor,
+    deq_scale: torch.Tensor,
+    quant_bias: torch.Tensor,
+) -> torch.Tensor:
+    lib = _native_lib(x)
+    if lib is None:
+        return linear_w8a8_static_torch(x, input_scale, input_offset, w_int8, deq_scale, quant_bias)
+    return lib.w8a8_static(x, _as_tensor(input_scale), _as_tensor(input_offset), w_int8, deq_scale,  # type: ignore[attr-defined]
+                           quant_bias, native.W8A8_GEMV_MAX_ROWS)  # fmt: skip
+
+
+def linear_w8a16_fast(x: torch.Tensor, w_int8: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
+    lib = _native_lib(x)
+    if lib is None or x.dtype != torch.float32 or x.numel() > native.W8A16_GEMV_MAX_ROWS * x.shape[-1]:
+        return linear_w8a16_torch(x, w_int8, w_scale)
+    return lib.w8a16(x, w_int8, w_scale, None, None)  # type: ignore[attr-defined]
+
+
 # -- registry ------------------------------------------------------------------------------------
 
 Kernel = Callable[..., object]
 
+# impls: "reference" (pure torch, the definition), "torch" (torch primitives: _int_mm, _weight_int8pack_mm),
+# "native" (C++, :mod:`slimquant.kernels.native`; SlimquantError when it cannot be built), "fast" (native where
+# it runs, else torch)
 KERNELS: dict[str, dict[str, Kernel]] = {
     "quantize_per_token": {"reference": quantize_per_token_reference, "fast": quantize_per_token_fast},
     "int8_matmul": {"reference": int8_matmul_reference, "fast": int8_matmul_fast},
-    "linear_w8a8_dynamic": {"reference": linear_w8a8_dynamic_reference, "fast": linear_w8a8_dynamic_fast},
-    "linear_w8a8_static": {"reference": linear_w8a8_static_reference, "fast": linear_w8a8_static_fast},
-    "linear_w8a16": {"reference": linear_w8a16_reference, "fast": linear_w8a16_fast},
-}
+    "linear_w8a8_dynamic": {"reference": linear_w8a8_dynamic_reference, "torch": linear_w8a8_dynamic_torch,
+                            "native": linear_w8a8_dynamic_native, "fast": linear_w8a8_dynamic_fast},
+    "linear_w8a8_static": {"reference": linear_w8a8_static_reference, "torch": linear_w8a8_static_torch,
+                           "native": linear_w8a8_static_native, "fast": linear_w8a8_static_fast},
+    "linear_w8a16": {"reference": linear_w8a16_reference, "torch": linear_w8a16_torch,
+                     "native": linear_w8a16_native, "fast": linear_w8a16_fast},
+}  # fmt: skip
 
-# the torch primitive each fast kernel wraps (None: pure torch, always available)
+# the torch primitive each "torch"/"fast" kernel wraps (None: pure torch, always available)
 _PRIMITIVE: dict[str, str | None] = {
     "quantize_per_token": None,
     "int8_matmul": "_int_mm",
@@ -316,7 +410,8 @@ def _impls(op: str) -> dict[str, Kernel]:
 
 
 def get_kernel(op: str, impl: str = "reference") -> Kernel:
-    """The ``impl`` (``"reference"`` or ``"fast"``) implementation of ``op``.
+    """The ``impl`` implementation of ``op`` (``"reference"``, ``"fast"``, and for the linear ops also
+    ``"torch"`` and ``"native"``).
 
     Unknown names raise :class:`SlimquantError` listing the valid ones."""
     impls = _impls(op)
@@ -326,8 +421,9 @@ def get_kernel(op: str, impl: str = "reference") -> Kernel:
 
 
 def fast_available(op: str) -> bool:
-    """Whether this torch build has the primitive behind ``op``'s fast kernel. When False the fast
-    kernel still runs, through the reference; when True it still falls back for some inputs (module doc)."""
+    """Whether this torch build has the primitive behind ``op``'s torch kernel. When False that kernel still
+    runs, through the reference; when True it still falls back for some inputs (module doc). The native
+    kernels are reported by :func:`slimquant.kernels.native.available`."""
     _impls(op)
     prim = _PRIMITIVE[op]
     return prim is None or hasattr(torch, prim)

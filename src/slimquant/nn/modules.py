@@ -2,10 +2,14 @@
 
 Real classes (no patched ``forward``). Their state dict is the checkpoint layout of
 :mod:`slimquant.kernels.weight_only`: ``weight``, ``weight_scale``, ``weight_offset`` and ``bias``.
-The forward dequantizes the weight to the input's dtype, then runs the float op. ``QLinear.kernel``
-(``"fast"``, the default, or ``"reference"``) picks how: ``"fast"`` dequantizes unpacked integer
-per-channel / per-tensor weights in place on one float32 copy, the same float32 operations as the
-reference, so both give the same bits.
+The forward dequantizes the weight to the input's dtype, then runs the float op. ``QLinear.kernel`` picks
+how: ``"reference"`` dequantizes with :func:`dequantize_stored_weight`; ``"torch"`` dequantizes unpacked
+integer per-channel / per-tensor weights in place on one float32 copy (the same float32 operations as the
+reference, so the same bits); ``"native"`` runs int8 weights (per-channel, per-tensor, or per-group of a
+multiple of 16 columns) on float32 inputs through the C++ GEMV of :mod:`slimquant.kernels.native` for up to
+``native.W8A16_GEMV_MAX_ROWS`` rows (decode), reading the int8 weight once instead of writing a float copy
+(equal to the reference up to float32 summation order), and takes ``"torch"`` otherwise; ``"fast"`` (the
+default) is ``"native"`` when the native library builds, else ``"torch"``.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from slimquant.errors import SlimquantError
+from slimquant.kernels import native
 from slimquant.kernels.weight_only import dequantize_stored_weight, stored_weight_layout, to_stored
 from slimquant.math.weights import QuantizedWeight
 from slimquant.types.qtype import qtype as lookup_qtype
@@ -141,12 +146,33 @@ class QLinear(_QWeight):
         spec, dtype, bias, args = cls._entry_basics(entry)
         return cls(args["in_features"], args["out_features"], spec, bias, dtype, "meta")
 
+    KERNELS = ("fast", "native", "reference", "torch")
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kernel == "reference":
             return F.linear(x, self.dequantized_weight(x.dtype), self.bias)
-        if self.kernel != "fast":
-            raise SlimquantError(f"unknown QLinear kernel {self.kernel!r}; valid: fast, reference")
+        if self.kernel not in self.KERNELS:
+            raise SlimquantError(f"unknown QLinear kernel {self.kernel!r}; valid: {', '.join(self.KERNELS)}")
+        if self.kernel == "native" and not native.available():
+            raise SlimquantError(f"QLinear kernel 'native': native CPU kernels unavailable: {native.unavailable_reason()}")
+        if self.kernel != "torch" and self._native_fits(x) and native.available():
+            return self._native_forward(x)
         return F.linear(x, self._fused_dequantized_weight(x.dtype), self.bias)
+
+    def _native_fits(self, x: torch.Tensor) -> bool:
+        """int8 weight, CPU float32 input of at most ``native.W8A16_GEMV_MAX_ROWS`` rows, groups the GEMV takes."""
+        # float32 only: for half inputs the module computes in the input's dtype (module doc), the GEMV in float32
+        if self.weight.dtype != torch.int8 or x.device.type != "cpu" or x.dtype != torch.float32:
+            return False
+        k, groups = self.weight_cols, self.weight_scale.shape[1]
+        if k == 0 or x.numel() > native.W8A16_GEMV_MAX_ROWS * k:
+            return False
+        return groups == 1 or (k % groups == 0 and (k // groups) % 16 == 0)
+
+    def _native_forward(self, x: torch.Tensor) -> torch.Tensor:
+        # symmetric specs store zero offsets (to_stored): skip them
+        offset = self.weight_offset if self.weight_offset is not None and not self.spec.symmetric else None
+        return native.w8a16(x, self.weight, self.weight_scale, offset, self.bias)
 
     def _fused_dequantized_weight(self, dtype: torch.dtype) -> torch.Tensor:
         """:meth:`dequantized_weight` bit for bit, with fewer passes over the ``[n, k]`` weight.

@@ -1,0 +1,575 @@
+// slimquant native CPU kernels: fused int8 linear layers (built on first use by slimquant.kernels.native).
+//
+// Every function here has a pure-torch reference in slimquant/kernels/int8.py and is tested against it:
+//   w8a8_dynamic  per-token symmetric int8 input x per-channel int8 weight: bit-identical to the reference
+//   w8a8_static   msModelSlim W8A8 (per-tensor asymmetric input, quant_bias, deq_scale): bit-identical
+//   w8a16         int8 weight x float32 input, per-channel or per-group scale and offset: equal to the
+//                 reference up to float32 summation order (it sums x * q in a different order)
+// Inputs are validated by the Python wrappers (dtypes, contiguity, shapes); the checks here are a second line.
+//
+// Integer products are exact, so the W8A8 kernels only have to reproduce the reference's float32 steps in the
+// same order (built with -ffp-contract=off so no multiply-add is fused): quantize
+// (scale = absmax / 127, q = clamp(rint(x / scale))), then (float(acc) * x_scale) * w_scale + bias, or
+// float(acc + quant_bias) * deq_scale.
+//
+// Small M (decode): our own GEMV over int8 rows; with AVX512-VNNI the u8 x s8 dot product runs on
+// (q + 128) and subtracts 128 * sum(w) (exact in int32). Large M (prefill): one quantize pass, at::_int_mm
+// (oneDNN), one rescale pass. AVX512 code is compiled with target attributes and chosen at run time, so the
+// library also runs (scalar loops) on CPUs without it.
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <ATen/record_function.h>
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+namespace {
+
+
+bool g_force_scalar = false;  // tests: run the portable loops on an AVX512 machine
+
+bool cpu_has_avx512() {
+  static const bool ok =
+      __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl");
+  return ok && !g_force_scalar;
+}
+
+bool cpu_has_vnni() {
+  static const bool ok = __builtin_cpu_supports("avx512vnni");
+  return ok && cpu_has_avx512();
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// quantize rows (dynamic: per row; static: one scale / offset)
+
+// NaN handling as torch's: a NaN absmax gives scale 1 (torch.where(scale > 0, scale, 1)); a NaN value becomes 0.
+inline int8_t to_int8_scalar(float v) {
+  if (std::isnan(v)) return 0;
+  v = std::min(std::max(v, -128.0f), 127.0f);
+  return static_cast<int8_t>(static_cast<int32_t>(v));
+}
+
+float row_scale_scalar(const float* x, int64_t k) {
+  float m = 0.0f;
+  bool nan = false;
+  for (int64_t i = 0; i < k; ++i) {
+    float a = std::fabs(x[i]);
+    if (std::isnan(a)) nan = true;
+    m = std::max(m, a);
+  }
+  float s = nan ? NAN : m / 127.0f;
+  return (s > 0.0f) ? s : 1.0f;
+}
+
+void quantize_row_scalar(const float* x, int64_t k, float scale, float offset, int8_t* q) {
+  for (int64_t i = 0; i < k; ++i) q[i] = to_int8_scalar(std::nearbyint(x[i] / scale) + offset);
+}
+
+__attribute__((target("avx512f,avx512bw,avx512vl"))) float row_scale_avx512(const float* x, int64_t k) {
+  __m512 mx = _mm512_setzero_ps();
+  __mmask16 nan = 0;
+  int64_t i = 0;
+  for (; i + 16 <= k; i += 16) {
+    __m512 v = _mm512_loadu_ps(x + i);
+    nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+    mx = _mm512_max_ps(mx, _mm512_abs_ps(v));
+  }
+  if (i < k) {
+    __mmask16 m = (__mmask16)((1u << (k - i)) - 1u);
+    __m512 v = _mm512_maskz_loadu_ps(m, x + i);
+    nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+    mx = _mm512_max_ps(mx, _mm512_abs_ps(v));
+  }
+  float s = nan ? NAN : _mm512_reduce_max_ps(mx) / 127.0f;
+  return (s > 0.0f) ? s : 1.0f;
+}
+
+// q = clamp(rint(x / scale) + offset, -128, 127); NaN -> 0 (truncating pack of INT_MIN). Optionally also
+// writes u = q + 128 as uint8 for the VNNI dot product.
+__attribute__((target("avx512f,avx512bw,avx512vl"))) void quantize_row_avx512(
+    const float* x, int64_t k, float scale, float offset, int8_t* q, uint8_t* u) {
+  const __m512 vs = _mm512_set1_ps(scale), vo = _mm512_set1_ps(offset);
+  const __m512 lo = _mm512_set1_ps(-128.0f), hi = _mm512_set1_ps(127.0f);
+  const __m128i bias = _mm_set1_epi8(static_cast<char>(0x80));
+  for (int64_t i = 0; i < k; i += 16) {
+    __mmask16 m = (k - i >= 16) ? (__mmask16)0xFFFF : (__mmask16)((1u << (k - i)) - 1u);
+    __m512 v = _mm512_maskz_loadu_ps(m, x + i);
+    v = _mm512_roundscale_ps(_mm512_div_ps(v, vs), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    v = _mm512_add_ps(v, vo);
+    v = _mm512_min_ps(hi, _mm512_max_ps(lo, v));  // operand order keeps NaN (max/min return the 2nd on NaN)
+    __m128i b = _mm512_cvtepi32_epi8(_mm512_cvttps_epi32(v));  // NaN -> INT_MIN -> low byte 0
+    _mm_mask_storeu_epi8(q + i, m, b);
+    if (u) _mm_mask_storeu_epi8(u + i, m, _mm_xor_si128(b, bias));
+  }
+}
+
+float row_scale(const float* x, int64_t k) {
+  return cpu_has_avx512() ? row_scale_avx512(x, k) : row_scale_scalar(x, k);
+}
+
+void quantize_row(const float* x, int64_t k, float scale, float offset, int8_t* q, uint8_t* u) {
+  if (cpu_has_avx512()) {
+    quantize_row_avx512(x, k, scale, offset, q, u);
+    return;
+  }
+  quantize_row_scalar(x, k, scale, offset, q);
+  if (u)
+    for (int64_t i = 0; i < k; ++i) u[i] = static_cast<uint8_t>(static_cast<int32_t>(q[i]) + 128);
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// int8 GEMV: acc[m] = sum_k q[m, k] * w_row[k]
+
+void int8_dot_rows_scalar(const int8_t* q, int64_t mrows, const int8_t* wr, int64_t k, int32_t* acc) {
+  for (int64_t m = 0; m < mrows; ++m) {
+    int32_t s = 0;
+    const int8_t* qm = q + m * k;
+    for (int64_t i = 0; i < k; ++i) s += static_cast<int32_t>(qm[i]) * static_cast<int32_t>(wr[i]);
+    acc[m] = s;
+  }
+}
+
+// u = q + 128 (uint8). dpbusd(u, w) = sum (q + 128) * w; minus 128 * sum(w) gives sum q * w exactly.
+// MB activation rows x NB weight rows per call: MB * NB independent accumulator chains (one chain per output
+// would stall on the dpbusd latency).
+template <int MB, int NB>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) inline void int8_dot_block_vnni(
+    const uint8_t* u, const int8_t* w, int64_t k, int32_t* acc /* [MB][NB] */) {
+  __m512i a[MB][NB], wsum[NB];
+  for (int m = 0; m < MB; ++m)
+    for (int j = 0; j < NB; ++j) a[m][j] = _mm512_setzero_si512();
+  for (int j = 0; j < NB; ++j) wsum[j] = _mm512_setzero_si512();
+  const __m512i ones = _mm512_set1_epi8(1);
+  for (int64_t i = 0; i < k; i += 64) {
+    const __mmask64 mk = (k - i >= 64) ? ~(__mmask64)0 : (((__mmask64)1 << (k - i)) - 1);
+    __m512i x[MB];
+    for (int m = 0; m < MB; ++m) x[m] = _mm512_maskz_loadu_epi8(mk, u + m * k + i);
+    for (int j = 0; j < NB; ++j) {
+      const __m512i wv = _mm512_maskz_loadu_epi8(mk, w + j * k + i);
+      wsum[j] = _mm512_dpbusd_epi32(wsum[j], ones, wv);
+      for (int m = 0; m < MB; ++m) a[m][j] = _mm512_dpbusd_epi32(a[m][j], x[m], wv);
+    }
+  }
+  for (int j = 0; j < NB; ++j) {
+    const int32_t corr = 128 * _mm512_reduce_add_epi32(wsum[j]);
+    for (int m = 0; m < MB; ++m) acc[m * NB + j] = _mm512_reduce_add_epi32(a[m][j]) - corr;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// shared W8A8 driver
+
+struct Rescale {
+  // dynamic: y = (float(acc) * xs[m]) * ws[n] (+ b[n]);  static: y = float(acc + qb[n]) * dq[n]
+  bool dynamic;
+  const float* xs;
+  const float* ws;
+  const float* b;
+  const int32_t* qb;
+  const float* dq;
+  inline float operator()(int32_t acc, int64_t m, int64_t n) const {
+    if (dynamic) {
+      float y = static_cast<float>(acc) * xs[m];
+      y = y * ws[n];
+      return b ? y + b[n] : y;
+    }
+    return static_cast<float>(acc + qb[n]) * dq[n];
+  }
+};
+
+// one output row of the GEMM path: the same float32 operations as Rescale, 16 columns at a time
+__attribute__((target("avx512f,avx512bw,avx512vl"))) void rescale_row_avx512(const Rescale& rs, const int32_t* acc,
+                                                                           int64_t m, int64_t n, float* y) {
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 mk = (n - j >= 16) ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - j)) - 1u);
+    __m512i a = _mm512_maskz_loadu_epi32(mk, acc + j);
+    __m512 v;
+    if (rs.dynamic) {
+      v = _mm512_mul_ps(_mm512_cvtepi32_ps(a), _mm512_set1_ps(rs.xs[m]));
+      v = _mm512_mul_ps(v, _mm512_maskz_loadu_ps(mk, rs.ws + j));
+      if (rs.b) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mk, rs.b + j));
+    } else {
+      a = _mm512_add_epi32(a, _mm512_maskz_loadu_epi32(mk, rs.qb + j));
+      v = _mm512_mul_ps(_mm512_cvtepi32_ps(a), _mm512_maskz_loadu_ps(mk, rs.dq + j));
+    }
+    _mm512_mask_storeu_ps(y + j, mk, v);
+  }
+}
+
+// rows [m0, m0 + MB) x weight rows [j0, j0 + NB) -> y
+template <int MB, int NB>
+inline void w8a8_tile(const int8_t* q, const uint8_t* u, int64_t m0, const int8_t* w, int64_t j0, int64_t n,
+                      int64_t k, const Rescale& rs, float* y) {
+  int32_t acc[MB * NB];
+  if (u) {
+    int8_dot_block_vnni<MB, NB>(u + m0 * k, w + j0 * k, k, acc);
+  } else {
+    for (int m = 0; m < MB; ++m)
+      for (int j = 0; j < NB; ++j) int8_dot_rows_scalar(q + (m0 + m) * k, 1, w + (j0 + j) * k, k, &acc[m * NB + j]);
+  }
+  for (int m = 0; m < MB; ++m)
+    for (int j = 0; j < NB; ++j) y[(m0 + m) * n + j0 + j] = rs(acc[m * NB + j], m0 + m, j0 + j);
+}
+
+template <int MB, int NB>
+void w8a8_rows(const int8_t* q, const uint8_t* u, int64_t m0, const int8_t* w, int64_t n0, int64_t n1, int64_t n,
+               int64_t k, const Rescale& rs, float* y) {
+  int64_t j = n0;
+  for (; j + NB <= n1; j += NB) w8a8_tile<MB, NB>(q, u, m0, w, j, n, k, rs, y);
+  for (; j < n1; ++j) w8a8_tile<MB, 1>(q, u, m0, w, j, n, k, rs, y);
+}
+
+// q [M, k] int8 (and u, its +128 uint8 copy when VNNI runs) -> y [M, n]; 4 activation rows at a time, then 1
+void w8a8_small(const int8_t* q, const uint8_t* u, int64_t M, const int8_t* w, int64_t n, int64_t k,
+                const Rescale& rs, float* y) {
+  at::parallel_for(0, n, 32, [&](int64_t n0, int64_t n1) {
+    int64_t m = 0;
+    for (; m + 4 <= M; m += 4) w8a8_rows<4, 4>(q, u, m, w, n0, n1, n, k, rs, y);
+    for (; m < M; ++m) w8a8_rows<1, 8>(q, u, m, w, n0, n1, n, k, rs, y);
+  });
+}
+
+// Per-thread scratch tensors reused across calls (quantized input, its uint8 copy, int32 accumulators): a fresh
+// multi-MB buffer per call costs page faults comparable to the rescale itself at 512 rows. Buffers over 16 MiB
+// are not kept.
+at::Tensor scratch(int slot, at::IntArrayRef shape, at::ScalarType dtype) {
+  thread_local at::Tensor buffers[3];
+  int64_t numel = 1;
+  for (auto d : shape) numel *= d;
+  at::Tensor& b = buffers[slot];
+  if (numel * static_cast<int64_t>(c10::elementSize(dtype)) > (16 << 20)) return at::empty(shape, at::dtype(dtype));
+  if (!b.defined() || b.scalar_type() != dtype || b.numel() < numel) b = at::empty({numel}, at::dtype(dtype));
+  return b.narrow(0, 0, numel).view(shape);
+}
+
+void check_w8a8(const at::Tensor& x, const at::Tensor& w) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x must be contiguous float32 [M, k]");
+  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kChar && w.is_contiguous(), "w must be contiguous int8 [n, k]");
+  TORCH_CHECK(x.size(1) == w.size(1), "x and w disagree on k");
+  TORCH_CHECK(!x.is_cuda() && !w.is_cuda(), "CPU tensors only");
+}
+
+// x [M, k] float32 -> y [M, n] float32; per-row (scale, offset) from `row_params`
+template <typename RowParams>
+at::Tensor w8a8(const at::Tensor& x, const at::Tensor& w, Rescale rs, std::vector<float>& xs, RowParams row_params,
+                int64_t small_m) {
+  const int64_t M = x.size(0), k = x.size(1), n = w.size(0);
+  at::Tensor y = at::empty({M, n}, x.options());
+  if (M == 0 || n == 0) return y;
+  const float* xp = x.data_ptr<float>();
+  xs.resize(M);
+  const bool small = M <= small_m || k < 2 || n < 2;  // _int_mm mis-reads size-1 dims with odd strides
+  const bool vnni = small && cpu_has_vnni();
+  at::Tensor q = scratch(0, {M, k}, at::kChar);
+  at::Tensor u = vnni ? scratch(1, {M, k}, at::kByte) : at::Tensor();
+  int8_t* qp = q.data_ptr<int8_t>();
+  uint8_t* up = vnni ? u.data_ptr<uint8_t>() : nullptr;
+  at::parallel_for(0, M, 1, [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m) {
+      float s, off;
+      row_params(xp + m * k, k, &s, &off);
+      xs[m] = s;
+      quantize_row(xp + m * k, k, s, off, qp + m * k, up ? up + m * k : nullptr);
+    }
+  });
+  rs.xs = xs.data();
+  float* yp = y.data_ptr<float>();
+  if (small) {
+    w8a8_small(qp, up, M, w.data_ptr<int8_t>(), n, k, rs, yp);
+    return y;
+  }
+  at::Tensor acc = scratch(2, {M, n}, at::kInt);
+  at::_int_mm_out(acc, q, w.t());
+  const int32_t* ap = acc.data_ptr<int32_t>();
+  const bool vec = cpu_has_avx512();
+  at::parallel_for(0, M, 1, [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m) {
+      if (vec) {
+        rescale_row_avx512(rs, ap + m * n, m, n, yp + m * n);
+      } else {
+        for (int64_t j = 0; j < n; ++j) yp[m * n + j] = rs(ap[m * n + j], m, j);
+      }
+    }
+  });
+  return y;
+}
+
+at::Tensor w8a8_dynamic_2d(const at::Tensor& x, const at::Tensor& w, const at::Tensor& w_scale,
+                           const c10::optional<at::Tensor>& bias, int64_t small_m) {
+  check_w8a8(x, w);
+  const int64_t n = w.size(0);
+  TORCH_CHECK(w_scale.scalar_type() == at::kFloat && w_scale.is_contiguous() && w_scale.numel() == n,
+              "w_scale must be contiguous float32 with n elements");
+  const float* bp = nullptr;
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->numel() == n,
+                "bias must be contiguous float32 [n]");
+    bp = bias->data_ptr<float>();
+  }
+  Rescale rs{true, nullptr, w_scale.data_ptr<float>(), bp, nullptr, nullptr};
+  std::vector<float> xs;
+  auto params = [](const float* row, int64_t k, float* s, float* off) {
+    *s = row_scale(row, k);
+    *off = 0.0f;
+  };
+  return w8a8(x, w, rs, xs, params, small_m);
+}
+
+at::Tensor w8a8_static_2d(const at::Tensor& x, double input_scale, double input_offset, const at::Tensor& w,
+                          const at::Tensor& deq_scale, const at::Tensor& quant_bias, int64_t small_m) {
+  check_w8a8(x, w);
+  const int64_t n = w.size(0);
+  TORCH_CHECK(deq_scale.scalar_type() == at::kFloat && deq_scale.is_contiguous() && deq_scale.numel() == n,
+              "deq_scale must be contiguous float32 [n]");
+  TORCH_CHECK(quant_bias.scalar_type() == at::kInt && quant_bias.is_contiguous() && quant_bias.numel() == n,
+              "quant_bias must be contiguous int32 [n]");
+  Rescale rs{false, nullptr, nullptr, nullptr, quant_bias.data_ptr<int32_t>(), deq_scale.data_ptr<float>()};
+  std::vector<float> xs;
+  const float s = static_cast<float>(input_scale), off = static_cast<float>(input_offset);
+  auto params = [s, off](const float*, int64_t, float* ps, float* poff) {
+    *ps = s;
+    *poff = off;
+  };
+  return w8a8(x, w, rs, xs, params, small_m);
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// W8A16: y[m, j] = sum_g scale[j, g] * (sum_{i in g} x[m, i] * q[j, i] + offset[j, g] * sum_{i in g} x[m, i]) + b[j]
+
+void w8a16_row_scalar(const float* x, int64_t mrows, const int8_t* wr, int64_t k, int64_t gs, const float* sc,
+                      const float* of, const float* xg, int64_t G, float* out) {
+  for (int64_t m = 0; m < mrows; ++m) {
+    float total = 0.0f;
+    for (int64_t g = 0; g < G; ++g) {
+      float s = 0.0f;
+      for (int64_t i = g * gs; i < (g + 1) * gs; ++i) s += x[m * k + i] * static_cast<float>(wr[i]);
+      if (of) s += of[g] * xg[m * G + g];
+      total += sc[g] * s;
+    }
+    out[m] = total;
+  }
+}
+
+// MB activation rows x NB weight rows; gs % 16 == 0 or G == 1 (masked tail). sc / of: weight row j0's [NB, G]
+// block (row stride G); xg: the activation rows' per-group sums [MB, G]
+template <int MB, int NB>
+__attribute__((target("avx512f,avx512bw,avx512vl"))) inline void w8a16_block_avx512(
+    const float* x, const int8_t* w, int64_t k, int64_t gs, int64_t G, const float* sc, const float* of,
+    const float* xg, float* out /* [MB][NB] */) {
+  __m512 tot[MB][NB];
+  for (int m = 0; m < MB; ++m)
+    for (int j = 0; j < NB; ++j) tot[m][j] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < G; ++g) {
+    __m512 a[MB][NB];
+    for (int m = 0; m < MB; ++m)
+      for (int j = 0; j < NB; ++j) a[m][j] = _mm512_setzero_ps();
+    const int64_t end = (g + 1) * gs;
+    for (int64_t i = g * gs; i < end; i += 16) {
+      const __mmask16 mk = (end - i >= 16) ? (__mmask16)0xFFFF : (__mmask16)((1u << (end - i)) - 1u);
+      __m512 xv[MB];
+      for (int m = 0; m < MB; ++m) xv[m] = _mm512_maskz_loadu_ps(mk, x + m * k + i);
+      for (int j = 0; j < NB; ++j) {
+        const __m512 wv = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mk, w + j * k + i)));
+        for (int m = 0; m < MB; ++m) a[m][j] = _mm512_fmadd_ps(xv[m], wv, a[m][j]);
+      }
+    }
+    for (int j = 0; j < NB; ++j) {
+      const __m512 vs = _mm512_set1_ps(sc[j * G + g]);
+      for (int m = 0; m < MB; ++m) {
+        if (of)  // offset * sum(x over the group), in lane 0 (the lanes are summed at the end)
+          a[m][j] = _mm512_add_ps(a[m][j], _mm512_maskz_mov_ps(1, _mm512_set1_ps(of[j * G + g] * xg[m * G + g])));
+        tot[m][j] = _mm512_fmadd_ps(a[m][j], vs, tot[m][j]);
+      }
+    }
+  }
+  for (int m = 0; m < MB; ++m)
+    for (int j = 0; j < NB; ++j) out[m * NB + j] = _mm512_reduce_add_ps(tot[m][j]);
+}
+
+template <int MB, int NB>
+void w8a16_block_scalar(const float* x, const int8_t* w, int64_t k, int64_t gs, int64_t G, const float* sc,
+                        const float* of, const float* xg, float* out) {
+  for (int m = 0; m < MB; ++m)
+    for (int j = 0; j < NB; ++j) {
+      float total = 0.0f;
+      for (int64_t g = 0; g < G; ++g) {
+        float s = 0.0f;
+        for (int64_t i = g * gs; i < (g + 1) * gs; ++i) s += x[m * k + i] * static_cast<float>(w[j * k + i]);
+        if (of) s += of[j * G + g] * xg[m * G + g];
+        total += sc[j * G + g] * s;
+      }
+      out[m * NB + j] = total;
+    }
+}
+
+struct W8A16Args {
+  const float* x;
+  const int8_t* w;
+  const float* sc;
+  const float* of;
+  const float* xg;
+  const float* b;
+  float* y;
+  int64_t n, k, gs, G;
+  bool vec;
+};
+
+template <int MB, int NB>
+inline void w8a16_tile(const W8A16Args& a, int64_t m0, int64_t j0) {
+  float out[MB * NB];
+  const float* x = a.x + m0 * a.k;
+  const int8_t* w = a.w + j0 * a.k;
+  const float* sc = a.sc + j0 * a.G;
+  const float* of = a.of ? a.of + j0 * a.G : nullptr;
+  const float* xg = a.of ? a.xg + m0 * a.G : nullptr;
+  if (a.vec)
+    w8a16_block_avx512<MB, NB>(x, w, a.k, a.gs, a.G, sc, of, xg, out);
+  else
+    w8a16_block_scalar<MB, NB>(x, w, a.k, a.gs, a.G, sc, of, xg, out);
+  for (int m = 0; m < MB; ++m)
+    for (int j = 0; j < NB; ++j) {
+      const float v = out[m * NB + j];
+      a.y[(m0 + m) * a.n + j0 + j] = a.b ? v + a.b[j0 + j] : v;
+    }
+}
+
+template <int MB, int NB>
+void w8a16_rows(const W8A16Args& a, int64_t m0, int64_t n0, int64_t n1) {
+  int64_t j = n0;
+  for (; j + NB <= n1; j += NB) w8a16_tile<MB, NB>(a, m0, j);
+  for (; j < n1; ++j) w8a16_tile<MB, 1>(a, m0, j);
+}
+
+at::Tensor w8a16_2d(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale,
+                    const c10::optional<at::Tensor>& offset, const c10::optional<at::Tensor>& bias) {
+  check_w8a8(x, w);
+  const int64_t M = x.size(0), k = x.size(1), n = w.size(0);
+  TORCH_CHECK(scale.dim() == 2 && scale.size(0) == n && scale.scalar_type() == at::kFloat && scale.is_contiguous(),
+              "scale must be contiguous float32 [n, G]");
+  const int64_t G = scale.size(1);
+  TORCH_CHECK(G >= 1 && k % G == 0, "k must be a multiple of the number of groups");
+  const int64_t gs = k / G;
+  const float* op = nullptr;
+  if (offset.has_value() && offset->defined()) {
+    TORCH_CHECK(offset->sizes() == scale.sizes() && offset->scalar_type() == at::kFloat && offset->is_contiguous(),
+                "offset must be contiguous float32 like scale");
+    op = offset->data_ptr<float>();
+  }
+  const float* bp = nullptr;
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->numel() == n,
+                "bias must be contiguous float32 [n]");
+    bp = bias->data_ptr<float>();
+  }
+  at::Tensor y = at::empty({M, n}, x.options());
+  if (M == 0 || n == 0) return y;
+  const float* xp = x.data_ptr<float>();
+  // per-row per-group sums of x (only needed with offsets)
+  std::vector<float> xg(op ? M * G : 0);
+  if (op)
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t g = 0; g < G; ++g) {
+        float s = 0.0f;
+        for (int64_t i = g * gs; i < (g + 1) * gs; ++i) s += xp[m * k + i];
+        xg[m * G + g] = s;
+      }
+  const bool vec = cpu_has_avx512() && (G == 1 || gs % 16 == 0);
+  W8A16Args args{xp, w.data_ptr<int8_t>(), scale.data_ptr<float>(), op, xg.data(), bp, y.data_ptr<float>(),
+                 n, k, gs, G, vec};
+  at::parallel_for(0, n, 32, [&](int64_t n0, int64_t n1) {
+    int64_t m = 0;
+    for (; m + 4 <= M; m += 4) w8a16_rows<4, 2>(args, m, n0, n1);
+    for (; m < M; ++m) w8a16_rows<1, 8>(args, m, n0, n1);
+  });
+  return y;
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// entry points: any leading dims and float dtype in (computed in float32, returned in x's dtype), scales and
+// biases of any float dtype; the conversions are no-ops for float32 contiguous tensors, and doing them here
+// instead of in Python saves ~10 us per call at one token
+
+struct Rows {
+  at::Tensor x2;                   // [M, k] float32 contiguous
+  std::vector<int64_t> out_shape;  // [..., n]
+  at::ScalarType dtype;
+};
+
+Rows rows_of(const at::Tensor& x, const at::Tensor& w) {
+  TORCH_CHECK(x.dim() >= 1 && w.dim() == 2, "x must be [..., k] and w [n, k]");
+  TORCH_CHECK(x.is_floating_point(), "x must be a float tensor");
+  const int64_t k = x.size(-1);
+  TORCH_CHECK(k == w.size(1), "x has ", k, " features but the weight has ", w.size(1));
+  int64_t M = 1;
+  for (int64_t d = 0; d + 1 < x.dim(); ++d) M *= x.size(d);
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = w.size(0);
+  return {x.reshape({M, k}).to(at::kFloat).contiguous(), shape, x.scalar_type()};
+}
+
+at::Tensor f32_vector(const at::Tensor& t) { return t.reshape({-1}).to(at::kFloat).contiguous(); }
+
+c10::optional<at::Tensor> f32_optional(const c10::optional<at::Tensor>& t) {
+  if (!t.has_value() || !t->defined()) return c10::nullopt;
+  return f32_vector(*t);
+}
+
+at::Tensor finish(const at::Tensor& y, const Rows& r) { return y.view(r.out_shape).to(r.dtype); }
+
+at::Tensor w8a8_dynamic(const at::Tensor& x, const at::Tensor& w, const at::Tensor& w_scale,
+                        const c10::optional<at::Tensor>& bias, int64_t small_m) {
+  RECORD_FUNCTION("slimquant::w8a8_dynamic", std::vector<c10::IValue>());  // a named range in torch.profiler
+  Rows r = rows_of(x, w);
+  return finish(w8a8_dynamic_2d(r.x2, w.contiguous(), f32_vector(w_scale), f32_optional(bias), small_m), r);
+}
+
+at::Tensor w8a8_static(const at::Tensor& x, const at::Tensor& input_scale, const at::Tensor& input_offset,
+                       const at::Tensor& w, const at::Tensor& deq_scale, const at::Tensor& quant_bias,
+                       int64_t small_m) {
+  RECORD_FUNCTION("slimquant::w8a8_static", std::vector<c10::IValue>());
+  TORCH_CHECK(input_scale.numel() == 1 && input_offset.numel() == 1, "input_scale / input_offset: one value each");
+  Rows r = rows_of(x, w);
+  const float s = input_scale.to(at::kFloat).item<float>(), off = input_offset.to(at::kFloat).item<float>();
+  return finish(w8a8_static_2d(r.x2, s, off, w.contiguous(), f32_vector(deq_scale),
+                               quant_bias.reshape({-1}).to(at::kInt).contiguous(), small_m),
+                r);
+}
+
+// scale / offset [n, G], or [1, G] / [n] / [1] (broadcast over the rows)
+at::Tensor groups_of(const at::Tensor& t, int64_t n) {
+  at::Tensor t2 = t.dim() == 2 ? t : t.reshape({-1, 1});
+  if (t2.size(0) == 1 && n != 1) t2 = t2.expand({n, t2.size(1)});
+  return t2.to(at::kFloat).contiguous();
+}
+
+at::Tensor w8a16(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale,
+                 const c10::optional<at::Tensor>& offset, const c10::optional<at::Tensor>& bias) {
+  RECORD_FUNCTION("slimquant::w8a16", std::vector<c10::IValue>());
+  Rows r = rows_of(x, w);
+  const int64_t n = w.size(0);
+  c10::optional<at::Tensor> off;
+  if (offset.has_value() && offset->defined()) off = groups_of(*offset, n);
+  return finish(w8a16_2d(r.x2, w.contiguous(), groups_of(scale, n), off, f32_optional(bias)), r);
+}
+
+std::string cpu_features() {
+  std::string s;
+  if (cpu_has_avx512()) s += "avx512 ";
+  if (cpu_has_vnni()) s += "avx512vnni ";
+  return s.empty() ? "scalar" : s.substr(0, s.size() - 1);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("w8a8_dynamic", &w8a8_dynamic, "fused per-token int8 quantize + int8 GEMM + rescale");
+  m.def("w8a8_static", &w8a8_static, "fused static int8 quantize + int8 GEMM + quant_bias + deq_scale");
+  m.def("w8a16", &w8a16, "int8-weight x float32 GEMV (per-channel or per-group scale/offset)");
+  m.def("cpu_features", &cpu_features, "which code paths this CPU runs");
+  m.def("set_force_scalar", [](bool v) { g_force_scalar = v; }, "tests: use the portable loops even with AVX512");
+}

@@ -1,0 +1,163 @@
+"""Native CPU kernels (``csrc/cpu_linear.cpp``), compiled on first use and cached.
+
+Exposes the fused int8 linears of :mod:`slimquant.kernels.int8` as C++ (one call per layer instead of ~20
+aten ops; a VNNI int8 GEMV for one to four rows; an int8-weight x float32 GEMV that reads the weight once).
+The first call builds the library with ``torch.utils.cpp_extension`` (a C++ compiler and ninja are needed;
+~30 s on two cores) into ``$SLIMQUANT_CACHE_DIR`` (default ``~/.cache/slimquant``)/``torch_extensions``; later
+processes load the cached build. When the build fails (no compiler, no ninja, unsupported platform) a warning
+says why, once per process, and callers use the pure-torch kernels instead. ``SLIMQUANT_NATIVE=0`` skips the
+native kernels altogether.
+
+The functions here take activations ``[..., k]`` of any float dtype (computed in float32, returned in the input's
+dtype) and int8 weights ``[n, k]``; CPU tensors only. :mod:`slimquant.kernels.int8` and :class:`slimquant.nn.QLinear`
+decide when to call them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import sys
+import threading
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).resolve().parent / "csrc" / "cpu_linear.cpp"
+# W8A8: up to this many rows use the VNNI GEMV, more go through one int8 GEMM (torch._int_mm); measured
+# crossover on smollm2's shapes (576 x {192, 576, 1536}, 1536 x 576), 2 threads: 4-8 rows
+W8A8_GEMV_MAX_ROWS = 4
+# W8A16: up to this many rows use the fused GEMV; more dequantize once and run a float GEMM (crossover 16-32)
+W8A16_GEMV_MAX_ROWS = 16
+CFLAGS = ["-O3", "-ffp-contract=off", "-fopenmp"]  # no fused multiply-add: W8A8 must match the reference bits
+
+_lock = threading.Lock()
+_state: dict[str, object] = {}  # "module": ModuleType | None once tried, "error": str
+
+
+def _enabled() -> bool:
+    return os.environ.get("SLIMQUANT_NATIVE", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("SLIMQUANT_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(Path.home(), ".cache"), "slimquant"
+    )
+    return Path(root) / "torch_extensions"
+
+
+def _build_name() -> str:
+    """Library name: changes with the source, the flags, torch and python, so stale builds are never loaded."""
+    h = hashlib.sha256(SOURCE.read_bytes())
+    h.update(" ".join(CFLAGS).encode())
+    h.update(f"{torch.__version__}|{sys.version_info[:2]}|{platform.machine()}".encode())
+    return f"slimquant_cpu_{h.hexdigest()[:12]}"
+
+
+def _ensure_ninja_on_path() -> None:
+    if shutil.which("ninja"):
+        return
+    try:  # the pip "ninja" package puts its binary beside the module, not on PATH unless the venv is active
+        import ninja  # type: ignore[import-not-found]
+
+        os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+    except ImportError:
+        pass
+
+
+def _build() -> ModuleType:
+    from torch.utils.cpp_extension import load
+
+    _ensure_ninja_on_path()
+    name = _build_name()
+    build_dir = cache_dir() / name
+    build_dir.mkdir(parents=True, exist_ok=True)
+    if not any(build_dir.glob(f"{name}*.so")):
+        log.info("building slimquant's native CPU kernels into %s (once; ~30 s)", build_dir)
+    return load(name=name, sources=[str(SOURCE)], extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"],
+                build_directory=str(build_dir), verbose=False)  # fmt: skip
+
+
+def library() -> ModuleType | None:
+    """The compiled library, building it on first use; None when disabled or the build failed (logged once)."""
+    if "module" in _state:
+        return _state["module"]  # type: ignore[return-value]
+    with _lock:
+        if "module" in _state:
+            return _state["module"]  # type: ignore[return-value]
+        module: ModuleType | None = None
+        if not _enabled():
+            _state["error"] = "disabled by SLIMQUANT_NATIVE=0"
+        elif platform.machine().lower() not in ("x86_64", "amd64"):
+            _state["error"] = f"the native kernels are written for x86-64, not {platform.machine()}"
+        else:
+            try:
+                module = _build()
+            except Exception as e:  # compiler, ninja or linker missing or failing: fall back, say why
+                _state["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else e}"
+                log.warning("native CPU kernels unavailable (%s); using the pure-torch kernels", _state["error"])
+        _state["module"] = module
+        return module
+
+
+def available() -> bool:
+    """Whether the native kernels can run in this process (builds them on first call)."""
+    return library() is not None
+
+
+def unavailable_reason() -> str | None:
+    """Why :func:`available` is False (None when it is True or has not been asked yet)."""
+    return _state.get("error")  # type: ignore[return-value]
+
+
+def cpu_features() -> str:
+    """Which code paths the library runs on this CPU: ``"avx512 avx512vnni"``, ``"avx512"`` or ``"scalar"``."""
+    lib = library()
+    return "unavailable" if lib is None else lib.cpu_features()
+
+
+def force_scalar(enabled: bool) -> None:
+    """Tests: make the library run its portable (non-AVX512) loops, as on a CPU without AVX512."""
+    _lib().set_force_scalar(bool(enabled))
+
+
+def _lib() -> ModuleType:
+    lib = library()
+    if lib is None:
+        from slimquant.errors import SlimquantError
+
+        raise SlimquantError(f"native CPU kernels unavailable: {unavailable_reason()}")
+    return lib
+
+
+def w8a8_dynamic(
+    x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``x`` float ``[..., k]``, ``w`` int8 ``[n, k]``, ``w_scale`` ``[n]`` or ``[n, 1]``, ``bias`` ``[n]`` or None
+    -> ``[..., n]`` in ``x.dtype`` (computed in float32)."""
+    return _lib().w8a8_dynamic(x, w, w_scale, bias, W8A8_GEMV_MAX_ROWS)
+
+
+def w8a8_static(
+    x: torch.Tensor, input_scale: torch.Tensor, input_offset: torch.Tensor, w: torch.Tensor,
+    deq_scale: torch.Tensor, quant_bias: torch.Tensor,
+) -> torch.Tensor:  # fmt: skip
+    """``input_scale`` / ``input_offset``: 1-element tensors (read as float32); ``deq_scale`` float ``[n]``;
+    ``quant_bias`` int32 ``[n]``."""
+    return _lib().w8a8_static(x, input_scale, input_offset, w, deq_scale, quant_bias, W8A8_GEMV_MAX_ROWS)
+
+
+def w8a16(
+    x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:  # fmt: skip
+    """``x`` float ``[..., k]``, ``w`` int8 ``[n, k]``, ``scale`` / ``offset`` ``[n, G]`` (or ``[1, G]``, ``[n]``:
+    broadcast; ``k % G == 0``; W = (w + offset) * scale per group of k / G columns), ``bias`` ``[n]`` ->
+    ``[..., n]`` in ``x.dtype``. Any number of rows works; it pays off up to ``W8A16_GEMV_MAX_ROWS``."""
+    return _lib().w8a16(x, w, scale, offset, bias)

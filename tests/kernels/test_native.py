@@ -1,0 +1,201 @@
+"""Native C++ kernels (slimquant.kernels.native): the GEMV and GEMM paths, thread splits, the portable loops
+and the AVX512 ones, the module paths that use them, and what happens when the library cannot be built."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from slimquant.errors import SlimquantError
+from slimquant.kernels import int8, native
+from slimquant.kernels.int8 import fold_static_w8a8, get_kernel
+from slimquant.math.weights import quantize_weight
+from slimquant.nn.modules import QLinear
+from slimquant.types.spec import QuantSpec
+
+# rows straddle the GEMV (<= W8A8_GEMV_MAX_ROWS) / GEMM and the 4-row tiles; k straddles the 64-byte and 16-float
+# steps (masked tails); n is not a multiple of the 4- or 8-row weight tiles
+ROWS = [1, 2, 3, 4, 5, 7, 9, 33]
+KN = [(576, 192), (65, 13), (17, 9), (2, 1), (1536, 7)]
+
+
+def _g(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.fixture(params=["avx512", "scalar"])
+def isa(request: pytest.FixtureRequest, native_lib):  # noqa: ANN001
+    """Both code paths of the library; "scalar" forces the portable loops (what a CPU without AVX512 runs)."""
+    if request.param == "avx512" and "avx512" not in native_lib.cpu_features():
+        pytest.skip("this CPU has no AVX512")
+    native_lib.force_scalar(request.param == "scalar")
+    yield request.param
+    native_lib.force_scalar(False)
+
+
+@pytest.fixture(params=[1, 2])
+def threads(request: pytest.FixtureRequest):  # noqa: ANN001
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
+
+def _case(m: int, k: int, n: int, seed: int):
+    g = _g(seed)
+    x = torch.randn(m, k, generator=g) * 3
+    x[0] = 0.0  # a zero row: scale 1
+    if m > 2:
+        x[1, 0] = 1e30  # one huge value: every other entry of the row rounds to 0
+        x[2] = torch.randn(k, generator=g) * 1e-40  # denormals
+    w = torch.randint(-128, 128, (n, k), dtype=torch.int8, generator=g)
+    ws = torch.rand(n, generator=g) * 0.01 + 1e-4
+    return x, w, ws, torch.randn(n, generator=g)
+
+
+@pytest.mark.parametrize(("k", "n"), KN)
+@pytest.mark.parametrize("m", ROWS)
+def test_w8a8_native_bits_equal_reference(m: int, k: int, n: int, isa: str, threads: int) -> None:
+    x, w, ws, bias = _case(m, k, n, m * 100 + k)
+    for b in (bias, None):
+        ref = get_kernel("linear_w8a8_dynamic")(x, w, ws, b)
+        assert torch.equal(get_kernel("linear_w8a8_dynamic", "native")(x, w, ws, b), ref)
+    x = x.clamp(-20, 20)  # static: a range that makes some values clamp at both ends
+    qb, dq = fold_static_w8a8(w, ws, 0.05, -3, bias)
+    ref = get_kernel("linear_w8a8_static")(x, 0.05, -3, w, dq, qb)
+    assert torch.equal(get_kernel("linear_w8a8_static", "native")(x, 0.05, -3, w, dq, qb), ref)
+
+
+@pytest.mark.parametrize(("k", "n"), KN)
+@pytest.mark.parametrize("m", [1, 3, 4, 5, 9, 16])
+def test_w8a16_native_matches_reference(m: int, k: int, n: int, isa: str, threads: int) -> None:
+    x, w, ws, _ = _case(m, k, n, 7)
+    x = torch.randn(m, k, generator=_g(1))
+    ref = get_kernel("linear_w8a16")(x, w, ws)
+    out = get_kernel("linear_w8a16", "native")(x, w, ws)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
+
+
+class _Recorder:
+    """Stands in for the compiled library: records (function, rows) per call and delegates."""
+
+    def __init__(self, lib) -> None:  # noqa: ANN001
+        self.lib, self.calls = lib, []
+
+    def __getattr__(self, name: str):  # noqa: ANN204
+        real = getattr(self.lib, name)
+
+        def call(x, *args):  # noqa: ANN001, ANN202
+            self.calls.append((name, x.numel() // max(x.shape[-1], 1)))
+            return real(x, *args)
+
+        return call
+
+
+@pytest.fixture
+def recorder(monkeypatch: pytest.MonkeyPatch, native_lib) -> _Recorder:  # noqa: ANN001
+    rec = _Recorder(native_lib.library())
+    monkeypatch.setitem(native._state, "module", rec)
+    return rec
+
+
+def test_w8a16_native_takes_the_dequantized_gemm_beyond_its_rows(recorder: _Recorder) -> None:
+    w, ws = torch.randint(-127, 128, (8, 32), dtype=torch.int8), torch.rand(8)
+    for m in (1, native.W8A16_GEMV_MAX_ROWS, native.W8A16_GEMV_MAX_ROWS + 1):
+        get_kernel("linear_w8a16", "fast")(torch.randn(m, 32), w, ws)
+    get_kernel("linear_w8a16", "fast")(torch.randn(2, 32).bfloat16(), w, ws)  # the reference computes in bf16
+    assert recorder.calls == [("w8a16", 1), ("w8a16", native.W8A16_GEMV_MAX_ROWS)]
+
+
+def test_fast_uses_native_when_built(recorder: _Recorder) -> None:
+    x, w, ws, bias = _case(3, 32, 8, 0)
+    qb, dq = fold_static_w8a8(w, ws, 0.05, 0, bias)
+    get_kernel("linear_w8a8_dynamic", "fast")(x, w, ws, bias)
+    get_kernel("linear_w8a8_static", "fast")(x, 0.05, 0, w, dq, qb)
+    get_kernel("linear_w8a8_dynamic", "torch")(x, w, ws, bias)
+    assert recorder.calls == [("w8a8_dynamic", 3), ("w8a8_static", 3)]
+
+
+def _qlinear(k: int, n: int, spec: QuantSpec, bias: bool = True) -> QLinear:
+    lin = nn.Linear(k, n, bias=bias)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(n, k, generator=_g(3)))
+    return QLinear.from_float(lin, quantize_weight(lin.weight.detach(), spec), spec)
+
+
+@pytest.mark.parametrize("spec", [
+    QuantSpec("int8", "per_channel"),
+    QuantSpec("int8", "per_channel", symmetric=False),
+    QuantSpec("int8", "per_tensor", symmetric=False),
+    QuantSpec("int8", "per_group", group_size=32, symmetric=False),
+    QuantSpec("int8", "per_group", group_size=16),
+], ids=lambda s: s.describe())  # fmt: skip
+@pytest.mark.parametrize("rows", [1, 3, 16])
+def test_qlinear_native_matches_reference(spec: QuantSpec, rows: int, isa: str) -> None:
+    q = _qlinear(96, 40, spec)
+    x = torch.randn(2, rows, 96, generator=_g(4)) if rows > 1 else torch.randn(1, 1, 96, generator=_g(4))
+    q.kernel = "reference"
+    ref = q(x)
+    q.kernel = "native"
+    out = q(x)
+    assert out.shape == ref.shape
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
+
+
+def test_qlinear_native_routing(recorder: _Recorder) -> None:
+    """The GEMV runs for int8 weights at up to W8A16_GEMV_MAX_ROWS float32 rows; packed 4-bit, uint8, group
+    sizes that are not multiples of 16, longer inputs, half inputs and kernel "torch" take dequantize + F.linear."""
+    q8 = _qlinear(96, 8, QuantSpec("int8", "per_channel"))
+    q8(torch.randn(1, 96))
+    q8(torch.randn(2, 8, 96))  # 16 rows
+    q8(torch.randn(17, 96))
+    q8.kernel = "torch"
+    q8(torch.randn(1, 96))
+    assert recorder.calls == [("w8a16", 1), ("w8a16", 16)]
+    recorder.calls.clear()
+    for spec in (QuantSpec("int4", "per_group", group_size=32), QuantSpec("uint8", "per_channel", symmetric=False),
+                 QuantSpec("int8", "per_group", group_size=24)):  # fmt: skip
+        _qlinear(96, 8, spec)(torch.randn(1, 96))
+    _qlinear(96, 8, QuantSpec("int8", "per_channel")).bfloat16()(torch.randn(1, 96).bfloat16())
+    assert recorder.calls == []
+
+
+def test_unavailable_library(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A failed build: "native" says why, "fast" and the modules' default quietly take the torch kernels."""
+    monkeypatch.setitem(native._state, "module", None)
+    monkeypatch.setitem(native._state, "error", "RuntimeError: no compiler")
+    assert not native.available() and native.unavailable_reason() == "RuntimeError: no compiler"
+    x, w, ws, bias = _case(2, 32, 8, 1)
+    with pytest.raises(SlimquantError, match="no compiler"):
+        get_kernel("linear_w8a8_dynamic", "native")(x, w, ws, bias)
+    assert torch.equal(get_kernel("linear_w8a8_dynamic", "fast")(x, w, ws, bias),
+                       get_kernel("linear_w8a8_dynamic")(x, w, ws, bias))  # fmt: skip
+    q = _qlinear(32, 8, QuantSpec("int8", "per_channel"))
+    torch.testing.assert_close(q(x), F.linear(x, q.dequantized_weight(), q.bias))
+    q.kernel = "native"
+    with pytest.raises(SlimquantError, match="native.*no compiler"):
+        q(x)
+
+
+def test_disabled_by_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(native, "_state", {})
+    monkeypatch.setenv("SLIMQUANT_NATIVE", "0")
+    assert not native.available()
+    assert "SLIMQUANT_NATIVE=0" in native.unavailable_reason()
+
+
+def test_build_name_tracks_source_and_torch(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:  # noqa: ANN001
+    a = native._build_name()
+    src = tmp_path / "k.cpp"
+    src.write_bytes(native.SOURCE.read_bytes() + b"\n// changed\n")
+    monkeypatch.setattr(native, "SOURCE", src)
+    assert native._build_name() != a
+    monkeypatch.setenv("SLIMQUANT_CACHE_DIR", str(tmp_path / "c"))
+    assert native.cache_dir() == tmp_path / "c" / "torch_extensions"
+
+
+def test_cpu_features_string(native_lib) -> None:  # noqa: ANN001
+    assert native_lib.cpu_features() in ("avx512 avx512vnni", "avx512", "scalar")
+    assert int8.get_kernel("linear_w8a16", "native") is int8.linear_w8a16_native
