@@ -1,13 +1,14 @@
-"""Low-bit weight benchmark (issue 4, first part): RTN, RTN + clipping search and GPTQ on smollm2-135m.
+"""Low-bit weight benchmark (issue 4): RTN, RTN + clipping search, GPTQ, AWQ and GPTQ + AWQ on smollm2-135m.
 
 Usage:
     python benchmarks/gptq.py            # full run, rewrites the gptq section of BENCHMARKS.md
-    python benchmarks/gptq.py --quick    # 1 window per text, two configs, prints only
+    python benchmarks/gptq.py --quick    # 1 window per text, three configs, prints only
+    python benchmarks/gptq.py --only "W3A16 g64 RTN,W3A16 g64 AWQ"   # these configs (and float), prints only
 
 Same evaluation text, windows and metrics as benchmarks/weight_only.py (whose helpers it reuses);
 calibration as benchmarks/w8a8.py (token windows of the calibration plays, never the evaluation plays).
 Every config runs in its own process: load float, quantize, save, reload from disk, evaluate.
-Not measured yet (issue 4): AWQ, GPTQ + AWQ, llm-compressor's GPTQModifier.
+Not measured yet (issue 4): llm-compressor's GPTQModifier.
 """
 
 from __future__ import annotations
@@ -28,15 +29,17 @@ import text as corpus  # noqa: E402
 import w8a8  # noqa: E402
 import weight_only as wo  # noqa: E402
 
-# name -> (bits, group size or None, algorithm, clip search, act order)
+# name -> (bits, group size or None); method -> (algorithm, clip search, act order, AWQ)
 SHAPES = {"W4A16 g64": (4, 64), "W4A16 per-channel": (4, None), "W3A16 g64": (3, 64), "W2A16 g32": (2, 32)}
-METHODS = {"RTN": ("rtn", False, False), "RTN +clip": ("rtn", True, False), "GPTQ": ("gptq", False, False),
-           "GPTQ act-order": ("gptq", False, True)}  # fmt: skip
+METHODS = {"RTN": ("rtn", False, False, False), "RTN +clip": ("rtn", True, False, False),
+           "GPTQ": ("gptq", False, False, False), "GPTQ act-order": ("gptq", False, True, False),
+           "AWQ": ("rtn", False, False, True), "GPTQ act-order +AWQ": ("gptq", False, True, True)}  # fmt: skip
 CONFIGS: dict[str, dict] = {"float32": {"kind": "float"}}
 for shape, (bits, group) in SHAPES.items():
-    for method, (algo, clip, act) in METHODS.items():
-        CONFIGS[f"{shape} {method}"] = {"kind": "ours", "bits": bits, "group": group, "algo": algo, "clip": clip, "act": act}
-QUICK = {"float32", "W4A16 g64 GPTQ"}
+    for method, (algo, clip, act, awq) in METHODS.items():
+        CONFIGS[f"{shape} {method}"] = {"kind": "ours", "bits": bits, "group": group, "algo": algo, "clip": clip,
+                                        "act": act, "awq": awq}  # fmt: skip
+QUICK = {"float32", "W4A16 g64 GPTQ", "W3A16 g64 AWQ"}
 
 
 def recipe_for(cfg: dict):
@@ -44,7 +47,8 @@ def recipe_for(cfg: dict):
 
     gran = "per_group" if cfg["group"] else "per_channel"
     spec = QuantSpec(f"int{cfg['bits']}", gran, cfg["group"], symmetric=False, zero_point="float")
-    return Recipe(weight=spec, algorithm=cfg["algo"], clip_search=cfg["clip"], gptq_act_order=cfg["act"])
+    return Recipe(weight=spec, algorithm=cfg["algo"], clip_search=cfg["clip"], gptq_act_order=cfg["act"],
+                  smooth="m3" if cfg["awq"] else None)
 
 
 def child_main(args: argparse.Namespace) -> None:
@@ -93,6 +97,7 @@ def fmt(rows: dict[str, dict]) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--only", default="", help="comma-separated config names (float32 is always run); prints only")
     ap.add_argument("--child", action="store_true")
     ap.add_argument("--model"), ap.add_argument("--config"), ap.add_argument("--ref"), ap.add_argument("--result")
     ap.add_argument("--windows", type=int, default=wo.WINDOWS_PER_TEXT)
@@ -105,8 +110,12 @@ def main() -> None:
     t_start = time.perf_counter()
     ref = wo.reference(wo.LLM, windows)
     rows: dict[str, dict] = {}
+    only = {n.strip() for n in args.only.split(",") if n.strip()}
+    unknown = only - set(CONFIGS)
+    if unknown:
+        raise SystemExit(f"unknown config(s) {sorted(unknown)}; valid: {list(CONFIGS)}")
     for name in CONFIGS:
-        if args.quick and name not in QUICK:
+        if (args.quick and name not in QUICK) or (only and name not in only | {"float32"}):
             continue
         rows[name] = wo.run_config(wo.LLM, name, ref, windows, script=__file__)
         print(f"{name}: {json.dumps({k: round(v, 5) if isinstance(v, float) else v for k, v in rows[name].items()})}", flush=True)
@@ -114,7 +123,7 @@ def main() -> None:
 
     tokens = rows["float32"]["tokens"]
     report = "\n".join([
-        "## Low-bit weights (issue 4, first part): RTN vs GPTQ",
+        "## Low-bit weights (issue 4): RTN vs GPTQ vs AWQ",
         "",
         f"Command: `.venv/bin/python benchmarks/gptq.py`. Machine: {torch.get_num_threads()} threads, {platform.machine()}, "
         f"torch {torch.__version__}, transformers {transformers.__version__}; one run, {(time.perf_counter() - t_start) / 60:.1f} min.",
@@ -124,15 +133,17 @@ def main() -> None:
         "zero point (the best RTN variant of the weight-only table). GPTQ: `--w_method gptq` (percdamp 0.01, blocks of 128 "
         f"columns), calibrated on {w8a8.CALIB_WINDOWS} windows x {w8a8.CALIB_SEQ_LEN} tokens of "
         f"{', '.join(corpus.CALIB_FILES)} (seed 0), block by block with the whole model in memory; act-order visits "
-        "columns by decreasing Hessian diagonal with static groups. *KL vs RTN* = this row's KL / the same shape's RTN KL. "
-        "lm_head stays float; every row is measured on the checkpoint reloaded from disk. Not measured yet: AWQ, "
-        "GPTQ + AWQ, llm-compressor.",
+        "columns by decreasing Hessian diagonal with static groups. AWQ: `--anti_method m3` (scale search over 20 ratios "
+        "on each smoothing group's block inputs, then AWQ's output-error clipping search for RTN; GPTQ + AWQ solves on the "
+        "scaled, unclipped weights), same calibration. *KL vs RTN* = this row's KL / the same shape's RTN KL. "
+        "lm_head stays float; every row is measured on the checkpoint reloaded from disk. Not measured yet: "
+        "llm-compressor.",
         "",
         fmt(rows),
     ])
     print()
     print(report)
-    if not args.quick:
+    if not args.quick and not only:
         wo.write_section(report, "gptq")
 
 

@@ -307,6 +307,19 @@ def test_w_method_gptq(capsys, llama_dir, outs, text_file):
     assert manifest["layers"]["model.layers.0.self_attn.q_proj"]["method"]["algorithm"] == "gptq"
 
 
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+def test_anti_method_m3_awq(capsys, llama_dir, outs, text_file, method):
+    rc, stdout, _ = run(capsys, "quantize", "--model_path", llama_dir, "--save_directory", outs / "a", "--w_bit", "4",
+                        "--group_size", "32", "--w_sym", "False", "--anti_method", "m3", "--w_method", method,
+                        "--calib_file", text_file, "--calib_size", "4", "--calib_seq_len", "16")  # fmt: skip
+    assert rc == 0 and "w4a16" in stdout
+    manifest = read_manifest(outs / "a")
+    recipe = Recipe.from_dict(manifest["recipe"])
+    assert recipe.smooth == "m3" and recipe.algorithm == method
+    method_entry = manifest["layers"]["model.layers.1.mlp.down_proj"]["method"]
+    assert method_entry["algorithm"] == method and method_entry["awq"] == {"clip": method == "rtn"}
+
+
 def test_seed_example_dynamic_m1_runs(capsys, llama_dir, outs, text_file):
     # msModelSlim's example: --a_bit 8 --is_dynamic True --anti_method m1
     rc, stdout, _ = run(capsys, "quantize", "--model_path", llama_dir, "--save_directory", outs / "dm1", "--w_bit", "8",

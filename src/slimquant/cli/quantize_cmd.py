@@ -79,7 +79,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--anti_method", choices=("", "m1", "m2", "m3", "m4", "m5"), default="",
                    help="outliers before W8A8: m1 SmoothQuant (--smooth_alpha), m2 Outlier Suppression (gamma "
                    "migration + token-wise clipping of static ranges), m4 SmoothQuant with alpha searched per layer "
-                   "group; m3 (AWQ), m5 (CBQ) are not supported yet")  # fmt: skip
+                   "group; m3 AWQ for weight-only --w_bit < 8 (activation-aware scales, then clipping with --w_method rtn); "
+                   "m5 (CBQ) is not supported yet")  # fmt: skip
     p.add_argument("--smooth_alpha", type=float, default=None, help="SmoothQuant migration strength for m1 (default 0.5)")
     p.add_argument("--co_sparse", type=str2bool, default=False)
     p.add_argument("--fraction", type=float, default=0.01)
@@ -179,12 +180,14 @@ def recipe_from_args(args: argparse.Namespace) -> Recipe:
 def _smooth_flags(args: argparse.Namespace, input_spec: QuantSpec | None) -> tuple[str | None, float]:
     """(Recipe.smooth, smooth_alpha) from --anti_method / --do_smooth / --smooth_alpha."""
     method = args.anti_method or ("m1" if args.do_smooth else "")
-    if method in ("m3", "m5"):
-        what = {"m3": "AWQ", "m5": "CBQ"}[method]
-        raise NotSupportedYet(f"--anti_method {method}: {what} is not supported yet; m1, m2 and m4 are")
+    if method == "m5":
+        raise NotSupportedYet("--anti_method m5: CBQ is not supported yet; m1, m2, m3 and m4 are")
     if args.smooth_alpha is not None and method != "m1":
         raise SlimquantError("--smooth_alpha sets SmoothQuant m1's strength; add --anti_method m1")
-    if method and input_spec is None:
+    if method == "m3" and input_spec is not None:
+        raise NotSupportedYet("--anti_method m3 (AWQ) with --a_bit 8 is not supported yet; AWQ runs with weight-only "
+                              "quantization (--a_bit 16); for W8A8 use m1, m2 or m4")  # fmt: skip
+    if method and method != "m3" and input_spec is None:
         raise SlimquantError(f"--anti_method {method} smooths activations for quantization; add --a_bit 8")
     alpha = 0.5 if args.smooth_alpha is None else args.smooth_alpha
     if not 0.0 <= alpha <= 1.0:
@@ -268,7 +271,12 @@ def run(args: argparse.Namespace) -> int:
         fl = report.attention["float"]
         print(f"  attention Q/K/V int8 per head in {len(report.attention['quantized'])} layer(s)"
               + (f"; float (fa_amp): {', '.join(fl)}" if fl else ""))  # fmt: skip
-    if report.smoothing:
+    if report.smoothing and recipe.smooth == "m3":
+        ratios = [r["ratio"] for r in report.smoothing]
+        gain = sum(r["output_error_unscaled"] for r in report.smoothing) / max(sum(r["output_error"] for r in report.smoothing), 1e-30)
+        print(f"  AWQ (m3) scales on {len(ratios)} group(s): ratio {min(ratios):.2f}..{max(ratios):.2f}, calibration "
+              f"output error {gain:.2f}x lower than unscaled")  # fmt: skip
+    elif report.smoothing:
         alphas = sorted({str(r["alpha"]) for r in report.smoothing})
         print(f"  smoothed {len(report.smoothing)} group(s) with {recipe.smooth} (alpha: {', '.join(alphas)})")
     for name, why in sorted(report.skipped.items()):

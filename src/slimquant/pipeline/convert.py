@@ -156,9 +156,10 @@ def convert(
     layers = [lp for lp in layers if lp.name not in ties]
 
     if recipe.smooth is not None:
+        smooth_groups(model)  # an unknown architecture fails here, before any work
+    if recipe.smooth is not None and recipe.smooth != "m3":  # m3 (AWQ) runs block by block, in sequential
         from slimquant.pipeline.smooth import smooth_model
 
-        smooth_groups(model)  # an unknown architecture fails here, before any work
         report.smoothing = smooth_model(model, recipe, calib_data, show_progress)
     w8a8 = recipe.input is not None
     ranges: dict[str, dict[str, Any]] = {}
@@ -167,7 +168,7 @@ def convert(
         ranges = _calibrate_inputs(model, recipe, linears, solver, calib_data, show_progress)
 
     sequential: list[LayerPlan] = []
-    if recipe.algorithm == "gptq":  # the blocks' linears go block by block after everything else
+    if recipe.algorithm == "gptq" or recipe.smooth == "m3":  # the blocks' linears go block by block, last
         path = block_list(model)
         sequential = [lp for lp in layers if lp.kind == "linear" and lp.name.startswith(path + ".")]
         layers = [lp for lp in layers if lp not in sequential]
@@ -193,8 +194,9 @@ def convert(
     if sequential:
         from slimquant.pipeline.sequential import quantize_sequential
 
-        rows, _ = quantize_sequential(model, recipe, sequential, calib_data, show_progress)
+        rows, _, awq_rows = quantize_sequential(model, recipe, sequential, calib_data, show_progress)
         report.layers.extend(rows)
+        report.smoothing.extend(awq_rows)
     for out, emb in ties.items():
         qemb = model.get_submodule(emb)
         old = model.get_submodule(out)

@@ -1,12 +1,14 @@
-"""The sequential (block by block) pipeline for data-aware weight algorithms (GPTQ).
+"""The sequential (block by block) pipeline for data-aware weight algorithms (GPTQ, AWQ).
 
 One explicit loop over the model's repeated blocks, no graph tracing:
 
 1. run the calibration items through the model until the first block, and keep that block's inputs
    (positional and keyword arguments: hidden states, rotary embeddings, masks) per item;
-2. for each block: hook its planned linear layers to accumulate their input Hessians, run the block
-   on the kept inputs, solve every layer, swap the quantized modules in, then run the *quantized*
-   block again so the next block calibrates on what the deployed model will feed it.
+2. for each block: with AWQ (``smooth="m3"``), sample the inputs of each smoothing group
+   (:func:`slimquant.adapters.smooth_groups`) on the kept inputs, search and apply the scales (and, with
+   RTN, the clipping); then hook the planned linear layers to accumulate their input Hessians, run the
+   block, solve every layer (GPTQ, or RTN), swap the quantized modules in, then run the *quantized* block
+   again so the next block calibrates on what the deployed model will feed it.
 
 This version holds the whole model in memory; reading blocks one at a time from the safetensors
 files, spilling activations to disk and resuming after a crash are not built yet.
@@ -21,8 +23,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from slimquant.adapters import block_list
+from slimquant.adapters import block_list, smooth_groups
+from slimquant.algorithms.awq import awq_clip, awq_search
 from slimquant.algorithms.gptq import GPTQError, HessianAccumulator, gptq
+from slimquant.algorithms.smoothquant import apply_smoothing, input_weight
 from slimquant.errors import SlimquantError
 from slimquant.math.metrics import sqnr_db
 from slimquant.math.weights import dequantize_weight, quantize_weight
@@ -87,13 +91,15 @@ def _next_inputs(hidden: torch.Tensor, args: tuple, kwargs: dict) -> tuple[tuple
 
 
 def quantize_sequential(model: nn.Module, recipe: Recipe, plans: list[Any], calib_data: Any,
-                        show_progress: bool = True) -> tuple[list[dict], set[str]]:  # fmt: skip
-    """GPTQ every planned linear layer that lies inside the model's repeated blocks, block by block.
+                        show_progress: bool = True) -> tuple[list[dict], set[str], list[dict]]:  # fmt: skip
+    """Quantize every planned linear layer that lies inside the model's repeated blocks, block by block
+    (``recipe.algorithm``: gptq or rtn; ``recipe.smooth == "m3"`` adds AWQ before it).
 
-    Returns the per-layer report rows and the names it quantized (the caller handles the rest with RTN).
+    Returns the per-layer report rows, the names it quantized (the caller handles the rest with RTN) and
+    the AWQ rows (one per smoothing group; empty without m3).
     """
     if calib_data is None:
-        raise SlimquantError(f"{recipe.algorithm} needs calibration data (calib_data)")
+        raise SlimquantError(f"{'awq (m3)' if recipe.smooth == 'm3' else recipe.algorithm} needs calibration data (calib_data)")
     path = block_list(model)
     blocks = model.get_submodule(path)
     by_block: dict[int, list[Any]] = {}
@@ -103,12 +109,19 @@ def quantize_sequential(model: nn.Module, recipe: Recipe, plans: list[Any], cali
         by_block.setdefault(int(lp.name[len(path) + 1 :].split(".")[0]), []).append(lp)
     inputs = capture_block_inputs(model, blocks[0], calib_data)
     log.info("%s: %d block(s) under %s, %d calibration item(s)", recipe.algorithm, len(blocks), path, len(inputs))
+    groups = smooth_groups(model) if recipe.smooth == "m3" else []
     rows: list[dict] = []
+    awq_rows: list[dict] = []
     done: set[str] = set()
-    bar = tqdm(range(len(blocks)), desc=f"{recipe.algorithm} blocks", disable=not show_progress, unit="block")
+    what = recipe.algorithm + (" + awq" if recipe.smooth == "m3" else "")
+    bar = tqdm(range(len(blocks)), desc=f"{what} blocks", disable=not show_progress, unit="block")
     for bi in bar:
         block = blocks[bi]
         layer_plans = by_block.get(bi, [])
+        if groups:
+            prefix = f"{path}.{bi}."
+            mine = [(p, lins) for p, lins in groups if p.startswith(prefix)]
+            awq_rows += _awq_block(model, block, inputs, mine, {lp.name: lp for lp in layer_plans}, recipe)
         accs = {lp.name: HessianAccumulator(model.get_submodule(lp.name).in_features) for lp in layer_plans}
         # Layers fed the very same tensor (q/k/v, gate/up) share one Hessian: accumulated once, by the
         # first of them to see it in each forward.
@@ -145,7 +158,64 @@ def quantize_sequential(model: nn.Module, recipe: Recipe, plans: list[Any], cali
             inputs = [_next_inputs(_hidden(block(*args, **kwargs)), args, kwargs) for args, kwargs in inputs]
         if errors:
             bar.set_postfix(rel_output_error=f"{max(errors):.2e}")
-    return rows, done
+    return rows, done, awq_rows
+
+
+def _awq_block(model: nn.Module, block: nn.Module, inputs: list[tuple[tuple, dict]],
+               groups: list[tuple[str, tuple[str, ...]]], plans: dict[str, Any], recipe: Recipe) -> list[dict]:  # fmt: skip
+    """AWQ on one block: one pass over the block accumulates every group's input statistics (mean |x| and
+    ``2/N X^T X``, over all calibration tokens); then per group (in order) search the scales, apply them to
+    the op before and the linears, and (RTN) clip the planned linears."""
+    groups = [(p, lins) for p, lins in groups if any(n in plans for n in lins)]
+    if not groups:
+        return []
+    stats: dict[str, tuple[HessianAccumulator, list]] = {}
+    handles = []
+    for _, lins in groups:
+        first = model.get_submodule(lins[0])
+        stats[lins[0]] = (HessianAccumulator(input_weight(first).shape[1]), [0.0, 0])
+
+        def hook(_m: nn.Module, args: tuple, name: str = lins[0]) -> None:
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+            acc, absum = stats[name]
+            acc.add(x)
+            absum[0] = absum[0] + x.abs().sum(0)
+            absum[1] += x.shape[0]
+
+        handles.append(first.register_forward_pre_hook(hook))
+    try:
+        with torch.no_grad():
+            for args, kwargs in inputs:
+                block(*args, **kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    out = []
+    for prev_name, lin_names in groups:
+        acc, (absum, count) = stats.pop(lin_names[0])
+        h, mean_abs = acc.hessian(), absum / max(count, 1)
+        linears = [model.get_submodule(n) for n in lin_names]
+        specs = [plans[n].spec if n in plans else None for n in lin_names]
+        with torch.no_grad():
+            res = awq_search(mean_abs, h, [input_weight(m).detach() for m in linears], specs, recipe.awq_grid)
+            apply_smoothing(model.get_submodule(prev_name), linears, res.scales)
+            row: dict[str, Any] = {"method": "awq", "prev": prev_name, "linears": list(lin_names), "ratio": res.ratio,
+                                   "output_error": res.errors[res.ratio], "output_error_unscaled": res.errors[0.0],
+                                   "tokens": count}  # fmt: skip
+            if recipe.algorithm == "rtn" and recipe.awq_clip:
+                hs = h / res.scales[:, None] / res.scales[None, :]  # the linears now see x / s
+                shrink = {}
+                for n, m, spec in zip(lin_names, linears, specs):
+                    if spec is None or not isinstance(m, nn.Linear):
+                        continue
+                    clipped, mean_shrink = awq_clip(hs, m.weight.detach().float(), spec, recipe.awq_grid)
+                    m.weight.copy_(clipped.to(m.weight.dtype))
+                    shrink[n] = round(mean_shrink, 4)
+                row["clip_mean_shrink"] = shrink
+        out.append(row)
+        log.debug("awq %s -> %s: ratio %.2f, output error %.3g (unscaled %.3g)", prev_name, lin_names, res.ratio,
+                  res.errors[res.ratio], res.errors[0.0])  # fmt: skip
+    return out
 
 
 def _solve_layer(model: nn.Module, lp: Any, acc: HessianAccumulator, recipe: Recipe) -> dict:
@@ -153,18 +223,22 @@ def _solve_layer(model: nn.Module, lp: Any, acc: HessianAccumulator, recipe: Rec
     w = module.weight.detach().float()
     h = acc.hessian()
     row: dict[str, Any] = {"name": lp.name, "kind": lp.kind, "spec": lp.spec.describe(), "samples": acc.n}
-    if acc.n < w.shape[1]:
+    if acc.n < w.shape[1] and recipe.algorithm == "gptq":
         log.warning("%s: %d calibration rows for %d input channels; the Hessian is rank-deficient (dampened)",
                     lp.name, acc.n, w.shape[1])  # fmt: skip
-    try:
-        res = gptq(w, h, lp.spec, percdamp=recipe.gptq_percdamp, act_order=recipe.gptq_act_order,
-                   static_groups=recipe.gptq_static_groups, clip_search=recipe.clip_search)  # fmt: skip
-        qw = res.weight
-        row.update(algorithm="gptq", damp=res.damp, dead_columns=res.dead_columns)
-    except GPTQError as e:
-        log.warning("%s: %s; falling back to RTN for this layer", lp.name, e)
+    if recipe.algorithm == "rtn":
         qw = quantize_weight(w, lp.spec, clip_search=recipe.clip_search)
-        row.update(algorithm="rtn", fallback=str(e))
+        row.update(algorithm="rtn")
+    else:
+        try:
+            res = gptq(w, h, lp.spec, percdamp=recipe.gptq_percdamp, act_order=recipe.gptq_act_order,
+                       static_groups=recipe.gptq_static_groups, clip_search=recipe.clip_search)  # fmt: skip
+            qw = res.weight
+            row.update(algorithm="gptq", damp=res.damp, dead_columns=res.dead_columns)
+        except GPTQError as e:
+            log.warning("%s: %s; falling back to RTN for this layer", lp.name, e)
+            qw = quantize_weight(w, lp.spec, clip_search=recipe.clip_search)
+            row.update(algorithm="rtn", fallback=str(e))
     w_hat = dequantize_weight(qw, lp.spec)
     row["sqnr_db"] = round(sqnr_db(w, w_hat), 2)
     d = w_hat - w
@@ -172,5 +246,7 @@ def _solve_layer(model: nn.Module, lp: Any, acc: HessianAccumulator, recipe: Rec
     row["output_error"] = float(torch.einsum("ij,jk,ik->", d, h, d)) / max(ref, 1e-30)
     qmod = QLinear.from_float(module, qw, lp.spec)
     qmod.method = {"algorithm": row["algorithm"], "clip_search": recipe.clip_search}
+    if recipe.smooth == "m3":
+        qmod.method["awq"] = {"clip": recipe.algorithm == "rtn" and recipe.awq_clip}
     set_module(model, lp.name, qmod)
     return row

@@ -95,7 +95,7 @@ class QuantSpec:
 ALGORITHMS = ("rtn", "gptq")
 # How a static activation range is chosen from calibration data (msModelSlim act_method 1/2/3 =
 # minmax / histogram / auto). "auto" keeps, per layer, the candidate with the lowest output error.
-SMOOTH_METHODS = ("m1", "m2", "m4")
+SMOOTH_METHODS = ("m1", "m2", "m3", "m4")
 KV_INT8_DYNAMIC = QuantSpec("int8", Granularity.PER_TOKEN, None, True, dynamic=True)
 # msModelSlim C8: int8 symmetric, one static scale per (head, channel), calibrated.
 KV_INT8_STATIC = QuantSpec("int8", Granularity.PER_CHANNEL, None, True)
@@ -142,8 +142,13 @@ class Recipe:
             ``m1`` SmoothQuant with ``smooth_alpha``; ``m4`` SmoothQuant with alpha searched per
             group on calibration output error (or no smoothing where that is best); ``m2`` Outlier
             Suppression's gamma migration (each norm's weight moves into the linears it feeds; pair
-            it with ``act_observer="token_clip"``, its token-wise clipping, for static inputs).
+            it with ``act_observer="token_clip"``, its token-wise clipping, for static inputs); ``m3`` AWQ
+            for weight-only recipes: per block, activation-aware scales searched on the block's calibration
+            inputs (:mod:`slimquant.algorithms.awq`), then with ``algorithm="rtn"`` AWQ's clipping search
+            (``awq_clip``), then the weight algorithm (RTN or GPTQ) on the scaled weights.
         smooth_alpha: SmoothQuant migration strength for ``m1``.
+        awq_grid: m3: ratios tried by the scale search (and shrink steps of the clipping search).
+        awq_clip: m3 with RTN: run AWQ's output-error clipping search (GPTQ solves on the unclipped weights).
         overrides: ``(pattern, spec)`` pairs; the first pattern (name, glob or ``re:``) matching a
             layer gives its weight spec instead of ``weight`` (mixed precision, per-layer groups).
     """
@@ -168,6 +173,8 @@ class Recipe:
     gptq_percdamp: float = 0.01
     gptq_act_order: bool = False
     gptq_static_groups: bool = False
+    awq_grid: int = 20
+    awq_clip: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "disable_names", tuple(self.disable_names))
@@ -210,8 +217,16 @@ class Recipe:
         if self.smooth is not None:
             if self.smooth not in SMOOTH_METHODS:
                 raise SlimquantError(f"unknown smooth method {self.smooth!r}; valid: {', '.join(SMOOTH_METHODS)}")
-            if self.input is None:
+            if self.smooth == "m3":
+                if self.weight is None:
+                    raise SlimquantError("smooth m3 (AWQ) scales weights for quantization; the recipe has no weight spec")
+                if self.input is not None:
+                    raise NotSupportedYet("smooth m3 (AWQ) with activation quantization (W8A8) is not supported yet; "
+                                          "use m1, m2 or m4 there")  # fmt: skip
+            elif self.input is None:
                 raise SlimquantError(f"smooth {self.smooth} prepares activations for quantization; it needs an input spec")
+        if not isinstance(self.awq_grid, int) or self.awq_grid < 1:
+            raise SlimquantError(f"awq_grid must be a positive integer, got {self.awq_grid!r}")
         if not 0.0 <= self.smooth_alpha <= 1.0:
             raise SlimquantError(f"smooth_alpha must be in [0, 1], got {self.smooth_alpha}")
         if self.sigma_factor is not None and not self.sigma_factor > 0:
