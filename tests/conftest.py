@@ -42,18 +42,18 @@ def make_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", eos_token="[EOS]")
 
 
-def make_llama(vocab_size: int, seed: int = 0):
+def make_llama(vocab_size: int, seed: int = 0, layers: int = 2, tie: bool = True):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     cfg = LlamaConfig(
         hidden_size=64,
         intermediate_size=128,
-        num_hidden_layers=2,
+        num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,
         vocab_size=vocab_size,
-        tie_word_embeddings=True,
+        tie_word_embeddings=tie,
     )
     return LlamaForCausalLM(cfg).eval()
 
@@ -94,7 +94,7 @@ def make_cnn(seed: int = 0) -> nn.Sequential:
     ).eval()
 
 
-def _save_hf(model, tokenizer, directory: Path) -> Path:
+def save_hf(model, tokenizer, directory: Path) -> Path:
     directory.mkdir(parents=True)
     model.save_pretrained(str(directory), safe_serialization=True)
     tokenizer.save_pretrained(str(directory))
@@ -120,7 +120,7 @@ def llama(tokenizer):
 @pytest.fixture
 def llama_dir(tmp_path, tokenizer) -> Path:
     """A Hugging Face directory (config.json + model.safetensors + tokenizer) of the tiny Llama."""
-    return _save_hf(make_llama(len(tokenizer)), tokenizer, tmp_path / "llama")
+    return save_hf(make_llama(len(tokenizer)), tokenizer, tmp_path / "llama")
 
 
 @pytest.fixture
@@ -131,7 +131,7 @@ def bert(tokenizer):
 @pytest.fixture
 def bert_dir(tmp_path, tokenizer) -> Path:
     """A Hugging Face directory of the tiny BERT encoder (architectures: BertModel)."""
-    return _save_hf(make_bert(len(tokenizer)), tokenizer, tmp_path / "bert")
+    return save_hf(make_bert(len(tokenizer)), tokenizer, tmp_path / "bert")
 
 
 @pytest.fixture
@@ -191,3 +191,13 @@ def native_lib():
         pytest.skip("native kernels disabled by SLIMQUANT_NATIVE=0")
     assert native.available(), f"native CPU kernels failed to build: {native.unavailable_reason()}"
     return native
+
+
+@pytest.fixture
+def make_llama_dir(tmp_path, tokenizer):
+    """``make_llama_dir(name, layers=2, tie=True)``: a Hugging Face directory of a tiny Llama with that many blocks."""
+
+    def make(name: str, layers: int = 2, tie: bool = True) -> Path:
+        return save_hf(make_llama(len(tokenizer), layers=layers, tie=tie), tokenizer, tmp_path / name)
+
+    return make

@@ -18,13 +18,20 @@ from slimquant.types.spec import Recipe
 log = logging.getLogger(__name__)
 
 
-def quantize(model: nn.Module, recipe: Recipe | None = None, calib_data: Any = None, show_progress: bool = True) -> nn.Module:
+def quantize(model: nn.Module, recipe: Recipe | None = None, calib_data: Any = None, show_progress: bool = True,
+             stream: Any = None, work_dir: str | os.PathLike | None = None) -> nn.Module:  # fmt: skip
     """Quantize ``model`` in place with ``recipe`` (default: W8A16 per-channel RTN) and return it.
 
     The per-layer report is attached as ``model.slimquant_report`` (:class:`ConversionReport`).
     ``calib_data``: what static activation quantization, smoothing and attention quantization calibrate on: a ``[N, L]`` tensor of token
     windows (see :func:`slimquant.data.calibration_data`) or an iterable of model inputs (tensors,
     dicts of keyword arguments, or tuples). Weight-only RTN is data-free and does not use it.
+
+    ``work_dir``: the block-by-block pipeline (GPTQ, AWQ, streaming) persists every finished block there and,
+    given the same recipe, model and calibration data again, resumes after the last finished block (a
+    different setup is refused with the difference). ``stream``: a
+    :class:`slimquant.models.streaming.StreamingModel` (from :func:`slimquant.models.streaming.open_streaming`)
+    whose ``.model`` is ``model``: its blocks are read from disk one at a time and written to ``work_dir``.
     """
     recipe = recipe or Recipe()
     if getattr(model, "slimquant_recipe", None) is not None:
@@ -32,7 +39,8 @@ def quantize(model: nn.Module, recipe: Recipe | None = None, calib_data: Any = N
     if calib_data is not None and not recipe.needs_calibration:
         log.info("calib_data is not used: %s is data-free", recipe.quant_type)
         calib_data = None
-    report: ConversionReport = convert(model, recipe, show_progress=show_progress, calib_data=calib_data)
+    report: ConversionReport = convert(model, recipe, show_progress=show_progress, calib_data=calib_data, stream=stream,
+                                       work_dir=work_dir)  # fmt: skip
     model.slimquant_report = report
     log.info("quantized %d layer(s) with %s (%s)", len(report.layers), recipe.algorithm, recipe.quant_type)
     return model

@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import pytest
-import safetensors.torch
 import torch
 
 from slimquant import Granularity, QuantSpec, Recipe
@@ -307,6 +306,41 @@ def test_w_method_gptq(capsys, llama_dir, outs, text_file):
     assert manifest["layers"]["model.layers.0.self_attn.q_proj"]["method"]["algorithm"] == "gptq"
 
 
+def test_stream_and_resume_after_a_crash(capsys, llama_dir, outs, text_file, monkeypatch, caplog):
+    from slimquant.pipeline import workdir
+
+    argv = ["quantize", "--model_path", str(llama_dir), "--save_directory", str(outs / "s"), "--w_bit", "4",
+            "--group_size", "32", "--w_method", "gptq", "--stream", "True", "--calib_file", str(text_file),
+            "--calib_size", "4", "--calib_seq_len", "16"]  # fmt: skip
+    real = workdir.WorkDir.save_block
+
+    def crash(self, i, *a, **k):
+        if i == 1:
+            raise KeyboardInterrupt  # as a kill would
+        return real(self, i, *a, **k)
+
+    monkeypatch.setattr(workdir.WorkDir, "save_block", crash)
+    assert main(argv) == 130
+    assert "rerun the same command to resume" in capsys.readouterr().err
+    assert not (outs / "s").exists() and (outs / "s.partial" / "block_00000.safetensors").is_file()
+    monkeypatch.setattr(workdir.WorkDir, "save_block", real)
+    with caplog.at_level("INFO"):
+        rc = main(argv)
+    stdout = capsys.readouterr().out
+    assert rc == 0 and "resuming" in caplog.text and "1 block(s) already done" in caplog.text
+    assert not (outs / "s.partial").exists()  # removed once the checkpoint is written
+    assert (outs / "s" / "quantize_report.md").is_file()
+    report = json.loads((outs / "s" / "quantize_report.json").read_text())
+    assert len(report["layers"]) == 14 and all(r["algorithm"] == "gptq" for r in report["layers"])
+    assert "largest relative output errors" in stdout
+
+
+def test_stream_needs_calibration_text(capsys, llama_dir, outs):
+    rc, _, err = run(capsys, "quantize", "--model_path", llama_dir, "--save_directory", outs / "s", "--w_bit", "4",
+                     "--w_method", "gptq", "--stream", "True")  # fmt: skip
+    assert rc == 1 and "--stream: give --calib_file" in error_line(err)
+
+
 @pytest.mark.parametrize("method", ["rtn", "gptq"])
 def test_anti_method_m3_awq(capsys, llama_dir, outs, text_file, method):
     rc, stdout, _ = run(capsys, "quantize", "--model_path", llama_dir, "--save_directory", outs / "a", "--w_bit", "4",
@@ -420,7 +454,7 @@ def test_exception_while_saving_leaves_nothing(capsys, llama_dir, outs, monkeypa
     def broken(*a, **k):
         raise RuntimeError("disk on fire")
 
-    monkeypatch.setattr(safetensors.torch, "save_file", broken)
+    monkeypatch.setattr("slimquant.formats.msmodelslim.write_safetensors", broken)
     with pytest.raises(RuntimeError, match="disk on fire"):
         main(["quantize", "--model_path", str(llama_dir), "--save_directory", str(outs / "q")])
     assert_nothing_written(outs)

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import pytest
-import safetensors.torch
 
 import slimquant
 from slimquant import Recipe, SlimquantError
+from slimquant.formats import msmodelslim
 from slimquant.formats.atomic import atomic_directory, check_target
 
 
@@ -73,13 +73,13 @@ def test_non_empty_target_needs_overwrite(qmlp, tmp_path, leftovers):
 def test_exception_while_saving_leaves_nothing(qmlp, tmp_path, monkeypatch, leftovers):
     calls = []
 
-    def broken_save_file(tensors, filename, metadata=None):
+    def broken_save_file(filename, entries, metadata=None):
         calls.append(filename)
         with open(filename, "wb") as fh:  # a half-written file, as a crash would leave it
             fh.write(b"\x00" * 10)
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(safetensors.torch, "save_file", broken_save_file)
+    monkeypatch.setattr(msmodelslim, "write_safetensors", broken_save_file)
     with pytest.raises(RuntimeError, match="disk full"):
         slimquant.save(qmlp, tmp_path / "out")
     assert calls, "the patched writer was not used"
@@ -93,10 +93,10 @@ def test_exception_while_overwriting_keeps_the_old_directory(qmlp, tmp_path, mon
     slimquant.save(qmlp, target, part_file_size=None)
     before = {p.name: p.read_bytes() for p in target.iterdir()}
 
-    def broken_save_file(tensors, filename, metadata=None):
+    def broken_save_file(filename, entries, metadata=None):
         raise OSError("interrupted")
 
-    monkeypatch.setattr(safetensors.torch, "save_file", broken_save_file)
+    monkeypatch.setattr(msmodelslim, "write_safetensors", broken_save_file)
     with pytest.raises(OSError, match="interrupted"):
         slimquant.save(qmlp, target, overwrite=True)
     assert {p.name: p.read_bytes() for p in target.iterdir()} == before

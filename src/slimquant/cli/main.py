@@ -29,15 +29,28 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except SlimquantError as e:
-        print(f"slimquant: error: {e}", file=sys.stderr)
+        print(f"slimquant: error: {e}{_resume_note(args)}", file=sys.stderr)
         return 1
     except OSError as e:
         where = f" ({e.filename})" if getattr(e, "filename", None) else ""
-        print(f"slimquant: error: {e.strerror or e}{where}; nothing was written", file=sys.stderr)
+        print(f"slimquant: error: {e.strerror or e}{where}; the output was not written{_resume_note(args)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("slimquant: interrupted; nothing was written", file=sys.stderr)
+        print(f"slimquant: interrupted; the output was not written{_resume_note(args)}", file=sys.stderr)
         return 130
+
+
+def _resume_note(args: argparse.Namespace) -> str:
+    """Where a block-by-block quantize run left its finished blocks, if it did."""
+    save = getattr(args, "save_directory", None)
+    if not save:
+        return ""
+    from pathlib import Path
+
+    work = Path(save).with_name(Path(save).name + ".partial")
+    if (work / "state.json").is_file():
+        return f" (finished blocks are kept in {work}: rerun the same command to resume, or remove it)"
+    return ""
 
 
 if __name__ == "__main__":

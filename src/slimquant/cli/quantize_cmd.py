@@ -62,6 +62,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device_type", choices=("cpu", "cuda", "npu"), default="cpu")
     p.add_argument("--part_file_size", type=positive_float, default=None, help="shard size in GB (default: one file)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty save_directory")
+    p.add_argument("--stream", type=str2bool, default=False,
+                   help="keep the model's blocks on disk and quantize them one at a time (HF safetensors directories, "
+                   "weight-only recipes): peak memory ~ one block + the embeddings + calibration activations")  # fmt: skip
     p.add_argument("--trust_remote_code", action="store_true", help="run custom modeling code in the model directory")
     # Calibration inputs (static W8A8). Without any, texts are sampled from the float model itself.
     p.add_argument("--calib_texts", nargs="*", default=None, help="calibration texts")
@@ -219,6 +222,13 @@ def _activation_flags(args: argparse.Namespace) -> tuple[QuantSpec | None, str, 
     return QuantSpec("int8", Granularity.PER_TENSOR, None, False), _ACT_METHODS[args.act_method or 1], sigma
 
 
+def _work_dir(save_directory: str) -> "Path":
+    from pathlib import Path
+
+    target = Path(save_directory)
+    return target.with_name(target.name + ".partial")
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
@@ -235,7 +245,19 @@ def run(args: argparse.Namespace) -> int:
     if (args.calib_file or args.calib_texts) and not needs_data:
         log.warning("calibration data given, but %s is data-free: it is not used", recipe.quant_type)
     t0 = time.perf_counter()
-    lm = load_model(args.model_path, trust_remote_code=args.trust_remote_code)
+    stream = None
+    if args.stream:
+        from slimquant.models.streaming import open_streaming
+
+        if args.device_type == "cuda":
+            raise NotSupportedYet("--stream with --device_type cuda is not supported yet")
+        if needs_data and not (args.calib_file or args.calib_texts):
+            raise SlimquantError("--stream: give --calib_file or --calib_texts (generating calibration text needs the "
+                                 "whole model in memory)")  # fmt: skip
+        stream = open_streaming(args.model_path, trust_remote_code=args.trust_remote_code)
+        lm = stream
+    else:
+        lm = load_model(args.model_path, trust_remote_code=args.trust_remote_code)
     float_bytes = model_bytes(lm.model)
     log.info("loaded %s in %.1fs", args.model_path, time.perf_counter() - t0)
     if args.device_type == "cuda":
@@ -252,11 +274,22 @@ def run(args: argparse.Namespace) -> int:
         calib = calibration_data(lm.model, lm.tokenizer, args.calib_file or None, args.calib_texts or None,
                                  num_windows=args.calib_size, seq_len=args.calib_seq_len)  # fmt: skip
     t1 = time.perf_counter()
-    api.quantize(lm.model, recipe, calib_data=calib)
+    # the block-by-block pipeline persists finished blocks next to the output and resumes from there
+    work_dir = None
+    if stream is not None or recipe.algorithm == "gptq" or recipe.smooth == "m3":
+        work_dir = _work_dir(args.save_directory)
+        log.info("finished blocks are kept in %s until the checkpoint is written (rerun the same command to resume)",
+                 work_dir)  # fmt: skip
+    api.quantize(lm.model, recipe, calib_data=calib, stream=stream, work_dir=work_dir)
     qtime = time.perf_counter() - t1
-    lm.model.to("cpu")
+    if stream is None:
+        lm.model.to("cpu")
     report = lm.model.slimquant_report
     api.save(lm.model, args.save_directory, tokenizer=lm.tokenizer, part_file_size=args.part_file_size, overwrite=args.overwrite)
+    if work_dir is not None:
+        import shutil
+
+        shutil.rmtree(work_dir, ignore_errors=True)
     from slimquant.eval.size import checkpoint_bytes
 
     size = checkpoint_bytes(args.save_directory)
@@ -285,6 +318,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"  tied: {name} shares the quantized {emb}")
     for p in report.unmatched_patterns:
         print(f"  warning: --disable_names pattern {p!r} matched no layer")
+    errs = [r for r in report.layers if r.get("output_error") is not None]
+    if errs:
+        worst = sorted(errs, key=lambda r: r["output_error"], reverse=True)[:5]
+        print("  largest relative output errors on the calibration data: "
+              + ", ".join(f"{r['name']} {r['output_error']:.2e}" for r in worst))  # fmt: skip
     print(f"checkpoint: {args.save_directory} {size / 2**20:.1f} MiB (float model {float_bytes / 2**20:.1f} MiB, "
-          f"{size / float_bytes:.3f}x)")  # fmt: skip
+          f"{size / float_bytes:.3f}x); per-layer report: quantize_report.md / .json there")  # fmt: skip
     return 0

@@ -13,7 +13,7 @@ def model_bytes(model: nn.Module) -> int:
     seen: set[tuple[int, int]] = set()
     total = 0
     for t in list(model.parameters()) + list(model.buffers()):
-        key = (t.untyped_storage().data_ptr(), t.storage_offset())
+        key = (id(t), -1) if t.is_meta else (t.untyped_storage().data_ptr(), t.storage_offset())  # meta: no storage
         if key in seen:
             continue
         seen.add(key)

@@ -24,6 +24,7 @@ from torch import nn
 
 from slimquant.errors import SlimquantError
 from slimquant.formats.atomic import atomic_directory
+from slimquant.formats.safetensors_io import write_safetensors
 from slimquant.nn import QMODULES, QModule, fa_quant, kv_cache
 from slimquant.types.qtype import qtype as lookup_qtype
 from slimquant.types.spec import KV_INT8_STATIC, QuantSpec, Recipe
@@ -34,6 +35,10 @@ MANIFEST = "slimquant_manifest.json"
 FORMAT = "slimquant/msmodelslim"
 FORMAT_VERSION = 1
 
+
+
+REPORT_JSON = "quantize_report.json"
+REPORT_MD = "quantize_report.md"
 
 
 def weight_file(quant_type: str) -> str:
@@ -65,9 +70,14 @@ def export_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, A
     tensors: dict[str, torch.Tensor] = {}
     aliases: dict[str, str] = {}
     seen: dict[tuple, str] = {}
+    # tensors a streaming run already wrote to disk are on meta in the model; their data comes from here
+    lazy = getattr(model, "slimquant_tensor_source", None)
     for name, t in state.items():
         if t.device.type == "meta":
-            raise SlimquantError(f"tensor {name} is on the meta device; the model is not fully loaded")
+            if lazy is None or name not in lazy:
+                raise SlimquantError(f"tensor {name} is on the meta device; the model is not fully loaded")
+            tensors[name] = t  # a placeholder: save() reads the data from the source while writing
+            continue
         key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
         if t.numel() and key in seen:
             aliases[name] = seen[key]
@@ -137,26 +147,33 @@ def save(
     Returns:
         The directory path.
     """
-    from safetensors.torch import save_file
-
     if part_file_size is not None and part_file_size <= 0:
         raise SlimquantError(f"part_file_size must be positive, got {part_file_size}")
     tensors, description, manifest = export_state(model)
     quant_type = manifest["quant_type"]
     max_bytes = int(part_file_size * 1e9) if part_file_size else None
     shards = _shards(tensors, max_bytes)
+    lazy = getattr(model, "slimquant_tensor_source", None)
+
+    def entries(names: list[str]) -> list:
+        # one tensor at a time: the file is never assembled in memory, and on-disk (meta) tensors are read
+        # from their source just before they are written
+        return [(n, tuple(tensors[n].shape), tensors[n].dtype,
+                 (lambda n=n: lazy.get(n)) if tensors[n].is_meta else (lambda n=n: tensors[n]))  # type: ignore[union-attr]
+                for n in names]  # fmt: skip
+
     with atomic_directory(directory, overwrite) as tmp:
         base = weight_file(quant_type)
         files: list[str] = []
         if len(shards) == 1:
-            save_file(tensors, str(tmp / base), metadata={"format": "pt"})
+            write_safetensors(tmp / base, entries(shards[0]), metadata={"format": "pt"})
             files.append(base)
         else:
             weight_map: dict[str, str] = {}
             stem = base.removesuffix(".safetensors")
             for i, names in enumerate(shards, 1):
                 fname = f"{stem}-{i:05d}-of-{len(shards):05d}.safetensors"
-                save_file({n: tensors[n] for n in names}, str(tmp / fname), metadata={"format": "pt"})
+                write_safetensors(tmp / fname, entries(names), metadata={"format": "pt"})
                 files.append(fname)
                 weight_map.update({n: fname for n in names})
             total = sum(t.numel() * t.element_size() for t in tensors.values())
@@ -165,6 +182,10 @@ def save(
         _write_json(tmp / description_file(quant_type), description)
         _write_json(tmp / "config.json", _config_dict(model, quant_type))
         _write_json(tmp / MANIFEST, manifest)
+        report = getattr(model, "slimquant_report", None)
+        if report is not None and hasattr(report, "to_dict"):  # the per-layer report, for people (not loaded)
+            _write_json(tmp / REPORT_JSON, report.to_dict())
+            (tmp / REPORT_MD).write_text(f"# slimquant {quant_type} per-layer report\n\n{report.table()}\n", encoding="utf-8")
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
     log.info("saved %s checkpoint to %s (%d file(s))", quant_type, directory, len(files))

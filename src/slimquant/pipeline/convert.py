@@ -7,6 +7,7 @@ Algorithms are looked up by name (:func:`slimquant.algorithms.weight_solver`); m
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,7 +17,7 @@ from tqdm.auto import tqdm
 
 from slimquant.adapters import block_list, smooth_groups
 from slimquant.algorithms import weight_solver
-from slimquant.errors import SlimquantError
+from slimquant.errors import NotSupportedYet, SlimquantError
 from slimquant.math.metrics import sqnr_db
 from slimquant.math.qparams import qparams_from_minmax
 from slimquant.math.weights import QuantizedWeight, check_weight_shape, dequantize_weight
@@ -48,6 +49,22 @@ class ConversionReport:
     smoothing: list[dict] = field(default_factory=list)
     attention: dict = field(default_factory=dict)
     kv_cache: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"layers": self.layers, "skipped": self.skipped, "unmatched_patterns": list(self.unmatched_patterns),
+                "tied": self.tied, "smoothing": self.smoothing, "attention": self.attention, "kv_cache": self.kv_cache}  # fmt: skip
+
+    def table(self) -> str:
+        """The per-layer rows as a Markdown table (algorithm, spec, weight SQNR, calibration output error)."""
+        lines = ["| layer | kind | spec | algorithm | SQNR dB | rel. output error | calib rows |", "|---|---|---|---|---|---|---|"]
+        for r in self.layers:
+            err = r.get("output_error")
+            algo = r.get("algorithm", "rtn") + (" (fallback: " + r["fallback"] + ")" if r.get("fallback") else "")
+            lines.append(f"| {r['name']} | {r.get('kind', '')} | {r.get('spec', '')} | {algo} | {r.get('sqnr_db', '')} | "
+                         f"{'-' if err is None else f'{err:.3e}'} | {r.get('samples', '-')} |")  # fmt: skip
+        for name, why in sorted(self.skipped.items()):
+            lines.append(f"| {name} | | float | kept float: {why} | | | |")
+        return "\n".join(lines)
 
 
 def plan(model: nn.Module, recipe: Recipe) -> tuple[list[LayerPlan], ConversionReport]:
@@ -102,13 +119,26 @@ def _weight_2d(module: nn.Module) -> torch.Tensor:
 
 
 def convert(
-    model: nn.Module, recipe: Recipe, show_progress: bool = True, calib_data: Any = None
-) -> ConversionReport:
+    model: nn.Module, recipe: Recipe, show_progress: bool = True, calib_data: Any = None, stream: Any = None,
+    work_dir: str | os.PathLike | None = None,
+) -> ConversionReport:  # fmt: skip
     """Quantize ``model`` in place according to ``recipe`` and return a report.
 
     ``calib_data`` (see :func:`slimquant.pipeline.calibrate.run_batches`) is needed by recipes with
     static input quantization; the float model runs it once before any layer is swapped.
+    ``stream`` (:class:`slimquant.models.streaming.StreamingModel` of ``model``): its blocks stay on disk and
+    are quantized one at a time (weight-only recipes); ``work_dir``: where the block-by-block pipeline
+    persists each finished block and resumes from (needed with ``stream``).
     """
+    if stream is not None:
+        if stream.model is not model:
+            raise SlimquantError("stream= must be the StreamingModel of the model being quantized")
+        if work_dir is None:
+            raise SlimquantError("streaming blocks from disk needs work_dir= (where finished blocks are written)")
+        if (recipe.input is not None or recipe.fa is not None or recipe.kv is not None
+                or recipe.smooth not in (None, "m3")):  # fmt: skip
+            raise NotSupportedYet("streaming from disk supports weight-only recipes (rtn, gptq, AWQ m3); activation, "
+                                  "attention and KV-cache quantization and smoothing m1/m2/m4 run the whole model")  # fmt: skip
     if recipe.input is not None and not recipe.input.dynamic and calib_data is None:
         raise SlimquantError("static activation quantization (W8A8) needs calibration data (calib_data)")
     if recipe.smooth is not None and calib_data is None:
@@ -132,9 +162,17 @@ def convert(
     # the blocks) is rounded to nearest
     rest = "rtn" if recipe.algorithm == "gptq" else recipe.algorithm
     solver = weight_solver(rest)
-    # Validate everything first so a bad layer fails before any module is swapped.
+    blocks_prefix = block_list(model) + "." if stream is not None else None
+    # Validate everything first so a bad layer fails before any module is swapped (streamed blocks are on meta
+    # until read: their shapes are checked now, their values when each block is read).
     for lp in layers:
         w = _weight_2d(model.get_submodule(lp.name))
+        if blocks_prefix and lp.name.startswith(blocks_prefix):
+            try:
+                check_weight_shape(tuple(w.shape), lp.spec)  # type: ignore[arg-type]
+            except ValueError as e:
+                raise SlimquantError(f"layer {lp.name}: {e}; choose another group size or add it to disable_names") from None
+            continue
         if w.device.type == "meta":
             raise SlimquantError(f"layer {lp.name}: weight is on the meta device (model not loaded)")
         if not torch.isfinite(w).all():
@@ -168,10 +206,15 @@ def convert(
         ranges = _calibrate_inputs(model, recipe, linears, solver, calib_data, show_progress)
 
     sequential: list[LayerPlan] = []
-    if recipe.algorithm == "gptq" or recipe.smooth == "m3":  # the blocks' linears go block by block, last
+    if recipe.algorithm == "gptq" or recipe.smooth == "m3" or stream is not None:  # block by block, last
         path = block_list(model)
         sequential = [lp for lp in layers if lp.kind == "linear" and lp.name.startswith(path + ".")]
         layers = [lp for lp in layers if lp not in sequential]
+        if stream is not None:
+            others = [lp.name for lp in layers if lp.name.startswith(path + ".")]
+            if others:
+                raise NotSupportedYet(f"streaming quantizes the blocks' linear layers only; {others[0]} is a "
+                                      f"{next(lp.kind for lp in layers if lp.name == others[0])}")  # fmt: skip
     for lp in tqdm(layers, desc=f"{rest} {recipe.quant_type}", disable=not show_progress, unit="layer"):
         module = model.get_submodule(lp.name)
         w = _weight_2d(module)
@@ -194,7 +237,12 @@ def convert(
     if sequential:
         from slimquant.pipeline.sequential import quantize_sequential
 
-        rows, _, awq_rows = quantize_sequential(model, recipe, sequential, calib_data, show_progress)
+        work = None
+        if work_dir is not None:
+            from slimquant.pipeline.workdir import WorkDir
+
+            work = WorkDir(work_dir, _fingerprint(model, recipe, sequential, calib_data))
+        rows, _, awq_rows = quantize_sequential(model, recipe, sequential, calib_data, show_progress, stream, work)
         report.layers.extend(rows)
         report.smoothing.extend(awq_rows)
     for out, emb in ties.items():
@@ -266,3 +314,25 @@ def _w8a8_module(
     scale, zp = qparams_from_minmax(torch.tensor(rng["rmin"]), torch.tensor(rng["rmax"]), qt, input_spec.symmetric)
     offset = 0.0 if zp is None else float(zp)
     return QLinearW8A8.from_float(module, qw.q, qw.scale.reshape(-1), spec, input_spec, float(scale), offset)  # type: ignore[arg-type]
+
+
+def _fingerprint(model: nn.Module, recipe: Recipe, plans: list[LayerPlan], calib_data: Any) -> dict[str, Any]:
+    """What must match for a work directory to be resumed: recipe, model, layer plan, calibration data."""
+    import json
+
+    from slimquant.pipeline.calibrate import model_inputs
+    from slimquant.pipeline.workdir import tensor_digest
+
+    config = getattr(model, "config", None)
+    model_entry: dict[str, Any] = {"class": type(model).__name__}
+    if config is not None and hasattr(config, "to_json_string"):
+        model_entry["config"] = json.loads(config.to_json_string(use_diff=False))
+    calib = "none"
+    if calib_data is not None:
+        tensors: list[torch.Tensor] = []
+        for item in model_inputs(calib_data):
+            values = item.values() if isinstance(item, dict) else item if isinstance(item, (tuple, list)) else [item]
+            tensors += [v for v in values if isinstance(v, torch.Tensor)]
+        calib = tensor_digest(tensors)
+    return {"recipe": recipe.to_dict(), "model": model_entry, "calibration": calib,
+            "layers": {lp.name: lp.spec.to_dict() for lp in plans}}  # fmt: skip

@@ -10,13 +10,18 @@ One explicit loop over the model's repeated blocks, no graph tracing:
    block, solve every layer (GPTQ, or RTN), swap the quantized modules in, then run the *quantized* block
    again so the next block calibrates on what the deployed model will feed it.
 
-This version holds the whole model in memory; reading blocks one at a time from the safetensors
-files, spilling activations to disk and resuming after a crash are not built yet.
+With a work directory (:class:`slimquant.pipeline.workdir.WorkDir`) every finished block, its report rows and
+the next block's input hidden states are persisted, and a rerun restores finished blocks instead of
+recomputing them. With a :class:`slimquant.models.streaming.StreamingModel` the blocks stay on disk: each is
+read just before it is processed and put back on meta once written to the work directory (the final save
+reads it from there). The calibration activations of one block boundary stay in memory (they are also
+written to the work directory, but not read back from it during a run).
 """
 
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -28,10 +33,13 @@ from slimquant.algorithms.awq import awq_clip, awq_search
 from slimquant.algorithms.gptq import GPTQError, HessianAccumulator, gptq
 from slimquant.algorithms.smoothquant import apply_smoothing, input_weight
 from slimquant.errors import SlimquantError
+from slimquant.formats.msmodelslim import build_qmodule
+from slimquant.formats.safetensors_io import TensorSource
 from slimquant.math.metrics import sqnr_db
 from slimquant.math.weights import dequantize_weight, quantize_weight
-from slimquant.nn.modules import QLinear
+from slimquant.nn.modules import QLinear, QModule
 from slimquant.pipeline.calibrate import model_inputs
+from slimquant.pipeline.workdir import WorkDir
 from slimquant.surgery import set_module
 from slimquant.types.spec import Recipe
 
@@ -91,15 +99,24 @@ def _next_inputs(hidden: torch.Tensor, args: tuple, kwargs: dict) -> tuple[tuple
 
 
 def quantize_sequential(model: nn.Module, recipe: Recipe, plans: list[Any], calib_data: Any,
-                        show_progress: bool = True) -> tuple[list[dict], set[str], list[dict]]:  # fmt: skip
+                        show_progress: bool = True, stream: Any = None,
+                        work: WorkDir | None = None) -> tuple[list[dict], set[str], list[dict]]:  # fmt: skip
     """Quantize every planned linear layer that lies inside the model's repeated blocks, block by block
     (``recipe.algorithm``: gptq or rtn; ``recipe.smooth == "m3"`` adds AWQ before it).
+
+    ``stream`` (:class:`slimquant.models.streaming.StreamingModel`): the blocks are on meta and are read from
+    disk one at a time, then written to ``work`` and put back on meta (the final save reads them from there).
+    ``work`` (:class:`WorkDir`): every finished block is persisted there; blocks it already holds are restored
+    instead of recomputed (resume).
 
     Returns the per-layer report rows, the names it quantized (the caller handles the rest with RTN) and
     the AWQ rows (one per smoothing group; empty without m3).
     """
-    if calib_data is None:
+    needs_data = recipe.algorithm == "gptq" or recipe.smooth == "m3"
+    if needs_data and calib_data is None:
         raise SlimquantError(f"{'awq (m3)' if recipe.smooth == 'm3' else recipe.algorithm} needs calibration data (calib_data)")
+    if stream is not None and work is None:
+        raise SlimquantError("streaming blocks from disk needs a work directory to write them to")
     path = block_list(model)
     blocks = model.get_submodule(path)
     by_block: dict[int, list[Any]] = {}
@@ -107,28 +124,42 @@ def quantize_sequential(model: nn.Module, recipe: Recipe, plans: list[Any], cali
         if lp.kind != "linear" or not lp.name.startswith(path + "."):
             continue
         by_block.setdefault(int(lp.name[len(path) + 1 :].split(".")[0]), []).append(lp)
-    inputs = capture_block_inputs(model, blocks[0], calib_data)
+    inputs: list[tuple[tuple, dict]] = []
+    if needs_data:
+        inputs = capture_block_inputs(model, blocks[0], calib_data)
+        if work is not None and 0 < work.done < len(blocks):
+            saved = work.inputs(len(inputs))
+            inputs = [_next_inputs(h, args, kwargs) for h, (args, kwargs) in zip(saved, inputs)]
     log.info("%s: %d block(s) under %s, %d calibration item(s)", recipe.algorithm, len(blocks), path, len(inputs))
     groups = smooth_groups(model) if recipe.smooth == "m3" else []
     rows: list[dict] = []
     awq_rows: list[dict] = []
     done: set[str] = set()
+    on_disk: dict[str, Path] = {}  # tensors of streamed blocks: name -> work file
     what = recipe.algorithm + (" + awq" if recipe.smooth == "m3" else "")
     bar = tqdm(range(len(blocks)), desc=f"{what} blocks", disable=not show_progress, unit="block")
     for bi in bar:
-        block = blocks[bi]
         layer_plans = by_block.get(bi, [])
+        if work is not None and bi < work.done:  # finished in an earlier run
+            info = _restore_block(model, path, bi, work, stream, on_disk)
+            rows += info["layers"]
+            awq_rows += info["awq"]
+            done.update(lp.name for lp in layer_plans)
+            continue
+        block = stream.load_block(bi) if stream is not None else blocks[bi]
+        block_rows: list[dict] = []
+        block_awq: list[dict] = []
         if groups:
             prefix = f"{path}.{bi}."
             mine = [(p, lins) for p, lins in groups if p.startswith(prefix)]
-            awq_rows += _awq_block(model, block, inputs, mine, {lp.name: lp for lp in layer_plans}, recipe)
+            block_awq = _awq_block(model, block, inputs, mine, {lp.name: lp for lp in layer_plans}, recipe)
         accs = {lp.name: HessianAccumulator(model.get_submodule(lp.name).in_features) for lp in layer_plans}
         # Layers fed the very same tensor (q/k/v, gate/up) share one Hessian: accumulated once, by the
         # first of them to see it in each forward.
         owner: dict[str, str] = {}
         seen: dict[tuple, tuple[str, torch.Tensor]] = {}  # holding the tensor keeps its memory from reuse
         handles = []
-        for lp in layer_plans:
+        for lp in layer_plans if needs_data else []:
             def hook(_m: nn.Module, args: tuple, name: str = lp.name) -> None:
                 x = args[0]
                 key = (x.data_ptr(), tuple(x.shape), tuple(x.stride()))
@@ -149,16 +180,57 @@ def quantize_sequential(model: nn.Module, recipe: Recipe, plans: list[Any], cali
                 h.remove()
         errors = []
         for lp in layer_plans:
-            rows.append(_solve_layer(model, lp, accs[owner.get(lp.name, lp.name)], recipe))
+            block_rows.append(_solve_layer(model, lp, accs[owner.get(lp.name, lp.name)], recipe))
             if lp.name in owner:
-                rows[-1]["hessian_shared_with"] = owner[lp.name]
-            errors.append(rows[-1]["output_error"])
+                block_rows[-1]["hessian_shared_with"] = owner[lp.name]
+            if block_rows[-1].get("output_error") is not None:
+                errors.append(block_rows[-1]["output_error"])
             done.add(lp.name)
-        with torch.no_grad():  # the quantized block's outputs feed the next block
-            inputs = [_next_inputs(_hidden(block(*args, **kwargs)), args, kwargs) for args, kwargs in inputs]
+        last = bi == len(blocks) - 1
+        if not last and inputs:
+            with torch.no_grad():  # the quantized block's outputs feed the next block
+                inputs = [_next_inputs(_hidden(block(*args, **kwargs)), args, kwargs) for args, kwargs in inputs]
+        if work is not None:
+            prefix = f"{path}.{bi}."
+            info = {"layers": block_rows, "awq": block_awq,
+                    "modules": {n: m.manifest_entry() for n, m in model.named_modules()
+                                if n.startswith(prefix) and isinstance(m, QModule)}}  # fmt: skip
+            tensors = {prefix + n: t for n, t in block.state_dict().items()}
+            work.save_block(bi, tensors, info, None if last or not inputs else [_block_hidden(a, k) for a, k in inputs])
+            if stream is not None:
+                stream.release_block(bi)
+                on_disk.update({n: work.block_file(bi) for n in tensors})
+        rows += block_rows
+        awq_rows += block_awq
         if errors:
             bar.set_postfix(rel_output_error=f"{max(errors):.2e}")
+    if on_disk:
+        model.slimquant_tensor_source = TensorSource(on_disk)
     return rows, done, awq_rows
+
+
+def _block_hidden(args: tuple, kwargs: dict) -> torch.Tensor:
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def _restore_block(model: nn.Module, path: str, bi: int, work: WorkDir, stream: Any, on_disk: dict[str, Path]) -> dict:
+    """Put finished block ``bi`` back from the work directory: its quantized modules (on meta when streaming,
+    their tensors then read at save time; else loaded) and its report rows."""
+    info = work.block_info(bi)
+    for name, entry in info["modules"].items():
+        qmod = build_qmodule(name, entry)
+        qmod.method = entry.get("method", {})
+        set_module(model, name, qmod)
+    prefix = f"{path}.{bi}."
+    block = model.get_submodule(f"{path}.{bi}")
+    names = work.block_tensor_names(bi)
+    if stream is not None:
+        block.to("meta")
+        on_disk.update({n: work.block_file(bi) for n in names})
+    else:
+        src = TensorSource({n: work.block_file(bi) for n in names})
+        block.load_state_dict({n[len(prefix) :]: src.get(n) for n in names}, assign=True, strict=True)
+    return info
 
 
 def _awq_block(model: nn.Module, block: nn.Module, inputs: list[tuple[tuple, dict]],
@@ -242,8 +314,11 @@ def _solve_layer(model: nn.Module, lp: Any, acc: HessianAccumulator, recipe: Rec
     w_hat = dequantize_weight(qw, lp.spec)
     row["sqnr_db"] = round(sqnr_db(w, w_hat), 2)
     d = w_hat - w
-    ref = float(torch.einsum("ij,jk,ik->", w, h, w))  # tr(W H W^T): the output energy on the calibration rows
-    row["output_error"] = float(torch.einsum("ij,jk,ik->", d, h, d)) / max(ref, 1e-30)
+    if acc.n:
+        ref = float(torch.einsum("ij,jk,ik->", w, h, w))  # tr(W H W^T): the output energy on the calibration rows
+        row["output_error"] = float(torch.einsum("ij,jk,ik->", d, h, d)) / max(ref, 1e-30)
+    else:  # data-free (RTN streamed from disk): no calibration rows to measure on
+        row["output_error"] = None
     qmod = QLinear.from_float(module, qw, lp.spec)
     qmod.method = {"algorithm": row["algorithm"], "clip_search": recipe.clip_search}
     if recipe.smooth == "m3":

@@ -1,0 +1,161 @@
+"""Streaming blocks from safetensors, the work directory and resuming: same checkpoint as in memory, bounded
+memory, refusals."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import slimquant
+from slimquant import Granularity, QuantSpec, Recipe
+from slimquant.data import calibration_windows
+from slimquant.errors import NotSupportedYet, SlimquantError
+from slimquant.formats.msmodelslim import read_manifest
+from slimquant.models.loading import load_model
+from slimquant.models.streaming import open_streaming
+from slimquant.pipeline import workdir as workdir_mod
+
+W4 = QuantSpec("int4", Granularity.PER_GROUP, 32, symmetric=False)
+
+
+@pytest.fixture
+def calib(tokenizer, eval_text) -> torch.Tensor:
+    return calibration_windows(tokenizer, eval_text.split("\n"), 4, 16)
+
+
+def _checkpoint_tensors(directory) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    out = {}
+    for f in read_manifest(directory)["files"]:
+        out.update(load_file(str(directory / f)))
+    return out
+
+
+def _same_checkpoint(a, b) -> None:
+    ta, tb = _checkpoint_tensors(a), _checkpoint_tensors(b)
+    assert ta.keys() == tb.keys()
+    for k in ta:
+        assert torch.equal(ta[k], tb[k]), k
+    ma, mb = read_manifest(a), read_manifest(b)
+    assert ma["layers"] == mb["layers"] and ma["recipe"] == mb["recipe"]
+
+
+RECIPES = {
+    "gptq": Recipe(weight=W4, algorithm="gptq"),
+    "awq": Recipe(weight=W4, smooth="m3", awq_grid=5),
+    "rtn": Recipe(weight=W4),
+}
+
+
+@pytest.mark.parametrize("name", list(RECIPES))
+@pytest.mark.parametrize("tie", [True, False])
+def test_streaming_writes_the_in_memory_checkpoint(make_llama_dir, calib, tmp_path, name, tie):
+    src = make_llama_dir("m", layers=3, tie=tie)
+    recipe = RECIPES[name]
+    data = calib if recipe.needs_calibration else None
+    lm = load_model(str(src))
+    slimquant.quantize(lm.model, recipe, calib_data=data, show_progress=False)
+    slimquant.save(lm.model, tmp_path / "mem")
+    sm = open_streaming(src)
+    assert all(p.is_meta for p in sm.blocks.parameters())
+    slimquant.quantize(sm.model, recipe, calib_data=data, show_progress=False, stream=sm, work_dir=tmp_path / "work")
+    assert sm.max_loaded == 1 and not sm.loaded  # one block in memory at a time, none left
+    slimquant.save(sm.model, tmp_path / "stream")
+    _same_checkpoint(tmp_path / "mem", tmp_path / "stream")
+    assert len(sm.model.slimquant_report.layers) == len(lm.model.slimquant_report.layers)
+
+
+def test_peak_blocks_do_not_grow_with_depth(make_llama_dir, calib, tmp_path):
+    """However many blocks, one is materialised at a time and the process holds no float block weights after."""
+    for layers in (2, 6):
+        sm = open_streaming(make_llama_dir(f"d{layers}", layers=layers))
+        slimquant.quantize(sm.model, RECIPES["gptq"], calib_data=calib, show_progress=False, stream=sm,
+                           work_dir=tmp_path / f"w{layers}")  # fmt: skip
+        assert sm.max_loaded == 1
+        real = [n for n, t in sm.blocks.state_dict().items() if not t.is_meta]
+        assert real == []  # every block is back on meta; its tensors live in the work directory
+
+
+class _Kill(Exception):
+    pass
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_resume_after_a_kill_gives_the_same_checkpoint(make_llama_dir, calib, tmp_path, monkeypatch, stream):
+    src = make_llama_dir("m", layers=4)
+    recipe = Recipe(weight=W4, algorithm="gptq", smooth="m3", awq_grid=4)
+
+    def run(out, work):
+        if stream:
+            sm = open_streaming(src)
+            model, kw = sm.model, {"stream": sm}
+        else:
+            model, kw = load_model(str(src)).model, {}
+        slimquant.quantize(model, recipe, calib_data=calib, show_progress=False, work_dir=work, **kw)
+        slimquant.save(model, out)
+        return model
+
+    run(tmp_path / "once", tmp_path / "w_once")
+    real_save = workdir_mod.WorkDir.save_block
+
+    def dying_save(self, i, *a, **k):
+        if i == 2:
+            raise _Kill  # killed while block 2's files are being written
+        return real_save(self, i, *a, **k)
+
+    monkeypatch.setattr(workdir_mod.WorkDir, "save_block", dying_save)
+    with pytest.raises(_Kill):
+        run(tmp_path / "twice", tmp_path / "w")
+    assert json.loads((tmp_path / "w" / "state.json").read_text())["done"] == 2
+    monkeypatch.setattr(workdir_mod.WorkDir, "save_block", real_save)
+    solved = []
+    real_solve = __import__("slimquant.pipeline.sequential", fromlist=["_solve_layer"])._solve_layer
+    monkeypatch.setattr("slimquant.pipeline.sequential._solve_layer", lambda m, lp, *a: solved.append(lp.name) or real_solve(m, lp, *a))
+    model = run(tmp_path / "twice", tmp_path / "w")
+    assert solved and all(".layers.2." in n or ".layers.3." in n for n in solved)  # blocks 0, 1 were restored
+    _same_checkpoint(tmp_path / "once", tmp_path / "twice")
+    assert len(model.slimquant_report.layers) == 4 * 7 and len(model.slimquant_report.smoothing) == 4 * 3
+
+
+def test_a_work_directory_from_another_recipe_is_refused(make_llama_dir, calib, tmp_path):
+    src = make_llama_dir("m")
+    slimquant.quantize(load_model(str(src)).model, Recipe(weight=W4, algorithm="gptq"), calib_data=calib,
+                       show_progress=False, work_dir=tmp_path / "w")  # fmt: skip
+    other = Recipe(weight=W4, algorithm="gptq", gptq_percdamp=0.05)
+    with pytest.raises(SlimquantError, match=r"different setup.*gptq_percdamp: 0.01 -> 0.05"):
+        slimquant.quantize(load_model(str(src)).model, other, calib_data=calib, show_progress=False,
+                           work_dir=tmp_path / "w")  # fmt: skip
+    with pytest.raises(SlimquantError, match="different setup.*calibration"):
+        slimquant.quantize(load_model(str(src)).model, Recipe(weight=W4, algorithm="gptq"), calib_data=calib[:2],
+                           show_progress=False, work_dir=tmp_path / "w")  # fmt: skip
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "x.txt").write_text("mine")
+    with pytest.raises(SlimquantError, match="not a slimquant work directory"):
+        slimquant.quantize(load_model(str(src)).model, Recipe(weight=W4, algorithm="gptq"), calib_data=calib,
+                           show_progress=False, work_dir=tmp_path / "junk")  # fmt: skip
+
+
+def test_streaming_refusals_and_bad_tensors(make_llama_dir, calib, tmp_path):
+    src = make_llama_dir("m")
+    sm = open_streaming(src)
+    with pytest.raises(SlimquantError, match="work_dir"):
+        slimquant.quantize(sm.model, RECIPES["gptq"], calib_data=calib, show_progress=False, stream=sm)
+    w8a8 = Recipe(weight=QuantSpec("int8", "per_channel"), input=QuantSpec("int8", "per_token", dynamic=True))
+    with pytest.raises(NotSupportedYet, match="weight-only"):
+        slimquant.quantize(sm.model, w8a8, show_progress=False, stream=sm, work_dir=tmp_path / "w")
+    # a NaN in a block's weights is named when that block is read
+    from safetensors.torch import load_file, save_file
+
+    f = src / "model.safetensors"
+    tensors = load_file(str(f))
+    tensors["model.layers.1.mlp.up_proj.weight"][0, 0] = float("nan")
+    save_file(tensors, str(f), metadata={"format": "pt"})
+    sm = open_streaming(src)
+    with pytest.raises(SlimquantError, match=r"model.layers.1.mlp.up_proj.weight has 1 NaN"):
+        slimquant.quantize(sm.model, RECIPES["gptq"], calib_data=calib, show_progress=False, stream=sm,
+                           work_dir=tmp_path / "w2")  # fmt: skip
+    with pytest.raises(SlimquantError, match="Hugging Face model directory.*is not one"):
+        open_streaming(tmp_path / "nowhere")
