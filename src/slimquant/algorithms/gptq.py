@@ -56,21 +56,26 @@ class HessianAccumulator:
         self.h.mul_(self.n / (self.n + m)).add_(x.T @ x, alpha=2.0 / (self.n + m))
         self.n += m
 
-    def hessian(self) -> torch.Tensor:
-        return self.h.clone()
+    def hessian(self, copy: bool = True) -> torch.Tensor:
+        """``H`` (a copy unless ``copy=False``: then the accumulator's own tensor, not to be modified)."""
+        return self.h.clone() if copy else self.h
 
 
 def _inverse_cholesky(h: torch.Tensor, percdamp: float, retries: int) -> tuple[torch.Tensor, float]:
     """Upper Cholesky factor of ``(H + damp * mean(diag H) * I)^-1``, raising the dampening x10 per retry."""
     mean_diag = float(torch.diag(h).mean())
     damp = percdamp
-    eye = torch.eye(h.shape[0], dtype=h.dtype)
+    # at most three [k, k] matrices alive besides h (a k = 6912 Hessian is 191 MB in float32)
     for _ in range(retries + 1):
-        hd = h + eye * (damp * mean_diag)
+        hd = h.clone()
+        hd.diagonal().add_(damp * mean_diag)
         chol, info = torch.linalg.cholesky_ex(hd)
+        del hd
         if int(info) == 0:
             inv = torch.cholesky_inverse(chol)
+            del chol
             upper, info = torch.linalg.cholesky_ex(inv, upper=True)
+            del inv
             if int(info) == 0 and torch.isfinite(upper).all():
                 return upper, damp
         damp *= 10.0
@@ -107,10 +112,12 @@ def gptq(
     static_groups = static_groups or (act_order and per_group)
 
     w = weight.detach().float().clone()
-    h = hessian.detach().float().clone()
+    h = hessian.detach().float()  # not modified below unless copied first
     dead = torch.diag(h) == 0
-    h[dead, dead] = 1.0
-    w[:, dead] = 0.0
+    if bool(dead.any()):
+        h = h.clone()
+        h[dead, dead] = 1.0
+        w[:, dead] = 0.0
 
     # Parameters fixed up front (per channel, per tensor, static groups): [n, G] (or [1, 1]).
     scale = zp = None
@@ -122,8 +129,10 @@ def gptq(
         zp = None if spec.symmetric or qt.is_float else torch.empty(n, k // g)
 
     perm = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(k)
-    w, h = w[:, perm], h[perm][:, perm]
+    if act_order:
+        w, h = w[:, perm], h.index_select(0, perm).index_select(1, perm)
     hinv, damp = _inverse_cholesky(h, percdamp, retries)
+    del h
 
     # a block starts on a group boundary and holds whole groups, so a group's columns are in one block
     block = max(g, (block_size // g) * g) if per_group and not static_groups else block_size

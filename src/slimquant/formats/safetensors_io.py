@@ -91,6 +91,9 @@ class TensorSource:
             raise SlimquantError(f"tensor {name} is not in the safetensors files") from None
         h = self._handles.get(path)
         if h is None:
+            # one file open at a time: the pages of a memory-mapped file count in the process's RSS while it is
+            # mapped, so the previous file is unmapped before the next is opened
+            self._handles.clear()
             h = self._handles[path] = safe_open(str(path), framework="pt")
         try:
             return h.get_tensor(name)  # type: ignore[attr-defined]
@@ -98,4 +101,5 @@ class TensorSource:
             raise SlimquantError(f"cannot read tensor {name} from {path}: {e}") from None
 
     def close(self) -> None:
+        """Unmap the open file (the next :meth:`get` reopens it)."""
         self._handles.clear()

@@ -55,6 +55,7 @@ class StreamingModel:
             if t.is_floating_point() and not torch.isfinite(t).all():
                 raise SlimquantError(f"{self.path}: tensor {name} has {int((~torch.isfinite(t)).sum())} NaN/Inf value(s)")
             state[local] = t.to(meta.dtype)
+        self.source.close()  # unmap the file: its touched pages would otherwise stay in this process's RSS
         block.load_state_dict(state, assign=True, strict=True)
         for p in block.parameters():
             p.requires_grad_(False)
@@ -103,6 +104,7 @@ def open_streaming(path: str | Path, trust_remote_code: bool = False) -> Streami
             state[name] = source.get(name).to(meta.dtype)
         elif meta.is_meta:
             missing.append(name)
+    source.close()
     model.load_state_dict(state, assign=True, strict=False)
     if missing:
         tie = getattr(config, "tie_word_embeddings", False)

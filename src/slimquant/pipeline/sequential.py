@@ -153,7 +153,7 @@ def quantize_sequential(model: nn.Module, recipe: Recipe, plans: list[Any], cali
             prefix = f"{path}.{bi}."
             mine = [(p, lins) for p, lins in groups if p.startswith(prefix)]
             block_awq = _awq_block(model, block, inputs, mine, {lp.name: lp for lp in layer_plans}, recipe)
-        accs = {lp.name: HessianAccumulator(model.get_submodule(lp.name).in_features) for lp in layer_plans}
+        accs: dict[str, HessianAccumulator] = {}  # created on first use: layers sharing an input share one
         # Layers fed the very same tensor (q/k/v, gate/up) share one Hessian: accumulated once, by the
         # first of them to see it in each forward.
         owner: dict[str, str] = {}
@@ -165,6 +165,8 @@ def quantize_sequential(model: nn.Module, recipe: Recipe, plans: list[Any], cali
                 key = (x.data_ptr(), tuple(x.shape), tuple(x.stride()))
                 first = seen.setdefault(key, (name, x))[0]
                 if first == name:
+                    if name not in accs:
+                        accs[name] = HessianAccumulator(x.shape[-1])
                     accs[name].add(x)
                 else:
                     owner[name] = first
@@ -180,7 +182,8 @@ def quantize_sequential(model: nn.Module, recipe: Recipe, plans: list[Any], cali
                 h.remove()
         errors = []
         for lp in layer_plans:
-            block_rows.append(_solve_layer(model, lp, accs[owner.get(lp.name, lp.name)], recipe))
+            acc = accs.get(owner.get(lp.name, lp.name)) or HessianAccumulator(model.get_submodule(lp.name).in_features)
+            block_rows.append(_solve_layer(model, lp, acc, recipe))
             if lp.name in owner:
                 block_rows[-1]["hessian_shared_with"] = owner[lp.name]
             if block_rows[-1].get("output_error") is not None:
@@ -200,6 +203,10 @@ def quantize_sequential(model: nn.Module, recipe: Recipe, plans: list[Any], cali
             if stream is not None:
                 stream.release_block(bi)
                 on_disk.update({n: work.block_file(bi) for n in tensors})
+            del tensors
+        del accs, seen, block
+        if stream is not None:
+            _trim_heap()
         rows += block_rows
         awq_rows += block_awq
         if errors:
@@ -207,6 +214,19 @@ def quantize_sequential(model: nn.Module, recipe: Recipe, plans: list[Any], cali
     if on_disk:
         model.slimquant_tensor_source = TensorSource(on_disk)
     return rows, done, awq_rows
+
+
+def _trim_heap() -> None:
+    """Give freed heap memory back to the OS (glibc keeps medium-sized frees in its arenas, so a long streamed
+    run's RSS would creep up block after block). A no-op where there is no glibc."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _block_hidden(args: tuple, kwargs: dict) -> torch.Tensor:
@@ -293,7 +313,7 @@ def _awq_block(model: nn.Module, block: nn.Module, inputs: list[tuple[tuple, dic
 def _solve_layer(model: nn.Module, lp: Any, acc: HessianAccumulator, recipe: Recipe) -> dict:
     module = model.get_submodule(lp.name)
     w = module.weight.detach().float()
-    h = acc.hessian()
+    h = acc.hessian(copy=False)  # read only here and in gptq (which copies before changing it)
     row: dict[str, Any] = {"name": lp.name, "kind": lp.kind, "spec": lp.spec.describe(), "samples": acc.n}
     if acc.n < w.shape[1] and recipe.algorithm == "gptq":
         log.warning("%s: %d calibration rows for %d input channels; the Hessian is rank-deficient (dampened)",
