@@ -8,7 +8,8 @@ Usage:
 Same evaluation text, windows and metrics as benchmarks/weight_only.py (whose helpers it reuses);
 calibration as benchmarks/w8a8.py (token windows of the calibration plays, never the evaluation plays).
 Every config runs in its own process: load float, quantize, save, reload from disk, evaluate.
-Not measured yet (issue 4): llm-compressor's GPTQModifier.
+llm-compressor's GPTQModifier runs in its own virtual environment (benchmarks/out/llmc-venv, created on first
+use; benchmarks/llmc_gptq.py) on the same exported float checkpoint and calibration windows.
 """
 
 from __future__ import annotations
@@ -37,9 +38,57 @@ METHODS = {"RTN": ("rtn", False, False, False), "RTN +clip": ("rtn", True, False
 CONFIGS: dict[str, dict] = {"float32": {"kind": "float"}}
 for shape, (bits, group) in SHAPES.items():
     for method, (algo, clip, act, awq) in METHODS.items():
-        CONFIGS[f"{shape} {method}"] = {"kind": "ours", "bits": bits, "group": group, "algo": algo, "clip": clip,
-                                        "act": act, "awq": awq}  # fmt: skip
+        CONFIGS[f"{shape} {method}"] = {"kind": "ours", "shape": shape, "bits": bits, "group": group, "algo": algo,
+                                        "clip": clip, "act": act, "awq": awq}  # fmt: skip
+# llm-compressor's GPTQModifier, W4A16 g64 asymmetric (integer zero point), lm_head ignored, its own venv
+LLMC_SPEC = "llmcompressor==0.14.0.1"
+LLMC_VENV = wo.OUT / "llmc-venv"
+for act in (False, True):
+    CONFIGS[f"W4A16 g64 llm-compressor GPTQ{' act-order' if act else ''}"] = {"kind": "llmc", "shape": "W4A16 g64",
+                                                                             "group": 64, "act": act}  # fmt: skip
 QUICK = {"float32", "W4A16 g64 GPTQ", "W3A16 g64 AWQ"}
+FLOAT_EXPORT = wo.OUT / "smollm2-135m-hf"
+CALIB_EXPORT = wo.OUT / "gptq-calib-windows.safetensors"
+
+
+def export_float_and_calibration() -> None:
+    """The float checkpoint (from the GGUF) and the calibration windows every config uses, as files llm-compressor
+    reads too."""
+    import slimquant as sq
+    from safetensors.torch import save_file
+
+    lm = sq.load_model(wo.LLM)
+    if not (FLOAT_EXPORT / "config.json").is_file():
+        lm.model.save_pretrained(FLOAT_EXPORT, safe_serialization=True)
+        lm.tokenizer.save_pretrained(FLOAT_EXPORT)
+    save_file({"input_ids": w8a8.calibration(lm.tokenizer).contiguous()}, str(CALIB_EXPORT))
+
+
+def ensure_llmc() -> Path:
+    """llm-compressor in its own virtual environment (it pins its own transformers); torch pinned to ours."""
+    import os
+    import subprocess
+
+    py = LLMC_VENV / "bin" / "python"
+    if not py.is_file():
+        subprocess.run([sys.executable, "-m", "venv", str(LLMC_VENV)], check=True)
+        torch_spec = os.environ.get("TORCH_SPEC", f"torch=={torch.__version__.split('+')[0]}")
+        subprocess.run([str(py), "-m", "pip", "install", "--quiet", torch_spec, LLMC_SPEC], check=True)
+    return py
+
+
+def llmc_child(cfg: dict, tmp: Path) -> tuple[dict, Path]:
+    import subprocess
+
+    out = tmp / "llmc"
+    cmd = [str(ensure_llmc()), str(HERE / "llmc_gptq.py"), "--model", str(FLOAT_EXPORT), "--calib", str(CALIB_EXPORT),
+           "--out", str(out), "--group", str(cfg["group"]), "--threads", str(torch.get_num_threads())]  # fmt: skip
+    if cfg["act"]:
+        cmd.append("--actorder")
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    if res.returncode != 0:
+        raise SystemExit(f"llm-compressor run failed:\n{res.stdout[-2000:]}\n{res.stderr[-4000:]}")
+    return json.loads(res.stdout.strip().splitlines()[-1]), out
 
 
 def recipe_for(cfg: dict):
@@ -62,7 +111,14 @@ def child_main(args: argparse.Namespace) -> None:
         lm = sq.load_model(args.model)
         tok, model = lm.tokenizer, lm.model
         ckpt = Path(tmp) / "ckpt"
-        if cfg["kind"] == "float":
+        if cfg["kind"] == "llmc":
+            info, out = llmc_child(cfg, Path(tmp))
+            res.update(quantize_s=info["quantize_s"], peak_rss_quantize_mib=info["peak_rss_quantize_mib"],
+                       ckpt_bytes=float("nan"), tool=f"llmcompressor {info['llmcompressor']}, compressed-tensors "
+                       f"{info['compressed_tensors']}, transformers {info['transformers']}")  # fmt: skip
+            del model, lm.model
+            model = sq.load_model(str(out)).model  # its dequantized weights, evaluated with our code
+        elif cfg["kind"] == "float":
             model.save_pretrained(ckpt, safe_serialization=True)
             res.update(quantize_s=0.0, ckpt_bytes=checkpoint_bytes(ckpt), peak_rss_quantize_mib=wo.peak_rss_mib())
         else:
@@ -86,11 +142,12 @@ def fmt(rows: dict[str, dict]) -> str:
     out = ["| config | perplexity | KL/token | KL vs RTN | top-1 | quantize s | peak RSS MiB | ckpt MiB |",
            "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for name, r in rows.items():
-        method = next((m for m in METHODS if m != "RTN" and name.endswith(" " + m)), None)
-        base = rows.get(name[: -len(method)] + "RTN") if method else None
+        shape = CONFIGS[name].get("shape")
+        base = rows.get(f"{shape} RTN") if shape and name != f"{shape} RTN" else None
         vs = f"{r['kl'] / base['kl']:.2f}x" if base and base["kl"] > 0 else "-"
+        ckpt = "-" if r["ckpt_bytes"] != r["ckpt_bytes"] else f"{r['ckpt_bytes'] / 2**20:.1f}"  # NaN: no checkpoint of ours
         out.append(f"| {name} | {r['perplexity']:.3f} | {r['kl']:.5f} | {vs} | {r['top1']:.4f} | {r['quantize_s']:.1f} | "
-                   f"{r['peak_rss_quantize_mib']:.0f} | {r['ckpt_bytes'] / 2**20:.1f} |")  # fmt: skip
+                   f"{r['peak_rss_quantize_mib']:.0f} | {ckpt} |")  # fmt: skip
     return "\n".join(out)
 
 
@@ -114,6 +171,9 @@ def main() -> None:
     unknown = only - set(CONFIGS)
     if unknown:
         raise SystemExit(f"unknown config(s) {sorted(unknown)}; valid: {list(CONFIGS)}")
+    export_float_and_calibration()
+    if any(CONFIGS[n]["kind"] == "llmc" for n in (only or CONFIGS) if not args.quick):
+        ensure_llmc()
     for name in CONFIGS:
         if (args.quick and name not in QUICK) or (only and name not in only | {"float32"}):
             continue
@@ -136,8 +196,12 @@ def main() -> None:
         "columns by decreasing Hessian diagonal with static groups. AWQ: `--anti_method m3` (scale search over 20 ratios "
         "on each smoothing group's block inputs, then AWQ's output-error clipping search for RTN; GPTQ + AWQ solves on the "
         "scaled, unclipped weights), same calibration. *KL vs RTN* = this row's KL / the same shape's RTN KL. "
-        "lm_head stays float; every row is measured on the checkpoint reloaded from disk. Not measured yet: "
-        "llm-compressor.",
+        "lm_head stays float; every row of ours is measured on the checkpoint reloaded from disk. *llm-compressor*: "
+        f"`{LLMC_SPEC}`'s `GPTQModifier` (its own venv: {next((r['tool'] for r in rows.values() if 'tool' in r), 'not run')}; "
+        "torch pinned to ours) on the float checkpoint exported from the same GGUF and the same calibration windows "
+        "(no shuffling), W4 g64 asymmetric with an integer zero point (its only kind), dampening 0.01, blocks of 128, "
+        "actorder none or static, lm_head ignored; its quantized-dequantized weights are evaluated with our code; "
+        "quantize s is its `oneshot` call alone, peak RSS its process's.",
         "",
         fmt(rows),
     ])

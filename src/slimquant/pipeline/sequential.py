@@ -4,11 +4,12 @@ One explicit loop over the model's repeated blocks, no graph tracing:
 
 1. run the calibration items through the model until the first block, and keep that block's inputs
    (positional and keyword arguments: hidden states, rotary embeddings, masks) per item;
-2. for each block: with AWQ (``smooth="m3"``), sample the inputs of each smoothing group
+2. for each block: with AWQ (``smooth="m3"``), accumulate the input statistics of each smoothing group
    (:func:`slimquant.adapters.smooth_groups`) on the kept inputs, search and apply the scales (and, with
    RTN, the clipping); then hook the planned linear layers to accumulate their input Hessians, run the
    block, solve every layer (GPTQ, or RTN), swap the quantized modules in, then run the *quantized* block
-   again so the next block calibrates on what the deployed model will feed it.
+   again so the next block calibrates on what the deployed model will feed it (not after the last block).
+   Data-free RTN (only when streaming) skips the passes.
 
 With a work directory (:class:`slimquant.pipeline.workdir.WorkDir`) every finished block, its report rows and
 the next block's input hidden states are persisted, and a rerun restores finished blocks instead of
