@@ -30,16 +30,19 @@ import text as corpus  # noqa: E402
 import w8a8  # noqa: E402
 import weight_only as wo  # noqa: E402
 
-# name -> (bits, group size or None); method -> (algorithm, clip search, act order, AWQ)
+# name -> (bits, group size or None); method -> (algorithm, clip search, act order, AWQ, static groups)
 SHAPES = {"W4A16 g64": (4, 64), "W4A16 per-channel": (4, None), "W3A16 g64": (3, 64), "W2A16 g32": (2, 32)}
-METHODS = {"RTN": ("rtn", False, False, False), "RTN +clip": ("rtn", True, False, False),
-           "GPTQ": ("gptq", False, False, False), "GPTQ act-order": ("gptq", False, True, False),
-           "AWQ": ("rtn", False, False, True), "GPTQ act-order +AWQ": ("gptq", False, True, True)}  # fmt: skip
+METHODS = {"RTN": ("rtn", False, False, False, False), "RTN +clip": ("rtn", True, False, False, False),
+           "GPTQ": ("gptq", False, False, False, False), "GPTQ static-groups": ("gptq", False, False, False, True),
+           "GPTQ act-order": ("gptq", False, True, False, True), "AWQ": ("rtn", False, False, True, False),
+           "GPTQ act-order +AWQ": ("gptq", False, True, True, True)}  # fmt: skip
 CONFIGS: dict[str, dict] = {"float32": {"kind": "float"}}
 for shape, (bits, group) in SHAPES.items():
-    for method, (algo, clip, act, awq) in METHODS.items():
+    for method, (algo, clip, act, awq, static) in METHODS.items():
+        if static and not act and group is None:
+            continue  # per-channel: one group, static is the same as dynamic
         CONFIGS[f"{shape} {method}"] = {"kind": "ours", "shape": shape, "bits": bits, "group": group, "algo": algo,
-                                        "clip": clip, "act": act, "awq": awq}  # fmt: skip
+                                        "clip": clip, "act": act, "awq": awq, "static": static}  # fmt: skip
 # llm-compressor's GPTQModifier, W4A16 g64 asymmetric (integer zero point), lm_head ignored, its own venv
 LLMC_SPEC = "llmcompressor==0.14.0.1"
 LLMC_VENV = wo.OUT / "llmc-venv"
@@ -97,7 +100,7 @@ def recipe_for(cfg: dict):
     gran = "per_group" if cfg["group"] else "per_channel"
     spec = QuantSpec(f"int{cfg['bits']}", gran, cfg["group"], symmetric=False, zero_point="float")
     return Recipe(weight=spec, algorithm=cfg["algo"], clip_search=cfg["clip"], gptq_act_order=cfg["act"],
-                  smooth="m3" if cfg["awq"] else None)
+                  gptq_static_groups=cfg["static"], smooth="m3" if cfg["awq"] else None)
 
 
 def child_main(args: argparse.Namespace) -> None:
@@ -193,7 +196,8 @@ def main() -> None:
         "zero point (the best RTN variant of the weight-only table). GPTQ: `--w_method gptq` (percdamp 0.01, blocks of 128 "
         f"columns), calibrated on {w8a8.CALIB_WINDOWS} windows x {w8a8.CALIB_SEQ_LEN} tokens of "
         f"{', '.join(corpus.CALIB_FILES)} (seed 0), block by block with the whole model in memory; act-order visits "
-        "columns by decreasing Hessian diagonal with static groups. AWQ: `--anti_method m3` (scale search over 20 ratios "
+        "columns by decreasing Hessian diagonal with static groups; static-groups computes every group's parameters "
+        "from the float weight up front (as llm-compressor does) instead of from the error-updated weight. AWQ: `--anti_method m3` (scale search over 20 ratios "
         "on each smoothing group's block inputs, then AWQ's output-error clipping search for RTN; GPTQ + AWQ solves on the "
         "scaled, unclipped weights), same calibration. *KL vs RTN* = this row's KL / the same shape's RTN KL. "
         "lm_head stays float; every row of ours is measured on the checkpoint reloaded from disk. *llm-compressor*: "

@@ -55,10 +55,12 @@ def main() -> None:
     ds = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()})
     model = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(a.model)
+    actorder = "static" if a.actorder else None
     weights = QuantizationArgs(num_bits=4, type="int", symmetric=False, strategy="group", group_size=a.group,
-                               actorder="static" if a.actorder else None)  # fmt: skip
+                               actorder=actorder)  # fmt: skip
+    # actorder also at the modifier level: its default ("static") overrides a scheme's None
     recipe = GPTQModifier(config_groups={"group_0": QuantizationScheme(targets=["Linear"], weights=weights)},
-                          ignore=["lm_head"], dampening_frac=0.01, block_size=128)  # fmt: skip
+                          ignore=["lm_head"], dampening_frac=0.01, block_size=128, actorder=actorder)  # fmt: skip
     t0 = time.perf_counter()
     oneshot(model=model, tokenizer=tok, dataset=ds, recipe=recipe, num_calibration_samples=n, max_seq_length=length,
             shuffle_calibration_samples=False)  # fmt: skip
