@@ -242,7 +242,16 @@ def convert(
             from slimquant.pipeline.workdir import WorkDir
 
             work = WorkDir(work_dir, _fingerprint(model, recipe, sequential, calib_data))
-        rows, _, awq_rows = quantize_sequential(model, recipe, sequential, calib_data, show_progress, stream, work)
+        make = None
+        if w8a8:  # GPTQ weights under (smoothed, calibrated) int8 inputs
+
+            def make(name: str, module: nn.Module, qw: QuantizedWeight, spec: QuantSpec, row: dict) -> Any:
+                if name in ranges:
+                    row.update(input_rule=ranges[name]["rule"],
+                               input_range=[round(ranges[name]["rmin"], 6), round(ranges[name]["rmax"], 6)])  # fmt: skip
+                return _w8a8_module(module, qw, spec, recipe.input, ranges.get(name))  # type: ignore[arg-type]
+
+        rows, _, awq_rows = quantize_sequential(model, recipe, sequential, calib_data, show_progress, stream, work, make)
         report.layers.extend(rows)
         report.smoothing.extend(awq_rows)
     for out, emb in ties.items():

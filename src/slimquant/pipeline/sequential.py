@@ -100,15 +100,16 @@ def _next_inputs(hidden: torch.Tensor, args: tuple, kwargs: dict) -> tuple[tuple
 
 
 def quantize_sequential(model: nn.Module, recipe: Recipe, plans: list[Any], calib_data: Any,
-                        show_progress: bool = True, stream: Any = None,
-                        work: WorkDir | None = None) -> tuple[list[dict], set[str], list[dict]]:  # fmt: skip
+                        show_progress: bool = True, stream: Any = None, work: WorkDir | None = None,
+                        make_module: Any = None) -> tuple[list[dict], set[str], list[dict]]:  # fmt: skip
     """Quantize every planned linear layer that lies inside the model's repeated blocks, block by block
     (``recipe.algorithm``: gptq or rtn; ``recipe.smooth == "m3"`` adds AWQ before it).
 
     ``stream`` (:class:`slimquant.models.streaming.StreamingModel`): the blocks are on meta and are read from
     disk one at a time, then written to ``work`` and put back on meta (the final save reads them from there).
     ``work`` (:class:`WorkDir`): every finished block is persisted there; blocks it already holds are restored
-    instead of recomputed (resume).
+    instead of recomputed (resume). ``make_module(name, float_module, quantized_weight, spec, report_row)``: the
+    quantized module to swap in (default :class:`QLinear`; W8A8 recipes build their int8-input layers).
 
     Returns the per-layer report rows, the names it quantized (the caller handles the rest with RTN) and
     the AWQ rows (one per smoothing group; empty without m3).
@@ -184,7 +185,7 @@ def quantize_sequential(model: nn.Module, recipe: Recipe, plans: list[Any], cali
         errors = []
         for lp in layer_plans:
             acc = accs.get(owner.get(lp.name, lp.name)) or HessianAccumulator(model.get_submodule(lp.name).in_features)
-            block_rows.append(_solve_layer(model, lp, acc, recipe))
+            block_rows.append(_solve_layer(model, lp, acc, recipe, make_module))
             if lp.name in owner:
                 block_rows[-1]["hessian_shared_with"] = owner[lp.name]
             if block_rows[-1].get("output_error") is not None:
@@ -311,7 +312,7 @@ def _awq_block(model: nn.Module, block: nn.Module, inputs: list[tuple[tuple, dic
     return out
 
 
-def _solve_layer(model: nn.Module, lp: Any, acc: HessianAccumulator, recipe: Recipe) -> dict:
+def _solve_layer(model: nn.Module, lp: Any, acc: HessianAccumulator, recipe: Recipe, make_module: Any = None) -> dict:
     module = model.get_submodule(lp.name)
     w = module.weight.detach().float()
     h = acc.hessian(copy=False)  # read only here and in gptq (which copies before changing it)
@@ -340,7 +341,7 @@ def _solve_layer(model: nn.Module, lp: Any, acc: HessianAccumulator, recipe: Rec
         row["output_error"] = float(torch.einsum("ij,jk,ik->", d, h, d)) / max(ref, 1e-30)
     else:  # data-free (RTN streamed from disk): no calibration rows to measure on
         row["output_error"] = None
-    qmod = QLinear.from_float(module, qw, lp.spec)
+    qmod = make_module(lp.name, module, qw, lp.spec, row) if make_module is not None else QLinear.from_float(module, qw, lp.spec)
     qmod.method = {"algorithm": row["algorithm"], "clip_search": recipe.clip_search}
     if recipe.smooth == "m3":
         qmod.method["awq"] = {"clip": recipe.algorithm == "rtn" and recipe.awq_clip}

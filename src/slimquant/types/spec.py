@@ -204,8 +204,8 @@ class Recipe:
                                   "symmetric per head (QuantSpec('int8', 'per_channel'))")  # fmt: skip
         if not 0.0 < self.gptq_percdamp <= 1.0:
             raise SlimquantError(f"gptq_percdamp must be in (0, 1], got {self.gptq_percdamp}")
-        if self.algorithm == "gptq" and self.input is not None:
-            raise NotSupportedYet("gptq with activation quantization (W8A8) is not supported yet; use rtn")
+        if self.algorithm == "gptq" and self.input is not None and _lookup_qtype(self.input.qtype).is_float:
+            raise NotSupportedYet("gptq with fp8 W8A8 is not supported yet; use rtn (int8 W8A8 works with gptq)")
         if self.algorithm == "gptq" and self.weight is None:
             raise SlimquantError("gptq quantizes weights; the recipe has no weight spec")
         if not isinstance(self.fa_amp, int) or self.fa_amp < 0:
