@@ -19,7 +19,8 @@ log = logging.getLogger(__name__)
 
 
 def quantize(model: nn.Module, recipe: Recipe | None = None, calib_data: Any = None, show_progress: bool = True,
-             stream: Any = None, work_dir: str | os.PathLike | None = None) -> nn.Module:  # fmt: skip
+             stream: Any = None, work_dir: str | os.PathLike | None = None,
+             max_activation_gb: float | None = None) -> nn.Module:  # fmt: skip
     """Quantize ``model`` in place with ``recipe`` (default: W8A16 per-channel RTN) and return it.
 
     The per-layer report is attached as ``model.slimquant_report`` (:class:`ConversionReport`).
@@ -32,6 +33,7 @@ def quantize(model: nn.Module, recipe: Recipe | None = None, calib_data: Any = N
     different setup is refused with the difference). ``stream``: a
     :class:`slimquant.models.streaming.StreamingModel` (from :func:`slimquant.models.streaming.open_streaming`)
     whose ``.model`` is ``model``: its blocks are read from disk one at a time and written to ``work_dir``.
+    ``max_activation_gb``: block-by-block runs keep the calibration hidden states in files past this size.
     """
     recipe = recipe or Recipe()
     if getattr(model, "slimquant_recipe", None) is not None:
@@ -40,7 +42,7 @@ def quantize(model: nn.Module, recipe: Recipe | None = None, calib_data: Any = N
         log.info("calib_data is not used: %s is data-free", recipe.quant_type)
         calib_data = None
     report: ConversionReport = convert(model, recipe, show_progress=show_progress, calib_data=calib_data, stream=stream,
-                                       work_dir=work_dir)  # fmt: skip
+                                       work_dir=work_dir, max_activation_gb=max_activation_gb)  # fmt: skip
     model.slimquant_report = report
     log.info("quantized %d layer(s) with %s (%s)", len(report.layers), recipe.algorithm, recipe.quant_type)
     return model

@@ -159,3 +159,38 @@ def test_streaming_refusals_and_bad_tensors(make_llama_dir, calib, tmp_path):
                            work_dir=tmp_path / "w2")  # fmt: skip
     with pytest.raises(SlimquantError, match="Hugging Face model directory.*is not one"):
         open_streaming(tmp_path / "nowhere")
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_activations_spill_to_disk_past_the_budget(make_llama_dir, calib, tmp_path, monkeypatch, stream):
+    """A tiny budget keeps the hidden states between blocks in files; the checkpoint is the same as in memory."""
+    from slimquant.pipeline import sequential
+
+    src = make_llama_dir("m", layers=3)
+    recipe = Recipe(weight=W4, algorithm="gptq")
+    lm = load_model(str(src))
+    slimquant.quantize(lm.model, recipe, calib_data=calib, show_progress=False)
+    slimquant.save(lm.model, tmp_path / "mem")
+    spilled = []
+    real = sequential.BlockInputs._store
+
+    def watch(self, hiddens):
+        real(self, hiddens)
+        if self.shapes:  # not the empty placeholder
+            spilled.append(self.spilled)
+
+    monkeypatch.setattr(sequential.BlockInputs, "_store", watch)
+    if stream:
+        sm = open_streaming(src)
+        model, kw = sm.model, {"stream": sm, "work_dir": tmp_path / "w"}
+    else:
+        model, kw = load_model(str(src)).model, {}
+    slimquant.quantize(model, recipe, calib_data=calib, show_progress=False, max_activation_gb=1e-7, **kw)
+    assert spilled and all(spilled)  # 4 windows x 16 tokens x 64 floats = 16 kB > 100 bytes
+    slimquant.save(model, tmp_path / "spill")
+    _same_checkpoint(tmp_path / "mem", tmp_path / "spill")
+    if stream:
+        assert not (tmp_path / "w" / "activations").exists()  # scratch, removed at the end
+    with pytest.raises(SlimquantError, match="max_activation_gb must be positive"):
+        slimquant.quantize(load_model(str(src)).model, recipe, calib_data=calib, show_progress=False,
+                           max_activation_gb=0)  # fmt: skip

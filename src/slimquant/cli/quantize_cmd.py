@@ -65,6 +65,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--stream", type=str2bool, default=False,
                    help="keep the model's blocks on disk and quantize them one at a time (HF safetensors directories, "
                    "weight-only recipes): peak memory ~ one block + the embeddings + calibration activations")  # fmt: skip
+    p.add_argument("--max_activation_gb", type=positive_float, default=None,
+                   help="block-by-block runs (gptq, m3, --stream): keep the calibration activations between blocks in "
+                   "files once they pass this many GB (default: in memory)")  # fmt: skip
     p.add_argument("--trust_remote_code", action="store_true", help="run custom modeling code in the model directory")
     # Calibration inputs (static W8A8). Without any, texts are sampled from the float model itself.
     p.add_argument("--calib_texts", nargs="*", default=None, help="calibration texts")
@@ -239,6 +242,8 @@ def run(args: argparse.Namespace) -> int:
 
     recipe = recipe_from_args(args)
     check_target(args.save_directory, args.overwrite)  # fail before the slow part
+    if args.max_activation_gb is not None and not (args.stream or recipe.algorithm == "gptq" or recipe.smooth == "m3"):
+        raise SlimquantError("--max_activation_gb applies to block-by-block runs (--w_method gptq, --anti_method m3, --stream)")
     if args.device_type == "cuda" and not torch.cuda.is_available():
         raise SlimquantError("--device_type cuda: no CUDA device is available")
     needs_data = recipe.needs_calibration
@@ -280,7 +285,8 @@ def run(args: argparse.Namespace) -> int:
         work_dir = _work_dir(args.save_directory)
         log.info("finished blocks are kept in %s until the checkpoint is written (rerun the same command to resume)",
                  work_dir)  # fmt: skip
-    api.quantize(lm.model, recipe, calib_data=calib, stream=stream, work_dir=work_dir)
+    api.quantize(lm.model, recipe, calib_data=calib, stream=stream, work_dir=work_dir,
+                 max_activation_gb=args.max_activation_gb)  # fmt: skip
     qtime = time.perf_counter() - t1
     if stream is None:
         lm.model.to("cpu")

@@ -120,7 +120,7 @@ def _weight_2d(module: nn.Module) -> torch.Tensor:
 
 def convert(
     model: nn.Module, recipe: Recipe, show_progress: bool = True, calib_data: Any = None, stream: Any = None,
-    work_dir: str | os.PathLike | None = None,
+    work_dir: str | os.PathLike | None = None, max_activation_gb: float | None = None,
 ) -> ConversionReport:  # fmt: skip
     """Quantize ``model`` in place according to ``recipe`` and return a report.
 
@@ -128,8 +128,11 @@ def convert(
     static input quantization; the float model runs it once before any layer is swapped.
     ``stream`` (:class:`slimquant.models.streaming.StreamingModel` of ``model``): its blocks stay on disk and
     are quantized one at a time (weight-only recipes); ``work_dir``: where the block-by-block pipeline
-    persists each finished block and resumes from (needed with ``stream``).
+    persists each finished block and resumes from (needed with ``stream``). ``max_activation_gb``: past this many
+    GB (1e9 bytes) the hidden states between blocks are kept in files (in ``work_dir``, else a temporary directory).
     """
+    if max_activation_gb is not None and not max_activation_gb > 0:
+        raise SlimquantError(f"max_activation_gb must be positive, got {max_activation_gb}")
     if stream is not None:
         if stream.model is not model:
             raise SlimquantError("stream= must be the StreamingModel of the model being quantized")
@@ -251,7 +254,20 @@ def convert(
                                input_range=[round(ranges[name]["rmin"], 6), round(ranges[name]["rmax"], 6)])  # fmt: skip
                 return _w8a8_module(module, qw, spec, recipe.input, ranges.get(name))  # type: ignore[arg-type]
 
-        rows, _, awq_rows = quantize_sequential(model, recipe, sequential, calib_data, show_progress, stream, work, make)
+        import tempfile
+        from pathlib import Path
+
+        budget = None if max_activation_gb is None else int(max_activation_gb * 1e9)
+        with tempfile.TemporaryDirectory(prefix="slimquant-activations-") as tmp:
+            spill = Path(work_dir) / "activations" if work_dir is not None else Path(tmp)
+            try:
+                rows, _, awq_rows = quantize_sequential(model, recipe, sequential, calib_data, show_progress, stream,
+                                                        work, make, budget, spill)  # fmt: skip
+            finally:  # spilled activations are scratch: a resume reads the work directory's inputs.safetensors
+                if work_dir is not None:
+                    import shutil
+
+                    shutil.rmtree(spill, ignore_errors=True)
         report.layers.extend(rows)
         report.smoothing.extend(awq_rows)
     for out, emb in ties.items():

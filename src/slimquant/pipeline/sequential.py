@@ -15,8 +15,9 @@ With a work directory (:class:`slimquant.pipeline.workdir.WorkDir`) every finish
 the next block's input hidden states are persisted, and a rerun restores finished blocks instead of
 recomputing them. With a :class:`slimquant.models.streaming.StreamingModel` the blocks stay on disk: each is
 read just before it is processed and put back on meta once written to the work directory (the final save
-reads it from there). The calibration activations of one block boundary stay in memory (they are also
-written to the work directory, but not read back from it during a run).
+reads it from there). The hidden states of one block boundary (one tensor per calibration item) stay in memory
+unless they pass ``activation_budget`` bytes; then each lives in its own file and is read back when its item
+runs (:class:`BlockInputs`).
 """
 
 from __future__ import annotations
@@ -99,9 +100,97 @@ def _next_inputs(hidden: torch.Tensor, args: tuple, kwargs: dict) -> tuple[tuple
                          "no hidden_states keyword)")  # fmt: skip
 
 
+def _strip(args: tuple, kwargs: dict) -> tuple[tuple[tuple, dict], torch.Tensor]:
+    """``((args, kwargs) with the hidden states replaced by None, the hidden states)``."""
+    if args:
+        return ((None, *args[1:]), kwargs), args[0]
+    if "hidden_states" in kwargs:
+        return (args, {**kwargs, "hidden_states": None}), kwargs["hidden_states"]
+    raise SlimquantError("cannot tell which block argument holds the hidden states (no positional argument, "
+                         "no hidden_states keyword)")  # fmt: skip
+
+
+class BlockInputs:
+    """The calibration items' arguments for the current block. The per-item arguments every block shares (masks,
+    rotary tables) stay in memory; the hidden states too, unless together they pass ``budget_bytes``: then each
+    is written to its own file under ``spill_dir`` and read back when its item runs (one at a time)."""
+
+    def __init__(self, captured: list[tuple[tuple, dict]], budget_bytes: int | None, spill_dir: Path | None,
+                 hidden: Any = None) -> None:  # fmt: skip
+        stripped = [_strip(a, k) for a, k in captured]
+        self.templates = [t for t, _ in stripped]
+        self.budget, self.spill_dir, self.gen = budget_bytes, spill_dir, 0
+        self._mem: list[torch.Tensor] | None = None
+        self._files: list[Path] | None = None
+        self.shapes: list[tuple[tuple[int, ...], torch.dtype]] = []
+        self._store(hidden if hidden is not None else (h for _, h in stripped))
+        del stripped
+
+    @property
+    def spilled(self) -> bool:
+        return self._files is not None
+
+    def __len__(self) -> int:
+        return len(self.templates)
+
+    def hidden(self, j: int) -> torch.Tensor:
+        if self._files is not None:
+            from safetensors.torch import load_file
+
+            return load_file(str(self._files[j]))["hidden"]
+        return self._mem[j]  # type: ignore[index]
+
+    def __iter__(self):  # noqa: ANN204
+        for j, (args, kwargs) in enumerate(self.templates):
+            yield _next_inputs(self.hidden(j), args, kwargs)
+
+    def advance(self, fn: Any) -> None:
+        """Replace every item's hidden states by ``fn(args, kwargs)`` of the current item (the block's output)."""
+        old_files = self._files
+        self.gen += 1
+        self._store(fn(a, k) for a, k in self)
+        for f in old_files or []:
+            f.unlink(missing_ok=True)
+
+    def entries(self) -> list:
+        """``write_safetensors`` entries of the hidden states (item_000000, ...), read as they are written."""
+        return [(f"item_{j:06d}", shape, dtype, (lambda j=j: self.hidden(j))) for j, (shape, dtype) in enumerate(self.shapes)]
+
+    def _store(self, hiddens: Any) -> None:
+        from safetensors.torch import save_file
+
+        mem: list[torch.Tensor] | None = []
+        files: list[Path] | None = None
+        shapes, total = [], 0
+        for j, h in enumerate(hiddens):
+            h = h.detach()
+            shapes.append((tuple(h.shape), h.dtype))
+            total += h.numel() * h.element_size()
+            if files is None and self.budget is not None and total > self.budget:
+                if self.spill_dir is None:
+                    raise SlimquantError("calibration activations exceed the memory budget and there is no directory to spill to")
+                files = []
+                self.spill_dir.mkdir(parents=True, exist_ok=True)
+                log.info("calibration activations pass %.2f GB: keeping them in %s", self.budget / 1e9, self.spill_dir)
+                for i, m in enumerate(mem or []):
+                    files.append(self._write(save_file, i, m))
+                mem = None
+            if files is not None:
+                files.append(self._write(save_file, j, h))
+            else:
+                mem.append(h)  # type: ignore[union-attr]
+        self._mem, self._files, self.shapes = mem, files, shapes
+
+    def _write(self, save_file: Any, j: int, h: torch.Tensor) -> Path:
+        path = self.spill_dir / f"g{self.gen}_{j:06d}.safetensors"  # type: ignore[operator]
+        save_file({"hidden": h.contiguous()}, str(path))
+        return path
+
+
 def quantize_sequential(model: nn.Module, recipe: Recipe, plans: list[Any], calib_data: Any,
                         show_progress: bool = True, stream: Any = None, work: WorkDir | None = None,
-                        make_module: Any = None) -> tuple[list[dict], set[str], list[dict]]:  # fmt: skip
+                        make_module: Any = None, activation_budget: int | None = None,
+                        spill_dir: Path | None = None) -> tuple[list[dict], set[str], list[dict]]:  # fmt: skip
     """Quantize every planned linear layer that lies inside the model's repeated blocks, block by block
     (``recipe.algorithm``: gptq or rtn; ``recipe.smooth == "m3"`` adds AWQ before it).
 
@@ -110,6 +199,7 @@ def quantize_sequential(model: nn.Module, recipe: Recipe, plans: list[Any], cali
     ``work`` (:class:`WorkDir`): every finished block is persisted there; blocks it already holds are restored
     instead of recomputed (resume). ``make_module(name, float_module, quantized_weight, spec, report_row)``: the
     quantized module to swap in (default :class:`QLinear`; W8A8 recipes build their int8-input layers).
+    ``activation_budget`` (bytes): past it the hidden states between blocks live in files under ``spill_dir``.
 
     Returns the per-layer report rows, the names it quantized (the caller handles the rest with RTN) and
     the AWQ rows (one per smoothing group; empty without m3).
@@ -126,12 +216,12 @@ def quantize_sequential(model: nn.Module, recipe: Recipe, plans: list[Any], cali
         if lp.kind != "linear" or not lp.name.startswith(path + "."):
             continue
         by_block.setdefault(int(lp.name[len(path) + 1 :].split(".")[0]), []).append(lp)
-    inputs: list[tuple[tuple, dict]] = []
+    inputs = BlockInputs([], None, None)
     if needs_data:
-        inputs = capture_block_inputs(model, blocks[0], calib_data)
-        if work is not None and 0 < work.done < len(blocks):
-            saved = work.inputs(len(inputs))
-            inputs = [_next_inputs(h, args, kwargs) for h, (args, kwargs) in zip(saved, inputs)]
+        captured = capture_block_inputs(model, blocks[0], calib_data)
+        saved = work.inputs(len(captured)) if work is not None and 0 < work.done < len(blocks) else None
+        inputs = BlockInputs(captured, activation_budget, spill_dir, hidden=saved)
+        del captured
     log.info("%s: %d block(s) under %s, %d calibration item(s)", recipe.algorithm, len(blocks), path, len(inputs))
     groups = smooth_groups(model) if recipe.smooth == "m3" else []
     rows: list[dict] = []
@@ -192,16 +282,16 @@ def quantize_sequential(model: nn.Module, recipe: Recipe, plans: list[Any], cali
                 errors.append(block_rows[-1]["output_error"])
             done.add(lp.name)
         last = bi == len(blocks) - 1
-        if not last and inputs:
+        if not last and len(inputs):
             with torch.no_grad():  # the quantized block's outputs feed the next block
-                inputs = [_next_inputs(_hidden(block(*args, **kwargs)), args, kwargs) for args, kwargs in inputs]
+                inputs.advance(lambda args, kwargs: _hidden(block(*args, **kwargs)))
         if work is not None:
             prefix = f"{path}.{bi}."
             info = {"layers": block_rows, "awq": block_awq,
                     "modules": {n: m.manifest_entry() for n, m in model.named_modules()
                                 if n.startswith(prefix) and isinstance(m, QModule)}}  # fmt: skip
             tensors = {prefix + n: t for n, t in block.state_dict().items()}
-            work.save_block(bi, tensors, info, None if last or not inputs else [_block_hidden(a, k) for a, k in inputs])
+            work.save_block(bi, tensors, info, None if last or not len(inputs) else inputs.entries())
             if stream is not None:
                 stream.release_block(bi)
                 on_disk.update({n: work.block_file(bi) for n in tensors})
@@ -231,10 +321,6 @@ def _trim_heap() -> None:
         pass
 
 
-def _block_hidden(args: tuple, kwargs: dict) -> torch.Tensor:
-    return args[0] if args else kwargs["hidden_states"]
-
-
 def _restore_block(model: nn.Module, path: str, bi: int, work: WorkDir, stream: Any, on_disk: dict[str, Path]) -> dict:
     """Put finished block ``bi`` back from the work directory: its quantized modules (on meta when streaming,
     their tensors then read at save time; else loaded) and its report rows."""
@@ -255,7 +341,7 @@ def _restore_block(model: nn.Module, path: str, bi: int, work: WorkDir, stream: 
     return info
 
 
-def _awq_block(model: nn.Module, block: nn.Module, inputs: list[tuple[tuple, dict]],
+def _awq_block(model: nn.Module, block: nn.Module, inputs: Any,
                groups: list[tuple[str, tuple[str, ...]]], plans: dict[str, Any], recipe: Recipe) -> list[dict]:  # fmt: skip
     """AWQ on one block: one pass over the block accumulates every group's input statistics (mean |x| and
     ``2/N X^T X``, over all calibration tokens); then per group (in order) search the scales, apply them to

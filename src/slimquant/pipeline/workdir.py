@@ -94,14 +94,16 @@ class WorkDir:
         return self.path / f"block_{i:05d}.safetensors"
 
     def save_block(self, i: int, tensors: dict[str, torch.Tensor], info: dict[str, Any],
-                   next_inputs: list[torch.Tensor] | None) -> None:  # fmt: skip
+                   next_inputs: list | None) -> None:  # fmt: skip
         """Persist finished block ``i`` (its tensors by full name, its report) and the next block's inputs."""
         if i != self.done:
             raise SlimquantError(f"work directory {self.path}: block {i} finished out of order (next is {self.done})")
         _write_tensors(self.block_file(i), tensors)
         _atomic_json(self.path / f"block_{i:05d}.json", info)
-        if next_inputs is not None:
-            _write_tensors(self.path / INPUTS, {f"item_{j:06d}": t for j, t in enumerate(next_inputs)})
+        if next_inputs is not None:  # write_safetensors entries (name, shape, dtype, producer), one tensor at a time
+            tmp = self.path / (INPUTS + ".tmp")
+            write_safetensors(tmp, next_inputs)
+            os.replace(tmp, self.path / INPUTS)
         self.done = i + 1
         _atomic_json(self.path / STATE, {"fingerprint": self.fingerprint, "done": self.done})
 
@@ -114,13 +116,15 @@ class WorkDir:
         with safe_open(str(self.block_file(i)), framework="pt") as f:
             return list(f.keys())
 
-    def inputs(self, count: int) -> list[torch.Tensor]:
-        """The saved hidden states entering block ``done``."""
+    def inputs(self, count: int):  # noqa: ANN201
+        """The saved hidden states entering block ``done``, read one at a time (a generator)."""
         src = TensorSource({f"item_{j:06d}": self.path / INPUTS for j in range(count)})
-        try:
-            return [src.get(f"item_{j:06d}") for j in range(count)]
-        except SlimquantError as e:
-            raise SlimquantError(f"work directory {self.path} is incomplete ({e}); remove it to start over") from None
+        for j in range(count):
+            try:
+                yield src.get(f"item_{j:06d}").clone()  # a copy: the file's map is not kept alive
+            except SlimquantError as e:
+                raise SlimquantError(f"work directory {self.path} is incomplete ({e}); remove it to start over") from None
+        src.close()
 
     def remove(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)
