@@ -71,11 +71,7 @@ class StreamingModel:
 
 def open_streaming(path: str | Path, trust_remote_code: bool = False) -> StreamingModel:
     """Open a Hugging Face safetensors directory for block-by-block processing (see module doc)."""
-    import transformers
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig
-
-    from slimquant.models.loading import _check_safetensors, _is_causal, _load_tokenizer, _read_config
+    from slimquant.models.loading import _check_safetensors, _hf_skeleton, _load_tokenizer, _read_config
 
     path = Path(path)
     if not path.is_dir():
@@ -83,15 +79,10 @@ def open_streaming(path: str | Path, trust_remote_code: bool = False) -> Streami
     raw = _read_config(path)
     _check_safetensors(path)
     archs = raw.get("architectures") or []
-    cls = getattr(transformers, archs[0], None) if archs else None
-    if cls is None:
-        raise SlimquantError(f"{path / 'config.json'}: no known transformers architecture in {archs!r}")
-    try:
-        config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
-    except Exception as e:  # noqa: BLE001
-        raise SlimquantError(f"cannot read {path / 'config.json'}: {e}") from None
-    with init_empty_weights(include_buffers=False):
-        model = cls._from_config(config)
+    if not archs:
+        raise SlimquantError(f"{path / 'config.json'}: no \"architectures\" entry naming the transformers model class")
+    model, kind = _hf_skeleton(path, archs[0], trust_remote_code)  # parameters on meta, buffers computed
+    config = model.config
     model.eval()
     blocks_path = block_list(model)
     source = TensorSource.from_directory(path)
@@ -116,7 +107,6 @@ def open_streaming(path: str | Path, trust_remote_code: bool = False) -> Streami
             raise SlimquantError(f"{path}: tensors missing from the safetensors files: {', '.join(still[:5])}")
     for p in model.parameters():
         p.requires_grad_(False)
-    kind = "causal_lm" if _is_causal(raw) else "encoder"
     log.info("streaming %s: %d blocks under %s stay on disk until needed", path, len(model.get_submodule(blocks_path)),
              blocks_path)  # fmt: skip
     return StreamingModel(model, source, blocks_path, _load_tokenizer(path, trust_remote_code=trust_remote_code), kind,
