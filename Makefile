@@ -38,6 +38,7 @@ bench: venv
 	$(PY) benchmarks/w8a8.py
 	$(PY) benchmarks/speed.py
 	$(PY) benchmarks/gptq.py
+	$(PY) benchmarks/scale.py
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info
