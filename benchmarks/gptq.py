@@ -155,12 +155,8 @@ def fmt(rows: dict[str, dict]) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--quick", action="store_true")
+    ap = wo.benchmark_parser(__doc__, "1 window per text, three configs; prints only")
     ap.add_argument("--only", default="", help="comma-separated config names (float32 is always run); prints only")
-    ap.add_argument("--child", action="store_true")
-    ap.add_argument("--model"), ap.add_argument("--config"), ap.add_argument("--ref"), ap.add_argument("--result")
-    ap.add_argument("--windows", type=int, default=wo.WINDOWS_PER_TEXT)
     args = ap.parse_args()
     if args.child:
         child_main(args)

@@ -39,9 +39,13 @@ def candidates(m: int, k: int, n: int) -> dict[str, tuple[str, Callable[[], obje
     xb, w_bf16 = x.bfloat16(), w_fp32.bfloat16()
     s, off = float(x.abs().max()) / 255, 0
     qb, dq = fold_static_w8a8(w, ws, s, off, bias)
+    xq = torch.randint(-127, 128, (m, k), dtype=torch.int8, generator=g)
+    int_mm = get_kernel("int8_matmul", "fast")
     out: dict[str, tuple[str, Callable[[], object]]] = {
         "fp32 F.linear": ("", lambda: F.linear(x, w_fp32, bias)),
         "bf16 F.linear": ("", lambda: F.linear(xb, w_bf16)),
+        # the int8 GEMM alone (already-quantized input, no rescale): the ceiling of the W8A8 kernels
+        "int8 GEMM only": ("fp32 F.linear", lambda: int_mm(xq, w)),
     }
     from slimquant.kernels import native
 

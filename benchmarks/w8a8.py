@@ -167,11 +167,7 @@ def fmt_enc(rows: dict[str, dict]) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--child", action="store_true")
-    ap.add_argument("--model"), ap.add_argument("--config"), ap.add_argument("--ref"), ap.add_argument("--result")
-    ap.add_argument("--windows", type=int, default=wo.WINDOWS_PER_TEXT)
+    ap = wo.benchmark_parser(__doc__, "1 window per text and a few configs; prints only")
     args = ap.parse_args()
     if args.child:
         child_main(args)

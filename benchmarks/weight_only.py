@@ -375,16 +375,21 @@ def fmt_table(rows: list[tuple[str, dict]], float_bytes: int, llm: bool) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="1 window per text and a few configs; no BENCHMARKS.md")
+def benchmark_parser(doc: str | None, quick_help: str) -> argparse.ArgumentParser:
+    """``--quick`` plus the hidden arguments :func:`run_config` passes to a child process, for every benchmark
+    script that runs its configurations through it."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help=quick_help)
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
-    ap.add_argument("--load-rss", help=argparse.SUPPRESS)
-    ap.add_argument("--model", help=argparse.SUPPRESS)
-    ap.add_argument("--config", help=argparse.SUPPRESS)
-    ap.add_argument("--ref", help=argparse.SUPPRESS)
-    ap.add_argument("--result", help=argparse.SUPPRESS)
+    for name in ("--model", "--config", "--ref", "--result"):
+        ap.add_argument(name, help=argparse.SUPPRESS)
     ap.add_argument("--windows", type=int, default=WINDOWS_PER_TEXT, help=argparse.SUPPRESS)
+    return ap
+
+
+def main() -> None:
+    ap = benchmark_parser(__doc__, "1 window per text and a few configs; no BENCHMARKS.md")
+    ap.add_argument("--load-rss", help=argparse.SUPPRESS)
     args = ap.parse_args()
     OUT.mkdir(exist_ok=True)
     if args.child:

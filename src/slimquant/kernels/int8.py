@@ -296,9 +296,9 @@ def linear_w8a16_torch(x: torch.Tensor, w_int8: torch.Tensor, w_scale: torch.Ten
 # -- native (C++) kernels and the "fast" choice ----------------------------------------------------
 
 
-def _native_lib(x: torch.Tensor) -> object | None:
-    """The native library when it runs for ``x`` (a CPU tensor, built library), else None."""
-    return native.library() if x.device.type == "cpu" else None
+def _native_runs(x: torch.Tensor) -> bool:
+    """Whether the native kernels run for ``x``: a CPU tensor and a built library."""
+    return x.device.type == "cpu" and native.library() is not None
 
 
 def _require_native() -> None:
@@ -347,10 +347,9 @@ def linear_w8a16_native(x: torch.Tensor, w_int8: torch.Tensor, w_scale: torch.Te
 def linear_w8a8_dynamic_fast(
     x: torch.Tensor, w_int8: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None = None
 ) -> torch.Tensor:
-    lib = _native_lib(x)
-    if lib is None:
+    if not _native_runs(x):
         return linear_w8a8_dynamic_torch(x, w_int8, w_scale, bias)
-    return lib.w8a8_dynamic(x, w_int8, w_scale, bias, native.W8A8_GEMV_MAX_ROWS)  # type: ignore[attr-defined]
+    return native.w8a8_dynamic(x, w_int8, w_scale, bias)
 
 
 def linear_w8a8_static_fast(
@@ -361,18 +360,15 @@ def linear_w8a8_static_fast(
     deq_scale: torch.Tensor,
     quant_bias: torch.Tensor,
 ) -> torch.Tensor:
-    lib = _native_lib(x)
-    if lib is None:
+    if not _native_runs(x):
         return linear_w8a8_static_torch(x, input_scale, input_offset, w_int8, deq_scale, quant_bias)
-    return lib.w8a8_static(x, _as_tensor(input_scale), _as_tensor(input_offset), w_int8, deq_scale,  # type: ignore[attr-defined]
-                           quant_bias, native.W8A8_GEMV_MAX_ROWS)  # fmt: skip
+    return native.w8a8_static(x, _as_tensor(input_scale), _as_tensor(input_offset), w_int8, deq_scale, quant_bias)
 
 
 def linear_w8a16_fast(x: torch.Tensor, w_int8: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
-    lib = _native_lib(x)
-    if lib is None or x.dtype != torch.float32 or x.numel() > native.W8A16_GEMV_MAX_ROWS * x.shape[-1]:
+    if not _native_runs(x) or x.dtype != torch.float32 or x.numel() > native.W8A16_GEMV_MAX_ROWS * x.shape[-1]:
         return linear_w8a16_torch(x, w_int8, w_scale)
-    return lib.w8a16(x, w_int8, w_scale, None, None)  # type: ignore[attr-defined]
+    return native.w8a16(x, w_int8, w_scale)
 
 
 # -- registry ------------------------------------------------------------------------------------

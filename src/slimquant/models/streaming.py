@@ -71,8 +71,11 @@ class StreamingModel:
 
 def open_streaming(path: str | Path, trust_remote_code: bool = False) -> StreamingModel:
     """Open a Hugging Face safetensors directory for block-by-block processing (see module doc)."""
-    from slimquant.models.loading import _check_safetensors, _hf_skeleton, _load_tokenizer, _read_config
+    from slimquant.models.loading import EMBEDDED, _check_safetensors, _hf_skeleton, _load_tokenizer, _read_config
 
+    if str(path) in EMBEDDED or str(path).endswith(".gguf"):
+        raise SlimquantError(f"streaming reads a Hugging Face safetensors directory; {path} is a GGUF model (the embedded "
+                             "models are), which is loaded whole: drop --stream, or save it with save_pretrained first")  # fmt: skip
     path = Path(path)
     if not path.is_dir():
         raise SlimquantError(f"streaming reads a Hugging Face model directory; {path} is not one")

@@ -5,7 +5,8 @@
 //   w8a8_static   msModelSlim W8A8 (per-tensor asymmetric input, quant_bias, deq_scale): bit-identical
 //   w8a16         int8 weight x float32 input, per-channel or per-group scale and offset: equal to the
 //                 reference up to float32 summation order (it sums x * q in a different order)
-// Inputs are validated by the Python wrappers (dtypes, contiguity, shapes); the checks here are a second line.
+// The entry points (bottom) take any leading dims and float dtype, compute in float32 and check shapes; the
+// *_2d workers take contiguous float32 [M, k] rows and int8 [n, k] weights.
 //
 // Integer products are exact, so the W8A8 kernels only have to reproduce the reference's float32 steps in the
 // same order (built with -ffp-contract=off so no multiply-add is fused): quantize
@@ -15,7 +16,7 @@
 // Small M (decode): our own GEMV over int8 rows; with AVX512-VNNI the u8 x s8 dot product runs on
 // (q + 128) and subtracts 128 * sum(w) (exact in int32). Large M (prefill): one quantize pass, at::_int_mm
 // (oneDNN), one rescale pass. AVX512 code is compiled with target attributes and chosen at run time, so the
-// library also runs (scalar loops) on CPUs without it.
+// library also runs (scalar loops) on CPUs without it; AVX512 without VNNI takes the scalar int8 dot product.
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -340,20 +341,6 @@ at::Tensor w8a8_static_2d(const at::Tensor& x, double input_scale, double input_
 
 // ---------------------------------------------------------------------------------------------------------
 // W8A16: y[m, j] = sum_g scale[j, g] * (sum_{i in g} x[m, i] * q[j, i] + offset[j, g] * sum_{i in g} x[m, i]) + b[j]
-
-void w8a16_row_scalar(const float* x, int64_t mrows, const int8_t* wr, int64_t k, int64_t gs, const float* sc,
-                      const float* of, const float* xg, int64_t G, float* out) {
-  for (int64_t m = 0; m < mrows; ++m) {
-    float total = 0.0f;
-    for (int64_t g = 0; g < G; ++g) {
-      float s = 0.0f;
-      for (int64_t i = g * gs; i < (g + 1) * gs; ++i) s += x[m * k + i] * static_cast<float>(wr[i]);
-      if (of) s += of[g] * xg[m * G + g];
-      total += sc[g] * s;
-    }
-    out[m] = total;
-  }
-}
 
 // MB activation rows x NB weight rows; gs % 16 == 0 or G == 1 (masked tail). sc / of: weight row j0's [NB, G]
 // block (row stride G); xg: the activation rows' per-group sums [MB, G]
