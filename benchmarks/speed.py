@@ -18,8 +18,8 @@ machine load; tables show the median over rounds and ratios are float32 time / m
              64 and for 1 new token; tokens/s = 63 / (t64 - t1), so the prompt's prefill is excluded
     step     one bare decode forward (1 token, KV cache of the prompt, cropped back after each call): the
              model's own per-token cost without ``generate``'s bookkeeping
-    split    one more prefill per model with forward hooks timing the Linear-like layers: the share of the
-             prefill the quantized kernels can change at all
+    split    one more prefill per model with forward hooks timing the MLP blocks, the attention projections
+             and the norms (each timed whole, so fused and unfused models split the same work alike)
 Then one decode step per model runs under ``torch.profiler`` (record_shapes off). Forward hooks (removed
 afterwards) wrap every Linear-like module in a ``record_function`` range, so op self-times split into
 matmul kernels, the native C++ kernels (their ``slimquant::*`` ranges), the other aten ops of the linear
@@ -62,6 +62,7 @@ ROUNDS = 5
 STEPS = 20  # bare decode steps timed per model per round
 MATMUL_OPS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::_int_mm", "aten::_weight_int8pack_mm"}
 NATIVE_PREFIX = "slimquant::"  # the native kernels' profiler ranges (slimquant.kernels.native)
+FUSED_PRODUCERS = {"slimquant::rmsnorm_quant", "slimquant::silu_mul_quant"}  # slimquant.nn.fused
 ATTENTION_OPS = {"aten::_scaled_dot_product_flash_attention_for_cpu", "aten::scaled_dot_product_attention",
                  "aten::_scaled_dot_product_attention_math"}  # fmt: skip
 LINEAR_RANGE = "linear_layer"
@@ -163,33 +164,65 @@ def agreement(models: dict[str, nn.Module], window: torch.Tensor) -> dict[str, f
     return {n: float((lg.argmax(-1) == ref).float().mean()) for n, lg in logits.items()}
 
 
-def prefill_split(models: dict[str, nn.Module], window: torch.Tensor, reps: int = 3) -> dict[str, tuple[float, float]]:
-    """Per model, median over ``reps`` prefills (``logits_to_keep=1``) of (seconds, seconds inside Linear-like
-    layers), timed by forward hooks: how much of the prefill the quantized kernels can touch at all."""
+SPLIT_PARTS = ("MLP blocks", "attention projections", "norms", "rest")
+
+
+def split_part(module: nn.Module) -> str | None:
+    """Which part of the prefill split ``module``'s time belongs to (None: not timed by itself). The MLP
+    blocks (gate, up, act * up, down) and the norms are timed whole, so a fused module and the float ops
+    it replaces land in the same part."""
+    name = type(module).__name__
+    if name.endswith("MLP"):
+        return "MLP blocks"
+    if name.endswith("RMSNorm") or isinstance(module, nn.LayerNorm):
+        return "norms"
+    if linear_like(module):
+        return "attention projections"  # q/k/v/o (the float lm_head on one position goes to "rest")
+    return None
+
+
+def prefill_split(models: dict[str, nn.Module], window: torch.Tensor, reps: int = 3) -> dict[str, dict[str, float]]:
+    """Per model, median over ``reps`` prefills (``logits_to_keep=1``) of the seconds in each of
+    :data:`SPLIT_PARTS` and in total, timed by forward hooks on the outermost timed modules."""
     out = {}
     for name, m in models.items():
-        inside = [0.0]
+        lm_head = m.get_output_embeddings()
+        spent: dict[str, float] = defaultdict(float)
+        stack: list[tuple[nn.Module, float]] = []
 
         def pre(mod, args):
-            mod._sq_t0 = time.perf_counter()
+            if not stack:
+                stack.append((mod, time.perf_counter()))
+            else:
+                stack.append((mod, -1.0))
 
         def post(mod, args, res):
-            inside[0] += time.perf_counter() - mod._sq_t0
+            _, t0 = stack.pop()
+            if t0 >= 0:
+                spent[mod._sq_part] += time.perf_counter() - t0
 
-        handles = [h for mod in m.modules() if linear_like(mod)
-                   for h in (mod.register_forward_pre_hook(pre), mod.register_forward_hook(post))]  # fmt: skip
-        totals, lin = [], []
+        handles = []
+        for mod in m.modules():
+            part = split_part(mod)
+            if part is None or mod is lm_head:
+                continue
+            mod._sq_part = part
+            handles += [mod.register_forward_pre_hook(pre), mod.register_forward_hook(post)]
+        runs: dict[str, list[float]] = defaultdict(list)
         try:
             with torch.inference_mode():
                 m(window, logits_to_keep=1)
                 for _ in range(reps):
-                    inside[0] = 0.0
-                    totals.append(timed(lambda: m(window, logits_to_keep=1)))
-                    lin.append(inside[0])
+                    spent.clear()
+                    total = timed(lambda: m(window, logits_to_keep=1))
+                    runs["total"].append(total)
+                    for part in SPLIT_PARTS[:-1]:
+                        runs[part].append(spent[part])
+                    runs["rest"].append(total - sum(spent.values()))
         finally:
             for h in handles:
                 h.remove()
-        out[name] = (statistics.median(totals), statistics.median(lin))
+        out[name] = {part: statistics.median(v) for part, v in runs.items()}
     return out
 
 
@@ -239,6 +272,8 @@ def profile_step(model: nn.Module, step: DecodeStep) -> tuple[dict[str, float], 
         t = e.self_cpu_time_total * 1e-6
         if e.name == LINEAR_RANGE:
             cat["linear: python"] += t
+        elif e.name in FUSED_PRODUCERS:
+            cat["fused norm / SiLU*up + int8 rows"] += t
         elif e.name.startswith(NATIVE_PREFIX):
             cat["linear: native kernel"] += t
         elif e.name in MATMUL_OPS:
@@ -255,8 +290,9 @@ def profile_step(model: nn.Module, step: DecodeStep) -> tuple[dict[str, float], 
     return dict(cat), prof.key_averages()
 
 
-CATEGORIES = ("linear: matmul", "linear: native kernel", "linear: other aten ops", "linear: python", "attention (sdpa)",
-              "model: other aten ops", "model: python + generate-free glue")  # fmt: skip
+CATEGORIES = ("linear: matmul", "linear: native kernel", "linear: other aten ops", "linear: python",
+              "fused norm / SiLU*up + int8 rows", "attention (sdpa)", "model: other aten ops",
+              "model: python + generate-free glue")  # fmt: skip
 
 
 def top_ops(averages, n: int) -> str:
@@ -308,13 +344,13 @@ def profile_table(cats: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
-def split_table(split: dict[str, tuple[float, float]]) -> str:
-    f_total, f_lin = split["float32"]
-    lines = ["| model | prefill ms | in linear layers ms | rest of the model ms | linear layers vs fp32 |",
-             "|---|---|---|---|---|"]  # fmt: skip
-    for name, (total, lin) in split.items():
-        lines.append(f"| {name} | {total * 1e3:.0f} | {lin * 1e3:.0f} ({lin / total:.0%}) | {(total - lin) * 1e3:.0f} | "
-                     f"{f_lin / lin:.2f}x |")  # fmt: skip
+def split_table(split: dict[str, dict[str, float]]) -> str:
+    f = split["float32"]
+    lines = ["| model | prefill ms | " + " | ".join(f"{p} ms (vs fp32)" for p in SPLIT_PARTS) + " |",
+             "|---|---|" + "---|" * len(SPLIT_PARTS)]  # fmt: skip
+    for name, r in split.items():
+        cells = [f"{r[p] * 1e3:.0f} ({f[p] / r[p]:.2f}x)" for p in SPLIT_PARTS]
+        lines.append(f"| {name} | {r['total'] * 1e3:.0f} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -344,13 +380,21 @@ def render(res, top1, cats, tops, quant_s, rounds, elapsed, split) -> str:
         f"{STEPS} per round); generate overhead = generate's time per token - bare step. ± = (max - min) / median "
         "over rounds. Quantize time: " + ", ".join(f"{n} {s:.1f} s" for n, s in quant_s.items()) + ". "
         f"Quantized layers run the default `fast` kernels: native C++ ({native.cpu_features()}) when built, "
-        f"else torch ops{'' if native.available() else ' (native unavailable here: ' + str(native.unavailable_reason()) + ')'}.",
+        f"else torch ops{'' if native.available() else ' (native unavailable here: ' + str(native.unavailable_reason()) + ')'}; "
+        "in the W8A8 models `slimquant.quantize` has fused each RMSNorm and gated MLP that feed W8A8 layers "
+        "with their int8 input quantization (`slimquant.nn.fused`: the norm writes its float output and the "
+        "int8 rows q/k/v or gate/up read, so a shared input is quantized once; SiLU * up goes to int8 rows "
+        "without a float copy); W8A16 has no such fusion.",
         "",
         speed_table(res, top1),
         "",
-        "**Prefill split** (one more prefill per model, median of 3, forward hooks timing every Linear-like "
-        "layer, lm_head included): the quantized kernels only change the time inside the linear layers; "
-        "attention, norms, rotary embeddings and the MLP's activation stay float32 in every model.",
+        "**Prefill split** (one more prefill per model, median of 3, forward hooks on the outermost timed modules): "
+        "*MLP blocks* = gate, up, SiLU * up and down; *attention projections* = q/k/v/o; *norms* = the RMSNorms; "
+        "*rest* = everything else (attention itself, rotary embeddings, residual adds, embeddings, the float "
+        "lm_head on one position, hook overhead). In W8A8 models the norms that feed W8A8 layers also write "
+        "their int8 rows, and the MLP never writes SiLU * up in float (`slimquant.nn.fused`), so their "
+        "quantize passes are timed under *norms* and *MLP blocks*; attention, rotary embeddings and residual "
+        "adds are the same float32 code in every model.",
         "",
         split_table(split),
         "",
@@ -359,6 +403,8 @@ def render(res, top1, cats, tops, quant_s, rounds, elapsed, split) -> str:
         "inside the linear layers (lm_head included); *linear: other aten ops* = everything else the layers run "
         "(per-token quantize, rescale, dequantize, casts, `t`/views of `F.linear`); *linear: native kernel* = "
         "the C++ kernels' own time (quantize, GEMV, rescale; a `_int_mm` they call counts as matmul); "
+        "*fused norm / SiLU*up + int8 rows* = the native RMSNorm and SiLU * up kernels that also write the "
+        "next W8A8 layers' int8 input (W8A8 models only; ops outside the linear layers); "
         "*linear: python* = interpreter "
         "time inside the layers' forwards (hooks included); *model: python* = the rest of the step not inside any "
         "aten op. The profiler adds a few us per op, so the shares of small ops are inflated.",

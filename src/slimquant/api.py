@@ -13,6 +13,7 @@ from slimquant.errors import SlimquantError
 from slimquant.formats.msmodelslim import save as _save
 from slimquant.models.loading import LoadedModel, load_checkpoint
 from slimquant.pipeline.convert import ConversionReport, convert
+from slimquant.surgery.fuse import fuse_w8a8_inputs
 from slimquant.types.spec import Recipe
 
 log = logging.getLogger(__name__)
@@ -23,6 +24,8 @@ def quantize(model: nn.Module, recipe: Recipe | None = None, calib_data: Any = N
              max_activation_gb: float | None = None) -> nn.Module:  # fmt: skip
     """Quantize ``model`` in place with ``recipe`` (default: W8A16 per-channel RTN) and return it.
 
+    W8A8 layers of known architectures get their norm / gated-MLP producers fused with their int8 input
+    quantization (:mod:`slimquant.nn.fused`; same state dict, used with the default ``"fast"`` kernels).
     The per-layer report is attached as ``model.slimquant_report`` (:class:`ConversionReport`).
     ``calib_data``: what static activation quantization, smoothing and attention quantization calibrate on: a ``[N, L]`` tensor of token
     windows (see :func:`slimquant.data.calibration_data`) or an iterable of model inputs (tensors,
@@ -44,6 +47,7 @@ def quantize(model: nn.Module, recipe: Recipe | None = None, calib_data: Any = N
     report: ConversionReport = convert(model, recipe, show_progress=show_progress, calib_data=calib_data, stream=stream,
                                        work_dir=work_dir, max_activation_gb=max_activation_gb)  # fmt: skip
     model.slimquant_report = report
+    fuse_w8a8_inputs(model)
     log.info("quantized %d layer(s) with %s (%s)", len(report.layers), recipe.algorithm, recipe.quant_type)
     return model
 

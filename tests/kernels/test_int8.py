@@ -15,6 +15,7 @@ from slimquant.kernels.int8 import (
     fast_available,
     fold_static_w8a8,
     get_kernel,
+    quantize_per_token_reference,
 )
 
 
@@ -277,9 +278,11 @@ def test_w8a16_fast_float16_does_not_overflow_before_scaling(impl: str) -> None:
 
 def test_registry_has_reference_and_fast_for_every_op() -> None:
     assert set(KERNELS) == {"quantize_per_token", "int8_matmul", "linear_w8a8_dynamic", "linear_w8a8_static",
-                            "linear_w8a16"}
+                            "linear_w8a16", "rmsnorm_quant", "silu_mul_quant", "linear_w8a8_dynamic_q",
+                            "linear_w8a8_static_q"}  # fmt: skip
     for op, impls in KERNELS.items():
         want = {"reference", "fast"} | ({"torch", "native"} if op.startswith("linear_") else set())
+        want |= {"native"} if op.endswith("_quant") else set()
         assert set(impls) == want
         assert get_kernel(op) is impls["reference"]
         assert isinstance(fast_available(op), bool)
@@ -317,3 +320,43 @@ def test_fold_rejects_int32_overflow() -> None:
     w = torch.ones(2, 4, dtype=torch.int8)
     with pytest.raises(SlimquantError, match="overflows int32"):
         fold_static_w8a8(w, torch.full((2,), 1e-4), 1e-4, 0, torch.tensor([1e3, 0.0]))
+
+
+@pytest.mark.parametrize("impl", ["reference", "torch", "fast"])
+@pytest.mark.parametrize("m", [1, 3, 5, 40])
+def test_linears_on_quantized_rows_equal_the_plain_linears(m: int, impl: str) -> None:
+    """``*_q(quantize_input(x))`` is the plain linear on ``x``, bit for bit, in every implementation."""
+    from slimquant.kernels.int8 import quantize_input_reference
+
+    g = torch.Generator().manual_seed(m)
+    x = torch.randn(m, 48, generator=g) * 2
+    x[0] = 0.0  # a zero row: scale 1
+    w = torch.randint(-128, 128, (20, 48), dtype=torch.int8, generator=g)
+    ws, bias = torch.rand(20, generator=g) * 0.01 + 1e-4, torch.randn(20, generator=g)
+    for b in (bias, None):
+        q, xs = quantize_input_reference(x)
+        assert q.dtype == torch.int8 and xs.shape == (m,)
+        out = get_kernel("linear_w8a8_dynamic_q", impl)(q, xs, w, ws, b)
+        assert torch.equal(out, get_kernel("linear_w8a8_dynamic")(x, w, ws, b))
+    s, off = torch.tensor([0.02]), torch.tensor([-5.0])
+    qb, dq = fold_static_w8a8(w, ws, 0.02, -5, bias)
+    q, xs = quantize_input_reference(x, s, off)
+    assert xs.numel() == 0
+    out = get_kernel("linear_w8a8_static_q", impl)(q, w, dq, qb)
+    assert torch.equal(out, get_kernel("linear_w8a8_static")(x, s, off, w, dq, qb))
+
+
+def test_fused_producer_references_are_the_float_op_then_the_linear_quantization() -> None:
+    from slimquant.kernels.int8 import quantize_input_reference
+
+    g = torch.Generator().manual_seed(0)
+    x, weight = torch.randn(2, 3, 32, generator=g), torch.rand(32, generator=g) + 0.5
+    y, q, xs = get_kernel("rmsnorm_quant")(x, weight, 1e-6)
+    want = weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6))
+    assert torch.equal(y, want) and y.shape == x.shape
+    q2, xs2 = quantize_per_token_reference(want.reshape(6, 32))
+    assert torch.equal(q, q2) and torch.equal(xs, xs2.reshape(-1))
+    gate, up = torch.randn(4, 32, generator=g), torch.randn(4, 32, generator=g)
+    s, off = torch.tensor([0.01]), torch.tensor([2.0])
+    q, xs = get_kernel("silu_mul_quant")(gate, up, s, off)
+    assert torch.equal(q, quantize_input_reference(F.silu(gate) * up, s, off)[0]) and xs.numel() == 0

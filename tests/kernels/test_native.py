@@ -78,6 +78,57 @@ def test_w8a16_native_matches_reference(m: int, k: int, n: int, isa: str, thread
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
 
 
+@pytest.mark.parametrize(("k", "n"), KN)
+@pytest.mark.parametrize("m", ROWS)
+def test_w8a8_native_on_quantized_rows_bits_equal_reference(m: int, k: int, n: int, isa: str, threads: int) -> None:
+    x, w, ws, bias = _case(m, k, n, m * 10 + k)
+    q, xs = int8.quantize_input_reference(x)
+    for b in (bias, None):
+        assert torch.equal(get_kernel("linear_w8a8_dynamic_q", "native")(q, xs, w, ws, b),
+                           get_kernel("linear_w8a8_dynamic_q")(q, xs, w, ws, b))  # fmt: skip
+    qb, dq = fold_static_w8a8(w, ws, 0.05, -3, bias)
+    q, _ = int8.quantize_input_reference(x.clamp(-20, 20), torch.tensor([0.05]), torch.tensor([-3.0]))
+    assert torch.equal(get_kernel("linear_w8a8_static_q", "native")(q, w, dq, qb),
+                       get_kernel("linear_w8a8_static_q")(q, w, dq, qb))  # fmt: skip
+
+
+STATIC = (torch.tensor([0.03]), torch.tensor([4.0]))
+
+
+@pytest.mark.parametrize("static", [False, True])
+@pytest.mark.parametrize(("m", "k"), [(1, 576), (5, 65), (33, 16), (3, 1)])
+def test_rmsnorm_quant_native(m: int, k: int, static: bool, isa: str, threads: int) -> None:
+    """The norm equals the reference to float32 rounding (the sum of squares runs in another order); its int8
+    rows are exactly the reference quantization of the norm it returns."""
+    g = _g(k)
+    x = torch.randn(2, m, k, generator=g) * 3
+    x[0, 0] = 0.0  # a zero row: rsqrt(eps), scale 1
+    weight = torch.rand(k, generator=g) + 0.5
+    params = STATIC if static else (None, None)
+    y, q, xs = get_kernel("rmsnorm_quant", "native")(x, weight, 1e-5, *params)
+    y_ref, _, _ = get_kernel("rmsnorm_quant")(x, weight, 1e-5, *params)
+    torch.testing.assert_close(y, y_ref, rtol=2e-6, atol=1e-6)
+    q_ref, xs_ref = int8.quantize_input_reference(y, *params)
+    assert torch.equal(q, q_ref) and torch.equal(xs, xs_ref)
+
+
+@pytest.mark.parametrize("static", [False, True])
+@pytest.mark.parametrize(("m", "k"), [(1, 1536), (7, 65), (33, 16)])
+def test_silu_mul_quant_native(m: int, k: int, static: bool, isa: str, threads: int) -> None:
+    """int8 rows of silu(g) * u: the native exp is within a few ulp of torch's, so a value on a rounding edge may
+    land one step away; the scales agree to float32 rounding."""
+    g = _g(m + k)
+    gate = torch.randn(m, k, generator=g) * 6
+    gate[0, :3] = torch.tensor([100.0, -100.0, 0.0])  # exp overflow / underflow edges
+    up = torch.randn(m, k, generator=g)
+    params = STATIC if static else (None, None)
+    q, xs = get_kernel("silu_mul_quant", "native")(gate, up, *params)
+    q_ref, xs_ref = get_kernel("silu_mul_quant")(gate, up, *params)
+    diff = (q.int() - q_ref.int()).abs()
+    assert int(diff.max()) <= 1 and float((diff > 0).float().mean()) < 1e-3
+    torch.testing.assert_close(xs, xs_ref, rtol=1e-6, atol=0)
+
+
 class _Recorder:
     """Stands in for the compiled library: records (function, rows) per call and delegates."""
 

@@ -26,11 +26,26 @@ class SmoothGroup:
 
 
 @dataclass(frozen=True)
+class GatedMLP:
+    """``path(x) = down(act(gate(x)) * up(x))`` (names relative to one block, then to the MLP)."""
+
+    path: str
+    gate: str
+    up: str
+    down: str
+
+
+@dataclass(frozen=True)
 class Architecture:
     name: str
     model_types: tuple[str, ...]
     blocks: str  # dotted path of the ModuleList of repeated blocks (a prefix such as "bert." is allowed)
     smooth: tuple[SmoothGroup, ...]
+    # norm classes that compute ``weight * (x * rsqrt(mean(x^2) + eps))`` in float32 with a ``variance_epsilon``
+    # attribute and no other state: a smooth group's norm of such a class may be fused with its readers'
+    # int8 input quantization (slimquant.nn.fused)
+    rms_norms: tuple[str, ...] = ()
+    gated_mlp: GatedMLP | None = None
 
 
 _ATTN = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
@@ -45,6 +60,8 @@ ARCHITECTURES: tuple[Architecture, ...] = (
             SmoothGroup("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
             SmoothGroup("mlp.up_proj", ("mlp.down_proj",)),  # down's input is act(gate) * up
         ),
+        rms_norms=("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm"),
+        gated_mlp=GatedMLP("mlp", "gate_proj", "up_proj", "down_proj"),
     ),
     Architecture(
         "opt",
@@ -108,6 +125,12 @@ def smooth_groups(model: nn.Module) -> list[tuple[str, tuple[str, ...]]]:
                     raise SlimquantError(f"{arch.name} description: module {name} does not exist in this model") from None
             out.append((prev, linears))
     return out
+
+
+def block_names(model: nn.Module, arch: Architecture) -> list[str]:
+    """Full names of the model's blocks under ``arch``'s block list."""
+    path = _blocks_path(model, arch)
+    return [f"{path}.{i}" for i in range(len(model.get_submodule(path)))]
 
 
 def block_list(model: nn.Module) -> str:

@@ -6,12 +6,18 @@ Ops (registry key -> signature; weights are int8 ``[n, k]``, symmetric per outpu
     linear_w8a8_dynamic  (x, w_int8, w_scale [n], bias [n] | None) -> [..., n] x.dtype
     linear_w8a8_static   (x, input_scale, input_offset, w_int8, deq_scale [n], quant_bias [n]) -> [..., n] x.dtype
     linear_w8a16         (x, w_int8, w_scale [n]) -> [..., n] x.dtype
+  fused producers and the linears that read their output (rows q int8 [M, k], xs float32 [M] or empty):
+    rmsnorm_quant          (x, weight [k], eps, input_scale | None, input_offset | None) -> (y, q, xs)
+    silu_mul_quant         (g, u, input_scale | None, input_offset | None) -> (q, xs)
+    linear_w8a8_dynamic_q  (q, xs, w_int8, w_scale, bias | None) -> float32 [M, n]
+    linear_w8a8_static_q   (q, w_int8, deq_scale, quant_bias) -> float32 [M, n]
 
 Select with ``get_kernel(op, impl)``. Implementations: ``"reference"`` (pure torch, the definition; tests
-compare everything against it), ``"torch"`` (torch primitives, below), ``"native"`` (the C++ kernels of
-:mod:`slimquant.kernels.native`, linear ops only: one call per layer; W8A8 bit-identical to the reference,
-W8A16 equal up to float32 summation order) and ``"fast"`` (native where it runs, i.e. CPU tensors and a
-successful build, else torch; what the modules use). The torch kernels check the constraints of the
+compare everything against it), ``"torch"`` (torch primitives, below; linear ops), ``"native"`` (the C++
+kernels of :mod:`slimquant.kernels.native`, linear ops and the fused producers: one call per layer; W8A8
+bit-identical to the reference, W8A16 and the producers' float values equal up to float32 rounding) and
+``"fast"`` (native where it runs, i.e. CPU tensors and a successful build, else torch or, for the producers,
+the reference; what the modules use). The torch kernels check the constraints of the
 primitive they wrap and compute through the reference where they fail, so they are always safe to call;
 :func:`fast_available` says whether the primitive exists in this torch build. ``"native"`` raises
 :class:`SlimquantError` when the library cannot be built and takes the torch kernel for non-CPU inputs.
@@ -371,9 +377,103 @@ def linear_w8a16_fast(x: torch.Tensor, w_int8: torch.Tensor, w_scale: torch.Tens
     return native.w8a16(x, w_int8, w_scale)
 
 
-# -- registry ------------------------------------------------------------------------------------
+# -- fused producers: the float op before a W8A8 layer writes the layer's int8 input ---------------
+# (slimquant.nn.fused). Quantized rows are ``(q int8 [M, k], xs float32 [M])``: per-token scales, or an empty
+# ``xs`` with a layer's static ``input_scale`` / ``input_offset``. Feeding them to the ``*_q`` linears gives
+# the same bits as the plain linear on the float rows.
+
+
+def quantize_input_reference(
+    x: torch.Tensor, input_scale: torch.Tensor | None = None, input_offset: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x`` float ``[..., k]`` -> ``(q int8 [M, k], xs float32 [M])``, quantized as the W8A8 linears do:
+    per token (:func:`quantize_per_token_reference`) or, given ``input_scale`` / ``input_offset``, per tensor
+    as :func:`linear_w8a8_static_reference` (``xs`` then empty)."""
+    x2 = _rows(x).float()
+    if input_scale is None:
+        q, scale = quantize_per_token_reference(x2)
+        return q, scale.reshape(-1)
+    scale = torch.tensor(float(input_scale), dtype=torch.float32, device=x.device)
+    zp = torch.tensor(float(input_offset), dtype=torch.float32, device=x.device)  # type: ignore[arg-type]
+    return quantize(x2, scale, zp, _INT8), torch.empty(0, dtype=torch.float32, device=x.device)
+
+
+def rmsnorm_quant_reference(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, input_scale: torch.Tensor | None = None,
+    input_offset: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Llama-style RMSNorm in float32, ``y = weight * (x * rsqrt(mean(x^2) + eps))`` (``[..., k]``), and
+    :func:`quantize_input_reference` of ``y``: ``(y, q [M, k], xs [M])``."""
+    xf = x.float()
+    y = weight.float() * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps))
+    return (y, *quantize_input_reference(y, input_scale, input_offset))
+
+
+def silu_mul_quant_reference(
+    g: torch.Tensor, u: torch.Tensor, input_scale: torch.Tensor | None = None, input_offset: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`quantize_input_reference` of ``F.silu(g) * u`` (float32, ``[..., k]`` each)."""
+    return quantize_input_reference(F.silu(g.float()) * u.float(), input_scale, input_offset)
+
+
+def _w8a8_dynamic_q(mm: Callable, q: torch.Tensor, xs: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
+                    bias: torch.Tensor | None) -> torch.Tensor:  # fmt: skip
+    # the float steps of _w8a8_dynamic, in its order
+    y = mm(q, w).float().mul_(xs.reshape(-1, 1)).mul_(w_scale.reshape(-1).float())
+    return y.add_(bias.float()) if bias is not None else y
+
+
+def linear_w8a8_dynamic_q_reference(
+    q: torch.Tensor, xs: torch.Tensor, w_int8: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """:func:`linear_w8a8_dynamic_reference` from rows already quantized per token (``q [M, k]``, ``xs [M]``)
+    -> float32 ``[M, n]``."""
+    return _w8a8_dynamic_q(int8_matmul_reference, q, xs, w_int8, w_scale, bias)
+
+
+def linear_w8a8_dynamic_q_torch(
+    q: torch.Tensor, xs: torch.Tensor, w_int8: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    return _w8a8_dynamic_q(int8_matmul_fast, q, xs, w_int8, w_scale, bias)
+
+
+def linear_w8a8_static_q_reference(
+    q: torch.Tensor, w_int8: torch.Tensor, deq_scale: torch.Tensor, quant_bias: torch.Tensor
+) -> torch.Tensor:
+    """:func:`linear_w8a8_static_reference` from rows already quantized with its input parameters -> float32."""
+    return (int8_matmul_reference(q, w_int8) + quant_bias.to(torch.int32)).float() * deq_scale.float()
+
+
+def linear_w8a8_static_q_torch(
+    q: torch.Tensor, w_int8: torch.Tensor, deq_scale: torch.Tensor, quant_bias: torch.Tensor
+) -> torch.Tensor:
+    return int8_matmul_fast(q, w_int8).add_(quant_bias.to(torch.int32)) * deq_scale.float()
+
+
+def _fused_native(torch_impl: Kernel, native_impl: Kernel, first: int = 0) -> tuple[Kernel, Kernel]:
+    """(native, fast) variants of a fused op: native requires the library; fast takes it for CPU tensors."""
+
+    def run_native(*args: object) -> object:
+        _require_native()
+        return run_fast(*args)
+
+    def run_fast(*args: object) -> object:
+        lead = args[first]
+        if not isinstance(lead, torch.Tensor) or not _native_runs(lead):
+            return torch_impl(*args)
+        return native_impl(*args)
+
+    return run_native, run_fast
+
 
 Kernel = Callable[..., object]
+_rms_native, _rms_fast = _fused_native(rmsnorm_quant_reference, lambda *a: native.rmsnorm_quant(*a))
+_silu_native, _silu_fast = _fused_native(silu_mul_quant_reference, lambda *a: native.silu_mul_quant(*a))
+_dyn_q_native, _dyn_q_fast = _fused_native(linear_w8a8_dynamic_q_torch, lambda *a: native.w8a8_dynamic_q(*a))
+_sta_q_native, _sta_q_fast = _fused_native(linear_w8a8_static_q_torch, lambda *a: native.w8a8_static_q(*a))
+
+
+# -- registry ------------------------------------------------------------------------------------
 
 # impls: "reference" (pure torch, the definition), "torch" (torch primitives: _int_mm, _weight_int8pack_mm),
 # "native" (C++, :mod:`slimquant.kernels.native`; SlimquantError when it cannot be built), "fast" (native where
@@ -387,6 +487,12 @@ KERNELS: dict[str, dict[str, Kernel]] = {
                            "native": linear_w8a8_static_native, "fast": linear_w8a8_static_fast},
     "linear_w8a16": {"reference": linear_w8a16_reference, "torch": linear_w8a16_torch,
                      "native": linear_w8a16_native, "fast": linear_w8a16_fast},
+    "rmsnorm_quant": {"reference": rmsnorm_quant_reference, "native": _rms_native, "fast": _rms_fast},
+    "silu_mul_quant": {"reference": silu_mul_quant_reference, "native": _silu_native, "fast": _silu_fast},
+    "linear_w8a8_dynamic_q": {"reference": linear_w8a8_dynamic_q_reference, "torch": linear_w8a8_dynamic_q_torch,
+                              "native": _dyn_q_native, "fast": _dyn_q_fast},
+    "linear_w8a8_static_q": {"reference": linear_w8a8_static_q_reference, "torch": linear_w8a8_static_q_torch,
+                             "native": _sta_q_native, "fast": _sta_q_fast},
 }  # fmt: skip
 
 # the torch primitive each "torch"/"fast" kernel wraps (None: pure torch, always available)
@@ -396,6 +502,10 @@ _PRIMITIVE: dict[str, str | None] = {
     "linear_w8a8_dynamic": "_int_mm",
     "linear_w8a8_static": "_int_mm",
     "linear_w8a16": "_weight_int8pack_mm",
+    "rmsnorm_quant": None,
+    "silu_mul_quant": None,
+    "linear_w8a8_dynamic_q": "_int_mm",
+    "linear_w8a8_static_q": "_int_mm",
 }
 
 

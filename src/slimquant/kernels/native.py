@@ -153,6 +153,40 @@ def w8a8_static(
     return _lib().w8a8_static(x, input_scale, input_offset, w, deq_scale, quant_bias, W8A8_GEMV_MAX_ROWS)
 
 
+def w8a8_dynamic_q(
+    q: torch.Tensor, xs: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Rows already quantized per token: ``q`` int8 ``[M, k]``, ``xs`` float32 ``[M]`` -> float32 ``[M, n]``
+    (``w8a8_dynamic``'s GEMM and rescale without its quantize pass)."""
+    return _lib().w8a8_dynamic_q(q, xs, w, w_scale, bias, W8A8_GEMV_MAX_ROWS)
+
+
+def w8a8_static_q(q: torch.Tensor, w: torch.Tensor, deq_scale: torch.Tensor, quant_bias: torch.Tensor) -> torch.Tensor:
+    """Rows already quantized with a layer's ``input_scale`` / ``input_offset``: ``q`` int8 ``[M, k]`` ->
+    float32 ``[M, n]``."""
+    return _lib().w8a8_static_q(q, w, deq_scale, quant_bias, W8A8_GEMV_MAX_ROWS)
+
+
+def rmsnorm_quant(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, input_scale: torch.Tensor | None = None,
+    input_offset: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Llama's RMSNorm in float32 and the int8 rows of its output in one pass: ``x`` float32 ``[..., k]``,
+    ``weight`` float32 ``[k]`` -> ``(y [..., k], q int8 [M, k], xs [M])``; per-token scales ``xs`` unless
+    ``input_scale`` / ``input_offset`` (1-element tensors) are given (then ``xs`` is empty)."""
+    y, q, xs = _lib().rmsnorm_quant(x, weight, eps, input_scale, input_offset)
+    return y, q, xs
+
+
+def silu_mul_quant(
+    g: torch.Tensor, u: torch.Tensor, input_scale: torch.Tensor | None = None, input_offset: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The int8 rows of ``silu(g) * u`` (float32 ``[..., k]`` each) without writing the float product:
+    ``(q int8 [M, k], xs [M])`` as :func:`rmsnorm_quant`."""
+    q, xs = _lib().silu_mul_quant(g, u, input_scale, input_offset)
+    return q, xs
+
+
 def w8a16(
     x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None = None,
     bias: torch.Tensor | None = None,

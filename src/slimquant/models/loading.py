@@ -15,6 +15,7 @@ from torch import nn
 
 from slimquant.errors import SlimquantError
 from slimquant.formats.msmodelslim import is_checkpoint, load_into, read_manifest
+from slimquant.surgery.fuse import fuse_w8a8_inputs
 
 log = logging.getLogger(__name__)
 
@@ -196,7 +197,8 @@ def load_checkpoint(
 ) -> LoadedModel:
     """Deploy-mode load of a slimquant checkpoint: rebuild the quantized structure, load tensors.
 
-    No float weights are materialised and no calibration runs. For a plain ``nn.Module`` checkpoint
+    No float weights are materialised and no calibration runs. W8A8 layers get their fused producers
+    (:func:`slimquant.surgery.fuse.fuse_w8a8_inputs`). For a plain ``nn.Module`` checkpoint
     pass ``model``, an instance of the original architecture (its parameters may be on meta).
     """
     directory = Path(directory)
@@ -212,6 +214,7 @@ def load_checkpoint(
         model, kind = _hf_skeleton(directory, entry["architecture"], trust_remote_code)
         tokenizer = _load_tokenizer(directory)
     load_into(model, directory, manifest)
+    fuse_w8a8_inputs(model)
     return LoadedModel(model, tokenizer, kind, str(directory))
 
 

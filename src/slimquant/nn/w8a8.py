@@ -24,7 +24,7 @@ selects their pure-torch references (tests, debugging).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from torch import nn
@@ -42,6 +42,23 @@ def io_dtype(dtype: torch.dtype) -> torch.dtype:
 def deq_scale_dtype(dtype: torch.dtype) -> torch.dtype:
     """msModelSlim stores deq_scale as int64 (float32 bits) for float16 models, float32 otherwise."""
     return torch.int64 if dtype == torch.float16 else torch.float32
+
+
+# attribute of a float tensor carrying its int8 rows, set by the fused producers of slimquant.nn.fused:
+# (input key, q int8 [M, k], xs float32 [M]); the rows live exactly as long as the tensor
+QUANTIZED_ROWS_ATTR = "_slimquant_int8_rows"
+
+
+def attach_rows(y: torch.Tensor, key: tuple, q: torch.Tensor, xs: torch.Tensor) -> None:
+    setattr(y, QUANTIZED_ROWS_ATTR, (key, q, xs))
+
+
+def attached_rows(x: torch.Tensor, key: tuple) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The int8 rows attached to ``x`` if they were quantized as ``key`` says, else None."""
+    entry = getattr(x, QUANTIZED_ROWS_ATTR, None)
+    if entry is None or entry[0] != key:
+        return None
+    return entry[1], entry[2]
 
 
 class QuantizedInputLinear(QModule):
@@ -80,6 +97,8 @@ class QLinearW8A8(QuantizedInputLinear):
         self.in_features, self.out_features = in_features, out_features
         self.spec, self.input_spec, self.compute_dtype = spec, input_spec, dtype
         self.kernel = "fast"
+        # set by slimquant.surgery.fuse when a fused producer may hand this layer its int8 input rows
+        self.reads_rows: tuple | None = None
         n, k = out_features, in_features
         self.register_buffer("weight", torch.empty(n, k, dtype=torch.int8, device=device))
         self.has_bias = bias
@@ -148,7 +167,29 @@ class QLinearW8A8(QuantizedInputLinear):
     def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         return (self.weight.float() * self.weight_scale_vector()[:, None]).to(dtype or self.compute_dtype)
 
+    def input_key(self) -> tuple:
+        """How this layer quantizes its input: ``("dynamic",)`` or ``("static", input_scale, input_offset)``;
+        layers with equal keys quantize a shared input to the same int8 rows."""
+        if self.input_spec.dynamic:
+            return ("dynamic",)
+        return ("static", float(self.input_scale.float()), float(self.input_offset.float()))
+
+    def forward_rows(self, q: torch.Tensor, xs: torch.Tensor, lead_shape: Sequence[int]) -> torch.Tensor:
+        """The layer's output from its input already quantized (``q`` int8 ``[M, k]``, ``xs`` float32 ``[M]`` per
+        token or empty when static) -> float32 ``[*lead_shape, n]``: the bits ``forward`` gives on the float rows."""
+        if self.input_spec.dynamic:
+            op = k8.get_kernel("linear_w8a8_dynamic_q", self.kernel)
+            y = op(q, xs, self.weight, self.weight_scale, self.bias)
+        else:
+            op = k8.get_kernel("linear_w8a8_static_q", self.kernel)
+            y = op(q, self.weight, self.float_deq_scale(), self.quant_bias)
+        return y.view(*lead_shape, self.out_features)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.reads_rows is not None and self.kernel == "fast":
+            rows = attached_rows(x, self.reads_rows)
+            if rows is not None:
+                return self.forward_rows(rows[0], rows[1], x.shape[:-1])
         # Tensors go to the kernels as stored: weight_scale [n, 1] (the kernel views it as [n]) and the
         # 1-element input_scale / input_offset (no float()/int() host reads per call; same values).
         if self.input_spec.dynamic:

@@ -5,6 +5,12 @@
 //   w8a8_static   msModelSlim W8A8 (per-tensor asymmetric input, quant_bias, deq_scale): bit-identical
 //   w8a16         int8 weight x float32 input, per-channel or per-group scale and offset: equal to the
 //                 reference up to float32 summation order (it sums x * q in a different order)
+//   w8a8_*_q      the same two layers from rows already quantized (q int8 [M, k], per-token scales xs [M]):
+//                 bit-identical to the reference on those rows
+//   rmsnorm_quant Llama's RMSNorm in float32 and its int8 rows in one pass; silu_mul_quant the int8 rows of
+//                 silu(g) * u: the producers of slimquant.nn.fused. Their float values equal the reference up to
+//                 float32 rounding (sum of squares order, a Cephes-style exp); the int8 rows are exactly the
+//                 quantization of the values they computed
 // The entry points (bottom) take any leading dims and float dtype, compute in float32 and check shapes; the
 // *_2d workers take contiguous float32 [M, k] rows and int8 [n, k] weights.
 //
@@ -255,33 +261,40 @@ void check_w8a8(const at::Tensor& x, const at::Tensor& w) {
   TORCH_CHECK(!x.is_cuda() && !w.is_cuda(), "CPU tensors only");
 }
 
-// x [M, k] float32 -> y [M, n] float32; per-row (scale, offset) from `row_params`
+// q [M, k] rows quantized with per-row (scale, offset) from `row_params` (xs[m] = scale when xs is given), and
+// u = q + 128 when `up` is given
 template <typename RowParams>
-at::Tensor w8a8(const at::Tensor& x, const at::Tensor& w, Rescale rs, std::vector<float>& xs, RowParams row_params,
-                int64_t small_m) {
-  const int64_t M = x.size(0), k = x.size(1), n = w.size(0);
-  at::Tensor y = at::empty({M, n}, x.options());
-  if (M == 0 || n == 0) return y;
-  const float* xp = x.data_ptr<float>();
-  xs.resize(M);
-  const bool small = M <= small_m || k < 2 || n < 2;  // _int_mm mis-reads size-1 dims with odd strides
-  const bool vnni = small && cpu_has_vnni();
-  at::Tensor q = scratch(0, {M, k}, at::kChar);
-  at::Tensor u = vnni ? scratch(1, {M, k}, at::kByte) : at::Tensor();
-  int8_t* qp = q.data_ptr<int8_t>();
-  uint8_t* up = vnni ? u.data_ptr<uint8_t>() : nullptr;
+void quantize_rows(const float* xp, int64_t M, int64_t k, RowParams row_params, float* xs, int8_t* qp, uint8_t* up) {
   at::parallel_for(0, M, 1, [&](int64_t m0, int64_t m1) {
     for (int64_t m = m0; m < m1; ++m) {
       float s, off;
       row_params(xp + m * k, k, &s, &off);
-      xs[m] = s;
+      if (xs) xs[m] = s;
       quantize_row(xp + m * k, k, s, off, qp + m * k, up ? up + m * k : nullptr);
     }
   });
-  rs.xs = xs.data();
+}
+
+bool small_rows(int64_t M, int64_t k, int64_t n, int64_t small_m) {
+  return M <= small_m || k < 2 || n < 2;  // _int_mm mis-reads size-1 dims with odd strides
+}
+
+// quantized rows q [M, k] (and u = q + 128, or nullptr: made here when the VNNI GEMV needs it) -> y [M, n]
+at::Tensor w8a8_gemm(const at::Tensor& q, const uint8_t* up, const at::Tensor& w, const Rescale& rs,
+                     int64_t small_m) {
+  const int64_t M = q.size(0), k = q.size(1), n = w.size(0);
+  at::Tensor y = at::empty({M, n}, at::dtype(at::kFloat));
+  if (M == 0 || n == 0) return y;
+  const int8_t* qp = q.data_ptr<int8_t>();
   float* yp = y.data_ptr<float>();
-  if (small) {
-    w8a8_small(qp, up, M, w.data_ptr<int8_t>(), n, k, rs, yp);
+  if (small_rows(M, k, n, small_m)) {
+    if (cpu_has_vnni() && !up) {
+      at::Tensor u = scratch(1, {M, k}, at::kByte);
+      uint8_t* u8 = u.data_ptr<uint8_t>();
+      for (int64_t i = 0; i < M * k; ++i) u8[i] = static_cast<uint8_t>(qp[i]) ^ 0x80;  // q + 128
+      up = u8;
+    }
+    w8a8_small(qp, cpu_has_vnni() ? up : nullptr, M, w.data_ptr<int8_t>(), n, k, rs, yp);
     return y;
   }
   at::Tensor acc = scratch(2, {M, n}, at::kInt);
@@ -300,10 +313,22 @@ at::Tensor w8a8(const at::Tensor& x, const at::Tensor& w, Rescale rs, std::vecto
   return y;
 }
 
-at::Tensor w8a8_dynamic_2d(const at::Tensor& x, const at::Tensor& w, const at::Tensor& w_scale,
-                           const c10::optional<at::Tensor>& bias, int64_t small_m) {
-  check_w8a8(x, w);
-  const int64_t n = w.size(0);
+// x [M, k] float32 -> y [M, n] float32; per-row (scale, offset) from `row_params`
+template <typename RowParams>
+at::Tensor w8a8(const at::Tensor& x, const at::Tensor& w, Rescale rs, std::vector<float>& xs, RowParams row_params,
+                int64_t small_m) {
+  const int64_t M = x.size(0), k = x.size(1), n = w.size(0);
+  xs.resize(M);
+  const bool vnni = small_rows(M, k, n, small_m) && cpu_has_vnni();
+  at::Tensor q = scratch(0, {M, k}, at::kChar);
+  at::Tensor u = vnni ? scratch(1, {M, k}, at::kByte) : at::Tensor();
+  uint8_t* up = vnni ? u.data_ptr<uint8_t>() : nullptr;
+  quantize_rows(x.data_ptr<float>(), M, k, row_params, xs.data(), q.data_ptr<int8_t>(), up);
+  rs.xs = xs.data();
+  return w8a8_gemm(q, up, w, rs, small_m);
+}
+
+Rescale dynamic_rescale(const at::Tensor& w_scale, const c10::optional<at::Tensor>& bias, int64_t n) {
   TORCH_CHECK(w_scale.scalar_type() == at::kFloat && w_scale.is_contiguous() && w_scale.numel() == n,
               "w_scale must be contiguous float32 with n elements");
   const float* bp = nullptr;
@@ -312,31 +337,205 @@ at::Tensor w8a8_dynamic_2d(const at::Tensor& x, const at::Tensor& w, const at::T
                 "bias must be contiguous float32 [n]");
     bp = bias->data_ptr<float>();
   }
-  Rescale rs{true, nullptr, w_scale.data_ptr<float>(), bp, nullptr, nullptr};
+  return Rescale{true, nullptr, w_scale.data_ptr<float>(), bp, nullptr, nullptr};
+}
+
+Rescale static_rescale(const at::Tensor& deq_scale, const at::Tensor& quant_bias, int64_t n) {
+  TORCH_CHECK(deq_scale.scalar_type() == at::kFloat && deq_scale.is_contiguous() && deq_scale.numel() == n,
+              "deq_scale must be contiguous float32 [n]");
+  TORCH_CHECK(quant_bias.scalar_type() == at::kInt && quant_bias.is_contiguous() && quant_bias.numel() == n,
+              "quant_bias must be contiguous int32 [n]");
+  return Rescale{false, nullptr, nullptr, nullptr, quant_bias.data_ptr<int32_t>(), deq_scale.data_ptr<float>()};
+}
+
+void dynamic_row_params(const float* row, int64_t k, float* s, float* off) {
+  *s = row_scale(row, k);
+  *off = 0.0f;
+}
+
+struct StaticRowParams {
+  float s, off;
+  void operator()(const float*, int64_t, float* ps, float* poff) const {
+    *ps = s;
+    *poff = off;
+  }
+};
+
+at::Tensor w8a8_dynamic_2d(const at::Tensor& x, const at::Tensor& w, const at::Tensor& w_scale,
+                           const c10::optional<at::Tensor>& bias, int64_t small_m) {
+  check_w8a8(x, w);
   std::vector<float> xs;
-  auto params = [](const float* row, int64_t k, float* s, float* off) {
-    *s = row_scale(row, k);
-    *off = 0.0f;
-  };
-  return w8a8(x, w, rs, xs, params, small_m);
+  return w8a8(x, w, dynamic_rescale(w_scale, bias, w.size(0)), xs, dynamic_row_params, small_m);
 }
 
 at::Tensor w8a8_static_2d(const at::Tensor& x, double input_scale, double input_offset, const at::Tensor& w,
                           const at::Tensor& deq_scale, const at::Tensor& quant_bias, int64_t small_m) {
   check_w8a8(x, w);
-  const int64_t n = w.size(0);
-  TORCH_CHECK(deq_scale.scalar_type() == at::kFloat && deq_scale.is_contiguous() && deq_scale.numel() == n,
-              "deq_scale must be contiguous float32 [n]");
-  TORCH_CHECK(quant_bias.scalar_type() == at::kInt && quant_bias.is_contiguous() && quant_bias.numel() == n,
-              "quant_bias must be contiguous int32 [n]");
-  Rescale rs{false, nullptr, nullptr, nullptr, quant_bias.data_ptr<int32_t>(), deq_scale.data_ptr<float>()};
   std::vector<float> xs;
-  const float s = static_cast<float>(input_scale), off = static_cast<float>(input_offset);
-  auto params = [s, off](const float*, int64_t, float* ps, float* poff) {
-    *ps = s;
-    *poff = off;
+  StaticRowParams params{static_cast<float>(input_scale), static_cast<float>(input_offset)};
+  return w8a8(x, w, static_rescale(deq_scale, quant_bias, w.size(0)), xs, params, small_m);
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// producers of quantized rows for the W8A8 layers that read them (slimquant.nn.fused): the float op before a
+// W8A8 layer writes its int8 input directly. q [M, k] int8, xs [M] float32 (dynamic) or empty (static).
+
+void check_quantized(const at::Tensor& q, const at::Tensor& w) {
+  TORCH_CHECK(q.dim() == 2 && q.scalar_type() == at::kChar && q.is_contiguous(), "q must be contiguous int8 [M, k]");
+  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kChar && w.is_contiguous(), "w must be contiguous int8 [n, k]");
+  TORCH_CHECK(q.size(1) == w.size(1), "q and w disagree on k");
+}
+
+at::Tensor w8a8_dynamic_q(const at::Tensor& q, const at::Tensor& xs, const at::Tensor& w, const at::Tensor& w_scale,
+                          const c10::optional<at::Tensor>& bias, int64_t small_m) {
+  RECORD_FUNCTION("slimquant::w8a8_dynamic_q", std::vector<c10::IValue>());
+  check_quantized(q, w);
+  TORCH_CHECK(xs.scalar_type() == at::kFloat && xs.is_contiguous() && xs.numel() == q.size(0),
+              "xs must be contiguous float32 [M]");
+  Rescale rs = dynamic_rescale(w_scale.reshape({-1}).contiguous(), bias, w.size(0));
+  rs.xs = xs.data_ptr<float>();
+  return w8a8_gemm(q, nullptr, w, rs, small_m);
+}
+
+at::Tensor w8a8_static_q(const at::Tensor& q, const at::Tensor& w, const at::Tensor& deq_scale,
+                         const at::Tensor& quant_bias, int64_t small_m) {
+  RECORD_FUNCTION("slimquant::w8a8_static_q", std::vector<c10::IValue>());
+  check_quantized(q, w);
+  return w8a8_gemm(q, nullptr, w, static_rescale(deq_scale, quant_bias, w.size(0)), small_m);
+}
+
+// q of the rows `row` fills with float32 values (in a per-thread buffer of k floats): dynamic per-row scale
+// (xs) or the static (scale, offset)
+template <typename FillRow>
+std::vector<at::Tensor> quantize_produced(int64_t M, int64_t k, const c10::optional<at::Tensor>& input_scale,
+                                          const c10::optional<at::Tensor>& input_offset, FillRow fill_row,
+                                          float* keep /* [M, k] float32 copy of the rows, or nullptr */) {
+  const bool is_static = input_scale.has_value() && input_scale->defined();
+  TORCH_CHECK(is_static == (input_offset.has_value() && input_offset->defined()),
+              "input_scale and input_offset come together");
+  float s = 1.0f, off = 0.0f;
+  if (is_static) {
+    TORCH_CHECK(input_scale->numel() == 1 && input_offset->numel() == 1, "input_scale / input_offset: one value each");
+    s = input_scale->to(at::kFloat).item<float>();
+    off = input_offset->to(at::kFloat).item<float>();
+  }
+  at::Tensor q = at::empty({M, k}, at::dtype(at::kChar));
+  at::Tensor xs = at::empty({is_static ? 0 : M}, at::dtype(at::kFloat));
+  int8_t* qp = q.data_ptr<int8_t>();
+  float* xsp = is_static ? nullptr : xs.data_ptr<float>();
+  at::parallel_for(0, M, 1, [&](int64_t m0, int64_t m1) {
+    std::vector<float> buf(keep ? 0 : k);
+    for (int64_t m = m0; m < m1; ++m) {
+      float* row = keep ? keep + m * k : buf.data();
+      fill_row(m, row);
+      float rs = s;
+      if (!is_static) rs = xsp[m] = row_scale(row, k);
+      quantize_row(row, k, rs, off, qp + m * k, nullptr);
+    }
+  });
+  return {q, xs};
+}
+
+// RMSNorm as Llama's in float32: y = weight * (x * (1 / sqrt(mean(x^2) + eps)))
+__attribute__((target("avx512f,avx512bw,avx512vl"))) void rmsnorm_row_avx512(const float* x, const float* w,
+                                                                           int64_t k, float eps, float* y) {
+  __m512 acc = _mm512_setzero_ps();
+  for (int64_t i = 0; i < k; i += 16) {
+    const __mmask16 mk = (k - i >= 16) ? (__mmask16)0xFFFF : (__mmask16)((1u << (k - i)) - 1u);
+    const __m512 v = _mm512_maskz_loadu_ps(mk, x + i);
+    acc = _mm512_fmadd_ps(v, v, acc);
+  }
+  const float r = 1.0f / std::sqrt(_mm512_reduce_add_ps(acc) / static_cast<float>(k) + eps);
+  const __m512 vr = _mm512_set1_ps(r);
+  for (int64_t i = 0; i < k; i += 16) {
+    const __mmask16 mk = (k - i >= 16) ? (__mmask16)0xFFFF : (__mmask16)((1u << (k - i)) - 1u);
+    const __m512 v = _mm512_mul_ps(_mm512_maskz_loadu_ps(mk, x + i), vr);
+    _mm512_mask_storeu_ps(y + i, mk, _mm512_mul_ps(_mm512_maskz_loadu_ps(mk, w + i), v));
+  }
+}
+
+void rmsnorm_row_scalar(const float* x, const float* w, int64_t k, float eps, float* y) {
+  double acc = 0.0;
+  for (int64_t i = 0; i < k; ++i) acc += static_cast<double>(x[i]) * x[i];
+  const float r = 1.0f / std::sqrt(static_cast<float>(acc / static_cast<double>(k)) + eps);
+  for (int64_t i = 0; i < k; ++i) y[i] = w[i] * (x[i] * r);
+}
+
+std::vector<at::Tensor> rmsnorm_quant(const at::Tensor& x, const at::Tensor& weight, double eps,
+                                      const c10::optional<at::Tensor>& input_scale,
+                                      const c10::optional<at::Tensor>& input_offset) {
+  RECORD_FUNCTION("slimquant::rmsnorm_quant", std::vector<c10::IValue>());
+  TORCH_CHECK(x.dim() >= 1 && x.scalar_type() == at::kFloat, "x must be float32 [..., k]");
+  const int64_t k = x.size(-1);
+  TORCH_CHECK(weight.scalar_type() == at::kFloat && weight.is_contiguous() && weight.numel() == k,
+              "weight must be contiguous float32 [k]");
+  at::Tensor x2 = x.reshape({-1, k}).contiguous();
+  const int64_t M = x2.size(0);
+  at::Tensor y = at::empty(x.sizes(), at::dtype(at::kFloat));
+  const float *xp = x2.data_ptr<float>(), *wp = weight.data_ptr<float>();
+  const float e = static_cast<float>(eps);
+  const bool vec = cpu_has_avx512();
+  auto fill = [&](int64_t m, float* row) {
+    if (vec)
+      rmsnorm_row_avx512(xp + m * k, wp, k, e, row);
+    else
+      rmsnorm_row_scalar(xp + m * k, wp, k, e, row);
   };
-  return w8a8(x, w, rs, xs, params, small_m);
+  std::vector<at::Tensor> out = quantize_produced(M, k, input_scale, input_offset, fill, y.data_ptr<float>());
+  return {y, out[0], out[1]};
+}
+
+// exp(x) in float32, ~1 ulp (Cephes expf: x = n ln2 + r, |r| <= ln2 / 2, degree-6 polynomial, times 2^n)
+__attribute__((target("avx512f,avx512bw,avx512vl"))) inline __m512 exp_avx512(__m512 x) {
+  x = _mm512_min_ps(_mm512_set1_ps(88.3762626647949f), _mm512_max_ps(_mm512_set1_ps(-87.3365447504f), x));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  return _mm512_scalef_ps(p, n);
+}
+
+// h = silu(g) * u = g / (1 + exp(-g)) * u, as torch's F.silu(g) * u
+__attribute__((target("avx512f,avx512bw,avx512vl"))) void silu_mul_row_avx512(const float* g, const float* u,
+                                                                            int64_t k, float* h) {
+  const __m512 one = _mm512_set1_ps(1.0f);
+  for (int64_t i = 0; i < k; i += 16) {
+    const __mmask16 mk = (k - i >= 16) ? (__mmask16)0xFFFF : (__mmask16)((1u << (k - i)) - 1u);
+    const __m512 vg = _mm512_maskz_loadu_ps(mk, g + i);
+    const __m512 e = exp_avx512(_mm512_sub_ps(_mm512_setzero_ps(), vg));
+    const __m512 s = _mm512_div_ps(vg, _mm512_add_ps(one, e));
+    _mm512_mask_storeu_ps(h + i, mk, _mm512_mul_ps(s, _mm512_maskz_loadu_ps(mk, u + i)));
+  }
+}
+
+void silu_mul_row_scalar(const float* g, const float* u, int64_t k, float* h) {
+  for (int64_t i = 0; i < k; ++i) h[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
+}
+
+std::vector<at::Tensor> silu_mul_quant(const at::Tensor& g, const at::Tensor& u,
+                                       const c10::optional<at::Tensor>& input_scale,
+                                       const c10::optional<at::Tensor>& input_offset) {
+  RECORD_FUNCTION("slimquant::silu_mul_quant", std::vector<c10::IValue>());
+  TORCH_CHECK(g.dim() >= 1 && g.scalar_type() == at::kFloat && u.scalar_type() == at::kFloat && g.sizes() == u.sizes(),
+              "g and u must be float32 tensors of one shape [..., k]");
+  const int64_t k = g.size(-1);
+  at::Tensor g2 = g.reshape({-1, k}).contiguous(), u2 = u.reshape({-1, k}).contiguous();
+  const float *gp = g2.data_ptr<float>(), *upp = u2.data_ptr<float>();
+  const bool vec = cpu_has_avx512();
+  auto fill = [&](int64_t m, float* row) {
+    if (vec)
+      silu_mul_row_avx512(gp + m * k, upp + m * k, k, row);
+    else
+      silu_mul_row_scalar(gp + m * k, upp + m * k, k, row);
+  };
+  return quantize_produced(g2.size(0), k, input_scale, input_offset, fill, nullptr);
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -556,6 +755,10 @@ std::string cpu_features() {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("w8a8_dynamic", &w8a8_dynamic, "fused per-token int8 quantize + int8 GEMM + rescale");
   m.def("w8a8_static", &w8a8_static, "fused static int8 quantize + int8 GEMM + quant_bias + deq_scale");
+  m.def("w8a8_dynamic_q", &w8a8_dynamic_q, "int8 GEMM + rescale of rows already quantized per token");
+  m.def("w8a8_static_q", &w8a8_static_q, "int8 GEMM + quant_bias + deq_scale of rows already quantized (static)");
+  m.def("rmsnorm_quant", &rmsnorm_quant, "Llama RMSNorm (float32) and its int8 quantization: [y, q, xs]");
+  m.def("silu_mul_quant", &silu_mul_quant, "int8 quantization of silu(g) * u: [q, xs]");
   m.def("w8a16", &w8a16, "int8-weight x float32 GEMV (per-channel or per-group scale/offset)");
   m.def("cpu_features", &cpu_features, "which code paths this CPU runs");
   m.def("set_force_scalar", [](bool v) { g_force_scalar = v; }, "tests: use the portable loops even with AVX512");

@@ -1,0 +1,75 @@
+"""Swap float ops that feed W8A8 layers for their fused versions (:mod:`slimquant.nn.fused`), by architecture."""
+
+from __future__ import annotations
+
+import logging
+
+from torch import nn
+
+from slimquant.adapters.architectures import Architecture, architecture_for, block_names
+from slimquant.errors import SlimquantError
+from slimquant.nn.fused import FusedGatedMLP, FusedRMSNorm, fusable_mlp_activation
+from slimquant.nn.w8a8 import QLinearW8A8
+from slimquant.surgery.select import set_module
+
+log = logging.getLogger(__name__)
+
+
+def fuse_w8a8_inputs(model: nn.Module) -> int:
+    """Replace, in every block, each RMSNorm whose readers are all W8A8 layers quantizing their input the same
+    way by :class:`FusedRMSNorm`, and each gated SiLU MLP whose ``down`` is W8A8 by :class:`FusedGatedMLP`.
+
+    Returns how many modules were replaced (0 for an architecture without a description, or without W8A8
+    layers). State-dict keys and outputs up to float32 rounding are unchanged; running it twice is harmless.
+    """
+    try:
+        arch = architecture_for(model)
+        blocks = block_names(model, arch)
+    except SlimquantError:
+        return 0
+    count = 0
+    for block in blocks:
+        count += _fuse_norms(model, arch, block) + _fuse_mlp(model, arch, block)
+    if count:
+        log.info("fused %d norm / MLP module(s) with the int8 input quantization of their W8A8 layers", count)
+    return count
+
+
+def _fuse_norms(model: nn.Module, arch: Architecture, block: str) -> int:
+    count = 0
+    for group in arch.smooth:
+        name = f"{block}.{group.prev}"
+        norm = model.get_submodule(name)
+        if type(norm).__name__ not in arch.rms_norms or not _only_weight(norm):
+            continue
+        readers = [model.get_submodule(f"{block}.{n}") for n in group.linears]
+        if not all(isinstance(r, QLinearW8A8) for r in readers):
+            continue
+        keys = {r.input_key() for r in readers}  # type: ignore[union-attr]
+        if len(keys) != 1:  # e.g. static layers calibrated to different ranges: each quantizes its own
+            continue
+        key = keys.pop()
+        set_module(model, name, FusedRMSNorm(norm, readers, key))  # type: ignore[arg-type]
+        for r in readers:
+            r.reads_rows = key  # type: ignore[union-attr]
+        count += 1
+    return count
+
+
+def _only_weight(norm: nn.Module) -> bool:
+    params = {n for n, _ in norm.named_parameters()} | {n for n, _ in norm.named_buffers()}
+    return params == {"weight"} and hasattr(norm, "variance_epsilon")
+
+
+def _fuse_mlp(model: nn.Module, arch: Architecture, block: str) -> int:
+    spec = arch.gated_mlp
+    if spec is None:
+        return 0
+    name = f"{block}.{spec.path}"
+    mlp = model.get_submodule(name)
+    if isinstance(mlp, FusedGatedMLP) or not fusable_mlp_activation(mlp):
+        return 0
+    if not isinstance(getattr(mlp, spec.down, None), QLinearW8A8):
+        return 0
+    set_module(model, name, FusedGatedMLP(mlp, spec.gate, spec.up, spec.down))
+    return 1

@@ -1,0 +1,164 @@
+"""Norms and gated MLPs fused with the int8 input quantization of their W8A8 readers (slimquant.nn.fused,
+slimquant.surgery.fuse): which modules are swapped, same state dict, the exact float path whenever the fused
+one does not apply, outputs within float32 rounding of the unfused model, and save/load."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import make_llama
+
+import slimquant as sq
+from slimquant.nn import QLinearW8A8
+from slimquant.nn.fused import FusedGatedMLP, FusedRMSNorm
+from slimquant.nn.w8a8 import QUANTIZED_ROWS_ATTR
+from slimquant.surgery.fuse import fuse_w8a8_inputs
+from slimquant.types.spec import QuantSpec, Recipe
+
+W8 = QuantSpec("int8", "per_channel")
+DYNAMIC = QuantSpec("int8", "per_token", dynamic=True)
+STATIC = QuantSpec("int8", "per_tensor", symmetric=False)
+
+
+def _ids(vocab: int, n: int = 2, length: int = 24) -> torch.Tensor:
+    return torch.randint(0, vocab, (n, length), generator=torch.Generator().manual_seed(5))
+
+
+def _quantized_pair(llama, input_spec: QuantSpec):  # noqa: ANN001
+    """(unfused, fused) copies of ``llama`` quantized W8A8 with ``input_spec``."""
+    ids = _ids(llama.config.vocab_size, 4)
+    fused = sq.quantize(copy.deepcopy(llama), Recipe(weight=W8, input=input_spec), calib_data=ids, show_progress=False)
+    unfused = copy.deepcopy(fused)
+    for name, module in list(unfused.named_modules()):  # put the original modules back
+        if isinstance(module, (FusedRMSNorm, FusedGatedMLP)):
+            parent, _, child = name.rpartition(".")
+            setattr(unfused.get_submodule(parent), child, module.original)
+    for m in unfused.modules():
+        if isinstance(m, QLinearW8A8):
+            m.reads_rows = None
+    return unfused, fused
+
+
+def _logits(model, ids: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+    with torch.inference_mode():
+        return model(ids).logits
+
+
+@pytest.mark.parametrize("input_spec", [DYNAMIC, STATIC], ids=["dynamic", "static"])
+def test_quantize_fuses_norms_and_mlps_of_w8a8_llama(llama, input_spec: QuantSpec) -> None:  # noqa: ANN001
+    unfused, fused = _quantized_pair(llama, input_spec)
+    for layer in fused.model.layers:
+        assert isinstance(layer.input_layernorm, FusedRMSNorm) and isinstance(layer.post_attention_layernorm, FusedRMSNorm)
+        assert isinstance(layer.mlp, FusedGatedMLP)
+        assert layer.self_attn.q_proj.reads_rows == layer.self_attn.q_proj.input_key()
+    assert type(fused.model.norm).__name__ == "LlamaRMSNorm"  # the final norm feeds the float lm_head
+    assert list(fused.state_dict()) == list(unfused.state_dict())
+    assert fuse_w8a8_inputs(fused) == 0  # already fused
+    ids = _ids(llama.config.vocab_size)
+    a, b = _logits(unfused, ids), _logits(fused, ids)
+    # only float32 rounding in the norm and in exp separates them; a value on a rounding edge may land one
+    # int8 step away, which moves a logit by far less than the quantization error itself
+    assert float((a - b).abs().max()) < 0.05 * float(a.abs().max())
+    kl = F.kl_div(F.log_softmax(b, -1), F.log_softmax(a, -1), log_target=True, reduction="batchmean")
+    assert float(kl) < 1e-3 * ids.shape[1]  # observed ~1e-7
+
+
+def test_fused_path_reads_the_rows_it_was_handed(llama, native_lib, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: ANN001
+    _, fused = _quantized_pair(llama, DYNAMIC)
+    calls = {"rows": 0}
+    rows = QLinearW8A8.forward_rows
+
+    def count_rows(self, *a):  # noqa: ANN001, ANN202
+        calls["rows"] += 1
+        return rows(self, *a)
+
+    monkeypatch.setattr(QLinearW8A8, "forward_rows", count_rows)
+    _logits(fused, _ids(llama.config.vocab_size))
+    # per layer: q, k, v, gate, up read the norms' rows, down the MLP's; o_proj quantizes its own input
+    assert calls["rows"] == 6 * len(fused.model.layers)
+
+
+def test_reference_kernels_take_the_exact_float_path(llama) -> None:  # noqa: ANN001
+    """With any reader off the "fast" kernel, the fused modules compute exactly what the originals do."""
+    unfused, fused = _quantized_pair(llama, DYNAMIC)
+    for model in (unfused, fused):
+        for m in model.modules():
+            if isinstance(m, QLinearW8A8):
+                m.kernel = "reference"
+    ids = _ids(llama.config.vocab_size)
+    assert torch.equal(_logits(unfused, ids), _logits(fused, ids))
+
+
+def test_without_native_kernels_the_outputs_are_unchanged(llama, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: ANN001
+    from slimquant.kernels import native
+
+    unfused, fused = _quantized_pair(llama, STATIC)
+    monkeypatch.setattr(native, "library", lambda: None)
+    ids = _ids(llama.config.vocab_size)
+    assert torch.equal(_logits(unfused, ids), _logits(fused, ids))
+
+
+def test_gradients_take_the_float_path(llama) -> None:  # noqa: ANN001
+    _, fused = _quantized_pair(llama, DYNAMIC)
+    norm = fused.model.layers[0].input_layernorm
+    x = torch.randn(1, 5, llama.config.hidden_size, requires_grad=True)
+    y = norm(x)
+    assert not hasattr(y, QUANTIZED_ROWS_ATTR)
+    y.sum().backward()
+    assert x.grad is not None
+
+
+def test_rows_live_as_long_as_the_norm_output(llama, native_lib) -> None:  # noqa: ANN001
+    import weakref
+
+    _, fused = _quantized_pair(llama, DYNAMIC)
+    norm = fused.model.layers[0].input_layernorm
+    with torch.inference_mode():
+        y = norm(torch.randn(1, 5, llama.config.hidden_size))
+        key, q, xs = getattr(y, QUANTIZED_ROWS_ATTR)
+        assert key == ("dynamic",) and q.shape == (5, llama.config.hidden_size) and xs.shape == (5,)
+        ref = weakref.ref(q)
+        del q, xs, key, y
+        assert ref() is None
+
+
+def test_static_readers_with_different_ranges_keep_their_own_quantization(llama) -> None:  # noqa: ANN001
+    unfused, _ = _quantized_pair(llama, STATIC)
+    attn = unfused.model.layers[0].self_attn
+    attn.k_proj.input_scale.mul_(2)  # k now quantizes the shared input differently from q and v
+    # per layer two norms and the MLP, less layer 0's input_layernorm
+    assert fuse_w8a8_inputs(unfused) == 3 * len(unfused.model.layers) - 1
+    assert type(unfused.model.layers[0].input_layernorm).__name__ == "LlamaRMSNorm"
+    assert attn.q_proj.reads_rows is None
+
+
+def test_no_fusion_without_w8a8_or_a_known_architecture(llama, bert, mlp) -> None:  # noqa: ANN001
+    w8a16 = sq.quantize(copy.deepcopy(llama), Recipe(weight=W8), show_progress=False)
+    assert not any(isinstance(m, (FusedRMSNorm, FusedGatedMLP)) for m in w8a16.modules())
+    ids = _ids(bert.config.vocab_size, 4)
+    b = sq.quantize(copy.deepcopy(bert), Recipe(weight=W8, input=DYNAMIC), calib_data=ids, show_progress=False)
+    assert fuse_w8a8_inputs(b) == 0  # BERT: LayerNorm, post-norm; not fused
+    assert fuse_w8a8_inputs(mlp) == 0  # no architecture description
+
+
+def test_save_load_round_trip_of_a_fused_model(llama, tokenizer, tmp_path) -> None:  # noqa: ANN001
+    _, fused = _quantized_pair(llama, DYNAMIC)
+    sq.save(fused, tmp_path / "q", tokenizer=tokenizer)
+    loaded = sq.load(tmp_path / "q")
+    assert isinstance(loaded.model.layers[1].mlp, FusedGatedMLP)
+    ids = _ids(llama.config.vocab_size)
+    assert torch.equal(_logits(loaded, ids), _logits(fused, ids))
+
+
+def test_generate_decodes_through_the_fused_path(llama) -> None:  # noqa: ANN001
+    unfused, fused = _quantized_pair(llama, DYNAMIC)
+    ids = _ids(llama.config.vocab_size, 1, 6)
+    kw = dict(max_new_tokens=5, min_new_tokens=5, do_sample=False, attention_mask=torch.ones_like(ids))
+    with torch.inference_mode():
+        a = unfused.generate(ids, **kw)
+        b = fused.generate(ids, **kw)
+    assert b.shape == (1, 11)
+    assert float((a == b).float().mean()) >= 0.9  # greedy tokens of a random tiny model; rounding may flip one
