@@ -42,6 +42,8 @@ LLM_CONFIGS: dict[str, dict] = {
     "W8A8 dynamic + m1": {"kind": "ours", "dynamic": True, "smooth": "m1"},
     "W8A8 dynamic + m1, alpha 0.65": {"kind": "ours", "dynamic": True, "smooth": "m1", "alpha": 0.65},
     "W8A8 dynamic + m4": {"kind": "ours", "dynamic": True, "smooth": "m4"},
+    "W8A8 dynamic + m1, GPTQ int8 weights": {"kind": "ours", "dynamic": True, "smooth": "m1", "gptq": True},
+    "W8A8 dynamic + m4, GPTQ int8 weights": {"kind": "ours", "dynamic": True, "smooth": "m4", "gptq": True},
     "fp8 W8A8 static (e4m3 weights + inputs)": {"kind": "ours", "fp8": True},
     "fp8 W8A8 dynamic (e4m3 weights + inputs)": {"kind": "ours", "fp8": True, "dynamic": True},
     "KV int8 per token, dynamic (float weights)": {"kind": "ours", "kv_only": True},
@@ -87,7 +89,7 @@ def recipe_for(cfg: dict):
     else:
         inp = QuantSpec(qt, "per_tensor", symmetric=qt != "int8")
     return Recipe(weight=weight, input=inp, act_observer=cfg.get("act", "minmax"), smooth=cfg.get("smooth"), kv=kv, fa=fa,
-                  smooth_alpha=cfg.get("alpha", 0.5))
+                  smooth_alpha=cfg.get("alpha", 0.5), algorithm="gptq" if cfg.get("gptq") else "rtn")
 
 
 def kv_bytes_per_token(model, window: torch.Tensor) -> float:
@@ -208,7 +210,8 @@ def main() -> None:
         f"{CALIB_WINDOWS} windows x {CALIB_SEQ_LEN} tokens of {', '.join(corpus.CALIB_FILES)} (seed 0). Weights int8 "
         "symmetric per channel unless noted; static = per-tensor asymmetric input ranges from calibration (min-max unless "
         "act_method 3), dynamic = per-token symmetric. m1 = SmoothQuant alpha 0.5 unless noted (0.65: the best of 0.5/0.65/0.8 on this evaluation text, so an optimistic row); m4 = alpha searched per group among "
-        "0.3..0.9 or none; m2 = norm weights migrated into the linears + token-wise clipping (per layer the quantile "
+        "0.3..0.9 or none; GPTQ int8 weights: `--w_method gptq` (percdamp 0.01, blocks of 128, no act-order) on the same "
+        "calibration windows, after smoothing, block by block with float-input Hessians; m2 = norm weights migrated into the linears + token-wise clipping (per layer the quantile "
         "1..0.95 of per-token min/max with the lowest output error). fp8: e4m3 weights per channel and e4m3 inputs "
         "(static: one symmetric calibrated scale, max|x|/448; dynamic: per token). KV int8: keys and values int8 per token and head (dynamic) or with static scales per (head, "
         "channel) calibrated on the calibration windows (C8), used in every eval forward so attention within the window "
