@@ -162,3 +162,27 @@ def test_generate_decodes_through_the_fused_path(llama) -> None:  # noqa: ANN001
         b = fused.generate(ids, **kw)
     assert b.shape == (1, 11)
     assert float((a == b).float().mean()) >= 0.9  # greedy tokens of a random tiny model; rounding may flip one
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3", "mistral"])
+def test_other_llama_family_models_fuse(arch: str) -> None:
+    import transformers
+
+    cfg_cls, model_cls = {
+        "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),  # biased q/k/v
+        "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),  # q_norm / k_norm inside attention
+        "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
+    }[arch]
+    cfg = cfg_cls(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=16)  # fmt: skip
+    torch.manual_seed(0)
+    model = model_cls(cfg).eval()
+    ids = _ids(64, 4)
+    fused = sq.quantize(copy.deepcopy(model), Recipe(weight=W8, input=DYNAMIC), calib_data=ids, show_progress=False)
+    assert sum(isinstance(m, (FusedRMSNorm, FusedGatedMLP)) for m in fused.modules()) == 3 * 2
+    reference = copy.deepcopy(fused)
+    for m in reference.modules():
+        if isinstance(m, QLinearW8A8):
+            m.kernel = "torch"  # the unfused float path, same integer arithmetic
+    a, b = _logits(reference, _ids(64)), _logits(fused, _ids(64))
+    assert float((a - b).abs().max()) < 0.05 * float(a.abs().max())
