@@ -33,6 +33,7 @@ class GatedMLP:
     gate: str
     up: str
     down: str
+    act: str = "act_fn"
 
 
 @dataclass(frozen=True)

@@ -450,34 +450,35 @@ def linear_w8a8_static_q_torch(
     return int8_matmul_fast(q, w_int8).add_(quant_bias.to(torch.int32)) * deq_scale.float()
 
 
-def _fused_native(torch_impl: Kernel, native_impl: Kernel, first: int = 0) -> tuple[Kernel, Kernel]:
-    """(native, fast) variants of a fused op: native requires the library; fast takes it for CPU tensors."""
+Kernel = Callable[..., object]
+
+
+def _native_variants(fallback: Kernel, native_impl: Kernel) -> tuple[Kernel, Kernel]:
+    """``(native, fast)`` of an op whose first argument is a tensor: both run ``native_impl`` for CPU tensors
+    when the library is built; otherwise ``native`` raises and ``fast`` runs ``fallback``."""
 
     def run_native(*args: object) -> object:
         _require_native()
         return run_fast(*args)
 
     def run_fast(*args: object) -> object:
-        lead = args[first]
-        if not isinstance(lead, torch.Tensor) or not _native_runs(lead):
-            return torch_impl(*args)
-        return native_impl(*args)
+        return native_impl(*args) if _native_runs(args[0]) else fallback(*args)  # type: ignore[arg-type]
 
     return run_native, run_fast
 
 
-Kernel = Callable[..., object]
-_rms_native, _rms_fast = _fused_native(rmsnorm_quant_reference, lambda *a: native.rmsnorm_quant(*a))
-_silu_native, _silu_fast = _fused_native(silu_mul_quant_reference, lambda *a: native.silu_mul_quant(*a))
-_dyn_q_native, _dyn_q_fast = _fused_native(linear_w8a8_dynamic_q_torch, lambda *a: native.w8a8_dynamic_q(*a))
-_sta_q_native, _sta_q_fast = _fused_native(linear_w8a8_static_q_torch, lambda *a: native.w8a8_static_q(*a))
+# late-bound (lambda) so tests can stand in for the library
+_rms_native, _rms_fast = _native_variants(rmsnorm_quant_reference, lambda *a: native.rmsnorm_quant(*a))
+_silu_native, _silu_fast = _native_variants(silu_mul_quant_reference, lambda *a: native.silu_mul_quant(*a))
+_dyn_q_native, _dyn_q_fast = _native_variants(linear_w8a8_dynamic_q_torch, lambda *a: native.w8a8_dynamic_q(*a))
+_sta_q_native, _sta_q_fast = _native_variants(linear_w8a8_static_q_torch, lambda *a: native.w8a8_static_q(*a))
 
 
 # -- registry ------------------------------------------------------------------------------------
 
 # impls: "reference" (pure torch, the definition), "torch" (torch primitives: _int_mm, _weight_int8pack_mm),
 # "native" (C++, :mod:`slimquant.kernels.native`; SlimquantError when it cannot be built), "fast" (native where
-# it runs, else torch)
+# it runs, else torch; for the producers else the reference)
 KERNELS: dict[str, dict[str, Kernel]] = {
     "quantize_per_token": {"reference": quantize_per_token_reference, "fast": quantize_per_token_fast},
     "int8_matmul": {"reference": int8_matmul_reference, "fast": int8_matmul_fast},
@@ -516,8 +517,8 @@ def _impls(op: str) -> dict[str, Kernel]:
 
 
 def get_kernel(op: str, impl: str = "reference") -> Kernel:
-    """The ``impl`` implementation of ``op`` (``"reference"``, ``"fast"``, and for the linear ops also
-    ``"torch"`` and ``"native"``).
+    """The ``impl`` implementation of ``op``: ``"reference"`` and ``"fast"`` for every op, ``"torch"`` for the
+    linear ops, ``"native"`` for the linear ops and the fused producers (``rmsnorm_quant``, ``silu_mul_quant``).
 
     Unknown names raise :class:`SlimquantError` listing the valid ones."""
     impls = _impls(op)

@@ -75,11 +75,12 @@ class FusedRMSNorm(nn.Module):
 class FusedGatedMLP(nn.Module):
     """``down(silu(gate(x)) * up(x))`` where ``down`` is W8A8: ``silu(g) * u`` goes straight to int8 rows."""
 
-    def __init__(self, mlp: nn.Module, gate: str, up: str, down: str) -> None:
+    def __init__(self, mlp: nn.Module, gate: str, up: str, down: str, act: str) -> None:
         super().__init__()
         for name, child in mlp.named_children():  # same children, same names: same state-dict keys
             self.add_module(name, child)
         self.names = (gate, up, down)
+        self.act_name = act  # a child like the others
         object.__setattr__(self, "original", mlp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -88,7 +89,7 @@ class FusedGatedMLP(nn.Module):
             return self.original(x)
         g, u = gate(x), up(x)
         if g.dtype != torch.float32 or u.dtype != torch.float32:
-            return down(self.original.act_fn(g) * u)
+            return down(getattr(self, self.act_name)(g) * u)
         scale, offset = _input_params(down)
         q, xs = k8.get_kernel("silu_mul_quant", "fast")(g, u, scale, offset)
         return down.forward_rows(q, xs, g.shape[:-1])
@@ -97,9 +98,8 @@ class FusedGatedMLP(nn.Module):
         return "silu(gate) * up quantized to int8 for {} in one pass".format(self.names[2])
 
 
-def fusable_mlp_activation(mlp: nn.Module) -> bool:
-    """Whether ``mlp.act_fn`` is SiLU (what :class:`FusedGatedMLP`'s kernel computes)."""
-    act: Any = getattr(mlp, "act_fn", None)
+def is_silu(act: Any) -> bool:
+    """Whether the activation module ``act`` is SiLU (what :class:`FusedGatedMLP`'s kernel computes)."""
     if isinstance(act, nn.SiLU):
         return True
     return type(act).__name__ == "SiLUActivation"  # transformers' ACT2FN["silu"]

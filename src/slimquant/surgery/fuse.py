@@ -8,7 +8,7 @@ from torch import nn
 
 from slimquant.adapters.architectures import Architecture, architecture_for, block_names
 from slimquant.errors import SlimquantError
-from slimquant.nn.fused import FusedGatedMLP, FusedRMSNorm, fusable_mlp_activation
+from slimquant.nn.fused import FusedGatedMLP, FusedRMSNorm, is_silu
 from slimquant.nn.w8a8 import QLinearW8A8
 from slimquant.surgery.select import set_module
 
@@ -67,9 +67,9 @@ def _fuse_mlp(model: nn.Module, arch: Architecture, block: str) -> int:
         return 0
     name = f"{block}.{spec.path}"
     mlp = model.get_submodule(name)
-    if isinstance(mlp, FusedGatedMLP) or not fusable_mlp_activation(mlp):
+    if isinstance(mlp, FusedGatedMLP) or not is_silu(getattr(mlp, spec.act, None)):
         return 0
     if not isinstance(getattr(mlp, spec.down, None), QLinearW8A8):
         return 0
-    set_module(model, name, FusedGatedMLP(mlp, spec.gate, spec.up, spec.down))
+    set_module(model, name, FusedGatedMLP(mlp, spec.gate, spec.up, spec.down, spec.act))
     return 1
