@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 from torch import nn
 
@@ -58,9 +58,17 @@ def save(
     tokenizer: Any = None,
     part_file_size: float | None = None,
     overwrite: bool = False,
+    force_overwrite: bool = False,
+    protect: Iterable[str | os.PathLike] = (),
 ) -> Path:
-    """Save a quantized model (msModelSlim layout + manifest) atomically. See docs/format.md."""
-    return _save(model, directory, tokenizer=tokenizer, part_file_size=part_file_size, overwrite=overwrite)
+    """Save a quantized model (msModelSlim layout + manifest) atomically. See docs/format.md.
+
+    Missing parent directories are created. ``overwrite`` replaces an earlier slimquant checkpoint there;
+    ``force_overwrite`` replaces any directory (everything in it is deleted). The output may not be, contain or
+    lie inside the model's own source directory or any ``protect`` path (the inputs).
+    """
+    return _save(model, directory, tokenizer=tokenizer, part_file_size=part_file_size, overwrite=overwrite,
+                 force_overwrite=force_overwrite, protect=protect)  # fmt: skip
 
 
 def load(directory: str | os.PathLike, model: nn.Module | None = None, trust_remote_code: bool = False) -> nn.Module:

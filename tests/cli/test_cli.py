@@ -435,9 +435,15 @@ def test_overwrite(capsys, llama_dir, outs):
     assert rc == 1 and "not empty" in error_line(err) and "--overwrite" in error_line(err)
     assert [p.name for p in target.iterdir()] == ["old.txt"]
 
-    rc, _, _ = run(capsys, "quantize", "--model_path", llama_dir, "--save_directory", target, "--overwrite")
+    rc, _, err = run(capsys, "quantize", "--model_path", llama_dir, "--save_directory", target, "--overwrite")
+    assert rc == 1 and "not a slimquant checkpoint" in error_line(err) and "--force_overwrite" in error_line(err)
+    assert [p.name for p in target.iterdir()] == ["old.txt"]  # --overwrite never deletes what is not ours
+
+    rc, _, _ = run(capsys, "quantize", "--model_path", llama_dir, "--save_directory", target, "--force_overwrite")
     assert rc == 0
     assert not (target / "old.txt").exists()
+    rc, _, _ = run(capsys, "quantize", "--model_path", llama_dir, "--save_directory", target, "--overwrite")
+    assert rc == 0  # our own checkpoint: replaced
     assert (target / "quant_model_weight_w8a16.safetensors").is_file()
     assert [p.name for p in outs.iterdir()] == ["q"]  # no temp or backup directories
 

@@ -23,12 +23,19 @@ def test_check_target_cases(tmp_path):
     (tmp_path / "full" / "x").write_text("x")
     with pytest.raises(SlimquantError, match=r"full is not empty; pass --overwrite"):
         check_target(tmp_path / "full", overwrite=False)
+    with pytest.raises(SlimquantError, match=r"full is not a slimquant checkpoint .* --force_overwrite"):
+        check_target(tmp_path / "full", overwrite=True)  # --overwrite replaces only our own outputs
+    check_target(tmp_path / "full", overwrite=False, force_overwrite=True)
+    (tmp_path / "full" / "slimquant_manifest.json").write_text("{}")
     check_target(tmp_path / "full", overwrite=True)
     (tmp_path / "file").write_text("x")
     with pytest.raises(SlimquantError, match=r"file exists and is not a directory"):
         check_target(tmp_path / "file", overwrite=True)
-    with pytest.raises(SlimquantError, match="parent directory .* does not exist"):
-        check_target(tmp_path / "missing" / "out", overwrite=False)
+    # missing parents are created at write time (as save_pretrained does); a file in the way is not
+    assert check_target(tmp_path / "missing" / "out", overwrite=False) == tmp_path / "missing" / "out"
+    assert not (tmp_path / "missing").exists()
+    with pytest.raises(SlimquantError, match="file is not a directory"):
+        check_target(tmp_path / "file" / "out", overwrite=False)
 
 
 def test_atomic_directory_success_and_failure(tmp_path, leftovers):
@@ -62,10 +69,16 @@ def test_non_empty_target_needs_overwrite(qmlp, tmp_path, leftovers):
     with pytest.raises(SlimquantError, match="not empty"):
         slimquant.save(qmlp, target)
     assert sorted(p.name for p in target.iterdir()) == ["old.txt"]
+    with pytest.raises(SlimquantError, match="not a slimquant checkpoint"):
+        slimquant.save(qmlp, target, overwrite=True)  # not our output: --overwrite alone never deletes it
+    assert sorted(p.name for p in target.iterdir()) == ["old.txt"]
 
-    slimquant.save(qmlp, target, overwrite=True)
+    slimquant.save(qmlp, target, force_overwrite=True)
     names = {p.name for p in target.iterdir()}
     assert "old.txt" not in names  # replaced, not merged
+    (target / "note.txt").write_text("added later")
+    slimquant.save(qmlp, target, overwrite=True)  # a slimquant checkpoint: --overwrite replaces it
+    assert "note.txt" not in {p.name for p in target.iterdir()}
     assert "quant_model_weight_w8a16.safetensors" in names
     assert leftovers(tmp_path) == []
 

@@ -145,7 +145,7 @@ def test_part_file_size_shards_and_loads_bit_identically(llama, input_ids, tmp_p
 
 def test_non_positive_part_file_size_is_refused(mlp, tmp_path):
     slimquant.quantize(mlp, Recipe(), show_progress=False)
-    with pytest.raises(SlimquantError, match="part_file_size must be positive"):
+    with pytest.raises(SlimquantError, match="part_file_size .*must be a positive number"):
         slimquant.save(mlp, tmp_path / "out", part_file_size=0)
     assert not (tmp_path / "out").exists()
 
@@ -191,7 +191,7 @@ def test_truncated_checkpoint_weight_file_is_named(mlp_ckpt, factories):
     f = mlp_ckpt / "quant_model_weight_w8a16.safetensors"
     data = f.read_bytes()
     f.write_bytes(data[: len(data) // 2])
-    with pytest.raises(SlimquantError, match=r"quant_model_weight_w8a16\.safetensors.*truncated or corrupt"):
+    with pytest.raises(SlimquantError, match=r"quant_model_weight_w8a16\.safetensors.*truncated"):
         slimquant.load(mlp_ckpt, model=factories["mlp"]())
 
 

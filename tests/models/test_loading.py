@@ -133,6 +133,10 @@ def test_unknown_architecture_in_manifest(llama, tmp_path):
     data = json.loads(m.read_text())
     data["model"]["architecture"] = "NoSuchModelForCausalLM"
     m.write_text(json.dumps(data))
+    with pytest.raises(SlimquantError, match="architecture 'NoSuchModelForCausalLM' does not match .*config.json"):
+        load_checkpoint(out)
+    c = out / "config.json"
+    c.write_text(json.dumps(dict(json.loads(c.read_text()), architectures=["NoSuchModelForCausalLM"])))
     with pytest.raises(SlimquantError, match="unknown transformers architecture 'NoSuchModelForCausalLM'"):
         load_checkpoint(out)
 

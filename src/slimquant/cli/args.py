@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 
 _TRUE = {"true", "1", "yes", "y", "on"}
 _FALSE = {"false", "0", "no", "n", "off"}
@@ -23,8 +24,8 @@ def positive_float(value: str) -> float:
         f = float(value)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number, got {value!r}") from None
-    if f <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {value!r}")
+    if not (math.isfinite(f) and f > 0):
+        raise argparse.ArgumentTypeError(f"expected a positive finite number, got {value!r}")
     return f
 
 

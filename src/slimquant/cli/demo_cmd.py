@@ -19,6 +19,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--windows", type=positive_int, default=4)
     p.add_argument("--seq_len", type=positive_int, default=512)
     p.add_argument("--save_directory", default=None, help="where to save (default: a temporary directory)")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier slimquant checkpoint in --save_directory")
     p.set_defaults(func=run)
 
 
@@ -27,15 +28,21 @@ def run(args: argparse.Namespace) -> int:
 
     from slimquant import api
     from slimquant.cli.eval_cmd import read_text
+    from slimquant.cli.quantize_cmd import input_paths
+    from slimquant.errors import SlimquantError
     from slimquant.eval.lm import evaluate_lm, generate_text
     from slimquant.eval.size import checkpoint_bytes, model_bytes
+    from slimquant.formats.atomic import check_target
     from slimquant.models.loading import load_model
     from slimquant.types import Granularity, QuantSpec, Recipe
 
     text = read_text(args.text)
+    protect = input_paths(args.model, args.text)
+    if args.save_directory:  # checked now, not after minutes of work
+        check_target(args.save_directory, args.overwrite, protect)
     float_lm = load_model(args.model)
     if float_lm.kind != "causal_lm":
-        raise SystemExit(f"demo needs a causal LM; {args.model} is an {float_lm.kind}")
+        raise SlimquantError(f"demo needs a causal LM; {args.model} is an {float_lm.kind}")
     model = copy.deepcopy(float_lm.model)
     # The most accurate data-free W4A16 we have on smollm2-135m (BENCHMARKS.md): asymmetric with a
     # float zero point and the clipping search.
@@ -46,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
     qtime = time.perf_counter() - t0
     with tempfile.TemporaryDirectory() as tmp:
         out = args.save_directory or f"{tmp}/{args.model}-w4a16"
-        api.save(model, out, tokenizer=float_lm.tokenizer, overwrite=args.save_directory is None)
+        api.save(model, out, tokenizer=float_lm.tokenizer, overwrite=args.overwrite, protect=protect)
         t1 = time.perf_counter()
         q = load_model(out)
         load_time = time.perf_counter() - t1

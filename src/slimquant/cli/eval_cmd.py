@@ -43,9 +43,18 @@ def run_eval(args: argparse.Namespace) -> int:
 
     text = read_text(args.text)
     lm = load_model(args.model, trust_remote_code=args.trust_remote_code)
-    ref = load_model(args.reference, trust_remote_code=args.trust_remote_code).model if args.reference else None
     if lm.tokenizer is None:
         raise SlimquantError(f"{args.model} has no tokenizer files; cannot evaluate on text")
+    ref = None
+    if args.reference:
+        ref_lm = load_model(args.reference, trust_remote_code=args.trust_remote_code)
+        if ref_lm.kind != lm.kind:
+            raise SlimquantError(f"--reference {args.reference} is an {ref_lm.kind}, --model {args.model} an {lm.kind}")
+        if ref_lm.tokenizer is not None and ref_lm.tokenizer.get_vocab() != lm.tokenizer.get_vocab():
+            raise SlimquantError(f"--reference {args.reference} has another tokenizer than --model {args.model} "
+                                 f"({len(ref_lm.tokenizer)} vs {len(lm.tokenizer)} tokens): compare a model with its own "
+                                 "float model")  # fmt: skip
+        ref = ref_lm.model
     if lm.kind == "encoder":
         res = evaluate_encoder(lm.model, lm.tokenizer, text, ref, sentences=args.sentences)
     else:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 
 from slimquant.cli import demo_cmd, eval_cmd, quantize_cmd
@@ -20,6 +21,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, handled as Ctrl-C is: every ``finally`` and cleanup runs, the partial output is removed."""
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -27,7 +36,14 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("transformers", "accelerate", "httpx"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     try:
+        previous = signal.signal(signal.SIGTERM, _terminate)
+    except ValueError:  # not the main thread: signals stay as they are
+        previous = None
+    try:
         return int(args.func(args) or 0)
+    except Terminated:
+        print(f"slimquant: terminated (SIGTERM); the output was not written{_resume_note(args)}", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except SlimquantError as e:
         print(f"slimquant: error: {e}{_resume_note(args)}", file=sys.stderr)
         return 1
@@ -38,18 +54,27 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"slimquant: interrupted; the output was not written{_resume_note(args)}", file=sys.stderr)
         return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def _resume_note(args: argparse.Namespace) -> str:
     """Where a block-by-block quantize run left its finished blocks, if it did."""
     save = getattr(args, "save_directory", None)
-    if not save:
+    if not save or getattr(args, "command", None) != "quantize":
         return ""
-    from pathlib import Path
+    import json
 
-    work = Path(save).with_name(Path(save).name + ".partial")
-    if (work / "state.json").is_file():
-        return f" (finished blocks are kept in {work}: rerun the same command to resume, or remove it)"
+    from slimquant.cli.quantize_cmd import work_dir_of
+
+    work = work_dir_of(save)
+    try:
+        done = json.loads((work / "state.json").read_text(encoding="utf-8")).get("done", 0)
+    except (OSError, ValueError, AttributeError):
+        return ""
+    if isinstance(done, int) and done > 0:
+        return f" ({done} finished block(s) are kept in {work}: rerun the same command to resume, or remove it)"
     return ""
 
 

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import time
+from pathlib import Path
 
 from slimquant.cli.args import positive_float, positive_int, str2bool
 from slimquant.errors import NotSupportedYet, SlimquantError
 from slimquant.types import Granularity, QuantSpec, Recipe, int_qtype_for_bits
-from slimquant.types.spec import FA_INT8_PER_HEAD, KV_INT8_DYNAMIC, KV_INT8_STATIC
+from slimquant.types.spec import FA_INT8_PER_HEAD, GROUP_SIZES, KV_INT8_DYNAMIC, KV_INT8_STATIC
 
 log = logging.getLogger("slimquant.cli")
 
@@ -61,7 +63,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--disable_last_linear", type=str2bool, default=True, help="keep the output layer float (default True)")
     p.add_argument("--device_type", choices=("cpu", "cuda", "npu"), default="cpu")
     p.add_argument("--part_file_size", type=positive_float, default=None, help="shard size in GB (default: one file)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty save_directory")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing slimquant checkpoint in --save_directory (never another directory)")  # fmt: skip
+    p.add_argument("--force_overwrite", action="store_true",
+                   help="replace --save_directory whatever it holds: everything in it is deleted")  # fmt: skip
     p.add_argument("--stream", type=str2bool, default=False,
                    help="keep the model's blocks on disk and quantize them one at a time (HF safetensors directories, "
                    "weight-only recipes): peak memory ~ one block + the embeddings + calibration activations")  # fmt: skip
@@ -136,8 +141,9 @@ def recipe_from_args(args: argparse.Namespace) -> Recipe:
         if clash:
             raise SlimquantError(f"--recipe replaces the weight flags; remove {', '.join(clash)} or put them in the recipe")
         return Recipe.from_file(args.recipe)
-    if args.group_size < 0 or (args.group_size and args.group_size not in (32, 64, 128, 256)):
-        raise SlimquantError(f"--group_size {args.group_size}: valid values are 32, 64, 128, 256, or 0 for per-channel")
+    if args.group_size < 0 or (args.group_size and args.group_size not in GROUP_SIZES):
+        raise SlimquantError(f"--group_size {args.group_size}: valid values are {', '.join(map(str, GROUP_SIZES))}, or 0 "
+                             "for per-channel")  # fmt: skip
     if args.group_size and args.w_bit == 8:
         log.info("--group_size with --w_bit 8: using per-group int8 weights")
     if args.w_zero_point == "float" and args.w_sym:
@@ -225,27 +231,61 @@ def _activation_flags(args: argparse.Namespace) -> tuple[QuantSpec | None, str, 
     return QuantSpec("int8", Granularity.PER_TENSOR, None, False), _ACT_METHODS[args.act_method or 1], sigma
 
 
-def _work_dir(save_directory: str) -> "Path":
-    from pathlib import Path
+def work_dir_of(save_directory: str | os.PathLike) -> Path:
+    """Where block-by-block runs keep their finished blocks: ``<save_directory>.partial`` beside it."""
+    from slimquant.formats.atomic import absolute_path
 
-    target = Path(save_directory)
+    target = absolute_path(save_directory)
     return target.with_name(target.name + ".partial")
 
 
-def run(args: argparse.Namespace) -> int:
-    import torch
+def input_paths(model_path: str, *files: str | None) -> list[Path]:
+    """The files a run reads, which its output must never replace: the model (an embedded model's file too)
+    and the given files."""
+    from slimquant.models.loading import EMBEDDED, resolve_embedded
 
-    from slimquant import api
-    from slimquant.eval.size import model_bytes
-    from slimquant.formats.atomic import check_target
-    from slimquant.models.loading import load_model
+    out = [resolve_embedded(model_path)] if model_path in EMBEDDED else [Path(model_path)]
+    return out + [Path(f) for f in files if f]
+
+
+def run(args: argparse.Namespace) -> int:
+    from slimquant.formats.atomic import target_lock
 
     recipe = recipe_from_args(args)
-    check_target(args.save_directory, args.overwrite)  # fail before the slow part
+    protect = input_paths(args.model_path, args.calib_file, args.recipe)
+    target = _checked_target(args, recipe, protect)
+    with target_lock(target):  # a second run to the same target is refused at once
+        return _run(args, recipe, protect, target)
+
+
+def _checked_target(args: argparse.Namespace, recipe: Recipe, protect: list[Path]) -> Path:
+    """Everything that can be checked before loading the model; returns the target's absolute path."""
+    import torch
+
+    from slimquant.formats.atomic import check_target
+
+    target = check_target(args.save_directory, args.overwrite, protect, args.force_overwrite)
     if args.max_activation_gb is not None and not (args.stream or recipe.algorithm == "gptq" or recipe.smooth == "m3"):
         raise SlimquantError("--max_activation_gb applies to block-by-block runs (--w_method gptq, --anti_method m3, --stream)")
     if args.device_type == "cuda" and not torch.cuda.is_available():
         raise SlimquantError("--device_type cuda: no CUDA device is available")
+    if args.stream and args.device_type == "cuda":
+        raise NotSupportedYet("--stream with --device_type cuda is not supported yet")
+    if args.stream and recipe.needs_calibration and not (args.calib_file or args.calib_texts):
+        raise SlimquantError("--stream: give --calib_file or --calib_texts (generating calibration text needs the "
+                             "whole model in memory)")  # fmt: skip
+    if args.calib_file and recipe.needs_calibration:
+        from slimquant.data.calibration import read_calib_file
+
+        read_calib_file(args.calib_file)  # its contents are checked now, not after loading the model
+    return target
+
+
+def _run(args: argparse.Namespace, recipe: Recipe, protect: list[Path], target: Path) -> int:
+    from slimquant import api
+    from slimquant.eval.size import model_bytes
+    from slimquant.models.loading import load_model
+
     needs_data = recipe.needs_calibration
     if (args.calib_file or args.calib_texts) and not needs_data:
         log.warning("calibration data given, but %s is data-free: it is not used", recipe.quant_type)
@@ -254,11 +294,6 @@ def run(args: argparse.Namespace) -> int:
     if args.stream:
         from slimquant.models.streaming import open_streaming
 
-        if args.device_type == "cuda":
-            raise NotSupportedYet("--stream with --device_type cuda is not supported yet")
-        if needs_data and not (args.calib_file or args.calib_texts):
-            raise SlimquantError("--stream: give --calib_file or --calib_texts (generating calibration text needs the "
-                                 "whole model in memory)")  # fmt: skip
         stream = open_streaming(args.model_path, trust_remote_code=args.trust_remote_code)
         lm = stream
     else:
@@ -280,25 +315,29 @@ def run(args: argparse.Namespace) -> int:
                                  num_windows=args.calib_size, seq_len=args.calib_seq_len)  # fmt: skip
     t1 = time.perf_counter()
     # the block-by-block pipeline persists finished blocks next to the output and resumes from there
-    work_dir = None
-    if stream is not None or recipe.algorithm == "gptq" or recipe.smooth == "m3":
-        work_dir = _work_dir(args.save_directory)
+    work_dir = work_dir_of(target)
+    blockwise = stream is not None or recipe.algorithm == "gptq" or recipe.smooth == "m3"
+    if blockwise:
         log.info("finished blocks are kept in %s until the checkpoint is written (rerun the same command to resume)",
                  work_dir)  # fmt: skip
-    api.quantize(lm.model, recipe, calib_data=calib, stream=stream, work_dir=work_dir,
+    api.quantize(lm.model, recipe, calib_data=calib, stream=stream, work_dir=work_dir if blockwise else None,
                  max_activation_gb=args.max_activation_gb)  # fmt: skip
     qtime = time.perf_counter() - t1
     if stream is None:
         lm.model.to("cpu")
     report = lm.model.slimquant_report
-    api.save(lm.model, args.save_directory, tokenizer=lm.tokenizer, part_file_size=args.part_file_size, overwrite=args.overwrite)
-    if work_dir is not None:
+    api.save(lm.model, target, tokenizer=lm.tokenizer, part_file_size=args.part_file_size,
+         overwrite=args.overwrite, force_overwrite=args.force_overwrite, protect=protect)  # fmt: skip
+    if (work_dir / "state.json").is_file():  # ours, and no longer needed: the checkpoint is complete
         import shutil
 
         shutil.rmtree(work_dir, ignore_errors=True)
+        if not blockwise:
+            log.warning("removed %s, the finished blocks of an earlier unfinished run to this output (it now holds "
+                        "this run's checkpoint)", work_dir)  # fmt: skip
     from slimquant.eval.size import checkpoint_bytes
 
-    size = checkpoint_bytes(args.save_directory)
+    size = checkpoint_bytes(target)
     what = recipe.weight.describe() if recipe.weight else "float"
     if recipe.input is not None:
         mode = "dynamic" if recipe.input.dynamic else f"static, {recipe.act_observer}"

@@ -58,6 +58,9 @@ def evaluate_lm(
         nll += float(torch.nn.functional.cross_entropy(logits, target, reduction="sum"))
         if reference is not None:
             ref = reference(input_ids=x).logits[0, :-1].float()
+            if ref.shape != logits.shape:
+                raise SlimquantError(f"the reference's vocabulary ({ref.shape[-1]} logits) is not the model's "
+                                     f"({logits.shape[-1]}): compare a model with its own float model")  # fmt: skip
             ref_nll += float(torch.nn.functional.cross_entropy(ref, target, reduction="sum"))
             kl += float(kl_divergence(ref, logits).sum())
             agree += float(top1_agreement(ref, logits).sum())

@@ -15,23 +15,24 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 from torch import nn
 
 from slimquant.errors import SlimquantError
-from slimquant.formats.atomic import atomic_directory
-from slimquant.formats.safetensors_io import write_safetensors
+from slimquant.formats.atomic import OWNED_MARKER, atomic_directory
+from slimquant.formats.safetensors_io import read_header, write_safetensors
 from slimquant.nn import QMODULES, QModule, fa_quant, kv_cache
 from slimquant.types.qtype import qtype as lookup_qtype
 from slimquant.types.spec import KV_INT8_STATIC, QuantSpec, Recipe
 
 log = logging.getLogger(__name__)
 
-MANIFEST = "slimquant_manifest.json"
+MANIFEST = OWNED_MARKER  # "slimquant_manifest.json": --overwrite replaces only directories holding it
 FORMAT = "slimquant/msmodelslim"
 FORMAT_VERSION = 1
 
@@ -117,6 +118,24 @@ def export_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, A
     return tensors, description, manifest
 
 
+def check_part_file_size(part_file_size: float | None) -> None:
+    if part_file_size is not None and not (math.isfinite(part_file_size) and part_file_size > 0):
+        raise SlimquantError(f"part_file_size (--part_file_size) must be a positive number of GB, got {part_file_size}")
+
+
+def model_sources(model: nn.Module) -> list[Path]:
+    """Where ``model``'s weights are read from, which an output must never replace: the files of its lazily read
+    tensors (streamed blocks) and its Hugging Face source directory (``config._name_or_path``, when it is one)."""
+    out: list[Path] = []
+    lazy = getattr(model, "slimquant_tensor_source", None)
+    if lazy is not None:
+        out += sorted(set(lazy.files.values()))
+    name = getattr(getattr(model, "config", None), "_name_or_path", None)
+    if isinstance(name, str) and name and (Path(name) / "config.json").is_file():
+        out.append(Path(name))
+    return out
+
+
 def _shards(tensors: dict[str, torch.Tensor], max_bytes: int | None) -> list[list[str]]:
     if not max_bytes:
         return [list(tensors)]
@@ -138,17 +157,22 @@ def save(
     tokenizer: Any = None,
     part_file_size: float | None = None,
     overwrite: bool = False,
+    force_overwrite: bool = False,
+    protect: Iterable[str | os.PathLike] = (),
 ) -> Path:
-    """Write a quantized model to ``directory`` atomically.
+    """Write a quantized model to ``directory`` atomically (missing parent directories are created).
 
     Args:
         part_file_size: shard the weights into files of at most this many GB (1e9 bytes).
-        overwrite: replace an existing non-empty directory.
+        overwrite: replace an existing slimquant checkpoint there.
+        force_overwrite: replace whatever non-empty directory is there (everything in it is deleted).
+        protect: paths the output must not be, contain or lie inside (the inputs). The files a streamed model's
+            tensors are still read from and the model's own source directory are always protected.
     Returns:
         The directory path.
     """
-    if part_file_size is not None and part_file_size <= 0:
-        raise SlimquantError(f"part_file_size must be positive, got {part_file_size}")
+    check_part_file_size(part_file_size)
+    protect = list(protect) + model_sources(model)
     tensors, description, manifest = export_state(model)
     quant_type = manifest["quant_type"]
     max_bytes = int(part_file_size * 1e9) if part_file_size else None
@@ -162,7 +186,7 @@ def save(
                  (lambda n=n: lazy.get(n)) if tensors[n].is_meta else (lambda n=n: tensors[n]))  # type: ignore[union-attr]
                 for n in names]  # fmt: skip
 
-    with atomic_directory(directory, overwrite) as tmp:
+    with atomic_directory(directory, overwrite, protect, force_overwrite) as tmp:
         base = weight_file(quant_type)
         files: list[str] = []
         if len(shards) == 1:
@@ -218,6 +242,8 @@ def _write_json(path: Path, data: Any) -> None:
 
 
 def read_manifest(directory: str | os.PathLike) -> dict[str, Any]:
+    """The checkpoint's manifest, checked: its structure, recipe, file names (plain names inside the directory)
+    and, for transformers models, that its architecture is the one config.json names."""
     path = Path(directory)
     if not path.is_dir():
         raise SlimquantError(f"{path} is not a directory")
@@ -228,11 +254,75 @@ def read_manifest(directory: str | os.PathLike) -> dict[str, Any]:
         manifest = json.loads(mpath.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise SlimquantError(f"{mpath} is not valid JSON: {e}") from None
+    if not isinstance(manifest, dict):
+        raise SlimquantError(f"{mpath}: the manifest must be a JSON object, not a {type(manifest).__name__}")
     if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
         raise SlimquantError(
             f"{mpath}: unsupported format {manifest.get('format')!r} version {manifest.get('format_version')!r}"
         )
+    _check_manifest(path, mpath, manifest)
     return manifest
+
+
+def _check_manifest(directory: Path, mpath: Path, m: dict[str, Any]) -> None:
+    def need(key: str, kind: type, what: str) -> Any:
+        if key not in m:
+            raise SlimquantError(f"{mpath}: key {key!r} is missing")
+        if not isinstance(m[key], kind):
+            raise SlimquantError(f"{mpath}: {key!r} must be {what}, not {type(m[key]).__name__}")
+        return m[key]
+
+    need("quant_type", str, "a string")
+    try:
+        Recipe.from_dict(need("recipe", dict, "an object"))
+    except (SlimquantError, TypeError, ValueError, KeyError, AttributeError) as e:
+        raise SlimquantError(f"{mpath}: 'recipe' is invalid: {e}") from None
+    layers = need("layers", dict, "an object of layer entries")
+    for name, entry in layers.items():
+        if not isinstance(entry, dict):
+            raise SlimquantError(f"{mpath}: layer {name}: its entry must be an object")
+        if entry.get("module") not in QMODULES:
+            raise SlimquantError(f"{mpath}: layer {name}: unknown module {entry.get('module')!r} (valid: "
+                                 f"{', '.join(sorted(QMODULES))})")  # fmt: skip
+        try:
+            QuantSpec.from_dict(entry["spec"])
+        except (SlimquantError, TypeError, ValueError, KeyError, AttributeError) as e:
+            raise SlimquantError(f"{mpath}: layer {name}: invalid or missing spec ({e})") from None
+        if not isinstance(entry.get("method", {}), dict):
+            raise SlimquantError(f"{mpath}: layer {name}: 'method' must be an object")
+    files = need("files", list, "a list of file names")
+    if not files:
+        raise SlimquantError(f"{mpath}: 'files' is empty")
+    for f in files:
+        if (not isinstance(f, str) or not f or f in (".", "..") or "/" in f or "\\" in f or "\0" in f
+                or os.path.isabs(f) or Path(f).name != f):  # fmt: skip
+            raise SlimquantError(f"{mpath}: files entry {f!r} is not a plain file name inside the checkpoint")
+    aliases = m.get("aliases", {})
+    if not isinstance(aliases, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in aliases.items()):
+        raise SlimquantError(f"{mpath}: 'aliases' must map tensor names to tensor names")
+    entry = need("model", dict, "an object")
+    kind = entry.get("kind")
+    if kind not in ("transformers", "module"):
+        raise SlimquantError(f"{mpath}: model kind {kind!r} is not 'transformers' or 'module'")
+    if kind == "transformers":
+        arch = entry.get("architecture")
+        if not isinstance(arch, str) or not arch:
+            raise SlimquantError(f"{mpath}: model 'architecture' is missing")
+        cfg = directory / "config.json"
+        try:
+            config = json.loads(cfg.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise SlimquantError(f"checkpoint {directory} has no config.json") from None
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise SlimquantError(f"{cfg} is not valid JSON: {e}") from None
+        archs = config.get("architectures") if isinstance(config, dict) else None
+        if not isinstance(config, dict):
+            raise SlimquantError(f"{cfg} must hold a JSON object")
+        if archs and arch not in archs:
+            raise SlimquantError(f"{mpath}: architecture {arch!r} does not match {cfg} ({', '.join(map(str, archs))})")
+    for key in ("attention", "kv_cache"):
+        if key in m and not isinstance(m[key], dict):
+            raise SlimquantError(f"{mpath}: {key!r} must be an object")
 
 
 def is_checkpoint(directory: str | os.PathLike) -> bool:
@@ -240,20 +330,56 @@ def is_checkpoint(directory: str | os.PathLike) -> bool:
 
 
 def read_tensors(directory: Path, files: list[str]) -> dict[str, torch.Tensor]:
-    """Load every tensor of the checkpoint's safetensors files (no pickle)."""
+    """Load every tensor of the checkpoint's safetensors files (no pickle); a tensor in two files is refused."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     out: dict[str, torch.Tensor] = {}
+    where: dict[str, str] = {}
     for fname in files:
         fpath = directory / fname
         if not fpath.is_file():
             raise SlimquantError(f"checkpoint file {fpath} is missing")
+        read_header(fpath)  # a truncated or inconsistent file is named before safetensors reads it
         try:
-            out.update(load_file(str(fpath)))
+            part = load_file(str(fpath))
         except (SafetensorError, OSError, RuntimeError, ValueError) as e:
             raise SlimquantError(f"cannot read {fpath}: {e} (truncated or corrupt file?)") from None
+        for name in part:
+            if name in where:
+                raise SlimquantError(f"tensor {name} is in both {where[name]} and {fname} of {directory}")
+            where[name] = fname
+        out.update(part)
     return out
+
+
+def check_tensors(directory: Path, model: nn.Module, tensors: dict[str, torch.Tensor], strict_dtype: set[str]) -> None:
+    """Every checkpoint tensor against the rebuilt model: present, expected, same shape; the dtype the codec
+    stores for quantized layers (``strict_dtype``: their prefixes), a float for float tensors; finite floats."""
+    expected = model.state_dict(keep_vars=True)
+    bad = f"checkpoint {directory} does not match the model: tensor"
+    missing = [n for n in expected if n not in tensors]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise SlimquantError(f"{bad} {missing[0]} is missing{more}")
+    extra = [n for n in tensors if n not in expected]
+    if extra:
+        raise SlimquantError(f"{bad} {extra[0]} is not part of the model the manifest describes")
+
+    def dt(t: torch.Tensor) -> str:
+        return str(t.dtype).removeprefix("torch.")
+
+    for name, t in tensors.items():
+        want = expected[name]
+        if tuple(t.shape) != tuple(want.shape):
+            raise SlimquantError(f"{bad} {name} has shape {tuple(t.shape)}, the model needs {tuple(want.shape)}")
+        quantized = name.rpartition(".")[0] in strict_dtype
+        if (quantized or not want.is_floating_point()) and t.dtype != want.dtype:
+            raise SlimquantError(f"{bad} {name} is stored as {dt(t)}, its layer (manifest) stores {dt(want)}")
+        if want.is_floating_point() and not t.is_floating_point():
+            raise SlimquantError(f"{bad} {name} is stored as {dt(t)}, a float tensor is expected")
+        if t.is_floating_point() and t.numel() and not torch.isfinite(t.float() if t.element_size() == 1 else t).all():
+            raise SlimquantError(f"checkpoint {directory}: tensor {name} has NaN/Inf value(s)")
 
 
 def build_qmodule(name: str, entry: dict[str, Any]) -> QModule:
@@ -261,8 +387,8 @@ def build_qmodule(name: str, entry: dict[str, Any]) -> QModule:
     try:
         cls = QMODULES[entry["module"]]
         return cls.from_manifest(entry)
-    except (KeyError, TypeError, SlimquantError) as e:
-        raise SlimquantError(f"manifest entry for layer {name} is invalid: missing/unknown {e}") from None
+    except (KeyError, TypeError, ValueError, AttributeError, RuntimeError, SlimquantError) as e:
+        raise SlimquantError(f"manifest entry for layer {name} is invalid: {type(e).__name__} {e}") from None
 
 
 def load_into(model: nn.Module, directory: str | os.PathLike, manifest: dict[str, Any]) -> nn.Module:
@@ -297,6 +423,9 @@ def load_into(model: nn.Module, directory: str | os.PathLike, manifest: dict[str
         if source not in tensors:
             raise SlimquantError(f"manifest alias {alias} -> {source}: {source} is not in the checkpoint")
         tensors[alias] = tensors[source]
+    strict = set(manifest["layers"]) | {f"{n}.{role}" for n in fa_modules for role in fa_quant.ROLES}
+    strict |= {n for n, m in model.named_modules() if n.rpartition(".")[0] in strict}
+    check_tensors(directory, model, tensors, strict | _kv_modules(model))
     try:
         model.load_state_dict(tensors, strict=True, assign=True)
     except RuntimeError as e:
@@ -311,29 +440,24 @@ def load_into(model: nn.Module, directory: str | os.PathLike, manifest: dict[str
     return model
 
 
+def _kv_modules(model: nn.Module) -> set[str]:
+    """Modules holding KV-cache scales (their scale dtypes are the codec's)."""
+    return {n for n, m in model.named_modules() if any(b in (kv_cache.KV_SCALE, kv_cache.KV_OFFSET)
+                                                       for b, _ in m.named_buffers(recurse=False))}  # fmt: skip
+
+
 def describe_checkpoint(directory: str | os.PathLike) -> dict[str, Any]:
     """What a checkpoint holds, read from its manifest and safetensors headers (no tensor data).
 
     Returns ``{"quant_type", "recipe", "layers": [{name, module, qtype, granularity, bits, bytes}],
     "float_bytes", "quantized_bytes", "total_bytes", "files"}``.
     """
-    from safetensors import SafetensorError, safe_open
-
     directory = Path(directory)
     manifest = read_manifest(directory)
     sizes: dict[str, int] = {}
     for fname in manifest["files"]:
-        fpath = directory / fname
-        try:
-            with safe_open(str(fpath), framework="pt") as fh:
-                for name in fh.keys():
-                    sl = fh.get_slice(name)
-                    numel = 1
-                    for d in sl.get_shape():
-                        numel *= d
-                    sizes[name] = numel * _DTYPE_BYTES[sl.get_dtype()]
-        except (SafetensorError, OSError) as e:
-            raise SlimquantError(f"cannot read {fpath}: {e}") from None
+        for name, v in read_header(directory / fname).items():
+            sizes[name] = v["data_offsets"][1] - v["data_offsets"][0]
     rows = []
     claimed: set[str] = set()
     for lname, entry in manifest["layers"].items():
@@ -356,7 +480,3 @@ def describe_checkpoint(directory: str | os.PathLike) -> dict[str, Any]:
         "files": manifest["files"],
         "aliases": manifest.get("aliases", {}),
     }
-
-
-_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
-                "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}  # fmt: skip

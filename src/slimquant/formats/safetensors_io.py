@@ -9,6 +9,7 @@ the whole file into a buffer first). ``TensorSource`` reads named tensors from s
 from __future__ import annotations
 
 import json
+import os
 import struct
 from pathlib import Path
 from typing import Callable, Iterable
@@ -23,12 +24,19 @@ _DTYPES = {
     torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
 }  # fmt: skip
 
+DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+               "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}  # fmt: skip
+FLOAT_DTYPES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
+
 # (name, shape, dtype, produce the tensor)
 Entry = tuple[str, tuple[int, ...], torch.dtype, Callable[[], torch.Tensor]]
 
 
-def write_safetensors(path: str | Path, entries: Iterable[Entry], metadata: dict[str, str] | None = None) -> None:
-    """Write a safetensors file from ``entries``, calling each producer once, in order, while writing."""
+def write_safetensors(path: str | Path, entries: Iterable[Entry], metadata: dict[str, str] | None = None,
+                      fsync: bool = False) -> None:
+    """Write a safetensors file from ``entries``, calling each producer once, in order, while writing.
+
+    ``fsync``: flush the file to disk before returning (before it is renamed into place)."""
     entries = list(entries)
     header: dict[str, object] = {}
     offset = 0
@@ -52,6 +60,51 @@ def write_safetensors(path: str | Path, entries: Iterable[Entry], metadata: dict
             t = t.detach().to("cpu").contiguous()
             if t.numel():
                 f.write(t.reshape(-1).view(torch.uint8).numpy().data)
+        if fsync:
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def read_header(path: str | Path) -> dict[str, dict]:
+    """The tensor entries of a safetensors file's header, checked against the file: ``{name: {"dtype", "shape",
+    "data_offsets"}}``. A truncated, corrupt or inconsistent file raises :class:`SlimquantError` naming it."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as fh:
+            raw = fh.read(8)
+            if len(raw) < 8:
+                raise SlimquantError(f"cannot read {path}: {size} bytes, too short for a safetensors file (truncated?)")
+            n = int.from_bytes(raw, "little")
+            if n > size - 8 or n > 100_000_000:
+                raise SlimquantError(f"cannot read {path}: header of {n} bytes in a {size}-byte file (truncated or not "
+                                     "a safetensors file?)")  # fmt: skip
+            header = json.loads(fh.read(n))
+    except OSError as e:
+        raise SlimquantError(f"cannot read {path}: {e.strerror}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise SlimquantError(f"cannot read {path}: its header is not valid JSON ({e}; not a safetensors file?)") from None
+    if not isinstance(header, dict):
+        raise SlimquantError(f"cannot read {path}: its header is not a JSON object")
+    header.pop("__metadata__", None)
+    end = 0
+    for name, v in header.items():
+        try:
+            dtype, shape, (a, b) = v["dtype"], [int(d) for d in v["shape"]], [int(o) for o in v["data_offsets"]]
+        except (TypeError, KeyError, ValueError):
+            raise SlimquantError(f"cannot read {path}: header entry of tensor {name} is malformed") from None
+        if dtype not in DTYPE_BYTES:
+            raise SlimquantError(f"cannot read {path}: tensor {name} has unknown dtype {dtype!r}")
+        numel = 1
+        for d in shape:
+            numel *= d
+        if b - a != numel * DTYPE_BYTES[dtype] or a < 0:
+            raise SlimquantError(f"cannot read {path}: tensor {name} ({dtype} {shape}) has {b - a} bytes of data, "
+                                 f"{numel * DTYPE_BYTES[dtype]} expected")  # fmt: skip
+        end = max(end, b)
+    if 8 + n + end != size:
+        raise SlimquantError(f"cannot read {path}: file is {size} bytes, its header says {8 + n + end} (truncated?)")
+    return header
 
 
 class TensorSource:

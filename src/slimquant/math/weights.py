@@ -14,7 +14,7 @@ import torch
 from slimquant.math.qparams import grid, qparams_from_minmax
 from slimquant.math.quant import dequantize, quantize
 from slimquant.types.qtype import qtype as lookup_qtype
-from slimquant.types.spec import Granularity, QuantSpec
+from slimquant.types.spec import GROUP_SIZES, Granularity, QuantSpec
 
 
 @dataclass(frozen=True)
@@ -36,10 +36,11 @@ def check_weight_shape(shape: tuple[int, int], spec: QuantSpec) -> None:
     """Raise ValueError when ``spec`` cannot be applied to a ``[n, k]`` weight."""
     n, k = shape
     if spec.granularity is Granularity.PER_GROUP and k % int(spec.group_size or 0):
-        divisors = [g for g in (32, 64, 96, 128, 256) if k % g == 0]
+        divisors = [g for g in GROUP_SIZES if k % g == 0]
         raise ValueError(
             f"in_features {k} is not divisible by group_size {spec.group_size}"
-            + (f" (group sizes that divide it: {divisors})" if divisors else "")
+            + (f" (group sizes that divide it: {divisors})" if divisors else
+               f" (none of the group sizes {list(GROUP_SIZES)} divides it: quantize it per channel)")
         )
     if spec.granularity is Granularity.PER_TOKEN:
         raise ValueError("per_token granularity does not apply to weights")

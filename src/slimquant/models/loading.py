@@ -15,6 +15,7 @@ from torch import nn
 
 from slimquant.errors import SlimquantError
 from slimquant.formats.msmodelslim import is_checkpoint, load_into, read_manifest
+from slimquant.formats.safetensors_io import FLOAT_DTYPES, read_header
 from slimquant.surgery.fuse import fuse_w8a8_inputs
 
 log = logging.getLogger(__name__)
@@ -98,7 +99,9 @@ def _read_config(path: Path) -> dict[str, Any]:
     return data
 
 
-def _check_safetensors(path: Path) -> None:
+def _check_safetensors(path: Path) -> dict[str, tuple[str, Path]]:
+    """Every tensor of the directory's safetensors files: ``{name: (safetensors dtype, file)}``; files that are
+    truncated or corrupt, and pickle-only directories, are refused naming the file."""
     from safetensors import SafetensorError, safe_open
 
     files = sorted(path.glob("*.safetensors"))
@@ -106,31 +109,86 @@ def _check_safetensors(path: Path) -> None:
         pickled = [p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt")]
         hint = f" (found {', '.join(pickled)}: pickled weights are never loaded)" if pickled else ""
         raise SlimquantError(f"model directory {path} has no .safetensors weights{hint}")
+    out: dict[str, tuple[str, Path]] = {}
     for f in files:
+        header = read_header(f)
         try:
             with safe_open(str(f), framework="pt") as fh:
                 for name in fh.keys():
                     fh.get_slice(name)
         except (SafetensorError, OSError, ValueError) as e:
-            raise SlimquantError(f"cannot read {f}: {e} (truncated or corrupt file?)") from None
-        expected = _safetensors_extent(f)
-        if expected is not None and expected != f.stat().st_size:
-            raise SlimquantError(f"cannot read {f}: file is {f.stat().st_size} bytes, header says {expected} (truncated?)")
+            raise SlimquantError(f"cannot read {f}: {one_line(e)} (truncated or corrupt file?)") from None
+        for name, v in header.items():
+            if name in out:
+                raise SlimquantError(f"tensor {name} is in both {out[name][1]} and {f}")
+            out[name] = (v["dtype"], f)
+    return out
 
 
-def _safetensors_extent(f: Path) -> int | None:
-    """Total size a safetensors file must have according to its header."""
-    with open(f, "rb") as fh:
-        raw = fh.read(8)
-        if len(raw) < 8:
-            return None
-        n = int.from_bytes(raw, "little")
-        try:
-            header = json.loads(fh.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            return None
-    ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
-    return 8 + n + (max(ends) if ends else 0)
+def one_line(e: BaseException, limit: int = 300) -> str:
+    """An exception's message on one line (transformers' are often paragraphs), cut at ``limit`` characters."""
+    text = " ".join(str(e).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def check_float_weights(model: nn.Module, source: Any, stored: dict[str, tuple[str, Path]] | None = None) -> None:
+    """Refuse a float model whose parameters are not finite, or whose file stores a float parameter with an
+    integer dtype (a relabelled header: its bytes were read as integers and converted). Names the tensor."""
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    for name, p in model.named_parameters():
+        if p.device.type == "meta" or not p.is_floating_point():
+            continue
+        if stored:
+            hit = stored.get(name) or stored.get(f"{prefix}.{name}") or stored.get(name.removeprefix(prefix + "."))
+            if hit is not None and hit[0] not in FLOAT_DTYPES:
+                raise SlimquantError(f"{hit[1]}: tensor {name} is stored as {hit[0]} but the model's parameter is "
+                                     f"{str(p.dtype).removeprefix('torch.')}: the header's dtype is wrong or these are "
+                                     "not this model's weights")  # fmt: skip
+        if not torch.isfinite(p).all():
+            bad = int((~torch.isfinite(p)).sum())
+            raise SlimquantError(f"{source}: tensor {name} has {bad} NaN/Inf value(s); a float model must be finite "
+                                 "to be quantized")  # fmt: skip
+
+
+def _check_loading_info(path: Path, info: dict[str, Any]) -> None:
+    """transformers' loading report as errors: every parameter must come from the files, with its shape."""
+    missing = sorted(info.get("missing_keys") or [])
+    unexpected = sorted(info.get("unexpected_keys") or [])
+    mismatched = sorted(info.get("mismatched_keys") or [])
+    if mismatched:
+        name, ckpt, model = mismatched[0]
+        more = f" (and {len(mismatched) - 1} more)" if len(mismatched) > 1 else ""
+        raise SlimquantError(f"{path}: tensor {name} has shape {tuple(ckpt)} in the safetensors files, the model "
+                             f"(config.json) expects {tuple(model)}{more}")  # fmt: skip
+    if missing:
+        more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
+        hint = f"; the files have {', '.join(unexpected[:3])} instead, which the model does not use" if unexpected else ""
+        raise SlimquantError(f"{path}: tensor(s) missing from the safetensors files: {', '.join(missing[:5])}{more}"
+                             f"{hint} (a model with missing weights would be quantized from random values)")  # fmt: skip
+    if unexpected:
+        log.warning("%s: the safetensors files hold %d tensor(s) the model does not use (ignored): %s", path,
+                    len(unexpected), ", ".join(unexpected[:5]))  # fmt: skip
+    if info.get("error_msgs"):
+        raise SlimquantError(f"{path}: {one_line(info['error_msgs'][0])}")
+
+
+def _check_model_type(path: Path, config: dict[str, Any], trust_remote_code: bool) -> None:
+    from transformers import CONFIG_MAPPING
+
+    mt = config.get("model_type")
+    if mt is None:
+        raise SlimquantError(f"{path / 'config.json'} has no \"model_type\"")
+    if mt in CONFIG_MAPPING:
+        return
+    if config.get("auto_map"):
+        if not trust_remote_code:
+            raise SlimquantError(f"{path / 'config.json'}: model_type {mt!r} is defined by code shipped in the "
+                                 "directory; pass --trust_remote_code (trust_remote_code=True) to run it")  # fmt: skip
+        return
+    import transformers
+
+    raise SlimquantError(f"{path / 'config.json'}: model_type {mt!r} is not known to transformers "
+                         f"{transformers.__version__}")  # fmt: skip
 
 
 def _is_causal(config: dict[str, Any]) -> bool:
@@ -153,18 +211,39 @@ def _load_hf_dir(path: Path, trust_remote_code: bool, dtype: torch.dtype | None,
     from transformers import AutoModel, AutoModelForCausalLM
 
     config = _read_config(path)
-    _check_safetensors(path)
+    _check_model_type(path, config, trust_remote_code)
+    stored = _check_safetensors(path)
     kind = kind or ("causal_lm" if _is_causal(config) else "encoder")
     auto = AutoModelForCausalLM if kind == "causal_lm" else AutoModel
-    kwargs: dict[str, Any] = {"use_safetensors": True, "trust_remote_code": trust_remote_code}
+    kwargs: dict[str, Any] = {"use_safetensors": True, "trust_remote_code": trust_remote_code,
+                              "output_loading_info": True, "ignore_mismatched_sizes": True}  # fmt: skip
     if dtype is not None:
         kwargs["dtype"] = dtype
     try:
-        model = auto.from_pretrained(str(path), **kwargs)
+        model, info = auto.from_pretrained(str(path), **kwargs)
     except Exception as e:  # noqa: BLE001
-        raise SlimquantError(f"cannot load model from {path}: {type(e).__name__}: {e}") from None
+        raise SlimquantError(f"cannot load model from {path}: {type(e).__name__}: {one_line(e)}") from None
+    _check_loading_info(path, info)
+    check_float_weights(model, path, stored)
     model.eval()
     return LoadedModel(model, _load_tokenizer(path, trust_remote_code=trust_remote_code), kind, str(path))
+
+
+def _check_gguf(path: Path) -> None:
+    """Parse the GGUF file's header and tensor table; refuse it, naming the file, when its tensors do not fit in it."""
+    from gguf import GGUFReader
+
+    try:
+        reader = GGUFReader(str(path))
+        size = path.stat().st_size
+        for t in reader.tensors:
+            if int(t.data_offset) + int(t.n_bytes) > size:
+                raise SlimquantError(f"GGUF file {path} is truncated: tensor {t.name} ends at byte "
+                                     f"{int(t.data_offset) + int(t.n_bytes)} of a {size}-byte file")  # fmt: skip
+    except SlimquantError:
+        raise
+    except Exception as e:  # noqa: BLE001 - the reader fails with struct/numpy errors on a cut file
+        raise SlimquantError(f"GGUF file {path} is truncated or corrupt ({type(e).__name__}: {one_line(e)})") from None
 
 
 def _load_gguf(path: Path, dtype: torch.dtype | None) -> LoadedModel:
@@ -173,21 +252,24 @@ def _load_gguf(path: Path, dtype: torch.dtype | None) -> LoadedModel:
     with open(path, "rb") as fh:
         if fh.read(4) != b"GGUF":
             raise SlimquantError(f"{path} is not a GGUF file (bad magic bytes)")
-    kwargs: dict[str, Any] = {"gguf_file": path.name}
+    _check_gguf(path)
+    kwargs: dict[str, Any] = {"gguf_file": path.name, "output_loading_info": True, "ignore_mismatched_sizes": True}
     if dtype is not None:
         kwargs["dtype"] = dtype
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(path.parent), **kwargs)
+        model, info = AutoModelForCausalLM.from_pretrained(str(path.parent), **kwargs)
         tok = _load_tokenizer(path.parent, gguf_file=path.name)
     except SlimquantError:
         raise
     except Exception as e:  # noqa: BLE001
-        raise SlimquantError(f"cannot load GGUF file {path}: {type(e).__name__}: {e}") from None
+        raise SlimquantError(f"cannot load GGUF file {path}: {type(e).__name__}: {one_line(e)}") from None
     # The GGUF source quantization was dequantized on load; the config must not claim otherwise.
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     if getattr(model, "hf_quantizer", None) is not None:
         model.hf_quantizer = None
+    _check_loading_info(path, info)
+    check_float_weights(model, path)
     model.eval()
     return LoadedModel(model, tok, "causal_lm", str(path))
 

@@ -52,6 +52,9 @@ class StreamingModel:
             t = self.source.get(name)
             if tuple(t.shape) != tuple(meta.shape):
                 raise SlimquantError(f"{self.path}: tensor {name} has shape {tuple(t.shape)}, the model expects {tuple(meta.shape)}")
+            if meta.is_floating_point() and not t.is_floating_point():
+                raise SlimquantError(f"{self.path}: tensor {name} is stored as {t.dtype}, the model expects "
+                                     f"{meta.dtype} (a wrong header dtype, or not this model's weights)")  # fmt: skip
             if t.is_floating_point() and not torch.isfinite(t).all():
                 raise SlimquantError(f"{self.path}: tensor {name} has {int((~torch.isfinite(t)).sum())} NaN/Inf value(s)")
             state[local] = t.to(meta.dtype)
@@ -71,7 +74,8 @@ class StreamingModel:
 
 def open_streaming(path: str | Path, trust_remote_code: bool = False) -> StreamingModel:
     """Open a Hugging Face safetensors directory for block-by-block processing (see module doc)."""
-    from slimquant.models.loading import EMBEDDED, _check_safetensors, _hf_skeleton, _load_tokenizer, _read_config
+    from slimquant.models.loading import (EMBEDDED, _check_model_type, _check_safetensors, _hf_skeleton, _load_tokenizer,
+                                          _read_config, check_float_weights)  # fmt: skip
 
     if str(path) in EMBEDDED or str(path).endswith(".gguf"):
         raise SlimquantError(f"streaming reads a Hugging Face safetensors directory; {path} is a GGUF model (the embedded "
@@ -80,7 +84,8 @@ def open_streaming(path: str | Path, trust_remote_code: bool = False) -> Streami
     if not path.is_dir():
         raise SlimquantError(f"streaming reads a Hugging Face model directory; {path} is not one")
     raw = _read_config(path)
-    _check_safetensors(path)
+    _check_model_type(path, raw, trust_remote_code)
+    stored = _check_safetensors(path)
     archs = raw.get("architectures") or []
     if not archs:
         raise SlimquantError(f"{path / 'config.json'}: no \"architectures\" entry naming the transformers model class")
@@ -95,7 +100,11 @@ def open_streaming(path: str | Path, trust_remote_code: bool = False) -> Streami
     state, missing = {}, []
     for name, meta in outside.items():
         if name in source:
-            state[name] = source.get(name).to(meta.dtype)
+            t = source.get(name)
+            if tuple(t.shape) != tuple(meta.shape):
+                raise SlimquantError(f"{path}: tensor {name} has shape {tuple(t.shape)}, the model expects "
+                                     f"{tuple(meta.shape)}")  # fmt: skip
+            state[name] = t.to(meta.dtype)
         elif meta.is_meta:
             missing.append(name)
     source.close()
@@ -108,6 +117,7 @@ def open_streaming(path: str | Path, trust_remote_code: bool = False) -> Streami
         still = [n for n, t in model.state_dict(keep_vars=True).items() if not n.startswith(prefix) and t.is_meta]
         if still:
             raise SlimquantError(f"{path}: tensors missing from the safetensors files: {', '.join(still[:5])}")
+    check_float_weights(model, path, stored)  # the loaded part; each block is checked as it is read
     for p in model.parameters():
         p.requires_grad_(False)
     log.info("streaming %s: %d blocks under %s stay on disk until needed", path, len(model.get_submodule(blocks_path)),

@@ -113,6 +113,19 @@ def _tied_output(model: nn.Module, embedding_name: str) -> str | None:
     return None
 
 
+def _check_finite(model: nn.Module, kept: set[str]) -> None:
+    """Every float parameter finite (not only the layers being quantized: a NaN norm or embedding weight would be
+    copied into the checkpoint, or show up only as GPTQ fallbacks); names the tensor. Layers the user keeps float
+    by name (``kept``) are left as they are; streamed blocks on meta are checked as they are read."""
+    for name, p in model.named_parameters():
+        if any(name.startswith(k + ".") for k in kept):
+            continue
+        if p.device.type != "meta" and p.is_floating_point() and not torch.isfinite(p).all():
+            owner, _, leaf = name.rpartition(".")
+            raise SlimquantError(f"layer {owner or name}: {leaf} has {int((~torch.isfinite(p)).sum())} NaN/Inf value(s) "
+                                 f"(tensor {name}); cannot quantize")  # fmt: skip
+
+
 def _weight_2d(module: nn.Module) -> torch.Tensor:
     w = module.weight.detach()
     return w.reshape(w.shape[0], -1)
@@ -161,6 +174,7 @@ def convert(
     if recipe.algorithm == "gptq" and calib_data is None:
         raise SlimquantError("gptq needs calibration data (calib_data)")
     layers, report = plan(model, recipe)
+    _check_finite(model, {n for n, why in report.skipped.items() if why == "disable_names"})
     # data-aware algorithms solve the layers inside the repeated blocks; the rest (and anything outside
     # the blocks) is rounded to nearest
     rest = "rtn" if recipe.algorithm == "gptq" else recipe.algorithm
@@ -178,9 +192,6 @@ def convert(
             continue
         if w.device.type == "meta":
             raise SlimquantError(f"layer {lp.name}: weight is on the meta device (model not loaded)")
-        if not torch.isfinite(w).all():
-            bad = int((~torch.isfinite(w)).sum())
-            raise SlimquantError(f"layer {lp.name}: weight has {bad} NaN/Inf value(s); cannot quantize")
         try:
             check_weight_shape(tuple(w.shape), lp.spec)  # type: ignore[arg-type]
         except ValueError as e:
@@ -238,36 +249,8 @@ def convert(
         report.layers.append(row)
         log.debug("quantized %s (%s): SQNR %.2f dB", lp.name, lp.spec.describe(), err)
     if sequential:
-        from slimquant.pipeline.sequential import quantize_sequential
-
-        work = None
-        if work_dir is not None:
-            from slimquant.pipeline.workdir import WorkDir
-
-            work = WorkDir(work_dir, _fingerprint(model, recipe, sequential, calib_data))
-        make = None
-        if w8a8:  # GPTQ weights under (smoothed, calibrated) int8 inputs
-
-            def make(name: str, module: nn.Module, qw: QuantizedWeight, spec: QuantSpec, row: dict) -> Any:
-                if name in ranges:
-                    row.update(input_rule=ranges[name]["rule"],
-                               input_range=[round(ranges[name]["rmin"], 6), round(ranges[name]["rmax"], 6)])  # fmt: skip
-                return _w8a8_module(module, qw, spec, recipe.input, ranges.get(name))  # type: ignore[arg-type]
-
-        import tempfile
-        from pathlib import Path
-
-        budget = None if max_activation_gb is None else int(max_activation_gb * 1e9)
-        with tempfile.TemporaryDirectory(prefix="slimquant-activations-") as tmp:
-            spill = Path(work_dir) / "activations" if work_dir is not None else Path(tmp)
-            try:
-                rows, _, awq_rows = quantize_sequential(model, recipe, sequential, calib_data, show_progress, stream,
-                                                        work, make, budget, spill)  # fmt: skip
-            finally:  # spilled activations are scratch: a resume reads the work directory's inputs.safetensors
-                if work_dir is not None:
-                    import shutil
-
-                    shutil.rmtree(spill, ignore_errors=True)
+        rows, awq_rows = _run_sequential(model, recipe, sequential, calib_data, show_progress, stream, work_dir,
+                                         max_activation_gb, ranges if w8a8 else None)  # fmt: skip
         report.layers.extend(rows)
         report.smoothing.extend(awq_rows)
     for out, emb in ties.items():
@@ -290,6 +273,53 @@ def convert(
         report.attention = calibrate_attention(model, recipe, calib_data, show_progress)
     model.slimquant_recipe = recipe
     return report
+
+
+def _run_sequential(model: nn.Module, recipe: Recipe, sequential: list[LayerPlan], calib_data: Any, show_progress: bool,
+                    stream: Any, work_dir: str | os.PathLike | None, max_activation_gb: float | None,
+                    ranges: dict[str, dict[str, Any]] | None) -> tuple[list[dict], list[dict]]:  # fmt: skip
+    """The block-by-block part of :func:`convert`: (report rows, AWQ rows). With ``work_dir`` its lock is held
+    while the blocks run (a second run on it is refused at once), and a run that fails before finishing its first
+    block leaves no work directory behind. ``ranges``: W8A8 static input ranges (None: weight-only layers)."""
+    import contextlib
+    import tempfile
+    from pathlib import Path
+
+    from slimquant.formats.atomic import target_lock
+    from slimquant.pipeline.sequential import quantize_sequential
+
+    make = None
+    if ranges is not None:  # GPTQ weights under (smoothed, calibrated) int8 inputs
+
+        def make(name: str, module: nn.Module, qw: QuantizedWeight, spec: QuantSpec, row: dict) -> Any:
+            if name in ranges:
+                row.update(input_rule=ranges[name]["rule"],
+                           input_range=[round(ranges[name]["rmin"], 6), round(ranges[name]["rmax"], 6)])  # fmt: skip
+            return _w8a8_module(module, qw, spec, recipe.input, ranges.get(name))  # type: ignore[arg-type]
+
+    budget = None if max_activation_gb is None else int(max_activation_gb * 1e9)
+    with contextlib.ExitStack() as stack:
+        work = None
+        if work_dir is not None:
+            from slimquant.pipeline.workdir import WorkDir
+
+            stack.enter_context(target_lock(work_dir))
+            work = WorkDir(work_dir, _fingerprint(model, recipe, sequential, calib_data, stream))
+        tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="slimquant-activations-"))
+        spill = Path(work_dir) / "activations" if work_dir is not None else Path(tmp)
+        try:
+            rows, _, awq_rows = quantize_sequential(model, recipe, sequential, calib_data, show_progress, stream,
+                                                    work, make, budget, spill)  # fmt: skip
+        except BaseException:
+            if work is not None and work.done == 0:
+                work.remove()  # nothing finished: nothing to resume from
+            raise
+        finally:  # spilled activations are scratch: a resume reads the work directory's inputs.safetensors
+            if work_dir is not None:
+                import shutil
+
+                shutil.rmtree(spill, ignore_errors=True)
+    return rows, awq_rows
 
 
 def _calibrate_inputs(
@@ -341,17 +371,22 @@ def _w8a8_module(
     return QLinearW8A8.from_float(module, qw.q, qw.scale.reshape(-1), spec, input_spec, float(scale), offset)  # type: ignore[arg-type]
 
 
-def _fingerprint(model: nn.Module, recipe: Recipe, plans: list[LayerPlan], calib_data: Any) -> dict[str, Any]:
-    """What must match for a work directory to be resumed: recipe, model, layer plan, calibration data."""
+def _fingerprint(model: nn.Module, recipe: Recipe, plans: list[LayerPlan], calib_data: Any,
+                 stream: Any = None) -> dict[str, Any]:  # fmt: skip
+    """What must match for a work directory to be resumed: recipe, model (config and weights), layer plan,
+    calibration data. Spellings that do not change the result (the path the model was loaded from) are left out."""
     import json
 
     from slimquant.pipeline.calibrate import model_inputs
-    from slimquant.pipeline.workdir import tensor_digest
+    from slimquant.pipeline.workdir import tensor_digest, weights_digest
 
     config = getattr(model, "config", None)
     model_entry: dict[str, Any] = {"class": type(model).__name__}
     if config is not None and hasattr(config, "to_json_string"):
         model_entry["config"] = json.loads(config.to_json_string(use_diff=False))
+        model_entry["config"].pop("_name_or_path", None)
+    files = sorted(set(stream.source.files.values())) if stream is not None else []
+    model_entry["weights"] = weights_digest(model, files)
     calib = "none"
     if calib_data is not None:
         tensors: list[torch.Tensor] = []

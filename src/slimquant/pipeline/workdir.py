@@ -15,6 +15,7 @@ refused with the difference.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -25,7 +26,8 @@ from typing import Any
 import torch
 
 from slimquant.errors import SlimquantError
-from slimquant.formats.safetensors_io import TensorSource, write_safetensors
+from slimquant.formats.atomic import fsync_dir
+from slimquant.formats.safetensors_io import TensorSource, read_header, write_safetensors
 
 log = logging.getLogger(__name__)
 
@@ -35,13 +37,17 @@ INPUTS = "inputs.safetensors"
 
 def _atomic_json(path: Path, data: Any) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=True), encoding="utf-8")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(json.dumps(data, indent=1, sort_keys=True))
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
+    fsync_dir(path.parent)
 
 
 def _write_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    write_safetensors(tmp, [(n, tuple(t.shape), t.dtype, (lambda t=t: t)) for n, t in tensors.items()])
+    write_safetensors(tmp, [(n, tuple(t.shape), t.dtype, (lambda t=t: t)) for n, t in tensors.items()], fsync=True)
     os.replace(tmp, path)
 
 
@@ -54,16 +60,57 @@ def _diff(a: Any, b: Any, path: str = "") -> list[str]:
     return [] if a == b else [f"{path}: {a!r} -> {b!r}"]
 
 
+def _update(h: Any, t: torch.Tensor) -> None:
+    t = t.detach().to("cpu").contiguous()
+    h.update(str((tuple(t.shape), str(t.dtype))).encode())
+    if t.numel():
+        h.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+
+
 def tensor_digest(tensors: list[torch.Tensor]) -> str:
     """A short content hash of tensors (calibration data), for the fingerprint."""
-    import hashlib
-
     h = hashlib.sha256()
     for t in tensors:
-        t = t.detach().to("cpu").contiguous()
-        h.update(str((tuple(t.shape), str(t.dtype))).encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        _update(h, t)
     return h.hexdigest()[:16]
+
+
+# Files up to this size are hashed whole; larger ones by their header and evenly spaced samples of their data.
+FULL_HASH_BYTES = 2 * 2**30
+_SAMPLES, _SAMPLE_BYTES = 4096, 4096
+
+
+def file_digest(path: Path) -> dict[str, Any]:
+    """Size and content hash of one weights file: whole up to :data:`FULL_HASH_BYTES`, else its safetensors header
+    plus :data:`_SAMPLES` slices of its bytes spread over the file (any replaced file changes them)."""
+    size = path.stat().st_size
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        if size <= FULL_HASH_BYTES:
+            while chunk := f.read(16 * 2**20):
+                h.update(chunk)
+            return {"bytes": size, "sha256": h.hexdigest()[:16]}
+        n = int.from_bytes(f.read(8), "little")
+        h.update(f.read(min(n, 100_000_000)))
+        for i in range(_SAMPLES):
+            f.seek(i * (size - _SAMPLE_BYTES) // (_SAMPLES - 1))
+            h.update(f.read(_SAMPLE_BYTES))
+    return {"bytes": size, "sha256_sampled": h.hexdigest()[:16]}
+
+
+def weights_digest(model: torch.nn.Module, lazy_files: list[Path] = ()) -> dict[str, Any]:
+    """What identifies a model's weights: a hash of every tensor it holds in memory and, for tensors still on
+    disk (streamed blocks on the meta device), :func:`file_digest` of their files (by file name, not path, so
+    the same model under another spelling of its path matches)."""
+    h = hashlib.sha256()
+    for name, t in model.state_dict(keep_vars=True).items():
+        if t.device.type != "meta":
+            h.update(name.encode())
+            _update(h, t)
+    out: dict[str, Any] = {"in_memory": h.hexdigest()[:16]}
+    if lazy_files:
+        out["files"] = {p.name: file_digest(p) for p in sorted(set(map(Path, lazy_files)))}
+    return out
 
 
 class WorkDir:
@@ -76,11 +123,14 @@ class WorkDir:
                 state = json.loads(state_file.read_text(encoding="utf-8"))
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
                 raise SlimquantError(f"{state_file} is not valid JSON ({e}); remove {self.path} to start over") from None
+            if not isinstance(state, dict) or not isinstance(state.get("done"), int) or state["done"] < 0:
+                raise SlimquantError(f"{state_file} is not a slimquant work state; remove {self.path} to start over")
             diff = _diff(state.get("fingerprint"), self.fingerprint)
             if diff:
                 raise SlimquantError(f"{self.path} holds an unfinished run with a different setup; remove it to start "
                                      f"over, or rerun the original command. Differences: {'; '.join(diff[:8])}")  # fmt: skip
-            self.done = int(state.get("done", 0))
+            self.done = state["done"]
+            self._check_files()
             if self.done:
                 log.info("resuming from %s: %d block(s) already done", self.path, self.done)
         else:
@@ -89,6 +139,21 @@ class WorkDir:
             self.path.mkdir(parents=True, exist_ok=True)
             self.done = 0
             _atomic_json(state_file, {"fingerprint": self.fingerprint, "done": 0})
+
+    def _check_files(self) -> None:
+        """Every finished block's files (and the saved inputs) readable and complete, or an error naming the file."""
+        files = [self.block_file(i) for i in range(self.done)]
+        if (self.path / INPUTS).exists():
+            files.append(self.path / INPUTS)
+        for f in files:
+            if not f.is_file():
+                raise SlimquantError(f"work directory {self.path} is damaged: {f.name} is missing; remove it to start over")
+            try:
+                read_header(f)
+            except SlimquantError as e:
+                raise SlimquantError(f"work directory {self.path} is damaged ({e}); remove it to start over") from None
+        for i in range(self.done):
+            self.block_info(i)
 
     def block_file(self, i: int) -> Path:
         return self.path / f"block_{i:05d}.safetensors"
@@ -102,13 +167,23 @@ class WorkDir:
         _atomic_json(self.path / f"block_{i:05d}.json", info)
         if next_inputs is not None:  # write_safetensors entries (name, shape, dtype, producer), one tensor at a time
             tmp = self.path / (INPUTS + ".tmp")
-            write_safetensors(tmp, next_inputs)
+            write_safetensors(tmp, next_inputs, fsync=True)
             os.replace(tmp, self.path / INPUTS)
         self.done = i + 1
         _atomic_json(self.path / STATE, {"fingerprint": self.fingerprint, "done": self.done})
 
     def block_info(self, i: int) -> dict[str, Any]:
-        return json.loads((self.path / f"block_{i:05d}.json").read_text(encoding="utf-8"))
+        f = self.path / f"block_{i:05d}.json"
+        try:
+            info = json.loads(f.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise SlimquantError(f"work directory {self.path} is damaged: {f.name} cannot be read ({e}); remove it to "
+                                 "start over") from None  # fmt: skip
+        if not (isinstance(info, dict) and isinstance(info.get("layers"), list) and isinstance(info.get("awq"), list)
+                and isinstance(info.get("modules"), dict)):  # fmt: skip
+            raise SlimquantError(f"work directory {self.path} is damaged: {f.name} is not a block record; remove it "
+                                 "to start over")  # fmt: skip
+        return info
 
     def block_tensor_names(self, i: int) -> list[str]:
         from safetensors import safe_open
@@ -118,6 +193,8 @@ class WorkDir:
 
     def inputs(self, count: int):  # noqa: ANN201
         """The saved hidden states entering block ``done``, read one at a time (a generator)."""
+        if not (self.path / INPUTS).is_file():
+            raise SlimquantError(f"work directory {self.path} is damaged: {INPUTS} is missing; remove it to start over")
         src = TensorSource({f"item_{j:06d}": self.path / INPUTS for j in range(count)})
         for j in range(count):
             try:

@@ -1,0 +1,111 @@
+"""Every example of the README runs, from an empty directory: the command-line block and the Python block.
+
+The fast tier swaps the embedded models for tiny random ones of the same kinds (and ``/models/llama`` for a
+tiny Hugging Face directory); ``pytest -m slow`` runs the examples with the real embedded models.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+
+from slimquant.cli.main import main
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def _block(after: str, lang: str) -> str:
+    text = README.read_text(encoding="utf-8")
+    start = text.index(after)
+    m = re.compile(rf"```{lang}\n(.*?)```", re.S).search(text, start)
+    assert m, f"no {lang} block after {after!r} in README.md"
+    return m.group(1)
+
+
+def cli_examples() -> list[str]:
+    """The ``slimquant ...`` commands of the README's command-line section (continuations joined, comments cut)."""
+    joined = _block("## Command line", "sh").replace("\\\n", " ")
+    out = []
+    for line in joined.splitlines():
+        line = line.split(" #")[0].strip()
+        if line.startswith("slimquant "):
+            out.append(line)
+    return out
+
+
+def python_example() -> str:
+    return _block("## Python", "python")
+
+
+def _inputs(directory: Path, corpus: list[str]) -> None:
+    """The files the examples read, in the current directory."""
+    import json
+
+    lines = [corpus[i % len(corpus)] for i in range(1200)]
+    (directory / "play.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    (directory / "calib.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    (directory / "sentences.txt").write_text("\n".join(lines[:300]) + "\n", encoding="utf-8")
+    (directory / "calib.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in lines), encoding="utf-8")
+
+
+def _substitute(text: str, models: dict[str, str]) -> str:
+    """One pass, longest name first (``/models/llama-hf`` before ``/models/llama``; replacements are not re-read)."""
+    pattern = "|".join(re.escape(k) for k in sorted(models, key=len, reverse=True))
+    return re.sub(pattern, lambda m: models[m.group(0)], text)
+
+
+@pytest.fixture
+def tiny_models(make_llama_dir, bert_dir) -> dict[str, str]:
+    llama = make_llama_dir("models/llama")
+    return {"smollm2-135m": str(llama), "/models/llama-hf": str(llama), "/models/llama": str(llama),
+            "minilm-l6": str(bert_dir)}  # fmt: skip
+
+
+def _run_cli_examples(capsys, models: dict[str, str]) -> None:
+    examples = cli_examples()
+    assert len(examples) >= 10
+    for cmd in examples:
+        argv = shlex.split(_substitute(cmd, models))[1:]
+        rc = main(argv)
+        err = capsys.readouterr().err
+        assert rc == 0, f"README example failed: {cmd}\n{err[-3000:]}"
+
+
+def _run_python_example(models: dict[str, str]) -> None:
+    code = _substitute(python_example(), models)
+    exec(compile(code, "README.md (Python)", "exec"), {"__name__": "__readme__"})  # noqa: S102 - our own README
+    assert Path("out/mynet/slimquant_manifest.json").is_file()
+    assert Path("out/llama-w4/quant_model_weight_w4a16.safetensors").is_file()
+
+
+def test_readme_cli_examples_run_from_an_empty_directory(capsys, tiny_models, tmp_path, monkeypatch, eval_text):
+    work = tmp_path / "empty"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    _inputs(work, eval_text.strip().splitlines())
+    _run_cli_examples(capsys, tiny_models)
+    assert {"smollm2-w4a16", "llama-w8a16", "smollm2-w8a8", "minilm-w8a16"} <= {p.name for p in (work / "out").iterdir()}
+
+
+def test_readme_python_example_runs_from_an_empty_directory(tiny_models, tmp_path, monkeypatch, eval_text):
+    work = tmp_path / "empty"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    _inputs(work, eval_text.strip().splitlines())
+    _run_python_example(tiny_models)
+
+
+@pytest.mark.slow
+def test_readme_examples_with_the_real_models(capsys, tmp_path, monkeypatch, eval_text, make_llama_dir):
+    """As written (the embedded smollm2-135m and minilm-l6); only ``/models/llama`` is a tiny stand-in."""
+    llama = str(make_llama_dir("models/llama"))
+    models = {"/models/llama-hf": llama, "/models/llama": llama}
+    for name, run in (("cli", lambda: _run_cli_examples(capsys, models)), ("py", lambda: _run_python_example(models))):
+        work = tmp_path / name
+        work.mkdir()
+        monkeypatch.chdir(work)
+        _inputs(work, eval_text.strip().splitlines())
+        run()
