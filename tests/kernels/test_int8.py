@@ -285,9 +285,16 @@ def test_registry_has_reference_and_fast_for_every_op() -> None:
         want |= {"native"} if op.endswith("_quant") else set()
         assert set(impls) == want
         assert get_kernel(op) is impls["reference"]
-        assert isinstance(fast_available(op), bool)
-    assert fast_available("int8_matmul") == hasattr(torch, "_int_mm")
-    assert fast_available("quantize_per_token")
+        assert fast_available(op) is True  # the pinned torch has every primitive (_int_mm, _weight_int8pack_mm)
+
+
+def test_fast_available_is_false_without_the_torch_primitive(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delattr(torch, "_int_mm")
+    assert fast_available("int8_matmul") is False and fast_available("linear_w8a8_static") is False
+    assert fast_available("quantize_per_token") is True  # needs no primitive
+    assert fast_available("linear_w8a16") is hasattr(torch, "_weight_int8pack_mm")
+    with pytest.raises(SlimquantError):
+        fast_available("no_such_op")
 
 
 def test_registry_errors_list_valid_names() -> None:

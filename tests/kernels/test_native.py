@@ -250,3 +250,17 @@ def test_build_name_tracks_source_and_torch(monkeypatch: pytest.MonkeyPatch, tmp
 def test_cpu_features_string(native_lib) -> None:  # noqa: ANN001
     assert native_lib.cpu_features() in ("avx512 avx512vnni", "avx512", "scalar")
     assert int8.get_kernel("linear_w8a16", "native") is int8.linear_w8a16_native
+
+
+def test_scratch_buffers_from_inference_mode_work_outside_it(native_lib) -> None:
+    """The kernels' per-thread scratch tensors, first allocated under ``torch.inference_mode``, are reused by
+    later calls under ``torch.no_grad`` (an inference tensor there could not be written)."""
+    torch.manual_seed(0)
+    w = torch.randint(-127, 128, (64, 96), dtype=torch.int8)
+    s = torch.rand(64) + 0.01
+    x = torch.randn(700, 96)  # past the GEMV rows: the int32 accumulators come from the scratch too
+    with torch.inference_mode():
+        a = native_lib.w8a8_dynamic(x, w, s)
+    with torch.no_grad():
+        b = native_lib.w8a8_dynamic(x, w, s)
+    assert torch.equal(a, b)

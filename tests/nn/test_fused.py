@@ -14,7 +14,6 @@ from conftest import make_llama
 import slimquant as sq
 from slimquant.nn import QLinearW8A8
 from slimquant.nn.fused import FusedGatedMLP, FusedRMSNorm
-from slimquant.nn.w8a8 import QUANTIZED_ROWS_ATTR
 from slimquant.surgery.fuse import fuse_w8a8_inputs
 from slimquant.types.spec import QuantSpec, Recipe
 
@@ -38,7 +37,7 @@ def _quantized_pair(llama, input_spec: QuantSpec):  # noqa: ANN001
             setattr(unfused.get_submodule(parent), child, module.original)
     for m in unfused.modules():
         if isinstance(m, QLinearW8A8):
-            m.reads_rows = None
+            m.rows_from = None
     return unfused, fused
 
 
@@ -53,7 +52,8 @@ def test_quantize_fuses_norms_and_mlps_of_w8a8_llama(llama, input_spec: QuantSpe
     for layer in fused.model.layers:
         assert isinstance(layer.input_layernorm, FusedRMSNorm) and isinstance(layer.post_attention_layernorm, FusedRMSNorm)
         assert isinstance(layer.mlp, FusedGatedMLP)
-        assert layer.self_attn.q_proj.reads_rows == layer.self_attn.q_proj.input_key()
+        assert layer.self_attn.q_proj.rows_from is layer.input_layernorm
+        assert layer.input_layernorm.input_key == layer.self_attn.q_proj.input_key()
     assert type(fused.model.norm).__name__ == "LlamaRMSNorm"  # the final norm feeds the float lm_head
     assert list(fused.state_dict()) == list(unfused.state_dict())
     assert fuse_w8a8_inputs(fused) == 0  # already fused
@@ -106,7 +106,7 @@ def test_gradients_take_the_float_path(llama) -> None:  # noqa: ANN001
     norm = fused.model.layers[0].input_layernorm
     x = torch.randn(1, 5, llama.config.hidden_size, requires_grad=True)
     y = norm(x)
-    assert not hasattr(y, QUANTIZED_ROWS_ATTR)
+    assert norm._rows is None  # the float path: no rows kept
     y.sum().backward()
     assert x.grad is not None
 
@@ -116,13 +116,57 @@ def test_rows_live_as_long_as_the_norm_output(llama, native_lib) -> None:  # noq
 
     _, fused = _quantized_pair(llama, DYNAMIC)
     norm = fused.model.layers[0].input_layernorm
-    with torch.inference_mode():
-        y = norm(torch.randn(1, 5, llama.config.hidden_size))
-        key, q, xs = getattr(y, QUANTIZED_ROWS_ATTR)
-        assert key == ("dynamic",) and q.shape == (5, llama.config.hidden_size) and xs.shape == (5,)
-        ref = weakref.ref(q)
-        del q, xs, key, y
-        assert ref() is None
+    for mode in (torch.inference_mode, torch.no_grad):
+        with mode():
+            y = norm(torch.randn(1, 5, llama.config.hidden_size))
+            _, _, q, xs, _ = norm._rows
+            assert q.shape == (5, llama.config.hidden_size) and xs.shape == (5,)
+            ref = weakref.ref(q)
+            del q, xs, y
+            assert norm._rows is None and ref() is None  # freed with the output
+            y = norm(torch.randn(1, 5, llama.config.hidden_size))
+            for _ in norm.readers:
+                assert norm.rows_for(y) is not None
+            assert norm._rows is None  # every reader took them: dropped
+
+
+def _zero_output(module, args, out):  # noqa: ANN001, ANN202
+    out.mul_(0)  # activation ablation, in place
+
+
+def _zero_input(module, args):  # noqa: ANN001, ANN202
+    args[0].mul_(0)
+
+
+def _zero_hidden_states(module, args, kwargs):  # noqa: ANN001, ANN202
+    kwargs["hidden_states"].mul_(0)
+
+
+@pytest.mark.parametrize("mode", [torch.inference_mode, torch.no_grad])
+@pytest.mark.parametrize("hook", ["norm_output_in_place", "norm_output_replaced", "q_proj_input_in_place",
+                                  "attention_input_in_place"])  # fmt: skip
+def test_hooks_that_edit_the_norm_output_are_seen_by_the_fused_path(llama, native_lib, mode, hook) -> None:  # noqa: ANN001
+    """A hook that edits (or replaces) the norm's output: the readers compute on what they get, as unfused."""
+    unfused, fused = _quantized_pair(llama, DYNAMIC)
+    seen = {}
+    for model in (unfused, fused):
+        layer = model.model.layers[0]
+        if hook == "norm_output_in_place":
+            layer.input_layernorm.register_forward_hook(_zero_output)
+        elif hook == "norm_output_replaced":
+            layer.input_layernorm.register_forward_hook(lambda m, a, out: out * 0.5)
+        elif hook == "q_proj_input_in_place":
+            layer.self_attn.q_proj.register_forward_pre_hook(_zero_input)
+        else:
+            layer.self_attn.register_forward_pre_hook(_zero_hidden_states, with_kwargs=True)
+        layer.self_attn.q_proj.register_forward_hook(lambda m, a, out, key=id(model): seen.__setitem__(key, out.clone()))
+    ids = _ids(llama.config.vocab_size)
+    with mode():
+        a, b = unfused(ids).logits, fused(ids).logits
+    if hook != "norm_output_replaced":  # the input of q_proj is all zeros, and q_proj has no bias
+        assert torch.count_nonzero(seen[id(unfused)]) == 0
+        assert torch.count_nonzero(seen[id(fused)]) == 0  # before the fix: stale rows, non-zero
+    assert float((a - b).abs().max()) < 0.05 * float(a.abs().max())
 
 
 def test_static_readers_with_different_ranges_keep_their_own_quantization(llama) -> None:  # noqa: ANN001
@@ -132,7 +176,7 @@ def test_static_readers_with_different_ranges_keep_their_own_quantization(llama)
     # per layer two norms and the MLP, less layer 0's input_layernorm
     assert fuse_w8a8_inputs(unfused) == 3 * len(unfused.model.layers) - 1
     assert type(unfused.model.layers[0].input_layernorm).__name__ == "LlamaRMSNorm"
-    assert attn.q_proj.reads_rows is None
+    assert attn.q_proj.rows_from is None
 
 
 def test_no_fusion_without_w8a8_or_a_known_architecture(llama, bert, mlp) -> None:  # noqa: ANN001

@@ -107,12 +107,23 @@ def test_gptq_under_smoothed_w8a8(llama, calib, input_ids, tmp_path, dynamic):
 
 
 def test_gptq_on_an_encoder(bert, input_ids):
+    import copy
+
     with torch.no_grad():
         ref = bert(input_ids).last_hidden_state
+
+    def rel_error(model) -> float:  # output MSE relative to the output's variance, on the calibration inputs
+        with torch.no_grad():
+            out = model(input_ids).last_hidden_state
+        return float(((out - ref) ** 2).mean() / ((ref - ref.mean()) ** 2).mean())
+
+    rtn = slimquant.quantize(copy.deepcopy(bert), Recipe(weight=W4), show_progress=False)
     slimquant.quantize(bert, Recipe(weight=W4, algorithm="gptq"), calib_data=input_ids, show_progress=False)
     assert len(bert.slimquant_report.layers) == 12  # 2 layers x (q, k, v, attn out, intermediate, output)
-    with torch.no_grad():
-        assert float((bert(input_ids).last_hidden_state - ref).abs().max()) < 1.0
+    # observed: GPTQ 5.7e-7, RTN 2.5e-6; every Linear weight zeroed gives 2.8e-4 (the residual stream carries
+    # the embeddings, so even that is small: hence a bound far below it, and the comparison with RTN)
+    assert rel_error(bert) < 1e-5
+    assert rel_error(bert) < 0.5 * rel_error(rtn)
 
 
 class _Block(torch.nn.Module):

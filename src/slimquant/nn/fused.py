@@ -4,10 +4,14 @@ A W8A8 layer quantizes its float input before its int8 GEMM. Where a Llama-style
 (``input_layernorm -> q/k/v_proj``, ``post_attention_layernorm -> gate/up_proj``) or the gated MLP's
 ``silu(gate) * up`` feeds ``down_proj``, one native pass can compute the float op and its int8 rows at once:
 
-* :class:`FusedRMSNorm` returns the norm's float output ``y`` as before and hands its int8 rows to the
-  layers that read ``y`` (attached to ``y``, so they live exactly as long as it; every reader checks that the
-  rows were quantized its way). The three attention projections quantize their shared input once instead
-  of three times.
+* :class:`FusedRMSNorm` returns the norm's float output ``y`` as before and keeps its int8 rows for the
+  layers that read ``y`` (wired to it by the fusion, all quantizing their input the same way). A reader takes
+  the rows only when its input *is* that ``y``, unchanged: a forward hook that returns another tensor, or one
+  that edits ``y`` in place (seen by its version counter; inference tensors have none, so under
+  ``torch.inference_mode`` the rows are kept only while no hook that could edit ``y`` is registered), makes
+  the readers quantize the tensor they get. The rows are dropped once every reader took them, when ``y`` is
+  freed, or at the next call. The three attention projections quantize their shared input once instead of
+  three times.
 * :class:`FusedGatedMLP` never writes ``silu(gate) * up`` in float: ``down_proj`` reads the int8 rows.
 
 Both keep the state-dict keys of the modules they replace and hold the original module (unregistered) for
@@ -20,14 +24,16 @@ squares and in ``exp`` (the int8 rows are those of the float values it computes)
 
 from __future__ import annotations
 
+import weakref
 from typing import Any, Sequence
 
 import torch
 from torch import nn
+from torch.nn.modules import module as _module
 
 from slimquant.kernels import int8 as k8
 from slimquant.kernels import native
-from slimquant.nn.w8a8 import QLinearW8A8, attach_rows
+from slimquant.nn.w8a8 import QLinearW8A8
 
 
 def _runs_fused(x: torch.Tensor, layers: Sequence[QLinearW8A8]) -> bool:
@@ -49,24 +55,63 @@ def _input_params(layer: QLinearW8A8) -> tuple[torch.Tensor | None, torch.Tensor
 
 class FusedRMSNorm(nn.Module):
     """A Llama-style RMSNorm (``weight * (x * rsqrt(mean(x^2) + eps))`` in float32) whose output is read only
-    by W8A8 layers that quantize it the same way: the native kernel writes the norm and the int8 rows once."""
+    by W8A8 layers that quantize it the same way: the native kernel writes the norm and the int8 rows once.
 
-    def __init__(self, norm: nn.Module, readers: Sequence[QLinearW8A8], key: tuple) -> None:
+    ``watched``: the modules between the norm and its readers whose forward pre-hooks could edit the output in
+    place before a reader sees it (the readers and their parents)."""
+
+    def __init__(self, norm: nn.Module, readers: Sequence[QLinearW8A8], key: tuple,
+                 watched: Sequence[nn.Module] = ()) -> None:  # fmt: skip
         super().__init__()
         self.weight = norm.weight  # the same Parameter: same state-dict key, shared with the original
         self.variance_epsilon = float(norm.variance_epsilon)  # type: ignore[arg-type]
         self.input_key = key
         object.__setattr__(self, "original", norm)  # unregistered: the exact float path
         object.__setattr__(self, "readers", tuple(readers))  # unregistered: they live in the attention/MLP
+        object.__setattr__(self, "watched", tuple(watched) or tuple(readers))
+        # the last output's rows: (weak ref to y, y's version or None, q, xs, readers that took them)
+        self._rows: tuple | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._rows = None
         if self.weight.dtype != torch.float32 or not _runs_fused(x, self.readers):
             return self.original(x)
         scale, offset = _input_params(self.readers[0])
         op = k8.get_kernel("rmsnorm_quant", "fast")
         y, q, xs = op(x, self.weight, self.variance_epsilon, scale, offset)
-        attach_rows(y, self.input_key, q, xs)
+        if y.is_inference():  # no version counter: an in-place edit could not be seen
+            if self._hooked():
+                return y
+            version = None
+        else:
+            version = y._version
+        self._rows = (weakref.ref(y, self._forget), version, q, xs, [0])
         return y
+
+    def rows_for(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The int8 rows (q int8 ``[M, k]``, xs float32 ``[M]`` or empty) of ``x`` if ``x`` is this norm's last
+        output, unchanged since; else None (the reader then quantizes ``x`` itself)."""
+        entry = self._rows
+        if entry is None:
+            return None
+        ref, version, q, xs, taken = entry
+        if ref() is not x or (version is not None and x._version != version):
+            return None
+        taken[0] += 1
+        if taken[0] >= len(self.readers):
+            self._rows = None
+        return q, xs
+
+    def _forget(self, _ref: Any) -> None:
+        entry = self._rows
+        if entry is not None and entry[0] is _ref:
+            self._rows = None
+
+    def _hooked(self) -> bool:
+        """Whether a hook could edit this norm's output before its readers see it."""
+        if self._forward_hooks or _module._global_forward_hooks or _module._global_forward_pre_hooks:
+            return True
+        return any(m._forward_pre_hooks for m in self.watched)
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.variance_epsilon}, int8 rows for {len(self.readers)} W8A8 layer(s)"

@@ -44,23 +44,6 @@ def deq_scale_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.int64 if dtype == torch.float16 else torch.float32
 
 
-# attribute of a float tensor carrying its int8 rows, set by the fused producers of slimquant.nn.fused:
-# (input key, q int8 [M, k], xs float32 [M]); the rows live exactly as long as the tensor
-QUANTIZED_ROWS_ATTR = "_slimquant_int8_rows"
-
-
-def attach_rows(y: torch.Tensor, key: tuple, q: torch.Tensor, xs: torch.Tensor) -> None:
-    setattr(y, QUANTIZED_ROWS_ATTR, (key, q, xs))
-
-
-def attached_rows(x: torch.Tensor, key: tuple) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """The int8 rows attached to ``x`` if they were quantized as ``key`` says, else None."""
-    entry = getattr(x, QUANTIZED_ROWS_ATTR, None)
-    if entry is None or entry[0] != key:
-        return None
-    return entry[1], entry[2]
-
-
 class QuantizedInputLinear(QModule):
     """Checkpoint codec shared by linear layers that also quantize their input (int8 and fp8 W8A8): the
     constructor takes ``(in_features, out_features, spec, input_spec, bias, dtype, device)``."""
@@ -97,8 +80,9 @@ class QLinearW8A8(QuantizedInputLinear):
         self.in_features, self.out_features = in_features, out_features
         self.spec, self.input_spec, self.compute_dtype = spec, input_spec, dtype
         self.kernel = "fast"
-        # set by slimquant.surgery.fuse when a fused producer may hand this layer its int8 input rows
-        self.reads_rows: tuple | None = None
+        # set by slimquant.surgery.fuse: the fused producer (slimquant.nn.fused.FusedRMSNorm) that may hand this
+        # layer its int8 input rows; unregistered (the producer is a sibling module, not a child)
+        object.__setattr__(self, "rows_from", None)
         n, k = out_features, in_features
         self.register_buffer("weight", torch.empty(n, k, dtype=torch.int8, device=device))
         self.has_bias = bias
@@ -186,8 +170,8 @@ class QLinearW8A8(QuantizedInputLinear):
         return y.view(*lead_shape, self.out_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.reads_rows is not None and self.kernel == "fast":
-            rows = attached_rows(x, self.reads_rows)
+        if self.rows_from is not None and self.kernel == "fast":
+            rows = self.rows_from.rows_for(x)
             if rows is not None:
                 return self.forward_rows(rows[0], rows[1], x.shape[:-1])
         # Tensors go to the kernels as stored: weight_scale [n, 1] (the kernel views it as [n]) and the

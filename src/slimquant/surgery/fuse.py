@@ -49,9 +49,11 @@ def _fuse_norms(model: nn.Module, arch: Architecture, block: str) -> int:
         if len(keys) != 1:  # e.g. static layers calibrated to different ranges: each quantizes its own
             continue
         key = keys.pop()
-        set_module(model, name, FusedRMSNorm(norm, readers, key))  # type: ignore[arg-type]
+        parents = {id(m): m for n in group.linears for m in [model.get_submodule(f"{block}.{n}".rpartition(".")[0])]}
+        fused = FusedRMSNorm(norm, readers, key, [*readers, *parents.values()])  # type: ignore[arg-type]
+        set_module(model, name, fused)
         for r in readers:
-            r.reads_rows = key  # type: ignore[union-attr]
+            object.__setattr__(r, "rows_from", fused)  # unregistered: a sibling, not a child
         count += 1
     return count
 

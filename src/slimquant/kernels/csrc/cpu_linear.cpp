@@ -243,14 +243,18 @@ void w8a8_small(const int8_t* q, const uint8_t* u, int64_t M, const int8_t* w, i
 
 // Per-thread scratch tensors reused across calls (quantized input, its uint8 copy, int32 accumulators): a fresh
 // multi-MB buffer per call costs page faults comparable to the rescale itself at 512 rows. Buffers over 16 MiB
-// are not kept.
+// are not kept. They are allocated as normal tensors even under torch.inference_mode: an inference tensor kept
+// from such a call could not be written by a later call outside it.
 at::Tensor scratch(int slot, at::IntArrayRef shape, at::ScalarType dtype) {
   thread_local at::Tensor buffers[3];
   int64_t numel = 1;
   for (auto d : shape) numel *= d;
   at::Tensor& b = buffers[slot];
   if (numel * static_cast<int64_t>(c10::elementSize(dtype)) > (16 << 20)) return at::empty(shape, at::dtype(dtype));
-  if (!b.defined() || b.scalar_type() != dtype || b.numel() < numel) b = at::empty({numel}, at::dtype(dtype));
+  if (!b.defined() || b.scalar_type() != dtype || b.numel() < numel) {
+    c10::InferenceMode normal(false);
+    b = at::empty({numel}, at::dtype(dtype));
+  }
   return b.narrow(0, 0, numel).view(shape);
 }
 
