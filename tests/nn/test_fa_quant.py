@@ -28,9 +28,9 @@ def calib(tokenizer, eval_text) -> torch.Tensor:
 def test_faquant_is_per_head_symmetric_int8():
     x = torch.randn(2, 3, 7, 8) * torch.tensor([0.01, 1.0, 30.0])[None, :, None, None]
     fq = FAQuant(3)
-    fq.observing = True
-    assert fq(x) is x  # observing passes through
-    fq.observing = False
+    with fa_quant.observing([fq]):
+        assert fq(x) is x  # observing passes through
+    assert not fq.observing
     fq.set_range_from_observed()
     absmax = x.abs().amax(dim=(0, 2, 3))
     torch.testing.assert_close(fq.scale[:, 0], absmax / 127)
@@ -140,3 +140,17 @@ def test_encoder_attention_quantizes_and_reloads(bert, tokenizer, input_ids, tmp
     slimquant.save(bert, tmp_path / "q", tokenizer=tokenizer)
     with torch.no_grad():
         assert torch.equal(slimquant.load(tmp_path / "q")(input_ids).last_hidden_state, out)
+
+
+def test_observation_modes_are_restored_even_on_errors(llama, calib):
+    slimquant.quantize(llama, FA, calib_data=calib, show_progress=False)
+    modules = {n: llama.get_submodule(n) for n in fa_quant.attention_modules(llama)}
+    quantizers = [m.fa_q for m in modules.values()]
+    with pytest.raises(RuntimeError, match="boom"):
+        with fa_quant.observing(quantizers), fa_quant.measuring_error(modules) as measured:
+            assert all(q.observing for q in quantizers) and all(m.fa_q.error is measured[n] for n, m in modules.items())
+            raise RuntimeError("boom")
+    assert not any(q.observing for q in quantizers) and all(m.fa_q.error is None for m in modules.values())
+    with fa_quant.measuring_error(modules) as measured, torch.no_grad():
+        llama(calib[:1])
+    assert all(e["ref"] > 0 for e in measured.values())

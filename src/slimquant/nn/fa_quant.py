@@ -14,7 +14,9 @@ kernel sees them.
 
 from __future__ import annotations
 
-from typing import Any
+import contextlib
+
+from typing import Any, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -32,7 +34,9 @@ _INT8 = lookup_qtype("int8")
 class FAQuant(nn.Module):
     """Static symmetric int8 quantization of a ``[batch, heads, tokens, head_dim]`` tensor, one scale per head.
 
-    ``observing`` (set by calibration) records the per-head max |x| and passes ``x`` through unchanged.
+    While :func:`observing` holds it, it records the per-head max |x| and passes ``x`` through unchanged;
+    while :func:`measuring_error` holds the attention it belongs to, ``error`` accumulates that attention's
+    quantization error (see :func:`fa_quant_attention`).
     """
 
     def __init__(self, heads: int, device: torch.device | str | None = None) -> None:
@@ -42,6 +46,7 @@ class FAQuant(nn.Module):
         self.register_buffer("offset", torch.zeros(heads, 1, dtype=torch.int8, device=device))
         self.observing = False
         self.absmax: torch.Tensor | None = None
+        self.error: dict[str, float] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4 or x.shape[1] != self.heads:
@@ -136,16 +141,16 @@ def fa_quant_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor
                        attention_mask: torch.Tensor | None, **kwargs: Any) -> tuple[torch.Tensor, Any]:  # fmt: skip
     """transformers attention function: SDPA on fake-quantized Q, K, V where the module holds ``fa_q``.
 
-    With ``module.fa_measure`` (a dict, set by calibration) it runs both float and quantized attention,
-    accumulates the squared error and the float output's squared norm there, and returns the float output
-    (so each layer's error is measured with float inputs).
+    While :func:`measuring_error` holds the module, it runs both float and quantized attention, accumulates
+    the squared error and the float output's squared norm in ``module.fa_q.error``, and returns the float
+    output (so each layer's error is measured with float inputs).
     """
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     if getattr(module, "fa_q", None) is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     quantized = (module.fa_q(query), module.fa_k(key), module.fa_v(value))
-    measure = getattr(module, "fa_measure", None)
+    measure = module.fa_q.error
     if measure is None:
         return sdpa_attention_forward(module, *quantized, attention_mask, **kwargs)
     ref, weights = sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
@@ -153,6 +158,32 @@ def fa_quant_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor
     measure["err"] += float((out.float() - ref.float()).pow(2).sum())
     measure["ref"] += float(ref.float().pow(2).sum())
     return ref, weights
+
+
+@contextlib.contextmanager
+def observing(quantizers: Sequence[FAQuant]) -> Iterator[None]:
+    """Calibration mode for ``quantizers`` (they record max |x| and pass x through), restored on exit."""
+    for q in quantizers:
+        q.observing = True
+    try:
+        yield
+    finally:
+        for q in quantizers:
+            q.observing = False
+
+
+@contextlib.contextmanager
+def measuring_error(modules: dict[str, nn.Module]) -> Iterator[dict[str, dict[str, float]]]:
+    """Error-measuring mode for the quantized attention ``modules`` (by name): yields ``{name: {"err", "ref"}}``,
+    filled by every forward inside the block; the modules compute as before after it."""
+    out = {n: {"err": 0.0, "ref": 0.0} for n in modules}
+    for n, m in modules.items():
+        m.fa_q.error = out[n]
+    try:
+        yield out
+    finally:
+        for m in modules.values():
+            m.fa_q.error = None
 
 
 _REGISTERED = False

@@ -34,13 +34,8 @@ def calibrate_attention(model: nn.Module, recipe: Recipe, calib_data: Any, show_
     device = next((p.device for p in model.parameters()), None)
     fa_quant.attach(model, names, device)
     quantizers = [getattr(model.get_submodule(n), role) for n in names for role in fa_quant.ROLES]
-    for q in quantizers:
-        q.observing = True
-    try:
+    with fa_quant.observing(quantizers):
         run_batches(model, calib_data, show_progress, desc="attention calibration")
-    finally:
-        for q in quantizers:
-            q.observing = False
     for name in names:
         for role in fa_quant.ROLES:
             try:
@@ -51,15 +46,9 @@ def calibrate_attention(model: nn.Module, recipe: Recipe, calib_data: Any, show_
     fallback: list[str] = []
     if recipe.fa_amp:
         modules = {n: model.get_submodule(n) for n in names}
-        for m in modules.values():
-            m.fa_measure = {"err": 0.0, "ref": 0.0}
-        try:
+        with fa_quant.measuring_error(modules) as measured:
             run_batches(model, calib_data, show_progress, desc="attention sensitivity")
-            for n, m in modules.items():
-                errors[n] = m.fa_measure["err"] / max(m.fa_measure["ref"], 1e-30)
-        finally:
-            for m in modules.values():
-                del m.fa_measure
+        errors = {n: e["err"] / max(e["ref"], 1e-30) for n, e in measured.items()}
         fallback = sorted(names, key=lambda n: errors[n], reverse=True)[: recipe.fa_amp]
         for n in fallback:
             fa_quant.detach(modules[n])
