@@ -19,8 +19,9 @@ machine load; tables show the median over rounds and ratios are float32 time / m
     step     one bare decode forward (1 token, KV cache of the prompt, cropped back after each call): the
              model's own per-token cost without ``generate``'s bookkeeping
     split    one more prefill per model with forward hooks timing the MLP blocks, the attention projections
-             and the norms (each timed whole, so fused and unfused models split the same work alike)
-Then one decode step per model runs under ``torch.profiler`` (record_shapes off). Forward hooks (removed
+             and the norms (each timed whole, so fused and unfused models split the same work alike), under
+             ``torch.no_grad`` (see ``HOOKED_MODE``)
+Then one decode step per model (under ``torch.no_grad`` too) runs under ``torch.profiler`` (record_shapes off). Forward hooks (removed
 afterwards) wrap every Linear-like module in a ``record_function`` range, so op self-times split into
 matmul kernels, the native C++ kernels (their ``slimquant::*`` ranges), the other aten ops of the linear
 layers (quantize, rescale, dequantize, dtype casts), attention, the model's remaining aten ops, and
@@ -115,19 +116,26 @@ def generate(model: nn.Module, prompt: torch.Tensor, n: int) -> torch.Tensor:
                           attention_mask=torch.ones_like(prompt))  # fmt: skip
 
 
+# Measurements that hook into the model (the split and the profile) run under no_grad, not inference_mode:
+# inference tensors have no version counter, so there the fused norms hand their int8 rows to q/k/v and
+# gate/up only while no hook that could edit them is registered (slimquant.nn.fused), and the timing hooks
+# would switch the hand-off off. Without hooks (every other timing) inference_mode is used.
+HOOKED_MODE = torch.no_grad
+
+
 class DecodeStep:
     """One bare decode forward on a fixed KV cache of the prompt (cropped back after each call)."""
 
-    def __init__(self, model: nn.Module, prompt: torch.Tensor) -> None:
-        self.model = model
-        with torch.inference_mode():
+    def __init__(self, model: nn.Module, prompt: torch.Tensor, mode: Callable = torch.inference_mode) -> None:
+        self.model, self.mode = model, mode
+        with mode():
             out = model(prompt, use_cache=True)
         self.cache = out.past_key_values
         self.token = out.logits[:, -1:].argmax(-1)
         self.length = prompt.shape[1]
 
     def __call__(self) -> None:
-        with torch.inference_mode():
+        with self.mode():
             self.model(self.token, past_key_values=self.cache, use_cache=True)
         self.cache.crop(self.length - self.cache.get_seq_length())  # a negative count: tokens to drop
 
@@ -210,7 +218,7 @@ def prefill_split(models: dict[str, nn.Module], window: torch.Tensor, reps: int 
             handles += [mod.register_forward_pre_hook(pre), mod.register_forward_hook(post)]
         runs: dict[str, list[float]] = defaultdict(list)
         try:
-            with torch.inference_mode():
+            with HOOKED_MODE():
                 m(window, logits_to_keep=1)
                 for _ in range(reps):
                     spent.clear()
@@ -439,7 +447,7 @@ def main() -> None:
     split = prefill_split(models, window)
     cats, tops = {}, {}
     for name, m in models.items():
-        cats[name], averages = profile_step(m, DecodeStep(m, window[:, :PROMPT_LEN]))
+        cats[name], averages = profile_step(m, DecodeStep(m, window[:, :PROMPT_LEN], HOOKED_MODE))
         if name in ("float32", "W8A8 dynamic", "W8A16"):
             tops[name] = top_ops(averages, 12)
     report = render(res, top1, cats, tops, quant_s, rounds, time.perf_counter() - t_start, split)
