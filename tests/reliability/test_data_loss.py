@@ -100,6 +100,8 @@ def test_the_current_directory_is_never_replaced(cli, model_dir, tmp_path, monke
     here.mkdir()
     monkeypatch.chdir(here)
     before = snapshot(tmp_path)
+    r = cli("quantize", "--model_path", model_dir, "--save_directory", "")
+    assert r.rc == 1 and "empty" in r.error
     for target in (".", here, ".."):
         r = cli("quantize", "--model_path", model_dir, "--save_directory", target, "--force_overwrite")
         assert r.rc == 1 and ("current directory" in r.error or "input" in r.error), r.err

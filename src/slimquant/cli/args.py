@@ -1,39 +1,7 @@
-"""Argument types shared by the subcommands."""
+"""Argument types shared by the subcommands (defined with the recipe flags, in :mod:`slimquant.types.flags`)."""
 
 from __future__ import annotations
 
-import argparse
-import math
+from slimquant.types.flags import positive_float, positive_int, str2bool
 
-_TRUE = {"true", "1", "yes", "y", "on"}
-_FALSE = {"false", "0", "no", "n", "off"}
-
-
-def str2bool(value: str) -> bool:
-    """``True``/``False`` in any case (as in msModelSlim's examples), also 1/0 and yes/no."""
-    v = value.strip().lower()
-    if v in _TRUE:
-        return True
-    if v in _FALSE:
-        return False
-    raise argparse.ArgumentTypeError(f"expected a boolean (True/False), got {value!r}")
-
-
-def positive_float(value: str) -> float:
-    try:
-        f = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {value!r}") from None
-    if not (math.isfinite(f) and f > 0):
-        raise argparse.ArgumentTypeError(f"expected a positive finite number, got {value!r}")
-    return f
-
-
-def positive_int(value: str) -> int:
-    try:
-        i = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {value!r}") from None
-    if i <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
-    return i
+__all__ = ["positive_float", "positive_int", "str2bool"]

@@ -73,6 +73,8 @@ def check_target(
     created (missing parents are created at write time, as ``save_pretrained`` does, so they only need a
     writable existing ancestor).
     """
+    if not os.fspath(target).strip():
+        raise SlimquantError("output directory name is empty (--save_directory)")
     path = absolute_path(target)
     cwd = absolute_path(os.getcwd())
     if cwd.is_relative_to(path):

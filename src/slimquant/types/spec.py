@@ -340,6 +340,14 @@ class Recipe:
         return cls.from_dict(data)
 
     @classmethod
+    def from_flags(cls, flags: "str | list[str] | dict[str, Any]") -> "Recipe":
+        """The recipe ``slimquant quantize`` builds from the same msModelSlim flags, e.g.
+        ``Recipe.from_flags("--w_bit 4 --group_size 64 --w_method gptq")`` (see :mod:`slimquant.types.flags`)."""
+        from slimquant.types.flags import recipe_from_flags
+
+        return recipe_from_flags(flags)
+
+    @classmethod
     def from_file(cls, path: str) -> "Recipe":
         """Read a recipe from a .json, .yaml or .yml file."""
         try:

@@ -1,0 +1,270 @@
+"""msModelSlim's quantization flags and the one mapping from them to a :class:`Recipe`.
+
+The command line (``slimquant quantize``) adds these flags to its parser with :func:`add_recipe_flags` and builds
+its recipe with :func:`recipe_from_flags`; :meth:`Recipe.from_flags` parses the same flags from a string or a
+list, so a script and the command line given the same flags get the same recipe. msModelSlim's codes
+(``--anti_method m1..m5``, ``--act_method 1..3``) are translated here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import shlex
+from typing import Any, Mapping, Sequence
+
+from slimquant.errors import NotSupportedYet, SlimquantError
+from slimquant.types.qtype import int_qtype_for_bits
+from slimquant.types.spec import (FA_INT8_PER_HEAD, GROUP_SIZES, KV_INT8_DYNAMIC, KV_INT8_STATIC, Granularity, QuantSpec,
+                                  Recipe)  # fmt: skip
+
+log = logging.getLogger("slimquant.flags")
+
+_TRUE = {"true", "1", "yes", "y", "on"}
+_FALSE = {"false", "0", "no", "n", "off"}
+
+
+def str2bool(value: str) -> bool:
+    """``True``/``False`` in any case (as in msModelSlim's examples), also 1/0 and yes/no."""
+    v = value.strip().lower()
+    if v in _TRUE:
+        return True
+    if v in _FALSE:
+        return False
+    raise argparse.ArgumentTypeError(f"expected a boolean (True/False), got {value!r}")
+
+
+def positive_float(value: str) -> float:
+    try:
+        f = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {value!r}") from None
+    if not (math.isfinite(f) and f > 0):
+        raise argparse.ArgumentTypeError(f"expected a positive finite number, got {value!r}")
+    return f
+
+
+def positive_int(value: str) -> int:
+    try:
+        i = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {value!r}") from None
+    if i <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
+    return i
+
+
+# Seed flags accepted whose non-default values are not built yet: flag -> (default, what).
+_LATER = {
+    "co_sparse": (False, "sparse quantization"),
+    "fraction": (0.01, "sparse quantization"),
+    "disable_level": ("L0", "automatic fallback"),
+    "use_reduce_quant": (False, "lccl reduce quantization"),
+    "tp_size": (1, "lccl reduce quantization"),
+    "is_lowbit": (False, "lowbit sparse quantization"),
+    "open_outlier": (True, "lowbit sparse quantization"),
+}
+
+
+def add_recipe_flags(parser: argparse.ArgumentParser) -> None:
+    """Add msModelSlim's recipe flags (weights, activations, smoothing, KV cache, attention) to ``parser``."""
+    parser.add_argument("--w_bit", type=int, choices=(2, 3, 4, 8), default=8, help="weight bits (default 8)")
+    parser.add_argument("--a_bit", type=int, choices=(8, 16), default=16,
+                   help="activation bits: 16 = weight-only (default), 8 = W8A8 (int8 inputs; needs --w_bit 8)")  # fmt: skip
+    parser.add_argument("--group_size", type=int, default=0,
+                   help="per-group size (32, 64, 128, 256); 0 = per-channel (default)")  # fmt: skip
+    parser.add_argument("--w_sym", type=str2bool, default=True, help="symmetric weights (default True)")
+    parser.add_argument("--w_zero_point", choices=("int", "float"), default="int",
+                   help="asymmetric weights: integer zero point (seed 003, default) or float (as quanto; "
+                   "fits the float32 weight_offset and is often more accurate)")  # fmt: skip
+    parser.add_argument("--w_method", choices=("rtn", "gptq"), default="rtn",
+                   help="weight algorithm: rtn (round to nearest, default) or gptq (calibrated, block by block)")  # fmt: skip
+    parser.add_argument("--percdamp", type=float, default=0.01, help="gptq: Hessian dampening, fraction of its mean diagonal")
+    parser.add_argument("--desc_act", type=str2bool, default=False,
+                   help="gptq: quantize columns by decreasing Hessian diagonal (act-order; static groups)")  # fmt: skip
+    parser.add_argument("--w_clip_search", type=str2bool, default=False,
+                   help="MSE-optimal clipping search per channel/group (default False)")  # fmt: skip
+    parser.add_argument("--embedding_bit", type=int, choices=(8, 16), default=16,
+                   help="8: quantize embeddings int8 per row (a tied lm_head shares them); 16: keep float")  # fmt: skip
+    parser.add_argument("--disable_names", nargs="*", default=[],
+                   help="layers to keep float: names, globs, or re:REGEX")  # fmt: skip
+    parser.add_argument("--disable_last_linear", type=str2bool, default=True, help="keep the output layer float (default True)")
+    parser.add_argument("--act_method", type=int, choices=(1, 2, 3), default=None,
+                   help="static activation ranges: 1 min-max (default), 2 histogram percentile, "
+                   "3 auto: per layer the lowest output error among min-max / histogram / histogram-MSE")  # fmt: skip
+    parser.add_argument("--anti_method", choices=("", "m1", "m2", "m3", "m4", "m5"), default="",
+                   help="outliers before W8A8: m1 SmoothQuant (--smooth_alpha), m2 Outlier Suppression (gamma "
+                   "migration + token-wise clipping of static ranges), m4 SmoothQuant with alpha searched per layer "
+                   "group; m3 AWQ for weight-only --w_bit < 8 (activation-aware scales, then clipping with --w_method rtn); "
+                   "m5 (CBQ) is not supported yet")  # fmt: skip
+    parser.add_argument("--smooth_alpha", type=float, default=None, help="SmoothQuant migration strength for m1 (default 0.5)")
+    parser.add_argument("--co_sparse", type=str2bool, default=False)
+    parser.add_argument("--fraction", type=float, default=0.01)
+    parser.add_argument("--disable_level", choices=tuple(f"L{i}" for i in range(6)), default="L0")
+    parser.add_argument("--do_smooth", type=str2bool, default=False,
+                   help="smooth activations before W8A8: SmoothQuant m1 unless --anti_method names another method")  # fmt: skip
+    parser.add_argument("--use_sigma", type=str2bool, default=False,
+                   help="clip static activation ranges at mean +- sigma_factor * std")  # fmt: skip
+    parser.add_argument("--sigma_factor", type=positive_float, default=None, help="with --use_sigma (default 3.0)")
+    parser.add_argument("--use_reduce_quant", type=str2bool, default=False)
+    parser.add_argument("--tp_size", type=int, default=1)
+    parser.add_argument("--is_lowbit", type=str2bool, default=False)
+    parser.add_argument("--open_outlier", type=str2bool, default=True)
+    parser.add_argument("--mm_tensor", type=str2bool, default=None,
+                   help="W8A8 weights: True per-tensor (msModelSlim's default), False per-channel; "
+                   "with a_bit 16 True makes per-channel weights per-tensor")  # fmt: skip
+    parser.add_argument("--use_kvcache_quant", type=str2bool, default=False,
+                   help="int8 KV cache (msModelSlim C8): static scales per head and channel calibrated on "
+                   "--calib_file/--calib_texts (or generated text); with --kv_dynamic True, per-token scales computed "
+                   "as tokens arrive (no calibration). Used by slimquant eval and slimquant.kv_cache(model)")  # fmt: skip
+    parser.add_argument("--kv_dynamic", type=str2bool, default=False,
+                   help="with --use_kvcache_quant: dynamic per-token KV scales instead of static per-channel ones")  # fmt: skip
+    parser.add_argument("--use_fa_quant", type=str2bool, default=False,
+                   help="quantize attention inputs Q, K, V to int8 with static per-head scales (calibrated)")  # fmt: skip
+    parser.add_argument("--fa_amp", type=int, default=0,
+                   help="with --use_fa_quant: this many attention layers (the most sensitive) stay float")  # fmt: skip
+    parser.add_argument("--is_dynamic", type=str2bool, default=False,
+                   help="W8A8 with per-token activation scales computed at run time (needs --a_bit 8)")  # fmt: skip
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # noqa: ANN201 - raise instead of exiting the process
+        raise SlimquantError(f"flags: {message}")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="Recipe.from_flags", add_help=False)
+    add_recipe_flags(parser)
+    return parser
+
+
+def flag_names() -> list[str]:
+    """The destinations of every recipe flag (``w_bit``, ``a_bit``, ...)."""
+    return [a.dest for a in _parser()._actions]
+
+
+def flag_default(name: str) -> Any:
+    return _parser().get_default(name)
+
+
+def recipe_from_flags(flags: str | Sequence[str] | Mapping[str, Any]) -> Recipe:
+    """The Recipe that ``slimquant quantize`` builds from the same flags.
+
+    ``flags``: a command-line string (``"--w_bit 4 --group_size 64 --w_method gptq"``), a list of arguments, or
+    a mapping of flag names to parsed values (missing ones take their defaults). Only recipe flags are accepted;
+    an unknown flag or a bad value raises :class:`SlimquantError` naming it, a seed flag that is not built yet
+    :class:`NotSupportedYet`.
+    """
+    parser = _parser()
+    if isinstance(flags, Mapping):
+        unknown = sorted(set(flags) - set(flag_names()))
+        if unknown:
+            raise SlimquantError(f"unknown recipe flag(s) {unknown}; valid: {flag_names()}")
+        args = parser.parse_args([])
+        for k, v in flags.items():
+            setattr(args, k, v)
+    else:
+        argv = shlex.split(flags) if isinstance(flags, str) else [str(a) for a in flags]
+        args = parser.parse_args(argv)
+    return _recipe(args)
+
+
+def check_not_built(values: Mapping[str, Any]) -> None:
+    """Refuse a non-default value of a seed flag that is not built yet, naming it."""
+    for flag, (default, what) in _LATER.items():
+        if values.get(flag, default) != default:
+            raise NotSupportedYet(f"--{flag} {values[flag]}: {what} is not supported yet")
+
+
+def _recipe(args: argparse.Namespace) -> Recipe:
+    """The Recipe of parsed flags (every flag of :func:`add_recipe_flags` present)."""
+    check_not_built(vars(args))
+    if args.group_size < 0 or (args.group_size and args.group_size not in GROUP_SIZES):
+        raise SlimquantError(f"--group_size {args.group_size}: valid values are {', '.join(map(str, GROUP_SIZES))}, or 0 "
+                             "for per-channel")  # fmt: skip
+    if args.group_size and args.w_bit == 8:
+        log.info("--group_size with --w_bit 8: using per-group int8 weights")
+    if args.w_zero_point == "float" and args.w_sym:
+        raise SlimquantError("--w_zero_point float: symmetric weights have no zero point; add --w_sym False")
+    qt = int_qtype_for_bits(args.w_bit).name
+    if args.mm_tensor and args.group_size:
+        raise SlimquantError("--mm_tensor True (per-tensor weights) conflicts with --group_size; use one of them")
+    if not 0.0 < args.percdamp <= 1.0:
+        raise SlimquantError(f"--percdamp {args.percdamp}: must be in (0, 1] (a fraction of the Hessian's mean diagonal)")
+    if args.w_method != "gptq" and (args.percdamp != 0.01 or args.desc_act):
+        raise SlimquantError("--percdamp and --desc_act tune GPTQ; add --w_method gptq")
+    if args.kv_dynamic and not args.use_kvcache_quant:
+        raise SlimquantError("--kv_dynamic chooses how the KV cache is quantized; it needs --use_kvcache_quant True")
+    if args.fa_amp < 0:
+        raise SlimquantError(f"--fa_amp {args.fa_amp}: must be 0 or a positive number of attention layers")
+    if args.fa_amp and not args.use_fa_quant:
+        raise SlimquantError("--fa_amp picks attention layers to leave float; it needs --use_fa_quant True")
+    input_spec, act_observer, sigma = _activation_flags(args)
+    smooth, alpha = _smooth_flags(args, input_spec)
+    if smooth == "m2" and input_spec is not None and not input_spec.dynamic and args.act_method is None:
+        act_observer = "token_clip"  # Outlier Suppression = gamma migration + token-wise clipping
+    per_tensor = args.mm_tensor if args.mm_tensor is not None else input_spec is not None  # seed: W8A8 default True
+    gran = Granularity.PER_GROUP if args.group_size else (Granularity.PER_TENSOR if per_tensor else Granularity.PER_CHANNEL)
+    weight = QuantSpec(qt, gran, args.group_size or None, args.w_sym, zero_point=args.w_zero_point)
+    embedding = QuantSpec("int8", Granularity.PER_CHANNEL, None, True) if args.embedding_bit == 8 else None
+    return Recipe(
+        weight=weight,
+        input=input_spec,
+        algorithm=args.w_method,
+        gptq_percdamp=args.percdamp,
+        gptq_act_order=args.desc_act,
+        clip_search=args.w_clip_search,
+        disable_names=tuple(args.disable_names),
+        disable_last_linear=args.disable_last_linear,
+        embedding=embedding,
+        act_observer=act_observer,
+        sigma_factor=sigma,
+        smooth=smooth,
+        smooth_alpha=alpha,
+        kv=(KV_INT8_DYNAMIC if args.kv_dynamic else KV_INT8_STATIC) if args.use_kvcache_quant else None,
+        fa=FA_INT8_PER_HEAD if args.use_fa_quant else None,
+        fa_amp=args.fa_amp,
+    )
+
+
+def _smooth_flags(args: argparse.Namespace, input_spec: QuantSpec | None) -> tuple[str | None, float]:
+    """(Recipe.smooth, smooth_alpha) from --anti_method / --do_smooth / --smooth_alpha."""
+    method = args.anti_method or ("m1" if args.do_smooth else "")
+    if method == "m5":
+        raise NotSupportedYet("--anti_method m5: CBQ is not supported yet; m1, m2, m3 and m4 are")
+    if args.smooth_alpha is not None and method != "m1":
+        raise SlimquantError("--smooth_alpha sets SmoothQuant m1's strength; add --anti_method m1")
+    if method == "m3" and input_spec is not None:
+        raise NotSupportedYet("--anti_method m3 (AWQ) with --a_bit 8 is not supported yet; AWQ runs with weight-only "
+                              "quantization (--a_bit 16); for W8A8 use m1, m2 or m4")  # fmt: skip
+    if method and method != "m3" and input_spec is None:
+        raise SlimquantError(f"--anti_method {method} smooths activations for quantization; add --a_bit 8")
+    alpha = 0.5 if args.smooth_alpha is None else args.smooth_alpha
+    if not 0.0 <= alpha <= 1.0:
+        raise SlimquantError(f"--smooth_alpha {alpha}: must be in [0, 1]")
+    return method or None, alpha
+
+
+_ACT_METHODS = {1: "minmax", 2: "histogram", 3: "auto"}
+
+
+def _activation_flags(args: argparse.Namespace) -> tuple[QuantSpec | None, str, float | None]:
+    """(input spec, act_observer, sigma_factor) from --a_bit/--is_dynamic/--act_method/--use_sigma."""
+    if args.sigma_factor is not None and not args.use_sigma:
+        raise SlimquantError("--sigma_factor needs --use_sigma True")
+    if args.a_bit == 16:
+        for flag, default in (("is_dynamic", False), ("act_method", None), ("use_sigma", False)):
+            if getattr(args, flag) != default:
+                raise SlimquantError(f"--{flag} applies to activation quantization; add --a_bit 8")
+        return None, "minmax", None
+    if args.w_bit != 8 or args.group_size or not args.w_sym:
+        raise SlimquantError("--a_bit 8 needs symmetric 8-bit weights per channel or per tensor: "
+                             "--w_bit 8 --w_sym True and no --group_size")  # fmt: skip
+    if args.is_dynamic:
+        for flag, default in (("act_method", None), ("use_sigma", False)):
+            if getattr(args, flag) != default:
+                raise SlimquantError(f"--{flag} chooses static activation ranges; it does not apply with --is_dynamic True")
+        return QuantSpec("int8", Granularity.PER_TOKEN, None, True, dynamic=True), "minmax", None
+    sigma = (args.sigma_factor or 3.0) if args.use_sigma else None
+    return QuantSpec("int8", Granularity.PER_TENSOR, None, False), _ACT_METHODS[args.act_method or 1], sigma
