@@ -112,7 +112,7 @@ def _checked_target(args: argparse.Namespace, recipe: Recipe, protect: list[Path
     from slimquant.formats.atomic import check_target
 
     target = check_target(args.save_directory, args.overwrite, protect, args.force_overwrite)
-    if args.max_activation_gb is not None and not (args.stream or recipe.algorithm == "gptq" or recipe.smooth == "m3"):
+    if args.max_activation_gb is not None and not (args.stream or recipe.block_by_block):
         raise SlimquantError("--max_activation_gb applies to block-by-block runs (--w_method gptq, --anti_method m3, --stream)")
     if args.device_type == "cuda" and not torch.cuda.is_available():
         raise SlimquantError("--device_type cuda: no CUDA device is available")
@@ -163,7 +163,7 @@ def _run(args: argparse.Namespace, recipe: Recipe, protect: list[Path], target: 
     t1 = time.perf_counter()
     # the block-by-block pipeline persists finished blocks next to the output and resumes from there
     work_dir = work_dir_of(target)
-    blockwise = stream is not None or recipe.algorithm == "gptq" or recipe.smooth == "m3"
+    blockwise = stream is not None or recipe.block_by_block
     if blockwise:
         log.info("finished blocks are kept in %s until the checkpoint is written (rerun the same command to resume)",
                  work_dir)  # fmt: skip

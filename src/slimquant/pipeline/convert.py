@@ -220,7 +220,7 @@ def convert(
         ranges = _calibrate_inputs(model, recipe, linears, solver, calib_data, show_progress)
 
     sequential: list[LayerPlan] = []
-    if recipe.algorithm == "gptq" or recipe.smooth == "m3" or stream is not None:  # block by block, last
+    if recipe.block_by_block or stream is not None:  # block by block, last
         path = block_list(model)
         sequential = [lp for lp in layers if lp.kind == "linear" and lp.name.startswith(path + ".")]
         layers = [lp for lp in layers if lp not in sequential]

@@ -204,7 +204,7 @@ def quantize_sequential(model: nn.Module, recipe: Recipe, plans: list[Any], cali
     Returns the per-layer report rows, the names it quantized (the caller handles the rest with RTN) and
     the AWQ rows (one per smoothing group; empty without m3).
     """
-    needs_data = recipe.algorithm == "gptq" or recipe.smooth == "m3"
+    needs_data = recipe.block_by_block
     if needs_data and calib_data is None:
         raise SlimquantError(f"{'awq (m3)' if recipe.smooth == 'm3' else recipe.algorithm} needs calibration data (calib_data)")
     if stream is not None and work is None:

@@ -273,6 +273,13 @@ class Recipe:
                 or self.kv == KV_INT8_STATIC or self.algorithm == "gptq")  # fmt: skip
 
     @property
+    def block_by_block(self) -> bool:
+        """Whether an algorithm of the recipe calibrates block by block on the previous blocks' quantized outputs
+        (GPTQ, AWQ): the sequential pipeline runs it, with a resumable work directory. The one place this is
+        decided (streaming from disk is block by block too, whatever the recipe)."""
+        return self.algorithm == "gptq" or self.smooth == "m3"
+
+    @property
     def quant_type(self) -> str:
         """msModelSlim-style label: w8a16, w4a16, ..., w8a8, w8a8_dynamic, wfp8afp8(_dynamic)."""
         if self.weight is None:
