@@ -16,7 +16,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from slimquant.adapters import block_list, smooth_groups
-from slimquant.algorithms import weight_solver
+from slimquant.algorithms import weight_algorithm, weight_solver
 from slimquant.errors import NotSupportedYet, SlimquantError
 from slimquant.math.metrics import sqnr_db
 from slimquant.math.qparams import qparams_from_minmax
@@ -59,7 +59,7 @@ class ConversionReport:
         lines = ["| layer | kind | spec | algorithm | SQNR dB | rel. output error | calib rows |", "|---|---|---|---|---|---|---|"]
         for r in self.layers:
             err = r.get("output_error")
-            algo = r.get("algorithm", "rtn") + (" (fallback: " + r["fallback"] + ")" if r.get("fallback") else "")
+            algo = r.get("algorithm", "") + (" (fallback: " + r["fallback"] + ")" if r.get("fallback") else "")
             lines.append(f"| {r['name']} | {r.get('kind', '')} | {r.get('spec', '')} | {algo} | {r.get('sqnr_db', '')} | "
                          f"{'-' if err is None else f'{err:.3e}'} | {r.get('samples', '-')} |")  # fmt: skip
         for name, why in sorted(self.skipped.items()):
@@ -171,13 +171,13 @@ def convert(
         if calib_data is None:
             raise SlimquantError("a static KV cache (per-channel scales) needs calibration data (calib_data)")
         kv_projections(model)  # fails before any work where the scales cannot be stored
-    if recipe.algorithm == "gptq" and calib_data is None:
-        raise SlimquantError("gptq needs calibration data (calib_data)")
+    if weight_algorithm(recipe.algorithm).needs_hessian and calib_data is None:
+        raise SlimquantError(f"{recipe.algorithm} needs calibration data (calib_data)")
     layers, report = plan(model, recipe)
     _check_finite(model, {n for n, why in report.skipped.items() if why == "disable_names"})
     # data-aware algorithms solve the layers inside the repeated blocks; the rest (and anything outside
     # the blocks) is rounded to nearest
-    rest = "rtn" if recipe.algorithm == "gptq" else recipe.algorithm
+    rest = weight_algorithm(recipe.algorithm).data_free().name
     solver = weight_solver(rest)
     blocks_prefix = block_list(model) + "." if stream is not None else None
     # Validate everything first so a bad layer fails before any module is swapped (streamed blocks are on meta
@@ -233,7 +233,7 @@ def convert(
         module = model.get_submodule(lp.name)
         w = _weight_2d(module)
         qw = solver(w, lp.spec, recipe)
-        row: dict[str, Any] = {"name": lp.name, "kind": lp.kind, "spec": lp.spec.describe()}
+        row: dict[str, Any] = {"name": lp.name, "kind": lp.kind, "spec": lp.spec.describe(), "algorithm": rest}
         if w8a8 and lp.kind == "linear":
             qmod = _w8a8_module(module, qw, lp.spec, recipe.input, ranges.get(lp.name))  # type: ignore[arg-type]
             if lp.name in ranges:

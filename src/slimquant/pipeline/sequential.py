@@ -32,13 +32,14 @@ from tqdm.auto import tqdm
 
 from slimquant.adapters import block_list, smooth_groups
 from slimquant.algorithms.awq import awq_clip, awq_search
-from slimquant.algorithms.gptq import GPTQError, HessianAccumulator, gptq
+from slimquant.algorithms import weight_algorithm
+from slimquant.algorithms.gptq import HessianAccumulator
 from slimquant.algorithms.smoothquant import apply_smoothing, input_weight
 from slimquant.errors import SlimquantError
 from slimquant.formats.msmodelslim import build_qmodule
 from slimquant.formats.safetensors_io import TensorSource
 from slimquant.math.metrics import sqnr_db
-from slimquant.math.weights import dequantize_weight, quantize_weight
+from slimquant.math.weights import dequantize_weight
 from slimquant.nn.modules import QLinear, QModule
 from slimquant.pipeline.calibrate import model_inputs
 from slimquant.pipeline.workdir import WorkDir
@@ -382,7 +383,7 @@ def _awq_block(model: nn.Module, block: nn.Module, inputs: Any,
             row: dict[str, Any] = {"method": "awq", "prev": prev_name, "linears": list(lin_names), "ratio": res.ratio,
                                    "output_error": res.errors[res.ratio], "output_error_unscaled": res.errors[0.0],
                                    "tokens": count}  # fmt: skip
-            if recipe.algorithm == "rtn" and recipe.awq_clip:
+            if _awq_clips(recipe):
                 hs = h / res.scales[:, None] / res.scales[None, :]  # the linears now see x / s
                 shrink = {}
                 for n, m, spec in zip(lin_names, linears, specs):
@@ -398,27 +399,23 @@ def _awq_block(model: nn.Module, block: nn.Module, inputs: Any,
     return out
 
 
+def _awq_clips(recipe: Recipe) -> bool:
+    """AWQ's clipping search runs before a data-free weight algorithm; a calibrated one solves on the unclipped
+    (scaled) weights."""
+    return recipe.awq_clip and not weight_algorithm(recipe.algorithm).needs_hessian
+
+
 def _solve_layer(model: nn.Module, lp: Any, acc: HessianAccumulator, recipe: Recipe, make_module: Any = None) -> dict:
     module = model.get_submodule(lp.name)
     w = module.weight.detach().float()
     h = acc.hessian(copy=False)  # read only here and in gptq (which copies before changing it)
     row: dict[str, Any] = {"name": lp.name, "kind": lp.kind, "spec": lp.spec.describe(), "samples": acc.n}
-    if acc.n < w.shape[1] and recipe.algorithm == "gptq":
+    algorithm = weight_algorithm(recipe.algorithm)
+    if acc.n < w.shape[1] and algorithm.needs_hessian:
         log.warning("%s: %d calibration rows for %d input channels; the Hessian is rank-deficient (dampened)",
                     lp.name, acc.n, w.shape[1])  # fmt: skip
-    if recipe.algorithm == "rtn":
-        qw = quantize_weight(w, lp.spec, clip_search=recipe.clip_search)
-        row.update(algorithm="rtn")
-    else:
-        try:
-            res = gptq(w, h, lp.spec, percdamp=recipe.gptq_percdamp, act_order=recipe.gptq_act_order,
-                       static_groups=recipe.gptq_static_groups, clip_search=recipe.clip_search)  # fmt: skip
-            qw = res.weight
-            row.update(algorithm="gptq", damp=res.damp, dead_columns=res.dead_columns)
-        except GPTQError as e:
-            log.warning("%s: %s; falling back to RTN for this layer", lp.name, e)
-            qw = quantize_weight(w, lp.spec, clip_search=recipe.clip_search)
-            row.update(algorithm="rtn", fallback=str(e))
+    qw, info = algorithm.solve(lp.name, w, h if algorithm.needs_hessian else None, lp.spec, recipe)
+    row.update(info)
     w_hat = dequantize_weight(qw, lp.spec)
     row["sqnr_db"] = round(sqnr_db(w, w_hat), 2)
     d = w_hat - w
@@ -430,6 +427,6 @@ def _solve_layer(model: nn.Module, lp: Any, acc: HessianAccumulator, recipe: Rec
     qmod = make_module(lp.name, module, qw, lp.spec, row) if make_module is not None else QLinear.from_float(module, qw, lp.spec)
     qmod.method = {"algorithm": row["algorithm"], "clip_search": recipe.clip_search}
     if recipe.smooth == "m3":
-        qmod.method["awq"] = {"clip": recipe.algorithm == "rtn" and recipe.awq_clip}
+        qmod.method["awq"] = {"clip": _awq_clips(recipe)}
     set_module(model, lp.name, qmod)
     return row
