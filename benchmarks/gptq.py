@@ -95,12 +95,15 @@ def llmc_child(cfg: dict, tmp: Path) -> tuple[dict, Path]:
 
 
 def recipe_for(cfg: dict):
-    from slimquant import QuantSpec, Recipe
+    from slimquant import AWQ, GPTQ, RTN, QuantSpec, Recipe
 
     gran = "per_group" if cfg["group"] else "per_channel"
     spec = QuantSpec(f"int{cfg['bits']}", gran, cfg["group"], symmetric=False, zero_point="float")
-    return Recipe(weight=spec, algorithm=cfg["algo"], clip_search=cfg["clip"], gptq_act_order=cfg["act"],
-                  gptq_static_groups=cfg["static"], smooth="m3" if cfg["awq"] else None)
+    if cfg["algo"] == "gptq":
+        solve = GPTQ(act_order=cfg["act"], static_groups=cfg["static"], clip_search=cfg["clip"])
+    else:
+        solve = RTN(clip_search=cfg["clip"])
+    return Recipe(weight=spec, steps=(AWQ(), solve) if cfg["awq"] else (solve,))
 
 
 def child_main(args: argparse.Namespace) -> None:

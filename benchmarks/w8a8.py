@@ -70,7 +70,7 @@ def calibration(tokenizer) -> torch.Tensor:
 
 
 def recipe_for(cfg: dict):
-    from slimquant import QuantSpec, Recipe
+    from slimquant import GPTQ, RTN, GammaMigration, QuantSpec, Recipe, SmoothQuant, SmoothQuantSearch
 
     from slimquant.types.spec import FA_INT8_PER_HEAD
 
@@ -88,8 +88,11 @@ def recipe_for(cfg: dict):
         inp = QuantSpec(qt, "per_token", dynamic=True)
     else:
         inp = QuantSpec(qt, "per_tensor", symmetric=qt != "int8")
-    return Recipe(weight=weight, input=inp, act_observer=cfg.get("act", "minmax"), smooth=cfg.get("smooth"), kv=kv, fa=fa,
-                  smooth_alpha=cfg.get("alpha", 0.5), algorithm="gptq" if cfg.get("gptq") else "rtn")
+    # the rows' msModelSlim anti_method codes, as --anti_method maps them
+    smooth = {None: (), "m1": (SmoothQuant(alpha=cfg.get("alpha", 0.5)),), "m2": (GammaMigration(),),
+              "m4": (SmoothQuantSearch(),)}[cfg.get("smooth")]  # fmt: skip
+    steps = (*smooth, GPTQ() if cfg.get("gptq") else RTN())
+    return Recipe(weight=weight, input=inp, act_observer=cfg.get("act", "minmax"), steps=steps, kv=kv, fa=fa)
 
 
 def kv_bytes_per_token(model, window: torch.Tensor) -> float:

@@ -119,7 +119,7 @@ def quanto_group(in_features: int) -> int | None:
 
 
 def recipe_for(cfg: dict, model) -> "object":
-    from slimquant import QuantSpec, Recipe
+    from slimquant import RTN, QuantSpec, Recipe
     from slimquant.types import Granularity
 
     qt = {8: "int8", 4: "int4", 3: "int3", 2: "int2"}[cfg["bits"]]
@@ -142,7 +142,7 @@ def recipe_for(cfg: dict, model) -> "object":
     else:
         base = spec(cfg["group"] or None)
     emb = QuantSpec("int8", Granularity.PER_CHANNEL) if cfg.get("embedding") else None
-    return Recipe(weight=base, clip_search=bool(cfg.get("clip")), embedding=emb, overrides=overrides)
+    return Recipe(weight=base, steps=(RTN(clip_search=bool(cfg.get("clip"))),), embedding=emb, overrides=overrides)
 
 
 def run_child(model_name: str, cfg: dict, workdir: Path, result_path: Path) -> None:

@@ -13,6 +13,7 @@ import slimquant
 from slimquant import Granularity, QuantSpec, Recipe, SlimquantError
 from slimquant.eval.size import model_bytes
 from slimquant.nn.modules import QConv2d, QEmbedding, QLinear, _QWeight
+from slimquant.types.steps import RTN
 
 G = Granularity
 
@@ -21,7 +22,7 @@ LLAMA_RECIPES = {
     "w4a16_g32_sym": Recipe(weight=QuantSpec("int4", G.PER_GROUP, 32, True)),
     "w4a16_g32_asym": Recipe(weight=QuantSpec("int4", G.PER_GROUP, 32, False)),
     "w3a16_g32": Recipe(weight=QuantSpec("int3", G.PER_GROUP, 32, True)),
-    "w2a16_g32_clip": Recipe(weight=QuantSpec("int2", G.PER_GROUP, 32, False), clip_search=True),
+    "w2a16_g32_clip": Recipe(weight=QuantSpec("int2", G.PER_GROUP, 32, False), steps=(RTN(clip_search=True),)),
     "w8a16_int8_embedding": Recipe(embedding=QuantSpec("int8", G.PER_CHANNEL)),
 }
 

@@ -10,6 +10,7 @@ import torch
 import slimquant as sq
 from slimquant import Granularity, QuantSpec, Recipe
 from slimquant.eval.lm import evaluate_encoder, evaluate_lm
+from slimquant.types.steps import RTN
 
 pytestmark = pytest.mark.slow
 
@@ -34,7 +35,7 @@ def smollm():
 
 def test_smollm2_w4a16_g64_roundtrip_and_accuracy(smollm, tmp_path):
     model = copy.deepcopy(smollm.model)
-    sq.quantize(model, Recipe(weight=QuantSpec("int4", Granularity.PER_GROUP, 64, False), clip_search=True))
+    sq.quantize(model, Recipe(weight=QuantSpec("int4", Granularity.PER_GROUP, 64, False), steps=(RTN(clip_search=True),)))
     ids = smollm.tokenizer(TEXT, return_tensors="pt")["input_ids"][:, :128]
     with torch.no_grad():
         before = model(input_ids=ids).logits

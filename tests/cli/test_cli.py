@@ -12,6 +12,7 @@ from slimquant import Granularity, QuantSpec, Recipe
 from slimquant.cli.main import build_parser, main
 from slimquant.cli.quantize_cmd import recipe_from_args
 from slimquant.formats.msmodelslim import read_manifest
+from slimquant.types.steps import AWQ, RTN, GammaMigration, SmoothQuant, SmoothQuantSearch
 
 
 def run(capsys, *argv: str) -> tuple[int, str, str]:
@@ -61,7 +62,7 @@ def test_quantize_writes_the_checkpoint(w4_out, llama_dir):
             "slimquant_manifest.json", "tokenizer.json"} <= names  # fmt: skip
     recipe = Recipe.from_dict(read_manifest(w4_out)["recipe"])
     assert recipe.weight == QuantSpec("int4", Granularity.PER_GROUP, 32, False)
-    assert recipe.clip_search is True and recipe.disable_last_linear is True
+    assert recipe.weight_step.clip_search is True and recipe.disable_last_linear is True
     assert json.loads((w4_out / "config.json").read_text())["quantize"] == "w4a16"
     assert (w4_out / "quant_model_weight_w4a16.safetensors").stat().st_size < (llama_dir / "model.safetensors").stat().st_size
 
@@ -145,7 +146,7 @@ def test_boolean_flags_accept_any_case(capsys, llama_dir, outs):
                         "--w_sym", "TRUE", "--w_clip_search", "True", "--disable_last_linear", "false")  # fmt: skip
     assert rc == 0
     recipe = Recipe.from_dict(read_manifest(out)["recipe"])
-    assert recipe.weight.symmetric is True and recipe.clip_search is True
+    assert recipe.weight.symmetric is True and recipe.weight_step.clip_search is True
     assert recipe.disable_last_linear is False
     assert "quantized 15 layer(s)" in stdout  # lm_head too
     assert "lm_head" in read_manifest(out)["layers"]
@@ -159,7 +160,7 @@ def test_str2bool_values_reach_the_recipe(value, expected):
                                       "--disable_last_linear", value, "--w_clip_search", value])  # fmt: skip
     recipe = recipe_from_args(args)
     assert recipe.weight.symmetric is expected
-    assert recipe.disable_last_linear is expected and recipe.clip_search is expected
+    assert recipe.disable_last_linear is expected and recipe.weight_step.clip_search is expected
 
 
 @pytest.mark.parametrize("value", ["int", "float"])
@@ -193,18 +194,19 @@ def test_float_zero_point_needs_asymmetric_weights(capsys, llama_dir, outs):
                 input=QuantSpec("int8", Granularity.PER_TOKEN, dynamic=True))),
         (["--mm_tensor", "True"], Recipe(weight=QuantSpec("int8", Granularity.PER_TENSOR))),
         (["--a_bit", "8", "--is_dynamic", "True", "--anti_method", "m1"],
-         Recipe(weight=QuantSpec("int8", Granularity.PER_TENSOR),
-                input=QuantSpec("int8", Granularity.PER_TOKEN, dynamic=True), smooth="m1")),
+         Recipe(weight=QuantSpec("int8", Granularity.PER_TENSOR), input=QuantSpec("int8", Granularity.PER_TOKEN, dynamic=True),
+                steps=(SmoothQuant(), RTN()))),
         (["--a_bit", "8", "--act_method", "3", "--anti_method", "m4"],
          Recipe(weight=QuantSpec("int8", Granularity.PER_TENSOR),
-                input=QuantSpec("int8", Granularity.PER_TENSOR, symmetric=False), act_observer="auto", smooth="m4")),
+                input=QuantSpec("int8", Granularity.PER_TENSOR, symmetric=False), act_observer="auto",
+                steps=(SmoothQuantSearch(), RTN()))),
         (["--a_bit", "8", "--mm_tensor", "False", "--anti_method", "m2"],
          Recipe(weight=QuantSpec("int8", Granularity.PER_CHANNEL),
                 input=QuantSpec("int8", Granularity.PER_TENSOR, symmetric=False), act_observer="token_clip",
-                smooth="m2")),
+                steps=(GammaMigration(), RTN()))),
         (["--a_bit", "8", "--do_smooth", "True", "--smooth_alpha", "0.8"],
          Recipe(weight=QuantSpec("int8", Granularity.PER_TENSOR),
-                input=QuantSpec("int8", Granularity.PER_TENSOR, symmetric=False), smooth="m1", smooth_alpha=0.8)),
+                input=QuantSpec("int8", Granularity.PER_TENSOR, symmetric=False), steps=(SmoothQuant(alpha=0.8), RTN()))),
     ],
 )  # fmt: skip
 def test_activation_flags_reach_the_recipe(argv, expected):
@@ -302,7 +304,7 @@ def test_w_method_gptq(capsys, llama_dir, outs, text_file):
                         "--calib_size", "4", "--calib_seq_len", "16")  # fmt: skip
     assert rc == 0 and "w4a16" in stdout
     manifest = read_manifest(outs / "g")
-    assert Recipe.from_dict(manifest["recipe"]).gptq_act_order
+    assert Recipe.from_dict(manifest["recipe"]).weight_step.act_order
     assert manifest["layers"]["model.layers.0.self_attn.q_proj"]["method"]["algorithm"] == "gptq"
 
 
@@ -349,7 +351,7 @@ def test_anti_method_m3_awq(capsys, llama_dir, outs, text_file, method):
     assert rc == 0 and "w4a16" in stdout
     manifest = read_manifest(outs / "a")
     recipe = Recipe.from_dict(manifest["recipe"])
-    assert recipe.smooth == "m3" and recipe.algorithm == method
+    assert recipe.steps[0] == AWQ() and recipe.algorithm == method
     method_entry = manifest["layers"]["model.layers.1.mlp.down_proj"]["method"]
     assert method_entry["algorithm"] == method and method_entry["awq"] == {"clip": method == "rtn"}
 

@@ -10,6 +10,7 @@ import slimquant
 from slimquant import Granularity, QuantSpec, Recipe, SlimquantError
 from slimquant.nn.modules import QConv2d, QLinear
 from slimquant.pipeline.convert import convert, plan
+from slimquant.types.steps import RTN
 
 G = Granularity
 LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
@@ -160,7 +161,7 @@ def test_clip_search_changes_the_scales_and_reduces_error(factories):
     spec = QuantSpec("int2", G.PER_GROUP, 32, False)
     plain, clipped = factories["mlp"](seed=0), factories["mlp"](seed=0)
     slimquant.quantize(plain, Recipe(weight=spec), show_progress=False)
-    slimquant.quantize(clipped, Recipe(weight=spec, clip_search=True), show_progress=False)
+    slimquant.quantize(clipped, Recipe(weight=spec, steps=(RTN(clip_search=True),)), show_progress=False)
     assert not torch.equal(plain[0].weight_scale, clipped[0].weight_scale)
     # observed 10.3 dB with the search vs 9.6 dB without
     assert clipped.slimquant_report.layers[0]["sqnr_db"] > plain.slimquant_report.layers[0]["sqnr_db"]

@@ -14,6 +14,7 @@ from slimquant.data import calibration_windows
 from slimquant.errors import SlimquantError
 from slimquant.nn import QLinear
 from slimquant.pipeline.sequential import capture_block_inputs
+from slimquant.types.steps import AWQ, GPTQ, RTN, SmoothQuant
 
 W4 = QuantSpec("int4", Granularity.PER_GROUP, 32, symmetric=False)
 
@@ -41,7 +42,7 @@ def test_gptq_quantizes_every_block_linear_and_beats_rtn(llama, calib, input_ids
         ref = llama(input_ids).logits
     rtn = copy.deepcopy(llama)
     slimquant.quantize(rtn, Recipe(weight=W4), show_progress=False)
-    slimquant.quantize(llama, Recipe(weight=W4, algorithm="gptq"), calib_data=calib, show_progress=False)
+    slimquant.quantize(llama, Recipe(weight=W4, steps=(GPTQ(),)), calib_data=calib, show_progress=False)
     rows = llama.slimquant_report.layers
     assert len(rows) == 14 and all(r["algorithm"] == "gptq" for r in rows)  # 2 blocks x 7 linears
     assert all(0 <= r["output_error"] < 1 and r["samples"] == 8 * 16 for r in rows)
@@ -61,19 +62,18 @@ def test_gptq_quantizes_every_block_linear_and_beats_rtn(llama, calib, input_ids
 def test_gptq_on_a_model_without_repeated_blocks_fails_clearly(mlp):
     # the MLP has no repeated blocks: a clear error names what is missing
     with pytest.raises(SlimquantError, match="no list of repeated blocks"):
-        slimquant.quantize(mlp, Recipe(weight=W4, algorithm="gptq"), calib_data=[torch.randn(4, 64)], show_progress=False)
+        slimquant.quantize(mlp, Recipe(weight=W4, steps=(GPTQ(),)), calib_data=[torch.randn(4, 64)], show_progress=False)
 
 
 def test_gptq_act_order_runs_and_needs_data(llama, calib):
     with pytest.raises(SlimquantError, match="gptq needs calibration data"):
-        slimquant.quantize(copy.deepcopy(llama), Recipe(weight=W4, algorithm="gptq"), show_progress=False)
-    recipe = Recipe(weight=W4, algorithm="gptq", gptq_act_order=True, gptq_percdamp=0.05)
+        slimquant.quantize(copy.deepcopy(llama), Recipe(weight=W4, steps=(GPTQ(),)), show_progress=False)
+    recipe = Recipe(weight=W4, steps=(GPTQ(percdamp=0.05, act_order=True),))
     slimquant.quantize(llama, recipe, calib_data=calib, show_progress=False)
     assert {r["damp"] for r in llama.slimquant_report.layers} == {0.05}
     assert Recipe.from_json(recipe.to_json()) == recipe
     with pytest.raises(SlimquantError, match="gptq with fp8 W8A8"):
-        Recipe(weight=QuantSpec("fp8_e4m3", Granularity.PER_CHANNEL), input=QuantSpec("fp8_e4m3", "per_token", dynamic=True),
-               algorithm="gptq")  # fmt: skip
+        Recipe(weight=QuantSpec("fp8_e4m3", Granularity.PER_CHANNEL), input=QuantSpec("fp8_e4m3", "per_token", dynamic=True), steps=(GPTQ(),))  # fmt: skip
 
 
 @pytest.mark.parametrize("dynamic", [True, False])
@@ -86,8 +86,8 @@ def test_gptq_under_smoothed_w8a8(llama, calib, input_ids, tmp_path, dynamic):
     with torch.no_grad():
         ref = llama(input_ids).logits
     rtn = copy.deepcopy(llama)
-    slimquant.quantize(rtn, Recipe(weight=w8, input=inp, smooth="m1"), calib_data=calib, show_progress=False)
-    slimquant.quantize(llama, Recipe(weight=w8, input=inp, smooth="m1", algorithm="gptq"), calib_data=calib,
+    slimquant.quantize(rtn, Recipe(weight=w8, input=inp, steps=(SmoothQuant(), RTN())), calib_data=calib, show_progress=False)
+    slimquant.quantize(llama, Recipe(weight=w8, input=inp, steps=(SmoothQuant(), GPTQ())), calib_data=calib,
                        show_progress=False)  # fmt: skip
     q = llama.model.layers[1].self_attn.o_proj
     assert isinstance(q, QLinearW8A8) and q.method["algorithm"] == "gptq"
@@ -118,7 +118,7 @@ def test_gptq_on_an_encoder(bert, input_ids):
         return float(((out - ref) ** 2).mean() / ((ref - ref.mean()) ** 2).mean())
 
     rtn = slimquant.quantize(copy.deepcopy(bert), Recipe(weight=W4), show_progress=False)
-    slimquant.quantize(bert, Recipe(weight=W4, algorithm="gptq"), calib_data=input_ids, show_progress=False)
+    slimquant.quantize(bert, Recipe(weight=W4, steps=(GPTQ(),)), calib_data=input_ids, show_progress=False)
     assert len(bert.slimquant_report.layers) == 12  # 2 layers x (q, k, v, attn out, intermediate, output)
     # observed: GPTQ 5.7e-7, RTN 2.5e-6; every Linear weight zeroed gives 2.8e-4 (the residual stream carries
     # the embeddings, so even that is small: hence a bound far below it, and the comparison with RTN)
@@ -154,7 +154,7 @@ def test_gptq_on_a_plain_module_with_keyword_block_inputs():
     net = _Net().eval()
     assert block_list(net) == "blocks"
     calib = [torch.randn(16, 32) for _ in range(4)]
-    slimquant.quantize(net, Recipe(weight=QuantSpec("int4", Granularity.PER_CHANNEL), algorithm="gptq"),
+    slimquant.quantize(net, Recipe(weight=QuantSpec("int4", Granularity.PER_CHANNEL), steps=(GPTQ(),)),
                        calib_data=calib, show_progress=False)  # fmt: skip
     assert [r["name"] for r in net.slimquant_report.layers][-3:] == ["blocks.0.fc", "blocks.1.fc", "blocks.2.fc"]
     assert all(r["samples"] == 64 for r in net.slimquant_report.layers if r["name"].startswith("blocks."))
@@ -166,22 +166,22 @@ def test_gptq_on_a_plain_module_with_keyword_block_inputs():
 W3G = QuantSpec("int3", Granularity.PER_GROUP, 32, symmetric=False)
 
 
-@pytest.mark.parametrize("algorithm", ["rtn", "gptq"])
+@pytest.mark.parametrize("algorithm", [RTN(), GPTQ()], ids=["rtn", "gptq"])
 def test_awq_runs_block_by_block_and_reloads(llama, calib, input_ids, tmp_path, algorithm):
     with torch.no_grad():
         ref = llama(input_ids).logits
     rtn = copy.deepcopy(llama)
     slimquant.quantize(rtn, Recipe(weight=W3G), show_progress=False)
-    slimquant.quantize(llama, Recipe(weight=W3G, algorithm=algorithm, smooth="m3", awq_grid=10), calib_data=calib,
+    slimquant.quantize(llama, Recipe(weight=W3G, steps=(AWQ(grid=10), algorithm)), calib_data=calib,
                        show_progress=False)  # fmt: skip
     report = llama.slimquant_report
     awq = report.smoothing
     assert [r["prev"].split(".", 3)[-1] for r in awq[:3]] == ["input_layernorm", "post_attention_layernorm", "mlp.up_proj"]
     assert len(awq) == 6 and all(r["method"] == "awq" for r in awq)  # 3 groups x 2 blocks
     assert all(r["output_error"] <= r["output_error_unscaled"] for r in awq)
-    assert all(("clip_mean_shrink" in r) == (algorithm == "rtn") for r in awq)
-    assert len(report.layers) >= 14 and {r["algorithm"] for r in report.layers if "output_error" in r} == {algorithm}
-    assert llama.model.layers[0].mlp.down_proj.method["awq"] == {"clip": algorithm == "rtn"}
+    assert all(("clip_mean_shrink" in r) == (algorithm.TYPE == "rtn") for r in awq)
+    assert len(report.layers) >= 14 and {r["algorithm"] for r in report.layers if "output_error" in r} == {algorithm.TYPE}
+    assert llama.model.layers[0].mlp.down_proj.method["awq"] == {"clip": algorithm.TYPE == "rtn"}
     with torch.no_grad():
         out, out_rtn = llama(input_ids).logits, rtn(input_ids).logits
     # a wrong transform (scales not absorbed by the op before) would blow this up; observed m3 < RTN
@@ -194,11 +194,12 @@ def test_awq_runs_block_by_block_and_reloads(llama, calib, input_ids, tmp_path, 
 def test_awq_refusals(mlp, llama):
     from slimquant.errors import NotSupportedYet
 
-    with pytest.raises(NotSupportedYet, match="m3.*W8A8"):
-        Recipe(weight=QuantSpec("int8", "per_channel"), input=QuantSpec("int8", "per_token", dynamic=True), smooth="m3")
-    with pytest.raises(SlimquantError, match="awq_grid"):
-        Recipe(weight=W3G, smooth="m3", awq_grid=0)
-    with pytest.raises(SlimquantError, match="m3.*calibration"):
-        slimquant.quantize(llama, Recipe(weight=W3G, smooth="m3"), show_progress=False)
+    with pytest.raises(NotSupportedYet, match="awq.*W8A8"):
+        Recipe(weight=QuantSpec("int8", "per_channel"), input=QuantSpec("int8", "per_token", dynamic=True),
+               steps=(AWQ(), RTN()))  # fmt: skip
+    with pytest.raises(SlimquantError, match="awq: grid must be a positive integer"):
+        Recipe(weight=W3G, steps=(AWQ(grid=0), RTN()))
+    with pytest.raises(SlimquantError, match="awq needs calibration"):
+        slimquant.quantize(llama, Recipe(weight=W3G, steps=(AWQ(), RTN())), show_progress=False)
     with pytest.raises(SlimquantError, match="architecture|model_type"):
-        slimquant.quantize(mlp, Recipe(weight=W3G, smooth="m3"), calib_data=[torch.randn(2, 16)], show_progress=False)
+        slimquant.quantize(mlp, Recipe(weight=W3G, steps=(AWQ(), RTN())), calib_data=[torch.randn(2, 16)], show_progress=False)

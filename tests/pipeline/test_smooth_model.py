@@ -9,7 +9,8 @@ import torch
 
 import slimquant
 from slimquant import Granularity, QuantSpec, Recipe, SlimquantError
-from slimquant.pipeline.smooth import smooth_model
+from slimquant.pipeline.model_steps import run_model_steps
+from slimquant.types.steps import RTN, GammaMigration, SmoothQuant, SmoothQuantSearch
 
 G = Granularity
 W8 = QuantSpec("int8", G.PER_CHANNEL)
@@ -39,12 +40,12 @@ def _kl(ref, out):
     return float((lp.exp() * (lp - lq)).sum(-1).mean())
 
 
-@pytest.mark.parametrize("method", ["m1", "m4"])
+@pytest.mark.parametrize("method", [SmoothQuant(), SmoothQuantSearch()], ids=["m1", "m4"])
 def test_smoothing_alone_keeps_the_float_model_function(outlier_llama, calib, input_ids, method):
     with torch.no_grad():
         ref = outlier_llama(input_ids).logits
-    recipe = Recipe(weight=W8, input=STATIC, smooth=method)
-    rows = smooth_model(outlier_llama, recipe, calib, show_progress=False)
+    recipe = Recipe(weight=W8, input=STATIC, steps=(method, RTN()))
+    rows = run_model_steps(outlier_llama, recipe, calib, show_progress=False)
     assert len(rows) == 6  # 3 groups x 2 layers
     assert rows[0]["prev"] == "model.layers.0.input_layernorm" and rows[0]["linears"][0].endswith("q_proj")
     with torch.no_grad():
@@ -61,14 +62,16 @@ def test_m1_beats_no_smoothing_on_outlier_channels(outlier_llama, calib, input_i
     results = {}
     for method in (None, "m1"):
         m = copy.deepcopy(outlier_llama)
-        slimquant.quantize(m, Recipe(weight=W8, input=STATIC, smooth=method), calib_data=calib, show_progress=False)
+        steps = (SmoothQuant(), RTN()) if method else (RTN(),)
+        slimquant.quantize(m, Recipe(weight=W8, input=STATIC, steps=steps), calib_data=calib, show_progress=False)
         with torch.no_grad():
             results[method] = _kl(ref, m(input_ids).logits)
     assert results["m1"] < 0.5 * results[None]  # observed 2.8e-5 vs 1.3e-4
 
 
 def test_m4_never_picks_worse_than_no_smoothing_on_its_sample(outlier_llama, calib):
-    rows = smooth_model(outlier_llama, Recipe(weight=W8, input=DYNAMIC, smooth="m4"), calib, show_progress=False)
+    rows = run_model_steps(outlier_llama, Recipe(weight=W8, input=DYNAMIC, steps=(SmoothQuantSearch(), RTN())), calib,
+                           show_progress=False)
     for r in rows:
         chosen = "none" if r["alpha"] is None else str(r["alpha"])
         assert r["errors"][chosen] == min(r["errors"].values())
@@ -76,7 +79,7 @@ def test_m4_never_picks_worse_than_no_smoothing_on_its_sample(outlier_llama, cal
 
 
 def test_smoothing_report_and_reload(outlier_llama, calib, input_ids, tmp_path):
-    slimquant.quantize(outlier_llama, Recipe(weight=W8, input=DYNAMIC, smooth="m1", smooth_alpha=0.6),
+    slimquant.quantize(outlier_llama, Recipe(weight=W8, input=DYNAMIC, steps=(SmoothQuant(alpha=0.6), RTN())),
                        calib_data=calib, show_progress=False)  # fmt: skip
     assert {r["alpha"] for r in outlier_llama.slimquant_report.smoothing} == {0.6}
     with torch.no_grad():
@@ -88,10 +91,10 @@ def test_smoothing_report_and_reload(outlier_llama, calib, input_ids, tmp_path):
 
 
 def test_smoothing_needs_data_and_a_known_architecture(llama, mlp):
-    with pytest.raises(SlimquantError, match="smooth m1 needs calibration data"):
-        slimquant.quantize(llama, Recipe(weight=W8, input=DYNAMIC, smooth="m1"), show_progress=False)
+    with pytest.raises(SlimquantError, match="smoothquant needs calibration data"):
+        slimquant.quantize(llama, Recipe(weight=W8, input=DYNAMIC, steps=(SmoothQuant(), RTN())), show_progress=False)
     with pytest.raises(SlimquantError, match="no architecture description for Sequential"):
-        slimquant.quantize(mlp, Recipe(weight=W8, input=DYNAMIC, smooth="m1"), calib_data=[torch.randn(2, 64)],
+        slimquant.quantize(mlp, Recipe(weight=W8, input=DYNAMIC, steps=(SmoothQuant(), RTN())), calib_data=[torch.randn(2, 64)],
                            show_progress=False)  # fmt: skip
     assert isinstance(mlp[0], torch.nn.Linear)  # nothing was swapped
 
@@ -99,7 +102,8 @@ def test_smoothing_needs_data_and_a_known_architecture(llama, mlp):
 def test_m2_gamma_migration_keeps_the_function_and_sets_norms_to_one(outlier_llama, calib, input_ids):
     with torch.no_grad():
         ref = outlier_llama(input_ids).logits
-    rows = smooth_model(outlier_llama, Recipe(weight=W8, input=STATIC, smooth="m2"), calib, show_progress=False)
+    rows = run_model_steps(outlier_llama, Recipe(weight=W8, input=STATIC, steps=(GammaMigration(), RTN())), calib,
+                           show_progress=False)
     assert [r["prev"].rsplit(".", 1)[1] for r in rows] == ["input_layernorm", "post_attention_layernorm"] * 2
     for layer in outlier_llama.model.layers:
         assert torch.equal(layer.input_layernorm.weight, torch.ones_like(layer.input_layernorm.weight))
@@ -110,7 +114,7 @@ def test_m2_gamma_migration_keeps_the_function_and_sets_norms_to_one(outlier_lla
 def test_m2_with_token_clipping_end_to_end(outlier_llama, calib, input_ids, tmp_path):
     with torch.no_grad():
         ref = outlier_llama(input_ids).logits
-    recipe = Recipe(weight=W8, input=STATIC, smooth="m2", act_observer="token_clip")
+    recipe = Recipe(weight=W8, input=STATIC, act_observer="token_clip", steps=(GammaMigration(), RTN()))
     slimquant.quantize(outlier_llama, recipe, calib_data=calib, show_progress=False)
     rules = {r["input_rule"] for r in outlier_llama.slimquant_report.layers}
     assert rules and all(r.startswith("token_clip ") for r in rules)

@@ -16,6 +16,7 @@ from slimquant.formats.msmodelslim import read_manifest
 from slimquant.models.loading import load_model
 from slimquant.models.streaming import open_streaming
 from slimquant.pipeline import workdir as workdir_mod
+from slimquant.types.steps import AWQ, GPTQ, RTN
 
 W4 = QuantSpec("int4", Granularity.PER_GROUP, 32, symmetric=False)
 
@@ -44,8 +45,8 @@ def _same_checkpoint(a, b) -> None:
 
 
 RECIPES = {
-    "gptq": Recipe(weight=W4, algorithm="gptq"),
-    "awq": Recipe(weight=W4, smooth="m3", awq_grid=5),
+    "gptq": Recipe(weight=W4, steps=(GPTQ(),)),
+    "awq": Recipe(weight=W4, steps=(AWQ(grid=5), RTN())),
     "rtn": Recipe(weight=W4),
 }
 
@@ -86,7 +87,7 @@ class _Kill(Exception):
 @pytest.mark.parametrize("stream", [True, False])
 def test_resume_after_a_kill_gives_the_same_checkpoint(make_llama_dir, calib, tmp_path, monkeypatch, stream):
     src = make_llama_dir("m", layers=4)
-    recipe = Recipe(weight=W4, algorithm="gptq", smooth="m3", awq_grid=4)
+    recipe = Recipe(weight=W4, steps=(AWQ(grid=4), GPTQ()))
 
     def run(out, work):
         if stream:
@@ -122,19 +123,19 @@ def test_resume_after_a_kill_gives_the_same_checkpoint(make_llama_dir, calib, tm
 
 def test_a_work_directory_from_another_recipe_is_refused(make_llama_dir, calib, tmp_path):
     src = make_llama_dir("m")
-    slimquant.quantize(load_model(str(src)).model, Recipe(weight=W4, algorithm="gptq"), calib_data=calib,
+    slimquant.quantize(load_model(str(src)).model, Recipe(weight=W4, steps=(GPTQ(),)), calib_data=calib,
                        show_progress=False, work_dir=tmp_path / "w")  # fmt: skip
-    other = Recipe(weight=W4, algorithm="gptq", gptq_percdamp=0.05)
-    with pytest.raises(SlimquantError, match=r"different setup.*gptq_percdamp: 0.01 -> 0.05"):
+    other = Recipe(weight=W4, steps=(GPTQ(percdamp=0.05),))
+    with pytest.raises(SlimquantError, match=r"different setup.*recipe.steps\[0\].percdamp: 0.01 -> 0.05"):
         slimquant.quantize(load_model(str(src)).model, other, calib_data=calib, show_progress=False,
                            work_dir=tmp_path / "w")  # fmt: skip
     with pytest.raises(SlimquantError, match="different setup.*calibration"):
-        slimquant.quantize(load_model(str(src)).model, Recipe(weight=W4, algorithm="gptq"), calib_data=calib[:2],
+        slimquant.quantize(load_model(str(src)).model, Recipe(weight=W4, steps=(GPTQ(),)), calib_data=calib[:2],
                            show_progress=False, work_dir=tmp_path / "w")  # fmt: skip
     (tmp_path / "junk").mkdir()
     (tmp_path / "junk" / "x.txt").write_text("mine")
     with pytest.raises(SlimquantError, match="not a slimquant work directory"):
-        slimquant.quantize(load_model(str(src)).model, Recipe(weight=W4, algorithm="gptq"), calib_data=calib,
+        slimquant.quantize(load_model(str(src)).model, Recipe(weight=W4, steps=(GPTQ(),)), calib_data=calib,
                            show_progress=False, work_dir=tmp_path / "junk")  # fmt: skip
 
 
@@ -167,7 +168,7 @@ def test_activations_spill_to_disk_past_the_budget(make_llama_dir, calib, tmp_pa
     from slimquant.pipeline import sequential
 
     src = make_llama_dir("m", layers=3)
-    recipe = Recipe(weight=W4, algorithm="gptq")
+    recipe = Recipe(weight=W4, steps=(GPTQ(),))
     lm = load_model(str(src))
     slimquant.quantize(lm.model, recipe, calib_data=calib, show_progress=False)
     slimquant.save(lm.model, tmp_path / "mem")

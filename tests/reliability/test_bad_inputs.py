@@ -104,7 +104,7 @@ def test_nan_anywhere_in_a_float_model_is_refused_up_front(cli, model_dir, tmp_p
 def test_nan_in_a_norm_or_embedding_is_refused_by_the_api(llama, tensor, algorithm, input_ids):
     with torch.no_grad():
         llama.get_parameter(tensor).view(-1)[3] = float("inf")
-    recipe = Recipe(algorithm=algorithm)
+    recipe = Recipe.from_flags(f"--w_method {algorithm}")
     with pytest.raises(SlimquantError, match=rf"tensor {tensor}\); cannot quantize"):
         slimquant.quantize(llama, recipe, calib_data=input_ids if algorithm == "gptq" else None, show_progress=False)
 

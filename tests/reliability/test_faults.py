@@ -17,6 +17,7 @@ import torch
 import slimquant
 from slimquant import Recipe, SlimquantError
 from slimquant.formats import atomic
+from slimquant.types import steps
 
 from .conftest import leftovers, run_script, snapshot
 
@@ -151,7 +152,7 @@ def test_two_api_runs_on_one_work_directory(model_dir, tmp_path, input_ids):
         assert holder.stdout.readline().strip() == "locked"
         lm = load_model(str(model_dir))
         with pytest.raises(SlimquantError, match="another slimquant run"):
-            slimquant.quantize(lm.model, Recipe(algorithm="gptq"), calib_data=input_ids, show_progress=False,
+            slimquant.quantize(lm.model, Recipe(steps=(steps.GPTQ(),)), calib_data=input_ids, show_progress=False,
                                work_dir=work)  # fmt: skip
         assert not work.exists()
     finally:

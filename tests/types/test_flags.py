@@ -11,6 +11,7 @@ from slimquant.cli.main import build_parser
 from slimquant.cli.quantize_cmd import recipe_from_args
 from slimquant.errors import NotSupportedYet, SlimquantError
 from slimquant.types.flags import flag_default, flag_names
+from slimquant.types.steps import AWQ, GPTQ, RTN, GammaMigration, SmoothQuant, SmoothQuantSearch
 
 FLAG_SETS = [
     "",
@@ -45,10 +46,14 @@ def test_from_flags_is_what_the_command_line_builds(flags):
 def test_from_flags_values():
     r = Recipe.from_flags("--w_bit 4 --group_size 64 --w_method gptq --desc_act True")
     assert r.weight == QuantSpec("int4", Granularity.PER_GROUP, 64, True) and r.algorithm == "gptq"
-    assert r.gptq_act_order and r.input is None
+    assert r.steps == (GPTQ(act_order=True),) and r.input is None
     w8a8 = Recipe.from_flags("--w_bit 8 --a_bit 8 --is_dynamic True --mm_tensor False --anti_method m1")
     assert w8a8.input == QuantSpec("int8", Granularity.PER_TOKEN, None, True, dynamic=True)
-    assert w8a8.weight.granularity is Granularity.PER_CHANNEL and w8a8.smooth == "m1" and w8a8.smooth_alpha == 0.5
+    assert w8a8.weight.granularity is Granularity.PER_CHANNEL and w8a8.steps == (SmoothQuant(alpha=0.5), RTN())
+    # msModelSlim's anti_method codes exist only in the flag mapping
+    assert [Recipe.from_flags(f"--w_bit 8 --a_bit 8 --anti_method {m}").steps[0] for m in ("m1", "m2", "m4")] == [
+        SmoothQuant(), GammaMigration(), SmoothQuantSearch()]
+    assert Recipe.from_flags("--w_bit 4 --anti_method m3 --w_method gptq").steps == (AWQ(), GPTQ())
 
 
 def test_from_flags_takes_parsed_values_by_name():

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from slimquant.errors import NotSupportedYet, SlimquantError
 from slimquant.types import GROUP_SIZES, QTYPES, Granularity, QuantSpec, Recipe
 from slimquant.types.spec import ACT_OBSERVERS
+from slimquant.types.steps import RTN
 
 # -- QuantSpec validation -------------------------------------------------------------------------
 
@@ -156,9 +157,9 @@ def test_bad_activation_recipes(kwargs: dict, message: str) -> None:
         Recipe(**kwargs)
 
 
-def test_unknown_algorithm_lists_valid_ones() -> None:
-    with pytest.raises(SlimquantError, match="unknown algorithm 'awq'; valid: rtn, gptq"):
-        Recipe(algorithm="awq")
+def test_steps_must_be_steps() -> None:
+    with pytest.raises(SlimquantError, match="steps\\[0\\] must be a Step"):
+        Recipe(steps=("gptq",))  # type: ignore[arg-type]
 
 
 def test_per_token_weights_are_rejected() -> None:
@@ -218,8 +219,7 @@ EMB_GRANS = (Granularity.PER_CHANNEL, Granularity.PER_GROUP)
 def recipes(draw: st.DrawFn) -> Recipe:
     return Recipe(
         weight=draw(st.none() | specs(WEIGHT_GRANS)),
-        algorithm="rtn",
-        clip_search=draw(st.booleans()),
+        steps=(RTN(clip_search=draw(st.booleans())),),
         disable_names=tuple(draw(st.lists(st.text(NAME_CHARS, min_size=1, max_size=12), max_size=4))),
         disable_last_linear=draw(st.booleans()),
         embedding=draw(st.none() | specs(EMB_GRANS)),
@@ -259,7 +259,7 @@ def test_recipe_yaml_round_trip(recipe: Recipe) -> None:
 def test_default_recipe_serialises_every_field_with_a_type_tag() -> None:
     d = json.loads(Recipe().to_json())
     assert set(d) == {"type", "version"} | {f.name for f in dataclasses.fields(Recipe)}
-    assert (d["type"], d["version"]) == ("slimquant.Recipe", 1)
+    assert (d["type"], d["version"]) == ("slimquant.Recipe", 2)
     assert d["weight"] == {
         "qtype": "int8",
         "granularity": "per_channel",
@@ -269,7 +269,7 @@ def test_default_recipe_serialises_every_field_with_a_type_tag() -> None:
         "zero_point": "int",
     }
     assert (d["input"], d["output"], d["kv"], d["embedding"]) == (None, None, None, None)
-    assert (d["algorithm"], d["clip_search"], d["disable_names"]) == ("rtn", False, [])
+    assert (d["steps"], d["disable_names"]) == ([{"type": "rtn", "stage": "weight", "clip_search": False}], [])
     assert (d["disable_last_linear"], d["include_conv"]) == (True, True)
 
 
@@ -285,7 +285,7 @@ def test_from_dict_rejects_unknown_spec_fields_inside_a_recipe() -> None:
         Recipe.from_dict(d)
 
 
-@pytest.mark.parametrize(("tag", "version"), [("other.Recipe", 1), ("slimquant.Recipe", 2)])
+@pytest.mark.parametrize(("tag", "version"), [("other.Recipe", 1), ("other.Recipe", 2), ("slimquant.Recipe", 3)])
 def test_from_dict_rejects_foreign_tags_and_versions(tag: str, version: int) -> None:
     d = Recipe().to_dict()
     d.update(type=tag, version=version)

@@ -1,95 +1,165 @@
-"""Weight algorithms, registered by name: each declares what it needs and holds a pure solver, so the pipeline
-runs whichever one a recipe names without naming any itself.
+"""Algorithms as registered steps: one implementation per recipe step type (:mod:`slimquant.types.steps`),
+holding what the pipeline calls for that step's stage. The pipeline provides what a step declares it needs
+(``step.NEEDS``) and never names an algorithm.
 
-A :class:`WeightAlgorithm` solves one ``[n, k]`` float32 weight: ``solve(layer, w, h, spec, recipe)`` ->
-``(QuantizedWeight, report fields)``, where ``h`` is the layer's input Hessian ``2/N X^T X`` ``[k, k]`` when the
-algorithm ``needs_hessian`` (it then runs block by block in :mod:`slimquant.pipeline.sequential`, each block
-calibrated on the previous quantized blocks' outputs), else None. Layers outside the model's repeated blocks
-have no calibrated inputs there; a calibrated algorithm names the data-free one they use (``outside_blocks``).
+* :class:`WeightAlgorithm` (``weight`` stage) solves one ``[n, k]`` float32 weight:
+  ``solve(layer, w, h, spec, step) -> (QuantizedWeight, report fields)``; ``h`` is the layer's input Hessian
+  ``2/N X^T X`` ``[k, k]`` when the step needs ``hessian``, else None. The report fields name the algorithm
+  that ran (``{"algorithm": ...}``, e.g. a fallback).
+* :class:`ModelTransform` (``model`` stage) changes the float model before any layer is quantized:
+  ``observe(model, step, recipe)`` names the layers whose inputs it wants observed on calibration data
+  (an :class:`InputRequest`, or None), then ``apply(model, step, recipe, stats, show_progress)`` transforms the
+  model and returns report rows (``stats``: layer name -> observed statistics, each with ``.observers`` and
+  ``.sample()``; None when nothing was requested).
+* :class:`BlockTransform` (``block`` stage) changes one repeated block, on the block's inputs as the quantized
+  blocks before it produce them: ``collectors(model, step, recipe, prefix, plans)`` gives one collector
+  (``.add(x)``) per layer whose inputs it wants; the pipeline runs the block with them, then
+  ``apply(model, step, recipe, prefix, plans, collectors)`` returns report rows.
+
+Each may check the model up front (``check_model``: an unknown architecture fails before any work) and add
+fields to the quantized layers' method records (``record``).
 """
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 import torch
 
 from slimquant.errors import SlimquantError
-from slimquant.math.weights import QuantizedWeight, quantize_weight
+from slimquant.math.weights import QuantizedWeight
 from slimquant.types.spec import QuantSpec, Recipe
+from slimquant.types.steps import Step
 
-from slimquant.algorithms.rtn import rtn
 
-log = logging.getLogger(__name__)
-
-WeightSolver = Callable[[torch.Tensor, QuantSpec, Recipe], QuantizedWeight]
-Solve = Callable[[str, torch.Tensor, "torch.Tensor | None", QuantSpec, Recipe], "tuple[QuantizedWeight, dict[str, Any]]"]
+class Collector(Protocol):
+    def add(self, x: torch.Tensor) -> None: ...
 
 
 @dataclass(frozen=True)
-class WeightAlgorithm:
-    name: str
-    solve: Solve
-    needs_hessian: bool = False
-    outside_blocks: str | None = None  # data-free algorithm for layers outside the blocks (calibrated ones only)
+class InputRequest:
+    """Layers whose inputs a model transform wants observed: ``observers()`` makes a fresh dict of named
+    observers per layer; ``sample_rows`` > 0 also keeps a uniform sample of that many input rows."""
 
-    def data_free(self) -> "WeightAlgorithm":
-        """The algorithm that quantizes layers without calibrated inputs: this one, or its ``outside_blocks``."""
-        return weight_algorithm(self.outside_blocks) if self.needs_hessian else self
-
-    def solver(self) -> WeightSolver:
-        """``(w, spec, recipe) -> QuantizedWeight`` of a data-free algorithm."""
-        if self.needs_hessian:
-            raise SlimquantError(f"weight algorithm {self.name!r} needs calibration inputs; it has no data-free solver")
-        return lambda w, spec, recipe: self.solve("", w, None, spec, recipe)[0]
+    layers: tuple[str, ...]
+    observers: Callable[[], dict[str, Any]]
+    sample_rows: int = 0
 
 
-_REGISTRY: dict[str, WeightAlgorithm] = {}
+def _no_check(model: Any, step: Step, recipe: Recipe) -> None:
+    return None
 
 
-def register_weight_algorithm(algorithm: WeightAlgorithm) -> WeightAlgorithm:
-    """Add ``algorithm`` under its name (a name registered twice is an error)."""
-    if algorithm.name in _REGISTRY:
-        raise SlimquantError(f"weight algorithm {algorithm.name!r} is already registered")
-    if algorithm.needs_hessian and algorithm.outside_blocks is None:
-        raise SlimquantError(f"weight algorithm {algorithm.name!r} needs a data-free outside_blocks algorithm")
-    _REGISTRY[algorithm.name] = algorithm
-    return algorithm
+def _no_record(step: Step, recipe: Recipe) -> dict[str, Any]:
+    return {}
 
 
-def weight_algorithm(name: str) -> WeightAlgorithm:
+@dataclass(frozen=True)
+class Algorithm:
+    step_type: type[Step]
+    check_model: Callable[[Any, Step, Recipe], None] = _no_check
+    record: Callable[[Step, Recipe], dict[str, Any]] = _no_record
+
+    STAGE = ""
+
+
+@dataclass(frozen=True)
+class WeightAlgorithm(Algorithm):
+    solve: Callable[[str, torch.Tensor, "torch.Tensor | None", QuantSpec, Step],
+                    "tuple[QuantizedWeight, dict[str, Any]]"] | None = None  # fmt: skip
+    STAGE = "weight"
+
+
+@dataclass(frozen=True)
+class ModelTransform(Algorithm):
+    observe: Callable[[Any, Step, Recipe], "InputRequest | None"] | None = None
+    apply: Callable[[Any, Step, Recipe, Any, bool], list[dict]] | None = None
+    STAGE = "model"
+
+
+@dataclass(frozen=True)
+class BlockTransform(Algorithm):
+    collectors: Callable[[Any, Step, Recipe, str, dict], "dict[str, Collector]"] | None = None
+    apply: Callable[[Any, Step, Recipe, str, dict, dict], list[dict]] | None = None
+    STAGE = "block"
+
+
+_REGISTRY: dict[str, Algorithm] = {}
+
+
+def register_algorithm(impl: Algorithm) -> Algorithm:
+    """Register the implementation of ``impl.step_type`` (a step type implemented twice is an error)."""
+    st = impl.step_type
+    if not (isinstance(st, type) and issubclass(st, Step)) or not st.TYPE:
+        raise SlimquantError(f"{impl!r}: step_type must be a registered Step subclass")
+    from slimquant.types.steps import step_types
+
+    if step_types().get(st.TYPE) is not st:
+        raise SlimquantError(f"step type {st.TYPE!r} is not registered; decorate {st.__name__} with "
+                             "slimquant.types.register_step_type")  # fmt: skip
+    if st.STAGE != impl.STAGE:
+        raise SlimquantError(f"step {st.TYPE!r} is a {st.STAGE} step; its implementation must be a "
+                             f"{ {'weight': 'WeightAlgorithm', 'model': 'ModelTransform', 'block': 'BlockTransform'}[st.STAGE]}, "
+                             f"not {type(impl).__name__}")  # fmt: skip
+    missing = [f for f in ("solve", "observe", "apply", "collectors") if hasattr(impl, f) and getattr(impl, f) is None]
+    if missing:
+        raise SlimquantError(f"implementation of {st.TYPE!r} lacks {', '.join(missing)}")
+    if st.TYPE in _REGISTRY:
+        raise SlimquantError(f"step type {st.TYPE!r} already has an implementation")
+    _REGISTRY[st.TYPE] = impl
+    return impl
+
+
+def implementation(step: Step) -> Algorithm:
+    """The registered implementation of ``step``'s type."""
     try:
-        return _REGISTRY[name]
+        return _REGISTRY[step.TYPE]
     except KeyError:
-        raise SlimquantError(f"unknown weight algorithm {name!r}; valid: {', '.join(_REGISTRY)}") from None
+        raise SlimquantError(f"step type {step.TYPE!r} has no registered implementation (register one with "
+                             f"slimquant.algorithms.register_algorithm); implemented: {', '.join(sorted(_REGISTRY))}") from None  # fmt: skip
 
 
-def weight_solver(name: str) -> WeightSolver:
-    """The data-free solver of ``name`` (for a calibrated algorithm, the one its outside-block layers use)."""
-    return weight_algorithm(name).data_free().solver()
+def outside_blocks(step: Step) -> Step:
+    """The data-free weight step for layers outside the repeated blocks, which have no calibrated inputs:
+    ``step`` itself when it needs nothing, else what it names (:meth:`slimquant.types.steps.Step.outside_blocks`)."""
+    free = step.outside_blocks()
+    if free.NEEDS:
+        raise SlimquantError(f"step {step.TYPE!r}: its step for layers outside the blocks ({free.TYPE}) needs data too")
+    return free
 
 
-def _solve_rtn(layer: str, w: torch.Tensor, h: torch.Tensor | None, spec: QuantSpec,
-               recipe: Recipe) -> tuple[QuantizedWeight, dict[str, Any]]:  # fmt: skip
-    return rtn(w, spec, recipe), {"algorithm": "rtn"}
+def solve_weight(layer: str, w: torch.Tensor, h: torch.Tensor | None, spec: QuantSpec,
+                 step: Step) -> tuple[QuantizedWeight, dict[str, Any]]:  # fmt: skip
+    """Solve ``layer``'s ``[n, k]`` weight with the weight ``step``'s implementation; the report fields always
+    say which algorithm ran."""
+    impl = implementation(step)
+    if not isinstance(impl, WeightAlgorithm):
+        raise SlimquantError(f"step {step.TYPE!r} does not solve weights")
+    qw, info = impl.solve(layer, w, h, spec, step)  # type: ignore[misc]
+    return qw, {"algorithm": step.TYPE, **info}
 
 
-def _solve_gptq(layer: str, w: torch.Tensor, h: torch.Tensor | None, spec: QuantSpec,
-                recipe: Recipe) -> tuple[QuantizedWeight, dict[str, Any]]:  # fmt: skip
-    from slimquant.algorithms.gptq import GPTQError, gptq
-
-    try:
-        res = gptq(w, h, spec, percdamp=recipe.gptq_percdamp, act_order=recipe.gptq_act_order,
-                   static_groups=recipe.gptq_static_groups, clip_search=recipe.clip_search)  # fmt: skip
-    except GPTQError as e:
-        log.warning("%s: %s; falling back to RTN for this layer", layer, e)
-        return quantize_weight(w, spec, clip_search=recipe.clip_search), {"algorithm": "rtn", "fallback": str(e)}
-    return res.weight, {"algorithm": "gptq", "damp": res.damp, "dead_columns": res.dead_columns}
+def data_free_solver(step: Step) -> Callable[[torch.Tensor, QuantSpec], QuantizedWeight]:
+    """``(w, spec) -> QuantizedWeight`` of the data-free step :func:`outside_blocks` gives for ``step``."""
+    free = outside_blocks(step)
+    return lambda w, spec: solve_weight("", w, None, spec, free)[0]
 
 
-register_weight_algorithm(WeightAlgorithm("rtn", _solve_rtn))
-register_weight_algorithm(WeightAlgorithm("gptq", _solve_gptq, needs_hessian=True, outside_blocks="rtn"))
+def method_record(recipe: Recipe, info: dict[str, Any], weight_step: Step | None = None) -> dict[str, Any]:
+    """The method record a quantized layer keeps (in the checkpoint manifest): the algorithm that ran and what
+    each step adds (``weight_step``: the step that solved it, default the recipe's)."""
+    ws = weight_step or recipe.weight_step
+    out: dict[str, Any] = {"algorithm": info["algorithm"], **implementation(ws).record(ws, recipe)}
+    if weight_step is None:
+        for s in recipe.steps_of("block"):
+            out.update(implementation(s).record(s, recipe))
+    return out
 
-__all__ = ["WeightAlgorithm", "register_weight_algorithm", "weight_algorithm", "weight_solver", "WeightSolver", "rtn"]
+
+from slimquant.algorithms import builtin as _builtin  # noqa: E402,F401  (registers rtn, gptq, smoothing, awq)
+from slimquant.algorithms.rtn import rtn  # noqa: E402
+
+__all__ = ["Algorithm", "WeightAlgorithm", "ModelTransform", "BlockTransform", "InputRequest", "Collector",
+           "register_algorithm", "implementation", "outside_blocks", "solve_weight", "data_free_solver",
+           "method_record", "rtn"]

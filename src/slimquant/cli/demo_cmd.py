@@ -34,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
     from slimquant.eval.size import checkpoint_bytes, model_bytes
     from slimquant.formats.atomic import check_target
     from slimquant.models.loading import load_model
-    from slimquant.types import Granularity, QuantSpec, Recipe
+    from slimquant.types import RTN, Granularity, QuantSpec, Recipe
 
     text = read_text(args.text)
     protect = input_paths(args.model, args.text)
@@ -47,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
     # The most accurate data-free W4A16 we have on smollm2-135m (BENCHMARKS.md): asymmetric with a
     # float zero point and the clipping search.
     spec = QuantSpec("int4", Granularity.PER_GROUP, args.group_size, symmetric=False, zero_point="float")
-    recipe = Recipe(weight=spec, clip_search=True)
+    recipe = Recipe(weight=spec, steps=(RTN(clip_search=True),))
     t0 = time.perf_counter()
     api.quantize(model, recipe)
     qtime = time.perf_counter() - t0

@@ -196,14 +196,17 @@ def _run(args: argparse.Namespace, recipe: Recipe, protect: list[Path], target: 
         fl = report.attention["float"]
         print(f"  attention Q/K/V int8 per head in {len(report.attention['quantized'])} layer(s)"
               + (f"; float (fa_amp): {', '.join(fl)}" if fl else ""))  # fmt: skip
-    if report.smoothing and recipe.smooth == "m3":
-        ratios = [r["ratio"] for r in report.smoothing]
-        gain = sum(r["output_error_unscaled"] for r in report.smoothing) / max(sum(r["output_error"] for r in report.smoothing), 1e-30)
-        print(f"  AWQ (m3) scales on {len(ratios)} group(s): ratio {min(ratios):.2f}..{max(ratios):.2f}, calibration "
+    awq = [r for r in report.smoothing if r.get("method") == "awq"]
+    smoothed = [r for r in report.smoothing if "alpha" in r]
+    if awq:
+        ratios = [r["ratio"] for r in awq]
+        gain = sum(r["output_error_unscaled"] for r in awq) / max(sum(r["output_error"] for r in awq), 1e-30)
+        print(f"  AWQ scales on {len(ratios)} group(s): ratio {min(ratios):.2f}..{max(ratios):.2f}, calibration "
               f"output error {gain:.2f}x lower than unscaled")  # fmt: skip
-    elif report.smoothing:
-        alphas = sorted({str(r["alpha"]) for r in report.smoothing})
-        print(f"  smoothed {len(report.smoothing)} group(s) with {recipe.smooth} (alpha: {', '.join(alphas)})")
+    if smoothed:
+        alphas = sorted({str(r["alpha"]) for r in smoothed})
+        steps = ", ".join(s.TYPE for s in recipe.steps_of("model"))
+        print(f"  smoothed {len(smoothed)} group(s) with {steps} (alpha: {', '.join(alphas)})")
     for name, why in sorted(report.skipped.items()):
         print(f"  kept float: {name} ({why})")
     for name, emb in report.tied.items():

@@ -274,7 +274,7 @@ def _check_manifest(directory: Path, mpath: Path, m: dict[str, Any]) -> None:
 
     need("quant_type", str, "a string")
     try:
-        Recipe.from_dict(need("recipe", dict, "an object"))
+        Recipe.from_dict(need("recipe", dict, "an object"), unregistered_steps=True)
     except (SlimquantError, TypeError, ValueError, KeyError, AttributeError) as e:
         raise SlimquantError(f"{mpath}: 'recipe' is invalid: {e}") from None
     layers = need("layers", dict, "an object of layer entries")
@@ -435,7 +435,7 @@ def load_into(model: nn.Module, directory: str | os.PathLike, manifest: dict[str
             raise SlimquantError(f"after loading {directory}, {name} is still uninitialised (meta)")
     for p in model.parameters():
         p.requires_grad_(False)
-    model.slimquant_recipe = Recipe.from_dict(manifest["recipe"])
+    model.slimquant_recipe = Recipe.from_dict(manifest["recipe"], unregistered_steps=True)
     model.eval()
     return model
 

@@ -1,7 +1,9 @@
 """The weight-only conversion loop: plan which layers to quantize, solve each, swap in Q modules.
 
-Algorithms are looked up by name (:func:`slimquant.algorithms.weight_solver`); module choice lives in
-:mod:`slimquant.surgery`. Data-free algorithms (RTN) need nothing else.
+The recipe's steps run by stage, as their implementations (:mod:`slimquant.algorithms`) declare: ``model`` steps
+on the float model first (:mod:`slimquant.pipeline.model_steps`), then the layers outside the repeated blocks with
+the weight step's data-free form, then, when a step needs the blocks' inputs, the blocks one at a time
+(:mod:`slimquant.pipeline.sequential`). Module choice lives in :mod:`slimquant.surgery`.
 """
 
 from __future__ import annotations
@@ -15,8 +17,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from slimquant.adapters import block_list, smooth_groups
-from slimquant.algorithms import weight_algorithm, weight_solver
+from slimquant.adapters import block_list
+from slimquant.algorithms import data_free_solver, implementation, method_record, outside_blocks, solve_weight
 from slimquant.errors import NotSupportedYet, SlimquantError
 from slimquant.math.metrics import sqnr_db
 from slimquant.math.qparams import qparams_from_minmax
@@ -151,14 +153,14 @@ def convert(
             raise SlimquantError("stream= must be the StreamingModel of the model being quantized")
         if work_dir is None:
             raise SlimquantError("streaming blocks from disk needs work_dir= (where finished blocks are written)")
-        if (recipe.input is not None or recipe.fa is not None or recipe.kv is not None
-                or recipe.smooth not in (None, "m3")):  # fmt: skip
-            raise NotSupportedYet("streaming from disk supports weight-only recipes (rtn, gptq, AWQ m3); activation, "
-                                  "attention and KV-cache quantization and smoothing m1/m2/m4 run the whole model")  # fmt: skip
+        model_steps = recipe.steps_of("model")
+        if recipe.input is not None or recipe.fa is not None or recipe.kv is not None or model_steps:
+            what = f" (step {model_steps[0].TYPE} transforms the whole model)" if model_steps else ""
+            raise NotSupportedYet("streaming from disk supports weight-only recipes with block or weight steps (rtn, "
+                                  "gptq, awq); activation, attention and KV-cache quantization and smoothing of the "
+                                  f"whole model run in memory{what}")  # fmt: skip
     if recipe.input is not None and not recipe.input.dynamic and calib_data is None:
         raise SlimquantError("static activation quantization (W8A8) needs calibration data (calib_data)")
-    if recipe.smooth is not None and calib_data is None:
-        raise SlimquantError(f"smooth {recipe.smooth} needs calibration data (calib_data)")
     if recipe.fa is not None:
         from slimquant.nn.fa_quant import attention_modules
 
@@ -171,14 +173,16 @@ def convert(
         if calib_data is None:
             raise SlimquantError("a static KV cache (per-channel scales) needs calibration data (calib_data)")
         kv_projections(model)  # fails before any work where the scales cannot be stored
-    if weight_algorithm(recipe.algorithm).needs_hessian and calib_data is None:
-        raise SlimquantError(f"{recipe.algorithm} needs calibration data (calib_data)")
+    for step in recipe.steps:
+        implementation(step)  # a step without an implementation fails before any work
+        if step.needs_calibration and calib_data is None:
+            raise SlimquantError(f"{step.TYPE} needs calibration data (calib_data)")
     layers, report = plan(model, recipe)
     _check_finite(model, {n for n, why in report.skipped.items() if why == "disable_names"})
-    # data-aware algorithms solve the layers inside the repeated blocks; the rest (and anything outside
-    # the blocks) is rounded to nearest
-    rest = weight_algorithm(recipe.algorithm).data_free().name
-    solver = weight_solver(rest)
+    # a calibrated weight step solves the layers inside the repeated blocks; the rest (and anything outside
+    # the blocks) gets its data-free form (GPTQ: round to nearest)
+    free = outside_blocks(recipe.weight_step)
+    solver = data_free_solver(recipe.weight_step)
     blocks_prefix = block_list(model) + "." if stream is not None else None
     # Validate everything first so a bad layer fails before any module is swapped (streamed blocks are on meta
     # until read: their shapes are checked now, their values when each block is read).
@@ -207,12 +211,12 @@ def convert(
         report.skipped.pop(out, None)
     layers = [lp for lp in layers if lp.name not in ties]
 
-    if recipe.smooth is not None:
-        smooth_groups(model)  # an unknown architecture fails here, before any work
-    if recipe.smooth is not None and recipe.smooth != "m3":  # m3 (AWQ) runs block by block, in sequential
-        from slimquant.pipeline.smooth import smooth_model
+    for step in recipe.steps:
+        implementation(step).check_model(model, step, recipe)  # e.g. an unknown architecture fails here
+    if recipe.steps_of("model"):
+        from slimquant.pipeline.model_steps import run_model_steps
 
-        report.smoothing = smooth_model(model, recipe, calib_data, show_progress)
+        report.smoothing = run_model_steps(model, recipe, calib_data, show_progress)
     w8a8 = recipe.input is not None
     ranges: dict[str, dict[str, Any]] = {}
     if w8a8 and not recipe.input.dynamic:  # type: ignore[union-attr]
@@ -229,11 +233,11 @@ def convert(
             if others:
                 raise NotSupportedYet(f"streaming quantizes the blocks' linear layers only; {others[0]} is a "
                                       f"{next(lp.kind for lp in layers if lp.name == others[0])}")  # fmt: skip
-    for lp in tqdm(layers, desc=f"{rest} {recipe.quant_type}", disable=not show_progress, unit="layer"):
+    for lp in tqdm(layers, desc=f"{free.TYPE} {recipe.quant_type}", disable=not show_progress, unit="layer"):
         module = model.get_submodule(lp.name)
         w = _weight_2d(module)
-        qw = solver(w, lp.spec, recipe)
-        row: dict[str, Any] = {"name": lp.name, "kind": lp.kind, "spec": lp.spec.describe(), "algorithm": rest}
+        qw, info = solve_weight(lp.name, w, None, lp.spec, free)
+        row: dict[str, Any] = {"name": lp.name, "kind": lp.kind, "spec": lp.spec.describe(), **info}
         if w8a8 and lp.kind == "linear":
             qmod = _w8a8_module(module, qw, lp.spec, recipe.input, ranges.get(lp.name))  # type: ignore[arg-type]
             if lp.name in ranges:
@@ -242,17 +246,17 @@ def convert(
         else:
             cls = {"linear": QLinear, "conv2d": QConv2d, "embedding": QEmbedding}[lp.kind]
             qmod = cls.from_float(module, qw, lp.spec)  # type: ignore[attr-defined]
-        qmod.method = {"algorithm": rest, "clip_search": recipe.clip_search}
+        qmod.method = method_record(recipe, info, weight_step=free)
         err = sqnr_db(w, qmod.dequantized_weight(torch.float32))
         set_module(model, lp.name, qmod)
         row["sqnr_db"] = round(err, 2)
         report.layers.append(row)
         log.debug("quantized %s (%s): SQNR %.2f dB", lp.name, lp.spec.describe(), err)
     if sequential:
-        rows, awq_rows = _run_sequential(model, recipe, sequential, calib_data, show_progress, stream, work_dir,
+        rows, step_rows = _run_sequential(model, recipe, sequential, calib_data, show_progress, stream, work_dir,
                                          max_activation_gb, ranges if w8a8 else None)  # fmt: skip
         report.layers.extend(rows)
-        report.smoothing.extend(awq_rows)
+        report.smoothing.extend(step_rows)
     for out, emb in ties.items():
         qemb = model.get_submodule(emb)
         old = model.get_submodule(out)
@@ -278,7 +282,7 @@ def convert(
 def _run_sequential(model: nn.Module, recipe: Recipe, sequential: list[LayerPlan], calib_data: Any, show_progress: bool,
                     stream: Any, work_dir: str | os.PathLike | None, max_activation_gb: float | None,
                     ranges: dict[str, dict[str, Any]] | None) -> tuple[list[dict], list[dict]]:  # fmt: skip
-    """The block-by-block part of :func:`convert`: (report rows, AWQ rows). With ``work_dir`` its lock is held
+    """The block-by-block part of :func:`convert`: (report rows, block steps' rows). With ``work_dir`` its lock is held
     while the blocks run (a second run on it is refused at once), and a run that fails before finishing its first
     block leaves no work directory behind. ``ranges``: W8A8 static input ranges (None: weight-only layers)."""
     import contextlib
@@ -308,7 +312,7 @@ def _run_sequential(model: nn.Module, recipe: Recipe, sequential: list[LayerPlan
         tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="slimquant-activations-"))
         spill = Path(work_dir) / "activations" if work_dir is not None else Path(tmp)
         try:
-            rows, _, awq_rows = quantize_sequential(model, recipe, sequential, calib_data, show_progress, stream,
+            rows, _, step_rows = quantize_sequential(model, recipe, sequential, calib_data, show_progress, stream,
                                                     work, make, budget, spill)  # fmt: skip
         except BaseException:
             if work is not None and work.done == 0:
@@ -319,7 +323,7 @@ def _run_sequential(model: nn.Module, recipe: Recipe, sequential: list[LayerPlan
                 import shutil
 
                 shutil.rmtree(spill, ignore_errors=True)
-    return rows, awq_rows
+    return rows, step_rows
 
 
 def _calibrate_inputs(
@@ -347,7 +351,7 @@ def _calibrate_inputs(
     qt = lookup_qtype(recipe.input.qtype)  # type: ignore[union-attr]
 
     def deq(lp: LayerPlan) -> torch.Tensor:
-        return dequantize_weight(solver(_weight_2d(model.get_submodule(lp.name)), lp.spec, recipe), lp.spec)
+        return dequantize_weight(solver(_weight_2d(model.get_submodule(lp.name)), lp.spec), lp.spec)
 
     return input_ranges(model, stats, recipe.act_observer, {lp.name: lp for lp in layers} if searched else {},
                         qt, recipe.input.symmetric, deq)  # type: ignore[union-attr]  # fmt: skip

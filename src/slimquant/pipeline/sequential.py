@@ -1,15 +1,15 @@
-"""The sequential (block by block) pipeline for data-aware weight algorithms (GPTQ, AWQ).
+"""The sequential (block by block) pipeline, for recipes whose steps need each block's inputs (GPTQ, AWQ).
 
 One explicit loop over the model's repeated blocks, no graph tracing:
 
 1. run the calibration items through the model until the first block, and keep that block's inputs
    (positional and keyword arguments: hidden states, rotary embeddings, masks) per item;
-2. for each block: with AWQ (``smooth="m3"``), accumulate the input statistics of each smoothing group
-   (:func:`slimquant.adapters.smooth_groups`) on the kept inputs, search and apply the scales (and, with
-   RTN, the clipping); then hook the planned linear layers to accumulate their input Hessians, run the
-   block, solve every layer (GPTQ, or RTN), swap the quantized modules in, then run the *quantized* block
-   again so the next block calibrates on what the deployed model will feed it (not after the last block).
-   Data-free RTN (only when streaming) skips the passes.
+2. for each block: for every ``block``-stage step (AWQ), run the block on the kept inputs with the collectors
+   its implementation asks for (one per layer input it wants), and let it transform the block; then hook the
+   planned linear layers to accumulate their input Hessians, run the block, solve every layer with the
+   recipe's weight step (GPTQ, RTN), swap the quantized modules in, then run the *quantized* block again so the
+   next block calibrates on what the deployed model will feed it (not after the last block). A recipe whose
+   steps need no data (RTN, only when streaming) skips the passes.
 
 With a work directory (:class:`slimquant.pipeline.workdir.WorkDir`) every finished block, its report rows and
 the next block's input hidden states are persisted, and a rerun restores finished blocks instead of
@@ -30,11 +30,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from slimquant.adapters import block_list, smooth_groups
-from slimquant.algorithms.awq import awq_clip, awq_search
-from slimquant.algorithms import weight_algorithm
+from slimquant.adapters import block_list
+from slimquant.algorithms import BlockTransform, implementation, method_record, solve_weight
 from slimquant.algorithms.gptq import HessianAccumulator
-from slimquant.algorithms.smoothquant import apply_smoothing, input_weight
 from slimquant.errors import SlimquantError
 from slimquant.formats.msmodelslim import build_qmodule
 from slimquant.formats.safetensors_io import TensorSource
@@ -45,6 +43,7 @@ from slimquant.pipeline.calibrate import model_inputs
 from slimquant.pipeline.workdir import WorkDir
 from slimquant.surgery import set_module
 from slimquant.types.spec import Recipe
+from slimquant.types.steps import HESSIAN
 
 log = logging.getLogger(__name__)
 
@@ -192,8 +191,8 @@ def quantize_sequential(model: nn.Module, recipe: Recipe, plans: list[Any], cali
                         show_progress: bool = True, stream: Any = None, work: WorkDir | None = None,
                         make_module: Any = None, activation_budget: int | None = None,
                         spill_dir: Path | None = None) -> tuple[list[dict], set[str], list[dict]]:  # fmt: skip
-    """Quantize every planned linear layer that lies inside the model's repeated blocks, block by block
-    (``recipe.algorithm``: gptq or rtn; ``recipe.smooth == "m3"`` adds AWQ before it).
+    """Quantize every planned linear layer that lies inside the model's repeated blocks, block by block: the
+    recipe's ``block``-stage steps (AWQ) transform each block, then its weight step (GPTQ, RTN) solves it.
 
     ``stream`` (:class:`slimquant.models.streaming.StreamingModel`): the blocks are on meta and are read from
     disk one at a time, then written to ``work`` and put back on meta (the final save reads them from there).
@@ -203,11 +202,12 @@ def quantize_sequential(model: nn.Module, recipe: Recipe, plans: list[Any], cali
     ``activation_budget`` (bytes): past it the hidden states between blocks live in files under ``spill_dir``.
 
     Returns the per-layer report rows, the names it quantized (the caller handles the rest with RTN) and
-    the AWQ rows (one per smoothing group; empty without m3).
+    the block steps' rows (AWQ: one per smoothing group).
     """
     needs_data = recipe.block_by_block
     if needs_data and calib_data is None:
-        raise SlimquantError(f"{'awq (m3)' if recipe.smooth == 'm3' else recipe.algorithm} needs calibration data (calib_data)")
+        what = next(s.TYPE for s in recipe.steps if s.needs_calibration)
+        raise SlimquantError(f"{what} needs calibration data (calib_data)")
     if stream is not None and work is None:
         raise SlimquantError("streaming blocks from disk needs a work directory to write them to")
     path = block_list(model)
@@ -223,29 +223,28 @@ def quantize_sequential(model: nn.Module, recipe: Recipe, plans: list[Any], cali
         saved = work.inputs(len(captured)) if work is not None and 0 < work.done < len(blocks) else None
         inputs = BlockInputs(captured, activation_budget, spill_dir, hidden=saved)
         del captured
-    log.info("%s: %d block(s) under %s, %d calibration item(s)", recipe.algorithm, len(blocks), path, len(inputs))
-    groups = smooth_groups(model) if recipe.smooth == "m3" else []
+    block_steps = recipe.steps_of("block")
+    what = " + ".join(s.TYPE for s in (*block_steps, recipe.weight_step))
+    log.info("%s: %d block(s) under %s, %d calibration item(s)", what, len(blocks), path, len(inputs))
     rows: list[dict] = []
-    awq_rows: list[dict] = []
+    step_rows: list[dict] = []
     done: set[str] = set()
     on_disk: dict[str, Path] = {}  # tensors of streamed blocks: name -> work file
-    what = recipe.algorithm + (" + awq" if recipe.smooth == "m3" else "")
     bar = tqdm(range(len(blocks)), desc=f"{what} blocks", disable=not show_progress, unit="block")
     for bi in bar:
         layer_plans = by_block.get(bi, [])
         if work is not None and bi < work.done:  # finished in an earlier run
             info = _restore_block(model, path, bi, work, stream, on_disk)
             rows += info["layers"]
-            awq_rows += info["awq"]
+            step_rows += info["block_steps"]
             done.update(lp.name for lp in layer_plans)
             continue
         block = stream.load_block(bi) if stream is not None else blocks[bi]
         block_rows: list[dict] = []
-        block_awq: list[dict] = []
-        if groups:
-            prefix = f"{path}.{bi}."
-            mine = [(p, lins) for p, lins in groups if p.startswith(prefix)]
-            block_awq = _awq_block(model, block, inputs, mine, {lp.name: lp for lp in layer_plans}, recipe)
+        block_step_rows: list[dict] = []
+        for step in block_steps:
+            block_step_rows += _block_step(model, block, inputs, step, recipe, f"{path}.{bi}.",
+                                            {lp.name: lp for lp in layer_plans})  # fmt: skip
         accs: dict[str, HessianAccumulator] = {}  # created on first use: layers sharing an input share one
         # Layers fed the very same tensor (q/k/v, gate/up) share one Hessian: accumulated once, by the
         # first of them to see it in each forward.
@@ -288,7 +287,7 @@ def quantize_sequential(model: nn.Module, recipe: Recipe, plans: list[Any], cali
                 inputs.advance(lambda args, kwargs: _hidden(block(*args, **kwargs)))
         if work is not None:
             prefix = f"{path}.{bi}."
-            info = {"layers": block_rows, "awq": block_awq,
+            info = {"layers": block_rows, "block_steps": block_step_rows,
                     "modules": {n: m.manifest_entry() for n, m in model.named_modules()
                                 if n.startswith(prefix) and isinstance(m, QModule)}}  # fmt: skip
             tensors = {prefix + n: t for n, t in block.state_dict().items()}
@@ -301,12 +300,12 @@ def quantize_sequential(model: nn.Module, recipe: Recipe, plans: list[Any], cali
         if stream is not None:
             _trim_heap()
         rows += block_rows
-        awq_rows += block_awq
+        step_rows += block_step_rows
         if errors:
             bar.set_postfix(rel_output_error=f"{max(errors):.2e}")
     if on_disk:
         model.slimquant_tensor_source = TensorSource(on_disk)
-    return rows, done, awq_rows
+    return rows, done, step_rows
 
 
 def _trim_heap() -> None:
@@ -342,28 +341,22 @@ def _restore_block(model: nn.Module, path: str, bi: int, work: WorkDir, stream: 
     return info
 
 
-def _awq_block(model: nn.Module, block: nn.Module, inputs: Any,
-               groups: list[tuple[str, tuple[str, ...]]], plans: dict[str, Any], recipe: Recipe) -> list[dict]:  # fmt: skip
-    """AWQ on one block: one pass over the block accumulates every group's input statistics (mean |x| and
-    ``2/N X^T X``, over all calibration tokens); then per group (in order) search the scales, apply them to
-    the op before and the linears, and (RTN) clip the planned linears."""
-    groups = [(p, lins) for p, lins in groups if any(n in plans for n in lins)]
-    if not groups:
+def _block_step(model: nn.Module, block: nn.Module, inputs: Any, step: Any, recipe: Recipe, prefix: str,
+                plans: dict[str, Any]) -> list[dict]:  # fmt: skip
+    """One ``block``-stage step on one block: one pass over the block's calibration inputs feeds the collectors
+    its implementation asks for (each sees its layer's input), then the step transforms the block."""
+    impl = implementation(step)
+    assert isinstance(impl, BlockTransform)
+    collectors = impl.collectors(model, step, recipe, prefix, plans)  # type: ignore[misc]
+    if not collectors:
         return []
-    stats: dict[str, tuple[HessianAccumulator, list]] = {}
     handles = []
-    for _, lins in groups:
-        first = model.get_submodule(lins[0])
-        stats[lins[0]] = (HessianAccumulator(input_weight(first).shape[1]), [0.0, 0])
+    for name, collector in collectors.items():
 
-        def hook(_m: nn.Module, args: tuple, name: str = lins[0]) -> None:
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
-            acc, absum = stats[name]
-            acc.add(x)
-            absum[0] = absum[0] + x.abs().sum(0)
-            absum[1] += x.shape[0]
+        def hook(_m: nn.Module, args: tuple, c: Any = collector) -> None:
+            c.add(args[0])
 
-        handles.append(first.register_forward_pre_hook(hook))
+        handles.append(model.get_submodule(name).register_forward_pre_hook(hook))
     try:
         with torch.no_grad():
             for args, kwargs in inputs:
@@ -371,38 +364,7 @@ def _awq_block(model: nn.Module, block: nn.Module, inputs: Any,
     finally:
         for h in handles:
             h.remove()
-    out = []
-    for prev_name, lin_names in groups:
-        acc, (absum, count) = stats.pop(lin_names[0])
-        h, mean_abs = acc.hessian(), absum / max(count, 1)
-        linears = [model.get_submodule(n) for n in lin_names]
-        specs = [plans[n].spec if n in plans else None for n in lin_names]
-        with torch.no_grad():
-            res = awq_search(mean_abs, h, [input_weight(m).detach() for m in linears], specs, recipe.awq_grid)
-            apply_smoothing(model.get_submodule(prev_name), linears, res.scales)
-            row: dict[str, Any] = {"method": "awq", "prev": prev_name, "linears": list(lin_names), "ratio": res.ratio,
-                                   "output_error": res.errors[res.ratio], "output_error_unscaled": res.errors[0.0],
-                                   "tokens": count}  # fmt: skip
-            if _awq_clips(recipe):
-                hs = h / res.scales[:, None] / res.scales[None, :]  # the linears now see x / s
-                shrink = {}
-                for n, m, spec in zip(lin_names, linears, specs):
-                    if spec is None or not isinstance(m, nn.Linear):
-                        continue
-                    clipped, mean_shrink = awq_clip(hs, m.weight.detach().float(), spec, recipe.awq_grid)
-                    m.weight.copy_(clipped.to(m.weight.dtype))
-                    shrink[n] = round(mean_shrink, 4)
-                row["clip_mean_shrink"] = shrink
-        out.append(row)
-        log.debug("awq %s -> %s: ratio %.2f, output error %.3g (unscaled %.3g)", prev_name, lin_names, res.ratio,
-                  res.errors[res.ratio], res.errors[0.0])  # fmt: skip
-    return out
-
-
-def _awq_clips(recipe: Recipe) -> bool:
-    """AWQ's clipping search runs before a data-free weight algorithm; a calibrated one solves on the unclipped
-    (scaled) weights."""
-    return recipe.awq_clip and not weight_algorithm(recipe.algorithm).needs_hessian
+    return impl.apply(model, step, recipe, prefix, plans, collectors)  # type: ignore[misc]
 
 
 def _solve_layer(model: nn.Module, lp: Any, acc: HessianAccumulator, recipe: Recipe, make_module: Any = None) -> dict:
@@ -410,11 +372,12 @@ def _solve_layer(model: nn.Module, lp: Any, acc: HessianAccumulator, recipe: Rec
     w = module.weight.detach().float()
     h = acc.hessian(copy=False)  # read only here and in gptq (which copies before changing it)
     row: dict[str, Any] = {"name": lp.name, "kind": lp.kind, "spec": lp.spec.describe(), "samples": acc.n}
-    algorithm = weight_algorithm(recipe.algorithm)
-    if acc.n < w.shape[1] and algorithm.needs_hessian:
+    step = recipe.weight_step
+    needs_hessian = HESSIAN in step.NEEDS
+    if acc.n < w.shape[1] and needs_hessian:
         log.warning("%s: %d calibration rows for %d input channels; the Hessian is rank-deficient (dampened)",
                     lp.name, acc.n, w.shape[1])  # fmt: skip
-    qw, info = algorithm.solve(lp.name, w, h if algorithm.needs_hessian else None, lp.spec, recipe)
+    qw, info = solve_weight(lp.name, w, h if needs_hessian else None, lp.spec, step)
     row.update(info)
     w_hat = dequantize_weight(qw, lp.spec)
     row["sqnr_db"] = round(sqnr_db(w, w_hat), 2)
@@ -425,8 +388,6 @@ def _solve_layer(model: nn.Module, lp: Any, acc: HessianAccumulator, recipe: Rec
     else:  # data-free (RTN streamed from disk): no calibration rows to measure on
         row["output_error"] = None
     qmod = make_module(lp.name, module, qw, lp.spec, row) if make_module is not None else QLinear.from_float(module, qw, lp.spec)
-    qmod.method = {"algorithm": row["algorithm"], "clip_search": recipe.clip_search}
-    if recipe.smooth == "m3":
-        qmod.method["awq"] = {"clip": _awq_clips(recipe)}
+    qmod.method = method_record(recipe, info)
     set_module(model, lp.name, qmod)
     return row

@@ -57,6 +57,8 @@ def _diff(a: Any, b: Any, path: str = "") -> list[str]:
         for k in sorted(set(a) | set(b)):
             out += _diff(a.get(k), b.get(k), f"{path}.{k}" if path else str(k))
         return out
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        return [d for i, (x, y) in enumerate(zip(a, b)) for d in _diff(x, y, f"{path}[{i}]")]
     return [] if a == b else [f"{path}: {a!r} -> {b!r}"]
 
 
@@ -179,7 +181,7 @@ class WorkDir:
         except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
             raise SlimquantError(f"work directory {self.path} is damaged: {f.name} cannot be read ({e}); remove it to "
                                  "start over") from None  # fmt: skip
-        if not (isinstance(info, dict) and isinstance(info.get("layers"), list) and isinstance(info.get("awq"), list)
+        if not (isinstance(info, dict) and isinstance(info.get("layers"), list) and isinstance(info.get("block_steps"), list)
                 and isinstance(info.get("modules"), dict)):  # fmt: skip
             raise SlimquantError(f"work directory {self.path} is damaged: {f.name} is not a block record; remove it "
                                  "to start over")  # fmt: skip

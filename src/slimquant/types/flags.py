@@ -16,6 +16,7 @@ from typing import Any, Mapping, Sequence
 
 from slimquant.errors import NotSupportedYet, SlimquantError
 from slimquant.types.qtype import int_qtype_for_bits
+from slimquant.types.steps import AWQ, GPTQ, RTN, GammaMigration, SmoothQuant, SmoothQuantSearch, Step
 from slimquant.types.spec import (FA_INT8_PER_HEAD, GROUP_SIZES, KV_INT8_DYNAMIC, KV_INT8_STATIC, Granularity, QuantSpec,
                                   Recipe)  # fmt: skip
 
@@ -201,35 +202,34 @@ def _recipe(args: argparse.Namespace) -> Recipe:
     if args.fa_amp and not args.use_fa_quant:
         raise SlimquantError("--fa_amp picks attention layers to leave float; it needs --use_fa_quant True")
     input_spec, act_observer, sigma = _activation_flags(args)
-    smooth, alpha = _smooth_flags(args, input_spec)
-    if smooth == "m2" and input_spec is not None and not input_spec.dynamic and args.act_method is None:
+    smooth = _smooth_step(args, input_spec)
+    if isinstance(smooth, GammaMigration) and input_spec is not None and not input_spec.dynamic and args.act_method is None:
         act_observer = "token_clip"  # Outlier Suppression = gamma migration + token-wise clipping
     per_tensor = args.mm_tensor if args.mm_tensor is not None else input_spec is not None  # seed: W8A8 default True
     gran = Granularity.PER_GROUP if args.group_size else (Granularity.PER_TENSOR if per_tensor else Granularity.PER_CHANNEL)
     weight = QuantSpec(qt, gran, args.group_size or None, args.w_sym, zero_point=args.w_zero_point)
     embedding = QuantSpec("int8", Granularity.PER_CHANNEL, None, True) if args.embedding_bit == 8 else None
+    if args.w_method == "gptq":
+        solve: Step = GPTQ(percdamp=args.percdamp, act_order=args.desc_act, clip_search=args.w_clip_search)
+    else:
+        solve = RTN(clip_search=args.w_clip_search)
     return Recipe(
         weight=weight,
         input=input_spec,
-        algorithm=args.w_method,
-        gptq_percdamp=args.percdamp,
-        gptq_act_order=args.desc_act,
-        clip_search=args.w_clip_search,
+        steps=(smooth, solve) if smooth is not None else (solve,),
         disable_names=tuple(args.disable_names),
         disable_last_linear=args.disable_last_linear,
         embedding=embedding,
         act_observer=act_observer,
         sigma_factor=sigma,
-        smooth=smooth,
-        smooth_alpha=alpha,
         kv=(KV_INT8_DYNAMIC if args.kv_dynamic else KV_INT8_STATIC) if args.use_kvcache_quant else None,
         fa=FA_INT8_PER_HEAD if args.use_fa_quant else None,
         fa_amp=args.fa_amp,
     )
 
 
-def _smooth_flags(args: argparse.Namespace, input_spec: QuantSpec | None) -> tuple[str | None, float]:
-    """(Recipe.smooth, smooth_alpha) from --anti_method / --do_smooth / --smooth_alpha."""
+def _smooth_step(args: argparse.Namespace, input_spec: QuantSpec | None) -> Step | None:
+    """The smoothing step of --anti_method / --do_smooth / --smooth_alpha (msModelSlim's m1-m4 codes)."""
     method = args.anti_method or ("m1" if args.do_smooth else "")
     if method == "m5":
         raise NotSupportedYet("--anti_method m5: CBQ is not supported yet; m1, m2, m3 and m4 are")
@@ -243,7 +243,8 @@ def _smooth_flags(args: argparse.Namespace, input_spec: QuantSpec | None) -> tup
     alpha = 0.5 if args.smooth_alpha is None else args.smooth_alpha
     if not 0.0 <= alpha <= 1.0:
         raise SlimquantError(f"--smooth_alpha {alpha}: must be in [0, 1]")
-    return method or None, alpha
+    return {"": None, "m1": SmoothQuant(alpha=alpha), "m2": GammaMigration(), "m3": AWQ(),
+            "m4": SmoothQuantSearch()}[method]  # fmt: skip
 
 
 _ACT_METHODS = {1: "minmax", 2: "histogram", 3: "auto"}

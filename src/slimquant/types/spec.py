@@ -12,6 +12,8 @@ from typing import Any
 
 from slimquant.errors import SlimquantError
 from slimquant.types.qtype import QTYPES, qtype as _lookup_qtype
+from slimquant.types.steps import (AWQ, BLOCKWISE_NEEDS, GPTQ, RTN, GammaMigration, SmoothQuant, SmoothQuantSearch, Step,
+                                    check_steps, step_from_dict)
 
 GROUP_SIZES = (32, 64, 128, 256)
 
@@ -92,21 +94,22 @@ class QuantSpec:
         return f"{self.qtype} {gran} {sym}"
 
 
-ALGORITHMS = ("rtn", "gptq")
 # How a static activation range is chosen from calibration data (msModelSlim act_method 1/2/3 =
 # minmax / histogram / auto). "auto" keeps, per layer, the candidate with the lowest output error.
-SMOOTH_METHODS = ("m1", "m2", "m3", "m4")
 KV_INT8_DYNAMIC = QuantSpec("int8", Granularity.PER_TOKEN, None, True, dynamic=True)
 # msModelSlim C8: int8 symmetric, one static scale per (head, channel), calibrated.
 KV_INT8_STATIC = QuantSpec("int8", Granularity.PER_CHANNEL, None, True)
 # Attention inputs (msModelSlim use_fa_quant): int8 symmetric, one static scale per head (the head is the channel).
 FA_INT8_PER_HEAD = QuantSpec("int8", Granularity.PER_CHANNEL, None, True)
 ACT_OBSERVERS = ("minmax", "moving_average", "histogram", "histogram_mse", "histogram_kl", "token_clip", "auto")
+RECIPE_VERSION = 2
+_SPEC_ROLES = ("weight", "input", "output", "kv", "embedding", "fa")
 
 
 @dataclass(frozen=True)
 class Recipe:
-    """Everything a quantization run needs to know, independent of the model.
+    """Everything a quantization run needs to know, independent of the model: the tensor specs, which layers
+    they apply to, and the steps (:mod:`slimquant.types.steps`) that produce the quantized weights.
 
     Attributes:
         weight: spec for the weights of Linear/Conv2d layers (None: weights stay float).
@@ -123,13 +126,9 @@ class Recipe:
             symmetric scales per head for Q, K and V calibrated on data (:mod:`slimquant.nn.fa_quant`).
         fa_amp: with ``fa``, how many attention layers fall back to float: those whose quantized
             attention output has the largest relative error on the calibration data (msModelSlim ``fa_amp``).
-        algorithm: weight algorithm name: ``rtn`` (round to nearest, data-free) or ``gptq`` (calibrated,
-            block by block; :mod:`slimquant.pipeline.sequential`).
-        gptq_percdamp: GPTQ dampening, a fraction of the mean Hessian diagonal (raised x10 on failure).
-        gptq_act_order: GPTQ visits columns by decreasing Hessian diagonal (desc_act); with groups it
-            uses static groups so the checkpoint layout is unchanged.
-        gptq_static_groups: GPTQ computes every group's parameters up front from the float weight.
-        clip_search: search per channel/group for the clipping ratio with the lowest MSE.
+        steps: the algorithms, in stage order: transforms of the float model (``SmoothQuant``,
+            ``SmoothQuantSearch``, ``GammaMigration``), per-block transforms (``AWQ``), then exactly one weight
+            step (``RTN``, ``GPTQ``), each with its own knobs. Default: ``(RTN(),)``.
         disable_names: layer names, globs or ``re:`` regexes to keep in float.
         disable_last_linear: keep the model's output projection (lm_head) in float.
         embedding: spec for nn.Embedding weights (None: embeddings stay float).
@@ -138,17 +137,6 @@ class Recipe:
             ``token_clip`` picks, per layer, the quantile of per-token minima/maxima (1 .. 0.95) with
             the lowest output error.
         sigma_factor: clip static input ranges at mean +- sigma_factor * std (msModelSlim use_sigma).
-        smooth: outlier handling before activation quantization (msModelSlim anti_method):
-            ``m1`` SmoothQuant with ``smooth_alpha``; ``m4`` SmoothQuant with alpha searched per
-            group on calibration output error (or no smoothing where that is best); ``m2`` Outlier
-            Suppression's gamma migration (each norm's weight moves into the linears it feeds; pair
-            it with ``act_observer="token_clip"``, its token-wise clipping, for static inputs); ``m3`` AWQ
-            for weight-only recipes: per block, activation-aware scales searched on the block's calibration
-            inputs (:mod:`slimquant.algorithms.awq`), then with ``algorithm="rtn"`` AWQ's clipping search
-            (``awq_clip``), then the weight algorithm (RTN or GPTQ) on the scaled weights.
-        smooth_alpha: SmoothQuant migration strength for ``m1``.
-        awq_grid: m3: ratios tried by the scale search (and shrink steps of the clipping search).
-        awq_clip: m3 with RTN: run AWQ's output-error clipping search (GPTQ solves on the unclipped weights).
         overrides: ``(pattern, spec)`` pairs; the first pattern (name, glob or ``re:``) matching a
             layer gives its weight spec instead of ``weight`` (mixed precision, per-layer groups).
     """
@@ -157,8 +145,7 @@ class Recipe:
     input: QuantSpec | None = None
     output: QuantSpec | None = None
     kv: QuantSpec | None = None
-    algorithm: str = "rtn"
-    clip_search: bool = False
+    steps: tuple[Step, ...] = (RTN(),)
     disable_names: tuple[str, ...] = ()
     disable_last_linear: bool = True
     embedding: QuantSpec | None = None
@@ -166,18 +153,18 @@ class Recipe:
     overrides: tuple[tuple[str, QuantSpec], ...] = ()
     act_observer: str = "minmax"
     sigma_factor: float | None = None
-    smooth: str | None = None
-    smooth_alpha: float = 0.5
     fa: QuantSpec | None = None
     fa_amp: int = 0
-    gptq_percdamp: float = 0.01
-    gptq_act_order: bool = False
-    gptq_static_groups: bool = False
-    awq_grid: int = 20
-    awq_clip: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "disable_names", tuple(self.disable_names))
+        steps = self.steps
+        if isinstance(steps, Step):
+            steps = (steps,)
+        if not isinstance(steps, (tuple, list)):
+            raise SlimquantError(f"steps must be a list of steps, got {steps!r}")
+        object.__setattr__(self, "steps", tuple(steps))
+        check_steps(self.steps)
         pairs = []
         for item in self.overrides:
             if not (isinstance(item, (tuple, list)) and len(item) == 2 and isinstance(item[0], str)):
@@ -185,8 +172,6 @@ class Recipe:
             spec = item[1] if isinstance(item[1], QuantSpec) else QuantSpec.from_dict(item[1])
             pairs.append((item[0], spec))
         object.__setattr__(self, "overrides", tuple(pairs))
-        if self.algorithm not in ALGORITHMS:
-            raise SlimquantError(f"unknown algorithm {self.algorithm!r}; valid: {', '.join(ALGORITHMS)}")
         from slimquant.errors import NotSupportedYet
 
         if self.output is not None:
@@ -202,33 +187,14 @@ class Recipe:
         if self.fa is not None and self.fa != FA_INT8_PER_HEAD:
             raise NotSupportedYet(f"fa {self.fa.describe()} is not supported yet; attention inputs are quantized int8 "
                                   "symmetric per head (QuantSpec('int8', 'per_channel'))")  # fmt: skip
-        if not 0.0 < self.gptq_percdamp <= 1.0:
-            raise SlimquantError(f"gptq_percdamp must be in (0, 1], got {self.gptq_percdamp}")
-        if self.algorithm == "gptq" and self.input is not None and _lookup_qtype(self.input.qtype).is_float:
-            raise NotSupportedYet("gptq with fp8 W8A8 is not supported yet; use rtn (int8 W8A8 works with gptq)")
-        if self.algorithm == "gptq" and self.weight is None:
-            raise SlimquantError("gptq quantizes weights; the recipe has no weight spec")
+        for s in self.steps:
+            s.check(self)
         if not isinstance(self.fa_amp, int) or self.fa_amp < 0:
             raise SlimquantError(f"fa_amp must be a non-negative integer (layers left float), got {self.fa_amp!r}")
         if self.fa_amp and self.fa is None:
             raise SlimquantError(f"fa_amp {self.fa_amp} chooses attention layers to leave float; it needs fa (use_fa_quant)")
         if self.act_observer not in ACT_OBSERVERS:
             raise SlimquantError(f"unknown act_observer {self.act_observer!r}; valid: {', '.join(ACT_OBSERVERS)}")
-        if self.smooth is not None:
-            if self.smooth not in SMOOTH_METHODS:
-                raise SlimquantError(f"unknown smooth method {self.smooth!r}; valid: {', '.join(SMOOTH_METHODS)}")
-            if self.smooth == "m3":
-                if self.weight is None:
-                    raise SlimquantError("smooth m3 (AWQ) scales weights for quantization; the recipe has no weight spec")
-                if self.input is not None:
-                    raise NotSupportedYet("smooth m3 (AWQ) with activation quantization (W8A8) is not supported yet; "
-                                          "use m1, m2 or m4 there")  # fmt: skip
-            elif self.input is None:
-                raise SlimquantError(f"smooth {self.smooth} prepares activations for quantization; it needs an input spec")
-        if not isinstance(self.awq_grid, int) or self.awq_grid < 1:
-            raise SlimquantError(f"awq_grid must be a positive integer, got {self.awq_grid!r}")
-        if not 0.0 <= self.smooth_alpha <= 1.0:
-            raise SlimquantError(f"smooth_alpha must be in [0, 1], got {self.smooth_alpha}")
         if self.sigma_factor is not None and not self.sigma_factor > 0:
             raise SlimquantError(f"sigma_factor must be positive, got {self.sigma_factor}")
         if self.weight is not None and self.weight.granularity in (Granularity.PER_TOKEN,):
@@ -266,18 +232,34 @@ class Recipe:
         if self.overrides:
             raise SlimquantError("overrides (per-layer weight specs) apply to weight-only recipes")
 
+    # -- what the steps declare --------------------------------------------------------------------------
+    @property
+    def weight_step(self) -> Step:
+        """The step that solves the weights (the last one)."""
+        return self.steps[-1]
+
+    @property
+    def algorithm(self) -> str:
+        """The weight step's type (``rtn``, ``gptq``, ...), for labels and logs."""
+        return self.weight_step.TYPE
+
+    def steps_of(self, stage: str) -> tuple[Step, ...]:
+        """The steps of one stage (``model``, ``block``, ``weight``), in recipe order."""
+        return tuple(s for s in self.steps if s.STAGE == stage)
+
     @property
     def needs_calibration(self) -> bool:
-        """Whether quantizing needs calibration data (static inputs, smoothing, attention or static KV quantization)."""
-        return ((self.input is not None and not self.input.dynamic) or self.smooth is not None or self.fa is not None
-                or self.kv == KV_INT8_STATIC or self.algorithm == "gptq")  # fmt: skip
+        """Whether quantizing needs calibration data (static inputs, attention or static KV quantization, or a step
+        that needs data)."""
+        return ((self.input is not None and not self.input.dynamic) or self.fa is not None
+                or self.kv == KV_INT8_STATIC or any(s.needs_calibration for s in self.steps))  # fmt: skip
 
     @property
     def block_by_block(self) -> bool:
-        """Whether an algorithm of the recipe calibrates block by block on the previous blocks' quantized outputs
-        (GPTQ, AWQ): the sequential pipeline runs it, with a resumable work directory. The one place this is
-        decided (streaming from disk is block by block too, whatever the recipe)."""
-        return self.algorithm == "gptq" or self.smooth == "m3"
+        """Whether a step needs each block's inputs from the quantized blocks before it (GPTQ, AWQ): the
+        sequential pipeline then runs, with a resumable work directory. The one place this is decided, from the
+        steps' needs (streaming from disk is block by block too, whatever the recipe)."""
+        return any(s.NEEDS & BLOCKWISE_NEEDS for s in self.steps)
 
     @property
     def quant_type(self) -> str:
@@ -292,31 +274,46 @@ class Recipe:
 
     # -- serialization -------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"type": "slimquant.Recipe", "version": 1}
+        out: dict[str, Any] = {"type": "slimquant.Recipe", "version": RECIPE_VERSION}
         for f in fields(self):
             v = getattr(self, f.name)
             if isinstance(v, QuantSpec):
                 v = v.to_dict()
             elif f.name == "overrides":
                 v = [[pattern, spec.to_dict()] for pattern, spec in v]
+            elif f.name == "steps":
+                v = [s.to_dict() for s in v]
             elif isinstance(v, tuple):
                 v = list(v)
             out[f.name] = v
         return out
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "Recipe":
+    def from_dict(cls, data: dict[str, Any], unregistered_steps: bool = False) -> "Recipe":
+        """A recipe from :meth:`to_dict`'s form; version 1 (one flat namespace: ``algorithm``, ``smooth``,
+        ``gptq_*``, ``awq_*``, written before steps existed) is read into the same steps.
+        ``unregistered_steps=True`` (a checkpoint's record): step types this process does not know are kept as
+        :class:`slimquant.types.steps.UnregisteredStep` instead of refused."""
+        if not isinstance(data, dict):
+            raise SlimquantError(f"a recipe is a mapping, got {type(data).__name__}")
         data = dict(data)
         tag = data.pop("type", "slimquant.Recipe")
         version = data.pop("version", 1)
-        if tag != "slimquant.Recipe" or version != 1:
-            raise SlimquantError(f"not a slimquant recipe (type={tag!r}, version={version!r})")
+        if tag != "slimquant.Recipe" or version not in (1, RECIPE_VERSION):
+            raise SlimquantError(f"not a slimquant recipe this version reads (type={tag!r}, version={version!r}; "
+                                 f"versions 1 and {RECIPE_VERSION} are read)")  # fmt: skip
+        if version == 1:
+            data = _v1_to_v2(data)
         data = _checked_keys(cls, data, "Recipe")
-        for role in ("weight", "input", "output", "kv", "embedding", "fa"):
+        for role in _SPEC_ROLES:
             if data.get(role) is not None:
                 data[role] = QuantSpec.from_dict(data[role])
         if "disable_names" in data:
             data["disable_names"] = tuple(data["disable_names"])
+        if "steps" in data:
+            if not isinstance(data["steps"], list):
+                raise SlimquantError(f"recipe steps must be a list, got {data['steps']!r}")
+            data["steps"] = tuple(step_from_dict(s, f"steps[{i}]", unregistered_steps) for i, s in enumerate(data["steps"]))
         return cls(**data)
 
     def to_json(self) -> str:
@@ -362,7 +359,47 @@ class Recipe:
                 text = fh.read()
         except OSError as e:
             raise SlimquantError(f"cannot read recipe {path}: {e.strerror}") from None
-        return cls.from_yaml(text) if path.endswith((".yaml", ".yml")) else cls.from_json(text)
+        try:
+            return cls.from_yaml(text) if path.endswith((".yaml", ".yml")) else cls.from_json(text)
+        except SlimquantError as e:
+            raise SlimquantError(f"{path}: {e}") from None
+
+
+# Version 1 recipes: the algorithm knobs of every step shared one namespace.
+_V1_STEP_FIELDS = ("algorithm", "clip_search", "smooth", "smooth_alpha", "gptq_percdamp", "gptq_act_order",
+                   "gptq_static_groups", "awq_grid", "awq_clip")  # fmt: skip
+
+
+def _v1_to_v2(data: dict[str, Any]) -> dict[str, Any]:
+    """A version-1 recipe mapping in version 2's form: its flat algorithm fields become steps."""
+    data = dict(data)
+    if "steps" in data:
+        raise SlimquantError("a version 1 recipe has no 'steps' (they came with version 2)")
+    v1 = {k: data.pop(k) for k in _V1_STEP_FIELDS if k in data}
+    algorithm = v1.get("algorithm", "rtn")
+    smooth = v1.get("smooth")
+    steps: list[Step] = []
+    if smooth is not None:
+        if smooth == "m1":
+            steps.append(SmoothQuant(alpha=v1.get("smooth_alpha", 0.5)))
+        elif smooth == "m2":
+            steps.append(GammaMigration())
+        elif smooth == "m4":
+            steps.append(SmoothQuantSearch())
+        elif smooth == "m3":
+            steps.append(AWQ(grid=v1.get("awq_grid", 20), clip=v1.get("awq_clip", True)))
+        else:
+            raise SlimquantError(f"unknown smooth method {smooth!r}; valid: m1, m2, m3, m4")
+    clip = v1.get("clip_search", False)
+    if algorithm == "rtn":
+        steps.append(RTN(clip_search=clip))
+    elif algorithm == "gptq":
+        steps.append(GPTQ(percdamp=v1.get("gptq_percdamp", 0.01), act_order=v1.get("gptq_act_order", False),
+                          static_groups=v1.get("gptq_static_groups", False), clip_search=clip))  # fmt: skip
+    else:
+        raise SlimquantError(f"unknown algorithm {algorithm!r}; valid: rtn, gptq")
+    data["steps"] = [s.to_dict() for s in steps]
+    return data
 
 
 def _checked_keys(cls: type, data: dict[str, Any], what: str) -> dict[str, Any]:

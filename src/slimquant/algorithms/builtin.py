@@ -1,0 +1,214 @@
+"""The implementations of the built-in recipe steps, registered with :func:`slimquant.algorithms.register_algorithm`.
+
+Each is glue between what the pipeline provides (observed inputs, collected statistics, Hessians) and a pure
+solver: :mod:`slimquant.algorithms.rtn`, :mod:`~slimquant.algorithms.gptq`, :mod:`~slimquant.algorithms.awq`,
+:mod:`~slimquant.algorithms.smoothquant` with :mod:`slimquant.math.smooth`. Which op feeds which linears comes
+from :mod:`slimquant.adapters`.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from slimquant.adapters import smooth_groups
+from slimquant.algorithms import (
+    BlockTransform,
+    InputRequest,
+    ModelTransform,
+    WeightAlgorithm,
+    register_algorithm,
+)
+from slimquant.algorithms.awq import awq_clip, awq_search
+from slimquant.algorithms.gptq import HessianAccumulator
+from slimquant.algorithms.rtn import rtn
+from slimquant.algorithms.smoothquant import (
+    apply_smoothing,
+    input_weight,
+    smoothed_output_error,
+    weight_absmax_per_input,
+)
+from slimquant.math.smooth import gamma_migration_scales, smoothquant_scales
+from slimquant.math.weights import QuantizedWeight, quantize_weight
+from slimquant.observers import make_observer
+from slimquant.types.spec import QuantSpec, Recipe
+from slimquant.types.steps import AWQ, GPTQ, HESSIAN, RTN, GammaMigration, SmoothQuant, SmoothQuantSearch, Step
+
+log = logging.getLogger("slimquant.algorithms")
+
+
+# -- weight steps ---------------------------------------------------------------------------------------------
+def _solve_rtn(layer: str, w: torch.Tensor, h: torch.Tensor | None, spec: QuantSpec,
+               step: Step) -> tuple[QuantizedWeight, dict[str, Any]]:  # fmt: skip
+    assert isinstance(step, RTN)
+    return rtn(w, spec, step.clip_search), {}
+
+
+def _solve_gptq(layer: str, w: torch.Tensor, h: torch.Tensor | None, spec: QuantSpec,
+                step: Step) -> tuple[QuantizedWeight, dict[str, Any]]:  # fmt: skip
+    from slimquant.algorithms.gptq import GPTQError, gptq
+
+    assert isinstance(step, GPTQ) and h is not None
+    try:
+        res = gptq(w, h, spec, percdamp=step.percdamp, act_order=step.act_order, static_groups=step.static_groups,
+                   clip_search=step.clip_search)  # fmt: skip
+    except GPTQError as e:
+        log.warning("%s: %s; falling back to RTN for this layer", layer, e)
+        return quantize_weight(w, spec, clip_search=step.clip_search), {"algorithm": "rtn", "fallback": str(e)}
+    return res.weight, {"damp": res.damp, "dead_columns": res.dead_columns}
+
+
+def _clip_record(step: Step, recipe: Recipe) -> dict[str, Any]:
+    return {"clip_search": step.clip_search}  # type: ignore[attr-defined]
+
+
+register_algorithm(WeightAlgorithm(RTN, solve=_solve_rtn, record=_clip_record))
+register_algorithm(WeightAlgorithm(GPTQ, solve=_solve_gptq, record=_clip_record))
+
+
+# -- smoothing of the float model (msModelSlim m1 / m4 / m2) ------------------------------------------------
+def _check_groups(model: nn.Module, step: Step, recipe: Recipe) -> None:
+    smooth_groups(model)  # an unknown architecture fails here, before any work
+
+
+def _observe_group_inputs(model: nn.Module, step: Step, recipe: Recipe) -> InputRequest:
+    """Each smoothing group's input (the first linear's) per-channel absmax, and with the alpha search a sample
+    of its rows."""
+    firsts = tuple(lins[0] for _, lins in smooth_groups(model))
+    rows = step.sample_rows if isinstance(step, SmoothQuantSearch) else 0
+    return InputRequest(firsts, lambda: {"absmax": make_observer("minmax", axis=-1)}, rows)
+
+
+def _smooth(model: nn.Module, step: Step, recipe: Recipe, stats: dict[str, Any],
+            show_progress: bool = False) -> list[dict[str, Any]]:  # fmt: skip
+    """SmoothQuant with a fixed alpha, or (search) the alpha with the lowest quantized output error per group."""
+    rows = []
+    groups = smooth_groups(model)
+    for prev_name, lin_names in tqdm(groups, desc=step.TYPE, disable=not show_progress, unit="group"):
+        st = stats[lin_names[0]]
+        lo, hi = st.observers["absmax"].range()
+        act_absmax = torch.maximum(lo.abs(), hi.abs())
+        linears = [model.get_submodule(n) for n in lin_names]
+        w_absmax = weight_absmax_per_input(linears)
+        if isinstance(step, SmoothQuantSearch):
+            alpha, errors = _search_alpha(st.sample(), linears, act_absmax, w_absmax, recipe, step.alphas)
+        else:
+            alpha, errors = step.alpha, {}  # type: ignore[attr-defined]
+        if alpha is not None:
+            s = smoothquant_scales(act_absmax, w_absmax, alpha)
+            apply_smoothing(model.get_submodule(prev_name), linears, s)
+        rows.append({"prev": prev_name, "linears": list(lin_names), "alpha": alpha,
+                     "act_absmax_before": round(float(act_absmax.max()), 4),
+                     "act_absmax_after": round(float((act_absmax / s).max()) if alpha is not None else float(act_absmax.max()), 4),
+                     "errors": errors})  # fmt: skip
+    log.info("%s applied to %d group(s)", step.TYPE, sum(r["alpha"] is not None for r in rows))
+    return rows
+
+
+def _search_alpha(x: torch.Tensor, linears: list[nn.Module], act_absmax: torch.Tensor, w_absmax: torch.Tensor,
+                  recipe: Recipe, alphas: tuple[float, ...]) -> tuple[float | None, dict[str, float]]:  # fmt: skip
+    """The alpha (None = leave unsmoothed) with the lowest quantized output error on ``x``."""
+    weights = [input_weight(m).detach() for m in linears]
+    ones = torch.ones_like(act_absmax)
+    errors = {"none": smoothed_output_error(x, weights, ones, recipe.weight, recipe.input)}
+    for a in alphas:
+        s = smoothquant_scales(act_absmax, w_absmax, a)
+        errors[str(a)] = smoothed_output_error(x, weights, s, recipe.weight, recipe.input)
+    best = min(errors, key=lambda k: errors[k])
+    return (None if best == "none" else float(best)), errors
+
+
+def _gamma_migration(model: nn.Module, step: Step, recipe: Recipe, stats: Any,
+                     show_progress: bool = False) -> list[dict[str, Any]]:  # fmt: skip
+    """m2: move every norm's weight into the linears it feeds (groups fed by a linear are left alone)."""
+    rows = []
+    for prev_name, lin_names in smooth_groups(model):
+        prev = model.get_submodule(prev_name)
+        if isinstance(prev, nn.Linear) or not isinstance(getattr(prev, "weight", None), torch.Tensor):
+            continue
+        s = gamma_migration_scales(prev.weight)
+        apply_smoothing(prev, [model.get_submodule(n) for n in lin_names], s)
+        rows.append({"prev": prev_name, "linears": list(lin_names), "alpha": "gamma",
+                     "gamma_absmax": round(float(s.abs().max()), 4)})  # fmt: skip
+    log.info("gamma migration applied to %d norm(s)", len(rows))
+    return rows
+
+
+register_algorithm(ModelTransform(SmoothQuant, check_model=_check_groups, observe=_observe_group_inputs, apply=_smooth))
+register_algorithm(ModelTransform(SmoothQuantSearch, check_model=_check_groups, observe=_observe_group_inputs,
+                                  apply=_smooth))  # fmt: skip
+register_algorithm(ModelTransform(GammaMigration, check_model=_check_groups, observe=lambda m, s, r: None,
+                                  apply=_gamma_migration))  # fmt: skip
+
+
+# -- AWQ, block by block (msModelSlim m3) -----------------------------------------------------------------------
+class _AWQStats:
+    """One smoothing group's input on the block's calibration inputs: ``2/N X^T X`` and mean ``|x|``."""
+
+    def __init__(self, k: int) -> None:
+        self.acc = HessianAccumulator(k)
+        self.absum: Any = 0.0
+        self.count = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.detach().reshape(-1, x.shape[-1]).float()
+        self.acc.add(x)
+        self.absum = self.absum + x.abs().sum(0)
+        self.count += x.shape[0]
+
+
+def _block_groups(model: nn.Module, prefix: str, plans: dict[str, Any]) -> list[tuple[str, tuple[str, ...]]]:
+    """The smoothing groups inside the block at ``prefix`` with a planned (quantized) linear."""
+    return [(p, lins) for p, lins in smooth_groups(model) if p.startswith(prefix) and any(n in plans for n in lins)]
+
+
+def _awq_collectors(model: nn.Module, step: Step, recipe: Recipe, prefix: str, plans: dict[str, Any]) -> dict[str, Any]:
+    return {lins[0]: _AWQStats(input_weight(model.get_submodule(lins[0])).shape[1])
+            for _, lins in _block_groups(model, prefix, plans)}  # fmt: skip
+
+
+def _awq_clips(step: Step, recipe: Recipe) -> bool:
+    """AWQ's clipping search runs before a data-free weight step; a calibrated one (GPTQ) solves on the unclipped
+    (scaled) weights."""
+    return step.clip and HESSIAN not in recipe.weight_step.NEEDS  # type: ignore[attr-defined]
+
+
+def _awq_apply(model: nn.Module, step: Step, recipe: Recipe, prefix: str, plans: dict[str, Any],
+               collected: dict[str, Any]) -> list[dict[str, Any]]:  # fmt: skip
+    """Per group (in order): search the scales, apply them to the op before and the linears, and (before a
+    data-free weight step) clip the planned linears."""
+    assert isinstance(step, AWQ)
+    out = []
+    for prev_name, lin_names in _block_groups(model, prefix, plans):
+        st = collected.pop(lin_names[0])
+        h, mean_abs, count = st.acc.hessian(), st.absum / max(st.count, 1), st.count
+        linears = [model.get_submodule(n) for n in lin_names]
+        specs = [plans[n].spec if n in plans else None for n in lin_names]
+        with torch.no_grad():
+            res = awq_search(mean_abs, h, [input_weight(m).detach() for m in linears], specs, step.grid)
+            apply_smoothing(model.get_submodule(prev_name), linears, res.scales)
+            row: dict[str, Any] = {"method": "awq", "prev": prev_name, "linears": list(lin_names), "ratio": res.ratio,
+                                   "output_error": res.errors[res.ratio], "output_error_unscaled": res.errors[0.0],
+                                   "tokens": count}  # fmt: skip
+            if _awq_clips(step, recipe):
+                hs = h / res.scales[:, None] / res.scales[None, :]  # the linears now see x / s
+                shrink = {}
+                for n, m, spec in zip(lin_names, linears, specs):
+                    if spec is None or not isinstance(m, nn.Linear):
+                        continue
+                    clipped, mean_shrink = awq_clip(hs, m.weight.detach().float(), spec, step.grid)
+                    m.weight.copy_(clipped.to(m.weight.dtype))
+                    shrink[n] = round(mean_shrink, 4)
+                row["clip_mean_shrink"] = shrink
+        out.append(row)
+        log.debug("awq %s -> %s: ratio %.2f, output error %.3g (unscaled %.3g)", prev_name, lin_names, res.ratio,
+                  res.errors[res.ratio], res.errors[0.0])  # fmt: skip
+    return out
+
+
+register_algorithm(BlockTransform(AWQ, check_model=_check_groups, collectors=_awq_collectors, apply=_awq_apply,
+                                  record=lambda step, recipe: {"awq": {"clip": _awq_clips(step, recipe)}}))  # fmt: skip

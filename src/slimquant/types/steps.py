@@ -1,0 +1,336 @@
+"""The steps of a recipe: one frozen, self-validating, type-tagged dataclass per algorithm, holding only its own knobs.
+
+A step says *what* runs and what it needs; its implementation is registered under the same type tag in
+:mod:`slimquant.algorithms` (a step type without one is refused when a model is quantized, naming it).
+
+Stages, in the order a recipe lists them:
+
+* ``model``: transforms the float model before any layer is quantized (SmoothQuant, Outlier Suppression's
+  gamma migration), optionally observing the layers' inputs on calibration data first;
+* ``block``: transforms one repeated block at a time, on the block's inputs as the already quantized blocks
+  before it produce them (AWQ scales and clipping);
+* ``weight``: solves each layer's weight (RTN, GPTQ); a recipe has exactly one, last.
+
+What a step needs (:data:`NEEDS`) decides how the pipeline runs it, and whether a run goes block by block:
+
+* ``layer_inputs``: statistics of named layers' inputs on the float model (one pass over the calibration data);
+* ``block_inputs``: each block's inputs, from the quantized blocks before it (the run goes block by block);
+* ``hessian``: each layer's input Hessian ``2/N X^T X``, accumulated on those block inputs.
+
+New step types register with :func:`register_step_type`, so recipes holding them round-trip JSON and YAML.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from slimquant.errors import NotSupportedYet, SlimquantError
+from slimquant.types.qtype import qtype as _lookup_qtype
+
+if TYPE_CHECKING:
+    from slimquant.types.spec import Recipe
+
+STAGES = ("model", "block", "weight")
+LAYER_INPUTS, BLOCK_INPUTS, HESSIAN = "layer_inputs", "block_inputs", "hessian"
+NEEDS = (LAYER_INPUTS, BLOCK_INPUTS, HESSIAN)
+# What makes a run go block by block (each block calibrated on the quantized blocks before it).
+BLOCKWISE_NEEDS = frozenset({BLOCK_INPUTS, HESSIAN})
+
+
+@dataclass(frozen=True)
+class Step:
+    """Base of every recipe step. Subclasses set ``TYPE`` (the tag in JSON), ``STAGE`` and ``NEEDS``, declare
+    their knobs as dataclass fields (JSON-plain values: bool, int, float, str, tuples of those) and validate
+    them in ``__post_init__``; :meth:`check` validates them against the rest of the recipe."""
+
+    TYPE: ClassVar[str] = ""
+    STAGE: ClassVar[str] = ""
+    NEEDS: ClassVar[frozenset[str]] = frozenset()
+
+    def check(self, recipe: "Recipe") -> None:
+        """Raise :class:`SlimquantError` if this step cannot run with ``recipe``'s tensor specs."""
+
+    @property
+    def needs_calibration(self) -> bool:
+        return bool(self.NEEDS)
+
+    def outside_blocks(self) -> "Step":
+        """Weight steps: the data-free step for the layers outside the repeated blocks, which have no calibrated
+        inputs (this step itself when it needs nothing; a calibrated step overrides this)."""
+        if self.NEEDS:
+            raise SlimquantError(f"weight step {self.TYPE!r} needs calibrated inputs; it must name a data-free step "
+                                 "for the layers outside the blocks (override outside_blocks)")  # fmt: skip
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"type": self.TYPE, "stage": self.STAGE}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            out[f.name] = list(v) if isinstance(v, tuple) else v
+        return out
+
+    def describe(self) -> str:
+        """``gptq(act_order=True)``: the type and the knobs that differ from their defaults."""
+        changed = [f"{f.name}={getattr(self, f.name)!r}" for f in fields(self) if getattr(self, f.name) != f.default]
+        return f"{self.TYPE}({', '.join(changed)})" if changed else self.TYPE
+
+
+_STEP_TYPES: dict[str, type[Step]] = {}
+
+
+def register_step_type(cls: type[Step]) -> type[Step]:
+    """Make ``cls`` known by its ``TYPE`` tag (usable as a class decorator); a tag registered twice is an error."""
+    if not (isinstance(cls, type) and issubclass(cls, Step)):
+        raise SlimquantError(f"{cls!r} is not a Step subclass")
+    if not cls.TYPE or not isinstance(cls.TYPE, str):
+        raise SlimquantError(f"step class {cls.__name__} needs a TYPE tag")
+    if cls.STAGE not in STAGES:
+        raise SlimquantError(f"step {cls.TYPE!r}: STAGE must be one of {', '.join(STAGES)}, got {cls.STAGE!r}")
+    unknown = set(cls.NEEDS) - set(NEEDS)
+    if unknown:
+        raise SlimquantError(f"step {cls.TYPE!r}: unknown need(s) {sorted(unknown)}; valid: {', '.join(NEEDS)}")
+    if _STEP_TYPES.get(cls.TYPE, cls) is not cls:
+        raise SlimquantError(f"step type {cls.TYPE!r} is already registered ({_STEP_TYPES[cls.TYPE].__name__})")
+    _STEP_TYPES[cls.TYPE] = cls
+    return cls
+
+
+def step_types() -> dict[str, type[Step]]:
+    return dict(_STEP_TYPES)
+
+
+def step_from_dict(data: Any, where: str = "step", unregistered: bool = False) -> Step:
+    """The step a ``{"type": ..., "stage": ..., knobs...}`` mapping describes; unknown types and knobs are errors
+    listing the valid ones. ``unregistered=True`` (reading a checkpoint's record of how it was made): a type this
+    process does not know becomes an :class:`UnregisteredStep` that keeps its knobs, so a checkpoint made with
+    someone's own algorithm loads without it."""
+    if not isinstance(data, dict) or not isinstance(data.get("type"), str):
+        raise SlimquantError(f"{where}: a step is an object with a 'type' string, got {data!r}")
+    data = dict(data)
+    tag = data.pop("type")
+    stage = data.pop("stage", None)
+    cls = _STEP_TYPES.get(tag)
+    if cls is None:
+        if unregistered and stage in STAGES:
+            return UnregisteredStep.of(tag, stage, data)
+        raise SlimquantError(f"{where}: unknown step type {tag!r}; valid: {', '.join(sorted(_STEP_TYPES))}")
+    if stage is not None and stage != cls.STAGE:
+        raise SlimquantError(f"{where}: step {tag!r} is a {cls.STAGE} step, not {stage!r}")
+    valid = {f.name for f in fields(cls)}
+    unknown = set(data) - valid
+    if unknown:
+        raise SlimquantError(f"{where} ({tag}): unknown field(s) {sorted(unknown)}; valid: {sorted(valid)}")
+    for f in fields(cls):
+        if isinstance(data.get(f.name), list):
+            data[f.name] = tuple(data[f.name])
+    try:
+        return cls(**data)
+    except TypeError as e:
+        raise SlimquantError(f"{where} ({tag}): {e}") from None
+
+
+@dataclass(frozen=True)
+class UnregisteredStep(Step):
+    """A step whose type this process has no class for, read from a checkpoint: it keeps the tag, stage and
+    knobs (``to_dict`` writes them back unchanged) and cannot run."""
+
+    type_tag: str = ""
+    stage: str = ""
+    knobs: tuple[tuple[str, Any], ...] = ()
+
+    @classmethod
+    def of(cls, tag: str, stage: str, knobs: dict[str, Any]) -> "UnregisteredStep":
+        return cls(tag, stage, tuple(sorted(knobs.items())))
+
+    @property
+    def TYPE(self) -> str:  # type: ignore[override]  # noqa: N802
+        return self.type_tag
+
+    @property
+    def STAGE(self) -> str:  # type: ignore[override]  # noqa: N802
+        return self.stage
+
+    @property
+    def needs_calibration(self) -> bool:
+        return False
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"type": self.type_tag, "stage": self.stage, **dict(self.knobs)}
+
+    def describe(self) -> str:
+        return f"{self.type_tag} (unregistered)"
+
+
+def _check_bool(step: Step, *names: str) -> None:
+    for n in names:
+        if not isinstance(getattr(step, n), bool):
+            raise SlimquantError(f"{step.TYPE}: {n} must be true or false, got {getattr(step, n)!r}")
+
+
+def _needs_weight(step: Step, recipe: "Recipe") -> None:
+    if recipe.weight is None:
+        raise SlimquantError(f"{step.TYPE} quantizes weights; the recipe has no weight spec")
+
+
+def _needs_input(step: Step, recipe: "Recipe", what: str) -> None:
+    if recipe.input is None:
+        raise SlimquantError(f"{step.TYPE} ({what}) prepares activations for quantization; it needs an input spec")
+
+
+# -- weight algorithms ---------------------------------------------------------------------------------------
+@register_step_type
+@dataclass(frozen=True)
+class RTN(Step):
+    """Round to nearest, data-free. ``clip_search``: search per channel/group for the clipping ratio with the
+    lowest weight MSE."""
+
+    TYPE: ClassVar[str] = "rtn"
+    STAGE: ClassVar[str] = "weight"
+    clip_search: bool = False
+
+    def __post_init__(self) -> None:
+        _check_bool(self, "clip_search")
+
+
+@register_step_type
+@dataclass(frozen=True)
+class GPTQ(Step):
+    """GPTQ (Frantar et al. 2022), block by block on the quantized blocks' outputs.
+
+    ``percdamp``: dampening, a fraction of the mean Hessian diagonal (raised x10 on failure); ``act_order``:
+    columns by decreasing Hessian diagonal (desc_act), with static groups so the layout is unchanged;
+    ``static_groups``: every group's parameters up front from the float weight; ``clip_search``: the MSE
+    clipping search for each group's range (and for the layers outside the blocks, which are rounded to nearest).
+    """
+
+    TYPE: ClassVar[str] = "gptq"
+    STAGE: ClassVar[str] = "weight"
+    NEEDS: ClassVar[frozenset[str]] = frozenset({BLOCK_INPUTS, HESSIAN})
+    percdamp: float = 0.01
+    act_order: bool = False
+    static_groups: bool = False
+    clip_search: bool = False
+
+    def __post_init__(self) -> None:
+        _check_bool(self, "act_order", "static_groups", "clip_search")
+        if not isinstance(self.percdamp, (int, float)) or isinstance(self.percdamp, bool) or not 0.0 < self.percdamp <= 1.0:
+            raise SlimquantError(f"gptq: percdamp must be in (0, 1], got {self.percdamp!r}")
+
+    def check(self, recipe: "Recipe") -> None:
+        _needs_weight(self, recipe)
+        if recipe.input is not None and _lookup_qtype(recipe.input.qtype).is_float:
+            raise NotSupportedYet("gptq with fp8 W8A8 is not supported yet; use rtn (int8 W8A8 works with gptq)")
+
+    def outside_blocks(self) -> RTN:
+        """The data-free step for layers outside the repeated blocks (no calibrated inputs there)."""
+        return RTN(clip_search=self.clip_search)
+
+
+# -- transforms of the float model (msModelSlim anti_method m1 / m2 / m4) -------------------------------------
+@register_step_type
+@dataclass(frozen=True)
+class SmoothQuant(Step):
+    """SmoothQuant (Xiao et al. 2022): per input channel ``s = max|x|^alpha / max|w|^(1-alpha)`` moves activation
+    outliers into the weights (msModelSlim m1)."""
+
+    TYPE: ClassVar[str] = "smoothquant"
+    STAGE: ClassVar[str] = "model"
+    NEEDS: ClassVar[frozenset[str]] = frozenset({LAYER_INPUTS})
+    alpha: float = 0.5
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.alpha, (int, float)) or isinstance(self.alpha, bool) or not 0.0 <= self.alpha <= 1.0:
+            raise SlimquantError(f"smoothquant: alpha must be in [0, 1], got {self.alpha!r}")
+
+    def check(self, recipe: "Recipe") -> None:
+        _needs_input(self, recipe, "SmoothQuant")
+
+
+@register_step_type
+@dataclass(frozen=True)
+class SmoothQuantSearch(Step):
+    """SmoothQuant with alpha searched per smoothing group, by quantized output error on sampled calibration
+    inputs, "no smoothing" included (msModelSlim m4)."""
+
+    TYPE: ClassVar[str] = "smoothquant_search"
+    STAGE: ClassVar[str] = "model"
+    NEEDS: ClassVar[frozenset[str]] = frozenset({LAYER_INPUTS})
+    alphas: tuple[float, ...] = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+    sample_rows: int = 512
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "alphas", tuple(self.alphas))
+        if not self.alphas or any(isinstance(a, bool) or not isinstance(a, (int, float)) or not 0.0 <= a <= 1.0
+                                  for a in self.alphas):  # fmt: skip
+            raise SlimquantError(f"smoothquant_search: alphas must be a non-empty list of values in [0, 1], got {self.alphas!r}")
+        if not isinstance(self.sample_rows, int) or isinstance(self.sample_rows, bool) or self.sample_rows < 1:
+            raise SlimquantError(f"smoothquant_search: sample_rows must be a positive integer, got {self.sample_rows!r}")
+
+    def check(self, recipe: "Recipe") -> None:
+        _needs_input(self, recipe, "SmoothQuant search")
+
+
+@register_step_type
+@dataclass(frozen=True)
+class GammaMigration(Step):
+    """Outlier Suppression's gamma migration (Wei et al. 2022): each norm's weight moves into the linears it
+    feeds, data-free (msModelSlim m2; pair it with ``act_observer="token_clip"``, its token-wise clipping)."""
+
+    TYPE: ClassVar[str] = "gamma_migration"
+    STAGE: ClassVar[str] = "model"
+
+    def check(self, recipe: "Recipe") -> None:
+        _needs_input(self, recipe, "Outlier Suppression")
+
+
+# -- per-block transforms (msModelSlim anti_method m3) -------------------------------------------------------
+@register_step_type
+@dataclass(frozen=True)
+class AWQ(Step):
+    """AWQ (Lin et al. 2023) for weight-only recipes: per block, activation-aware scales searched on the block's
+    calibration inputs over ``grid`` ratios; with a data-free weight step then AWQ's output-error clipping
+    search (``clip``; a calibrated weight step such as GPTQ solves on the unclipped, scaled weights)."""
+
+    TYPE: ClassVar[str] = "awq"
+    STAGE: ClassVar[str] = "block"
+    NEEDS: ClassVar[frozenset[str]] = frozenset({BLOCK_INPUTS})
+    grid: int = 20
+    clip: bool = True
+
+    def __post_init__(self) -> None:
+        _check_bool(self, "clip")
+        if not isinstance(self.grid, int) or isinstance(self.grid, bool) or self.grid < 1:
+            raise SlimquantError(f"awq: grid must be a positive integer, got {self.grid!r}")
+
+    def check(self, recipe: "Recipe") -> None:
+        if recipe.weight is None:
+            raise SlimquantError("awq scales weights for quantization; the recipe has no weight spec")
+        if recipe.input is not None:
+            raise NotSupportedYet("awq with activation quantization (W8A8) is not supported yet; "
+                                  "use smoothquant, smoothquant_search or gamma_migration there")  # fmt: skip
+
+
+def check_steps(steps: tuple[Step, ...]) -> None:
+    """Steps in stage order (model, block, weight), each type once, exactly one weight step, last."""
+    for i, s in enumerate(steps):
+        if not isinstance(s, Step):
+            raise SlimquantError(f"steps[{i}] must be a Step (e.g. slimquant.types.steps.GPTQ()), got {s!r}")
+    order = [STAGES.index(s.STAGE) for s in steps]
+    weights = [s for s in steps if s.STAGE == "weight"]
+    if len(weights) != 1 or steps[-1].STAGE != "weight":
+        raise SlimquantError(f"a recipe's steps end with exactly one weight step (rtn, gptq, ...), got "
+                             f"[{', '.join(s.TYPE for s in steps)}]")  # fmt: skip
+    if order != sorted(order):
+        raise SlimquantError(f"steps run in stage order model -> block -> weight, got "
+                             f"[{', '.join(f'{s.TYPE} ({s.STAGE})' for s in steps)}]")  # fmt: skip
+    seen: set[str] = set()
+    for s in steps:
+        if s.TYPE in seen:
+            raise SlimquantError(f"step {s.TYPE!r} is listed twice")
+        seen.add(s.TYPE)
+
+
+__all__ = ["Step", "RTN", "GPTQ", "SmoothQuant", "SmoothQuantSearch", "GammaMigration", "AWQ", "register_step_type",
+           "step_types", "step_from_dict", "check_steps", "STAGES", "NEEDS", "LAYER_INPUTS", "BLOCK_INPUTS", "HESSIAN",
+           "BLOCKWISE_NEEDS"]

@@ -1,0 +1,121 @@
+"""Extension points, used the way someone else's code would: this file adds an algorithm (a new step type and its
+implementation) without editing the library, and runs quantize -> save -> load with it, the load in a fresh
+process that has never heard of it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from dataclasses import dataclass
+from typing import ClassVar
+
+import pytest
+import torch
+
+import slimquant
+from slimquant import QuantSpec, Recipe
+from slimquant.algorithms import WeightAlgorithm, register_algorithm
+from slimquant.math.weights import dequantize_weight, quantize_weight
+from slimquant.types import Step, register_step_type, steps
+from slimquant.types.steps import HESSIAN, RTN
+
+W4 = QuantSpec("int4", "per_group", 32, symmetric=False)
+
+
+@dataclass(frozen=True)
+class HessianClip(Step):
+    """Toy calibrated algorithm: per layer, shrink every group's range by one of ``ratios`` and keep the ratio
+    whose quantized weight has the lowest output error ``tr(D H D^T)`` on the calibration inputs (1.0 = RTN)."""
+
+    TYPE: ClassVar[str] = "hessian_clip"
+    STAGE: ClassVar[str] = "weight"
+    NEEDS: ClassVar[frozenset[str]] = frozenset({steps.BLOCK_INPUTS, HESSIAN})
+    ratios: tuple[float, ...] = (1.0, 0.97, 0.94, 0.9)
+
+    def outside_blocks(self) -> Step:
+        return RTN()
+
+
+def _solve(layer: str, w: torch.Tensor, h: torch.Tensor | None, spec: QuantSpec, step: Step):
+    assert h is not None and h.shape == (w.shape[1], w.shape[1])  # the pipeline provides what NEEDS says
+    best = None
+    g = w.reshape(w.shape[0], -1, spec.group_size)
+    for r in step.ratios:
+        lo, hi = g.amin(-1, keepdim=True) * r, g.amax(-1, keepdim=True) * r
+        qw = quantize_weight(torch.minimum(torch.maximum(g, lo), hi).reshape(w.shape), spec)
+        d = dequantize_weight(qw, spec) - w
+        err = float(torch.einsum("ij,jk,ik->", d, h, d))
+        if best is None or err < best[0]:
+            best = (err, r, qw)
+    return best[2], {"ratio": best[1]}
+
+
+@pytest.fixture
+def toy_registered(monkeypatch):
+    monkeypatch.setattr(steps, "_STEP_TYPES", dict(steps._STEP_TYPES))
+    monkeypatch.setattr("slimquant.algorithms._REGISTRY", dict(slimquant.algorithms._REGISTRY))
+    register_step_type(HessianClip)
+    register_algorithm(WeightAlgorithm(HessianClip, solve=_solve))
+
+
+def _rows(model):
+    return {r["name"]: r for r in model.slimquant_report.layers}
+
+
+def test_a_toy_calibrated_algorithm_quantizes_saves_and_loads_elsewhere(toy_registered, tokenizer, eval_text,
+                                                                        input_ids, tmp_path):  # fmt: skip
+    from conftest import make_llama
+
+    from slimquant.data import calibration_windows
+
+    calib = calibration_windows(tokenizer, eval_text.split("\n"), 4, 16)
+    recipe = Recipe(weight=W4, steps=(HessianClip(),))
+    assert recipe.block_by_block and Recipe.from_json(recipe.to_json()) == recipe
+    toy = make_llama(len(tokenizer))
+    slimquant.quantize(toy, recipe, calib_data=calib, show_progress=False)
+    rtn = make_llama(len(tokenizer))
+    slimquant.quantize(rtn, Recipe(weight=W4, steps=(HessianClip(ratios=(1.0,)),)), calib_data=calib,
+                       show_progress=False)  # fmt: skip
+    toy_rows, rtn_rows = _rows(toy), _rows(rtn)
+    inside = [n for n, r in toy_rows.items() if r.get("output_error") is not None]
+    assert len(inside) == 14  # 7 linears x 2 blocks ran the toy, with Hessians from the block pass
+    assert {toy_rows[n]["algorithm"] for n in inside} == {"hessian_clip"}
+    first = [n for n in inside if n.startswith("model.layers.0.")]  # same inputs in both runs (later blocks: not)
+    assert all(toy_rows[n]["output_error"] <= rtn_rows[n]["output_error"] * (1 + 1e-6) for n in first)
+    ratio = sum(toy_rows[n]["output_error"] for n in first) / sum(rtn_rows[n]["output_error"] for n in first)
+    assert ratio < 0.99  # observed 0.925
+    assert any(toy_rows[n]["ratio"] < 1.0 for n in inside)  # it chose something RTN would not
+    q = toy.model.layers[0].self_attn.q_proj
+    assert q.method["algorithm"] == "hessian_clip"
+
+    slimquant.save(toy, tmp_path / "ckpt")
+    manifest = json.loads((tmp_path / "ckpt" / "slimquant_manifest.json").read_text())
+    assert manifest["recipe"]["steps"] == [{"type": "hessian_clip", "stage": "weight", "ratios": [1.0, 0.97, 0.94, 0.9]}]
+    with torch.no_grad():
+        expect = toy(input_ids).logits
+        assert torch.equal(slimquant.load(tmp_path / "ckpt")(input_ids).logits, expect)
+    torch.save(input_ids, tmp_path / "ids.pt")
+    code = (
+        "import sys, torch, slimquant\n"
+        "from slimquant.types.steps import step_types\n"
+        "assert 'hessian_clip' not in step_types()\n"
+        "m = slimquant.load(sys.argv[1])\n"
+        "with torch.no_grad():\n"
+        "    torch.save(m(torch.load(sys.argv[2])).logits, sys.argv[3])\n"
+        "print(m.slimquant_recipe.algorithm)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "ckpt"), str(tmp_path / "ids.pt"),
+                          str(tmp_path / "logits.pt")], capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "hessian_clip"  # the record of how it was made survives, unrun
+    assert torch.equal(torch.load(tmp_path / "logits.pt"), expect)
+
+
+def test_an_unregistered_step_cannot_run(tokenizer):
+    from conftest import make_llama
+
+    r = Recipe.from_dict({**Recipe(weight=W4).to_dict(),
+                          "steps": [{"type": "theirs", "stage": "weight"}]}, unregistered_steps=True)  # fmt: skip
+    with pytest.raises(slimquant.SlimquantError, match="step type 'theirs' has no registered implementation"):
+        slimquant.quantize(make_llama(len(tokenizer)), r, show_progress=False)
