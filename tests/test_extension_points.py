@@ -96,8 +96,8 @@ def test_a_toy_calibrated_algorithm_quantizes_saves_and_loads_elsewhere(toy_regi
         expect = toy(input_ids).logits
         assert torch.equal(slimquant.load(tmp_path / "ckpt")(input_ids).logits, expect)
     torch.save(input_ids, tmp_path / "ids.pt")
-    code = (
-        "import sys, torch, slimquant\n"
+    code = (  # the same thread count as this process: float reductions split across threads round differently
+        f"import sys, torch, slimquant\ntorch.set_num_threads({torch.get_num_threads()})\n"
         "from slimquant.types.steps import step_types\n"
         "assert 'hessian_clip' not in step_types()\n"
         "m = slimquant.load(sys.argv[1])\n"

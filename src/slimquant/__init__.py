@@ -3,7 +3,7 @@
 from slimquant.api import evaluate, kv_cache, load, quantize, save
 from slimquant.errors import NotSupportedYet, SlimquantError
 from slimquant.models.loading import LoadedModel, load_model
-from slimquant.types import AWQ, GPTQ, RTN, GammaMigration, Granularity, QuantSpec, Recipe, SmoothQuant, SmoothQuantSearch
+from slimquant.types import AWQ, GPTQ, RTN, GammaMigration, Granularity, LayerOverride, QuantSpec, Recipe, SmoothQuant, SmoothQuantSearch
 
 __version__ = "0.1.0"
 
@@ -17,6 +17,7 @@ __all__ = [
     "Recipe",
     "QuantSpec",
     "Granularity",
+    "LayerOverride",
     "RTN",
     "GPTQ",
     "AWQ",

@@ -72,8 +72,8 @@ def test_inspect_text_and_json(capsys, w4_out):
     assert rc == 0
     assert out.startswith(f"{w4_out}: w4a16")
     row = next(ln for ln in out.splitlines() if ln.startswith("model.layers.1.mlp.down_proj"))
-    assert row.split()[1:5] == ["QLinear", "int4", "g32", "asym"] and row.split()[5] == "4"
-    assert "quantized layers: 14" in out
+    assert row.split()[1:6] == ["W4A16", "QLinear", "int4", "g32", "asym"] and row.split()[6] == "4"
+    assert "quantized layers: 14" in out and "layer types: W4A16 x 14" in out
     assert "alias: lm_head.weight -> model.embed_tokens.weight" in out
 
     rc, out, _ = run(capsys, "inspect", w4_out, "--json")

@@ -146,12 +146,11 @@ def data_free_solver(step: Step) -> Callable[[torch.Tensor, QuantSpec], Quantize
     return lambda w, spec: solve_weight("", w, None, spec, free)[0]
 
 
-def method_record(recipe: Recipe, info: dict[str, Any], weight_step: Step | None = None) -> dict[str, Any]:
-    """The method record a quantized layer keeps (in the checkpoint manifest): the algorithm that ran and what
-    each step adds (``weight_step``: the step that solved it, default the recipe's)."""
-    ws = weight_step or recipe.weight_step
-    out: dict[str, Any] = {"algorithm": info["algorithm"], **implementation(ws).record(ws, recipe)}
-    if weight_step is None:
+def method_record(recipe: Recipe, info: dict[str, Any], weight_step: Step, block_steps: bool = True) -> dict[str, Any]:
+    """The method record a quantized layer keeps (in the checkpoint manifest): the algorithm that ran, what its
+    ``weight_step`` adds and (``block_steps``: the layer went through them) what the recipe's block steps add."""
+    out: dict[str, Any] = {"algorithm": info["algorithm"], **implementation(weight_step).record(weight_step, recipe)}
+    if block_steps:
         for s in recipe.steps_of("block"):
             out.update(implementation(s).record(s, recipe))
     return out

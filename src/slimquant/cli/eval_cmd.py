@@ -77,12 +77,20 @@ def run_inspect(args: argparse.Namespace) -> int:
         return 0
     mib = 2**20
     print(f"{args.directory}: {info['quant_type']}  files: {', '.join(info['files'])}")
-    print(f"{'layer':48s} {'module':10s} {'qtype':8s} {'granularity':12s} {'bits':>4s} {'KiB':>10s}")
+    print(f"{'layer':48s} {'type':14s} {'module':12s} {'qtype':8s} {'granularity':12s} {'bits':>4s} {'KiB':>10s}")
+    counts: dict[str, int] = {}
     for r in info["layers"]:
         gran = f"g{r['group_size']}" if r["granularity"] == "per_group" else r["granularity"]
         gran += "" if r["symmetric"] else " asym"
         note = f"  (tied to {r['tied_to']})" if r["tied_to"] else ""
-        print(f"{r['name']:48s} {r['module']:10s} {r['qtype']:8s} {gran:12s} {r['bits']:>4d} {r['bytes'] / 1024:>10.1f}{note}")
+        note += f"  inputs: {r['input']}" if r.get("input") else ""
+        counts[r["type"]] = counts.get(r["type"], 0) + 1
+        print(f"{r['name']:48s} {r['type']:14s} {r['module']:12s} {r['qtype']:8s} {gran:12s} {r['bits']:>4d} "
+              f"{r['bytes'] / 1024:>10.1f}{note}")  # fmt: skip
+    for name, why in info["float_layers"].items():
+        counts["FLOAT"] = counts.get("FLOAT", 0) + 1
+        print(f"{name:48s} {'FLOAT':14s} kept float: {why}")
+    print("layer types: " + ", ".join(f"{t} x {n}" for t, n in counts.items()))
     print(f"quantized layers: {len(info['layers'])}, {info['quantized_bytes'] / mib:.2f} MiB; "
           f"float tensors: {info['float_bytes'] / mib:.2f} MiB; total {info['total_bytes'] / mib:.2f} MiB")  # fmt: skip
     for alias, src in info["aliases"].items():

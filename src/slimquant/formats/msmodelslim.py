@@ -87,7 +87,7 @@ def export_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, A
         tensors[name] = t.detach().contiguous()
     fa_modules = fa_quant.quantized_attention(model)
     fa_prefixes = {f"{n}.{role}" for n in fa_modules for role in fa_quant.ROLES}
-    quant_type = recipe.quant_type
+    quant_type = dominant_quant_type(qlayers, recipe.quant_type)
     description: dict[str, Any] = {"model_quant_type": quant_type.upper()}
     if fa_modules:
         description["fa_quant_type"] = "FAQuant"  # msModelSlim's top-level key for attention quantization
@@ -111,11 +111,34 @@ def export_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, A
         "layers": {n: m.manifest_entry() for n, m in qlayers.items()},
         "aliases": aliases,
     }
+    report = getattr(model, "slimquant_report", None)
+    skipped = getattr(report, "skipped", None)
+    if skipped:  # for inspect: the layers kept float, and why (loading does not read it)
+        manifest["float_layers"] = dict(skipped)
     if fa_modules:
         manifest["attention"] = {"modules": fa_modules, "implementation": fa_quant.ATTENTION}
     if kv_entries:
         manifest["kv_cache"] = {"layers": [list(e) for e in kv_entries]}
     return tensors, description, manifest
+
+
+def dominant_quant_type(qlayers: dict[str, QModule], default: str) -> str:
+    """The checkpoint's ``model_quant_type``: the layer type (W4A16, W8A8_DYNAMIC, ...) of the Linear / Conv2d
+    layers holding the most weight elements (a mixed checkpoint labels each tensor with its own layer's type);
+    ``default`` (the recipe's label) when there is none, or when it ties for the most."""
+    counts: dict[str, int] = {}
+    for m in qlayers.values():
+        if type(m).__name__ == "QEmbedding" or (getattr(m, "method", None) or {}).get("tied_to"):
+            continue  # embeddings (and lm_heads sharing them) do not set the model's type, as the recipe's label
+        rows = getattr(m, "weight_rows", None) or getattr(m, "out_features", 0)
+        cols = getattr(m, "weight_cols", None) or getattr(m, "in_features", 0)
+        label = m.tensor_label().lower()
+        counts[label] = counts.get(label, 0) + int(rows) * int(cols)
+    if not counts:
+        return default
+    top = max(counts.values())
+    best = sorted(k for k, v in counts.items() if v == top)
+    return default if default in best else best[0]
 
 
 def check_part_file_size(part_file_size: float | None) -> None:
@@ -449,8 +472,8 @@ def _kv_modules(model: nn.Module) -> set[str]:
 def describe_checkpoint(directory: str | os.PathLike) -> dict[str, Any]:
     """What a checkpoint holds, read from its manifest and safetensors headers (no tensor data).
 
-    Returns ``{"quant_type", "recipe", "layers": [{name, module, qtype, granularity, bits, bytes}],
-    "float_bytes", "quantized_bytes", "total_bytes", "files"}``.
+    Returns ``{"quant_type", "recipe", "layers": [{name, type, module, qtype, input, granularity, bits, bytes}],
+    "float_layers": {name: why}, "float_bytes", "quantized_bytes", "total_bytes", "files"}``.
     """
     directory = Path(directory)
     manifest = read_manifest(directory)
@@ -458,14 +481,25 @@ def describe_checkpoint(directory: str | os.PathLike) -> dict[str, Any]:
     for fname in manifest["files"]:
         for name, v in read_header(directory / fname).items():
             sizes[name] = v["data_offsets"][1] - v["data_offsets"][0]
+    labels: dict[str, Any] = {}
+    desc = directory / description_file(manifest["quant_type"])
+    try:
+        labels = json.loads(desc.read_text(encoding="utf-8")) if desc.is_file() else {}
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        log.warning("%s cannot be read (%s): layer types are not shown", desc, e)
     rows = []
     claimed: set[str] = set()
     for lname, entry in manifest["layers"].items():
         spec = QuantSpec.from_dict(entry["spec"])
         names = [t for t in sizes if t.rpartition(".")[0] == lname]
         claimed.update(names)
+        label = next((labels[t] for t in (f"{lname}.weight", *names) if isinstance(labels.get(t), str)), "?")
+        inp = entry.get("args", {}).get("input_spec") if isinstance(entry.get("args"), dict) else None
         rows.append({
-            "name": lname, "module": entry["module"], "qtype": spec.qtype, "granularity": spec.granularity.value,
+            "name": lname, "type": label, "module": entry["module"], "qtype": spec.qtype,
+            "input": None if not isinstance(inp, dict) else QuantSpec.from_dict(inp).describe()
+            + (" dynamic" if inp.get("dynamic") else " static"),
+            "granularity": spec.granularity.value,
             "group_size": spec.group_size, "symmetric": spec.symmetric, "bits": lookup_qtype(spec.qtype).bits,
             "bytes": sum(sizes[t] for t in names), "tied_to": entry.get("method", {}).get("tied_to"),
         })  # fmt: skip
@@ -479,4 +513,5 @@ def describe_checkpoint(directory: str | os.PathLike) -> dict[str, Any]:
         "total_bytes": sum(sizes.values()),
         "files": manifest["files"],
         "aliases": manifest.get("aliases", {}),
+        "float_layers": manifest.get("float_layers", {}),
     }

@@ -8,10 +8,11 @@ the weight step's data-free form, then, when a step needs the blocks' inputs, th
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch import nn
@@ -29,15 +30,26 @@ from slimquant.nn.w8a8 import QLinearW8A8
 from slimquant.surgery import last_linear_name, select, set_module
 from slimquant.types.qtype import qtype as lookup_qtype
 from slimquant.types.spec import KV_INT8_STATIC, QuantSpec, Recipe
+from slimquant.types.steps import BLOCKWISE_NEEDS, RTN, Step
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class LayerPlan:
+    """What one layer becomes: its weight spec, its input spec (None: weight-only) and the weight step that
+    solves it. :func:`plan` makes the list from a recipe; :func:`convert` also takes one made or edited by hand
+    (a search that quantizes some layers at a time)."""
+
     name: str
     kind: str  # linear | conv2d | embedding
     spec: QuantSpec
+    input: QuantSpec | None = None
+    step: Step = field(default_factory=RTN)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "spec": self.spec.to_dict(), "input": None if self.input is None else self.input.to_dict(),
+                "step": self.step.to_dict()}  # fmt: skip
 
 
 @dataclass
@@ -70,7 +82,9 @@ class ConversionReport:
 
 
 def plan(model: nn.Module, recipe: Recipe) -> tuple[list[LayerPlan], ConversionReport]:
-    """Decide which modules get which spec. Pure inspection: the model is not changed."""
+    """Decide what every module becomes (weight spec, input spec, weight step), from the recipe and its overrides
+    (the first matching pattern wins; overrides apply to Linear and Conv2d layers). Pure inspection: the model is
+    not changed."""
     names = [n for n, _ in model.named_modules() if n]
     sel = select(names, recipe.disable_names)
     report = ConversionReport(unmatched_patterns=sel.unmatched_patterns)
@@ -81,29 +95,66 @@ def plan(model: nn.Module, recipe: Recipe) -> tuple[list[LayerPlan], ConversionR
     for p, hits in override_hits.items():
         if not hits:
             log.warning("overrides pattern %r matched no layer", p)
+    own = (recipe.weight, recipe.input, recipe.weight_step)
     layers: list[LayerPlan] = []
     for name, m in model.named_modules():
-        weight_spec = next((sp for p, sp in recipe.overrides if name in override_hits[p]), recipe.weight)
+        pattern = next((p for p, _ in recipe.overrides if name in override_hits[p]), None)
+        if isinstance(m, (nn.Linear, nn.Conv2d)) and pattern is not None:
+            weight, inp, step = dict(recipe.overrides)[pattern].resolve(recipe)
+        else:
+            weight, inp, step = own
         if isinstance(m, nn.Linear):
-            kind, spec = "linear", weight_spec
+            kind, spec = "linear", weight
         elif isinstance(m, nn.Conv2d):
-            kind, spec = "conv2d", weight_spec if recipe.include_conv else None
-            if spec is not None and recipe.input is not None:
+            kind, spec = "conv2d", weight if recipe.include_conv else None
+            if spec is not None and inp is not None:
                 report.skipped[name] = "W8A8 covers Linear layers; Conv2d stays float"
                 continue
         elif isinstance(m, nn.Embedding):
-            kind, spec = "embedding", recipe.embedding
+            kind, spec, inp, step = "embedding", recipe.embedding, None, recipe.weight_step
         else:
             continue
         if spec is None:
+            if pattern is not None and kind != "embedding" and (kind == "linear" or recipe.include_conv):
+                report.skipped[name] = f"override {pattern}: float"
             continue
         if name in sel.matched:
             report.skipped[name] = "disable_names"
         elif name == last:
             report.skipped[name] = "disable_last_linear"
         else:
-            layers.append(LayerPlan(name, kind, spec))
+            layers.append(LayerPlan(name, kind, spec, inp, step))
     return layers, report
+
+
+def _checked_plan(model: nn.Module, recipe: Recipe, layers: list[LayerPlan]) -> list[LayerPlan]:
+    """An explicit plan, checked against the model and the recipe's steps before anything changes."""
+    kinds = {"linear": nn.Linear, "conv2d": nn.Conv2d, "embedding": nn.Embedding}
+    seen: set[str] = set()
+    for lp in layers:
+        if not isinstance(lp, LayerPlan):
+            raise SlimquantError(f"layers= holds LayerPlan entries, got {lp!r}")
+        if lp.name in seen:
+            raise SlimquantError(f"layer {lp.name} is planned twice")
+        seen.add(lp.name)
+        try:
+            m = model.get_submodule(lp.name)
+        except AttributeError:
+            raise SlimquantError(f"layer {lp.name}: the model has no such module") from None
+        if lp.kind not in kinds or not isinstance(m, kinds[lp.kind]):
+            raise SlimquantError(f"layer {lp.name}: planned as {lp.kind!r}, but the module is a {type(m).__name__}")
+        if not isinstance(lp.step, Step) or lp.step.STAGE != "weight":
+            raise SlimquantError(f"layer {lp.name}: its step must be a weight step (rtn, gptq, ...), got {lp.step!r}")
+        if lp.input is not None:
+            if lp.kind != "linear":
+                raise SlimquantError(f"layer {lp.name}: input quantization (W8A8) covers Linear layers, not {lp.kind}")
+            Recipe._check_layer_specs(lp.spec, lp.input, lp.name)
+        for s in (*recipe.steps_of("block"), lp.step):
+            try:
+                s.check(lp.spec, lp.input)
+            except SlimquantError as e:
+                raise type(e)(f"layer {lp.name}: {e}") from None
+    return list(layers)
 
 
 def _tied_output(model: nn.Module, embedding_name: str) -> str | None:
@@ -136,8 +187,13 @@ def _weight_2d(module: nn.Module) -> torch.Tensor:
 def convert(
     model: nn.Module, recipe: Recipe, show_progress: bool = True, calib_data: Any = None, stream: Any = None,
     work_dir: str | os.PathLike | None = None, max_activation_gb: float | None = None,
+    layers: list[LayerPlan] | None = None,
 ) -> ConversionReport:  # fmt: skip
     """Quantize ``model`` in place according to ``recipe`` and return a report.
+
+    ``layers``: an explicit plan (e.g. :func:`plan`'s, filtered or edited) instead of the one the recipe gives;
+    the recipe then supplies the steps of the other stages, the KV-cache and attention specs and the
+    calibration settings. See :func:`quantized` to quantize some layers and put the float ones back.
 
     ``calib_data`` (see :func:`slimquant.pipeline.calibrate.run_batches`) is needed by recipes with
     static input quantization; the float model runs it once before any layer is swapped.
@@ -154,13 +210,11 @@ def convert(
         if work_dir is None:
             raise SlimquantError("streaming blocks from disk needs work_dir= (where finished blocks are written)")
         model_steps = recipe.steps_of("model")
-        if recipe.input is not None or recipe.fa is not None or recipe.kv is not None or model_steps:
+        if recipe.has_activation_quantization or recipe.fa is not None or recipe.kv is not None or model_steps:
             what = f" (step {model_steps[0].TYPE} transforms the whole model)" if model_steps else ""
             raise NotSupportedYet("streaming from disk supports weight-only recipes with block or weight steps (rtn, "
                                   "gptq, awq); activation, attention and KV-cache quantization and smoothing of the "
                                   f"whole model run in memory{what}")  # fmt: skip
-    if recipe.input is not None and not recipe.input.dynamic and calib_data is None:
-        raise SlimquantError("static activation quantization (W8A8) needs calibration data (calib_data)")
     if recipe.fa is not None:
         from slimquant.nn.fa_quant import attention_modules
 
@@ -173,16 +227,19 @@ def convert(
         if calib_data is None:
             raise SlimquantError("a static KV cache (per-channel scales) needs calibration data (calib_data)")
         kv_projections(model)  # fails before any work where the scales cannot be stored
-    for step in recipe.steps:
+    if layers is None:
+        layers, report = plan(model, recipe)
+    else:
+        layers, report = _checked_plan(model, recipe, layers), ConversionReport()
+    if calib_data is None:
+        static = next((lp.name for lp in layers if lp.input is not None and not lp.input.dynamic and lp.kind == "linear"), None)
+        if static is not None:
+            raise SlimquantError(f"static activation quantization (W8A8; layer {static}) needs calibration data (calib_data)")
+    for step in (*recipe.steps_of("model"), *recipe.steps_of("block"), *{lp.step for lp in layers}):
         implementation(step)  # a step without an implementation fails before any work
         if step.needs_calibration and calib_data is None:
             raise SlimquantError(f"{step.TYPE} needs calibration data (calib_data)")
-    layers, report = plan(model, recipe)
     _check_finite(model, {n for n, why in report.skipped.items() if why == "disable_names"})
-    # a calibrated weight step solves the layers inside the repeated blocks; the rest (and anything outside
-    # the blocks) gets its data-free form (GPTQ: round to nearest)
-    free = outside_blocks(recipe.weight_step)
-    solver = data_free_solver(recipe.weight_step)
     blocks_prefix = block_list(model) + "." if stream is not None else None
     # Validate everything first so a bad layer fails before any module is swapped (streamed blocks are on meta
     # until read: their shapes are checked now, their values when each block is read).
@@ -217,14 +274,12 @@ def convert(
         from slimquant.pipeline.model_steps import run_model_steps
 
         report.smoothing = run_model_steps(model, recipe, calib_data, show_progress)
-    w8a8 = recipe.input is not None
-    ranges: dict[str, dict[str, Any]] = {}
-    if w8a8 and not recipe.input.dynamic:  # type: ignore[union-attr]
-        linears = [lp for lp in layers if lp.kind == "linear"]
-        ranges = _calibrate_inputs(model, recipe, linears, solver, calib_data, show_progress)
+    static = [lp for lp in layers if lp.kind == "linear" and lp.input is not None and not lp.input.dynamic]
+    ranges = _calibrate_inputs(model, recipe, static, calib_data, show_progress) if static else {}
 
     sequential: list[LayerPlan] = []
-    if recipe.block_by_block or stream is not None:  # block by block, last
+    blockwise = any(s.NEEDS & BLOCKWISE_NEEDS for s in (*recipe.steps_of("block"), *{lp.step for lp in layers}))
+    if blockwise or stream is not None:  # block by block, last
         path = block_list(model)
         sequential = [lp for lp in layers if lp.kind == "linear" and lp.name.startswith(path + ".")]
         layers = [lp for lp in layers if lp not in sequential]
@@ -233,20 +288,18 @@ def convert(
             if others:
                 raise NotSupportedYet(f"streaming quantizes the blocks' linear layers only; {others[0]} is a "
                                       f"{next(lp.kind for lp in layers if lp.name == others[0])}")  # fmt: skip
-    for lp in tqdm(layers, desc=f"{free.TYPE} {recipe.quant_type}", disable=not show_progress, unit="layer"):
+    # a calibrated weight step solves the layers inside the repeated blocks; the rest (and anything outside
+    # the blocks) gets its data-free form (GPTQ: round to nearest)
+    frees = {lp.step: outside_blocks(lp.step) for lp in layers}
+    desc = "/".join(sorted({f.TYPE for f in frees.values()})) + f" {recipe.quant_type}"
+    for lp in tqdm(layers, desc=desc, disable=not show_progress, unit="layer"):
         module = model.get_submodule(lp.name)
         w = _weight_2d(module)
+        free = frees[lp.step]
         qw, info = solve_weight(lp.name, w, None, lp.spec, free)
         row: dict[str, Any] = {"name": lp.name, "kind": lp.kind, "spec": lp.spec.describe(), **info}
-        if w8a8 and lp.kind == "linear":
-            qmod = _w8a8_module(module, qw, lp.spec, recipe.input, ranges.get(lp.name))  # type: ignore[arg-type]
-            if lp.name in ranges:
-                r = ranges[lp.name]
-                row.update(input_rule=r["rule"], input_range=[round(r["rmin"], 6), round(r["rmax"], 6)])
-        else:
-            cls = {"linear": QLinear, "conv2d": QConv2d, "embedding": QEmbedding}[lp.kind]
-            qmod = cls.from_float(module, qw, lp.spec)  # type: ignore[attr-defined]
-        qmod.method = method_record(recipe, info, weight_step=free)
+        qmod = _qmodule(lp, module, qw, ranges, row)
+        qmod.method = method_record(recipe, info, free, block_steps=False)
         err = sqnr_db(w, qmod.dequantized_weight(torch.float32))
         set_module(model, lp.name, qmod)
         row["sqnr_db"] = round(err, 2)
@@ -254,7 +307,7 @@ def convert(
         log.debug("quantized %s (%s): SQNR %.2f dB", lp.name, lp.spec.describe(), err)
     if sequential:
         rows, step_rows = _run_sequential(model, recipe, sequential, calib_data, show_progress, stream, work_dir,
-                                         max_activation_gb, ranges if w8a8 else None)  # fmt: skip
+                                          max_activation_gb, ranges)  # fmt: skip
         report.layers.extend(rows)
         report.smoothing.extend(step_rows)
     for out, emb in ties.items():
@@ -279,9 +332,42 @@ def convert(
     return report
 
 
+@contextlib.contextmanager
+def quantized(model: nn.Module, recipe: Recipe, layers: list[LayerPlan] | None = None, calib_data: Any = None,
+              show_progress: bool = False) -> Iterator[ConversionReport]:  # fmt: skip
+    """Quantize ``layers`` of the float ``model`` (default: the recipe's whole plan) for the duration of the
+    ``with`` block, then put the float modules back: a search can quantize the same model many times, one layer
+    or block at a time, without copying it. Yields the conversion report.
+
+    The float modules are swapped out, never changed, so only steps that leave the float model as it is run
+    here: no model or block transforms (smoothing, AWQ), no KV-cache or attention quantization (those change
+    modules in place); anything else is refused before any work.
+    """
+    changing = [s.TYPE for s in (*recipe.steps_of("model"), *recipe.steps_of("block"))]
+    if changing or recipe.kv is not None or recipe.fa is not None:
+        what = ", ".join(changing + (["kv"] if recipe.kv is not None else []) + (["fa"] if recipe.fa is not None else []))
+        raise SlimquantError(f"quantized() puts the float layers back afterwards; {what} change(s) the float model in "
+                             "place: quantize a copy instead")  # fmt: skip
+    if getattr(model, "slimquant_recipe", None) is not None:
+        raise SlimquantError("model is already quantized by slimquant; quantized() needs the float model")
+    if layers is None:
+        layers = plan(model, recipe)[0]
+    names = [lp.name for lp in layers]
+    names += [out for lp in layers if lp.kind == "embedding" for out in [_tied_output(model, lp.name)] if out]
+    originals = {n: model.get_submodule(n) for n in names}
+    try:
+        report = convert(model, recipe, show_progress=show_progress, calib_data=calib_data, layers=layers)
+        yield report
+    finally:
+        for n, m in originals.items():
+            set_module(model, n, m)
+        if "slimquant_recipe" in vars(model):
+            del model.slimquant_recipe
+
+
 def _run_sequential(model: nn.Module, recipe: Recipe, sequential: list[LayerPlan], calib_data: Any, show_progress: bool,
                     stream: Any, work_dir: str | os.PathLike | None, max_activation_gb: float | None,
-                    ranges: dict[str, dict[str, Any]] | None) -> tuple[list[dict], list[dict]]:  # fmt: skip
+                    ranges: dict[str, dict[str, Any]]) -> tuple[list[dict], list[dict]]:  # fmt: skip
     """The block-by-block part of :func:`convert`: (report rows, block steps' rows). With ``work_dir`` its lock is held
     while the blocks run (a second run on it is refused at once), and a run that fails before finishing its first
     block leaves no work directory behind. ``ranges``: W8A8 static input ranges (None: weight-only layers)."""
@@ -292,14 +378,8 @@ def _run_sequential(model: nn.Module, recipe: Recipe, sequential: list[LayerPlan
     from slimquant.formats.atomic import target_lock
     from slimquant.pipeline.sequential import quantize_sequential
 
-    make = None
-    if ranges is not None:  # GPTQ weights under (smoothed, calibrated) int8 inputs
-
-        def make(name: str, module: nn.Module, qw: QuantizedWeight, spec: QuantSpec, row: dict) -> Any:
-            if name in ranges:
-                row.update(input_rule=ranges[name]["rule"],
-                           input_range=[round(ranges[name]["rmin"], 6), round(ranges[name]["rmax"], 6)])  # fmt: skip
-            return _w8a8_module(module, qw, spec, recipe.input, ranges.get(name))  # type: ignore[arg-type]
+    def make(lp: LayerPlan, module: nn.Module, qw: QuantizedWeight, row: dict) -> Any:
+        return _qmodule(lp, module, qw, ranges, row)
 
     budget = None if max_activation_gb is None else int(max_activation_gb * 1e9)
     with contextlib.ExitStack() as stack:
@@ -326,18 +406,13 @@ def _run_sequential(model: nn.Module, recipe: Recipe, sequential: list[LayerPlan
     return rows, step_rows
 
 
-def _calibrate_inputs(
-    model: nn.Module,
-    recipe: Recipe,
-    layers: list[LayerPlan],
-    solver: Any,
-    calib_data: Any,
-    show_progress: bool,
-) -> dict[str, dict[str, Any]]:
-    """Static input ranges of the linear ``layers``, observed on the float model.
+def _calibrate_inputs(model: nn.Module, recipe: Recipe, layers: list[LayerPlan], calib_data: Any,
+                      show_progress: bool) -> dict[str, dict[str, Any]]:  # fmt: skip
+    """Static input ranges of the linear ``layers``, observed on the float model in one pass.
 
-    Rules that compare output errors (auto, token_clip) measure them with the quantized weights
-    the layers will get (solved here once more, one layer at a time).
+    Rules that compare output errors (auto, token_clip) measure them with the quantized weights the layers will
+    get (each layer's data-free weight step, solved here once more, one layer at a time) and the layer's own
+    input qtype.
     """
     from slimquant.pipeline.calibrate import input_ranges, observe_inputs, range_observers, run_batches
 
@@ -348,13 +423,33 @@ def _calibrate_inputs(
     with observe_inputs(model, names, make, sample_rows) as stats:
         n = run_batches(model, calib_data, show_progress)
     log.info("calibrated %d layer input(s) on %d batch(es) with %s", len(names), n, recipe.act_observer)
-    qt = lookup_qtype(recipe.input.qtype)  # type: ignore[union-attr]
 
     def deq(lp: LayerPlan) -> torch.Tensor:
+        solver = data_free_solver(lp.step)
         return dequantize_weight(solver(_weight_2d(model.get_submodule(lp.name)), lp.spec), lp.spec)
 
-    return input_ranges(model, stats, recipe.act_observer, {lp.name: lp for lp in layers} if searched else {},
-                        qt, recipe.input.symmetric, deq)  # type: ignore[union-attr]  # fmt: skip
+    out: dict[str, dict[str, Any]] = {}
+    by_input: dict[QuantSpec, list[LayerPlan]] = {}
+    for lp in layers:
+        by_input.setdefault(lp.input, []).append(lp)  # type: ignore[arg-type]
+    for spec, group in by_input.items():
+        mine = {lp.name: stats[lp.name] for lp in group}
+        out.update(input_ranges(model, mine, recipe.act_observer, {lp.name: lp for lp in group} if searched else {},
+                                lookup_qtype(spec.qtype), spec.symmetric, deq))  # fmt: skip
+    return {lp.name: out[lp.name] for lp in layers}
+
+
+def _qmodule(lp: LayerPlan, module: nn.Module, qw: QuantizedWeight, ranges: dict[str, dict[str, Any]],
+             row: dict[str, Any]) -> nn.Module:  # fmt: skip
+    """The quantized module ``lp`` asks for (weight-only, or with int8 / fp8 inputs); records the static input range
+    it uses in ``row``."""
+    if lp.input is not None and lp.kind == "linear":
+        if lp.name in ranges:
+            r = ranges[lp.name]
+            row.update(input_rule=r["rule"], input_range=[round(r["rmin"], 6), round(r["rmax"], 6)])
+        return _w8a8_module(module, qw, lp.spec, lp.input, ranges.get(lp.name))
+    cls = {"linear": QLinear, "conv2d": QConv2d, "embedding": QEmbedding}[lp.kind]
+    return cls.from_float(module, qw, lp.spec)  # type: ignore[attr-defined]
 
 
 def _w8a8_module(
@@ -399,4 +494,4 @@ def _fingerprint(model: nn.Module, recipe: Recipe, plans: list[LayerPlan], calib
             tensors += [v for v in values if isinstance(v, torch.Tensor)]
         calib = tensor_digest(tensors)
     return {"recipe": recipe.to_dict(), "model": model_entry, "calibration": calib,
-            "layers": {lp.name: lp.spec.to_dict() for lp in plans}}  # fmt: skip
+            "layers": {lp.name: lp.to_dict() for lp in plans}}  # fmt: skip

@@ -43,7 +43,7 @@ from slimquant.pipeline.calibrate import model_inputs
 from slimquant.pipeline.workdir import WorkDir
 from slimquant.surgery import set_module
 from slimquant.types.spec import Recipe
-from slimquant.types.steps import HESSIAN
+from slimquant.types.steps import BLOCKWISE_NEEDS, HESSIAN
 
 log = logging.getLogger(__name__)
 
@@ -197,16 +197,18 @@ def quantize_sequential(model: nn.Module, recipe: Recipe, plans: list[Any], cali
     ``stream`` (:class:`slimquant.models.streaming.StreamingModel`): the blocks are on meta and are read from
     disk one at a time, then written to ``work`` and put back on meta (the final save reads them from there).
     ``work`` (:class:`WorkDir`): every finished block is persisted there; blocks it already holds are restored
-    instead of recomputed (resume). ``make_module(name, float_module, quantized_weight, spec, report_row)``: the
-    quantized module to swap in (default :class:`QLinear`; W8A8 recipes build their int8-input layers).
+    instead of recomputed (resume). ``make_module(layer_plan, float_module, quantized_weight, report_row)``: the
+    quantized module to swap in (default :class:`QLinear`; W8A8 layers get their int8-input modules).
     ``activation_budget`` (bytes): past it the hidden states between blocks live in files under ``spill_dir``.
 
     Returns the per-layer report rows, the names it quantized (the caller handles the rest with RTN) and
     the block steps' rows (AWQ: one per smoothing group).
     """
-    needs_data = recipe.block_by_block
+    block_steps = recipe.steps_of("block")
+    weight_steps = sorted({lp.step for lp in plans}, key=lambda s: s.TYPE)
+    needs_data = any(s.NEEDS & BLOCKWISE_NEEDS for s in (*block_steps, *weight_steps))
     if needs_data and calib_data is None:
-        what = next(s.TYPE for s in recipe.steps if s.needs_calibration)
+        what = next(s.TYPE for s in (*block_steps, *weight_steps) if s.needs_calibration)
         raise SlimquantError(f"{what} needs calibration data (calib_data)")
     if stream is not None and work is None:
         raise SlimquantError("streaming blocks from disk needs a work directory to write them to")
@@ -223,8 +225,7 @@ def quantize_sequential(model: nn.Module, recipe: Recipe, plans: list[Any], cali
         saved = work.inputs(len(captured)) if work is not None and 0 < work.done < len(blocks) else None
         inputs = BlockInputs(captured, activation_budget, spill_dir, hidden=saved)
         del captured
-    block_steps = recipe.steps_of("block")
-    what = " + ".join(s.TYPE for s in (*block_steps, recipe.weight_step))
+    what = " + ".join([s.TYPE for s in block_steps] + ["/".join(s.TYPE for s in weight_steps)])
     log.info("%s: %d block(s) under %s, %d calibration item(s)", what, len(blocks), path, len(inputs))
     rows: list[dict] = []
     step_rows: list[dict] = []
@@ -372,7 +373,7 @@ def _solve_layer(model: nn.Module, lp: Any, acc: HessianAccumulator, recipe: Rec
     w = module.weight.detach().float()
     h = acc.hessian(copy=False)  # read only here and in gptq (which copies before changing it)
     row: dict[str, Any] = {"name": lp.name, "kind": lp.kind, "spec": lp.spec.describe(), "samples": acc.n}
-    step = recipe.weight_step
+    step = lp.step
     needs_hessian = HESSIAN in step.NEEDS
     if acc.n < w.shape[1] and needs_hessian:
         log.warning("%s: %d calibration rows for %d input channels; the Hessian is rank-deficient (dampened)",
@@ -387,7 +388,7 @@ def _solve_layer(model: nn.Module, lp: Any, acc: HessianAccumulator, recipe: Rec
         row["output_error"] = float(torch.einsum("ij,jk,ik->", d, h, d)) / max(ref, 1e-30)
     else:  # data-free (RTN streamed from disk): no calibration rows to measure on
         row["output_error"] = None
-    qmod = make_module(lp.name, module, qw, lp.spec, row) if make_module is not None else QLinear.from_float(module, qw, lp.spec)
-    qmod.method = method_record(recipe, info)
+    qmod = make_module(lp, module, qw, row) if make_module is not None else QLinear.from_float(module, qw, lp.spec)
+    qmod.method = method_record(recipe, info, step)
     set_module(model, lp.name, qmod)
     return row

@@ -54,7 +54,7 @@ def _write_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
 def _diff(a: Any, b: Any, path: str = "") -> list[str]:
     if isinstance(a, dict) and isinstance(b, dict):
         out = []
-        for k in sorted(set(a) | set(b)):
+        for k in [*b, *(k for k in a if k not in b)]:  # in the current fingerprint's order: recipe first
             out += _diff(a.get(k), b.get(k), f"{path}.{k}" if path else str(k))
         return out
     if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):

@@ -1,9 +1,10 @@
 """Typed descriptions of what to quantize and how: qtypes, granularity, QuantSpec, the recipe steps, Recipe."""
 
 from slimquant.types.qtype import QTYPES, QType, int_qtype_for_bits, qtype
-from slimquant.types.spec import GROUP_SIZES, Granularity, QuantSpec, Recipe
+from slimquant.types.spec import GROUP_SIZES, INHERIT, Granularity, LayerOverride, QuantSpec, Recipe
 from slimquant.types.steps import (AWQ, GPTQ, RTN, GammaMigration, SmoothQuant, SmoothQuantSearch, Step,
                                    register_step_type)
 
 __all__ = ["QTYPES", "QType", "qtype", "int_qtype_for_bits", "Granularity", "QuantSpec", "Recipe", "GROUP_SIZES",
+           "LayerOverride", "INHERIT",
            "Step", "RTN", "GPTQ", "AWQ", "SmoothQuant", "SmoothQuantSearch", "GammaMigration", "register_step_type"]

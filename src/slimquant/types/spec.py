@@ -103,6 +103,92 @@ KV_INT8_STATIC = QuantSpec("int8", Granularity.PER_CHANNEL, None, True)
 FA_INT8_PER_HEAD = QuantSpec("int8", Granularity.PER_CHANNEL, None, True)
 ACT_OBSERVERS = ("minmax", "moving_average", "histogram", "histogram_mse", "histogram_kl", "token_clip", "auto")
 RECIPE_VERSION = 2
+
+
+class _Inherit:
+    """The value of a :class:`LayerOverride` field that is not overridden (the recipe's own applies)."""
+
+    _instance: "_Inherit | None" = None
+
+    def __new__(cls) -> "_Inherit":
+        if cls._instance is None:
+            cls._instance = super().__new__(cls)
+        return cls._instance
+
+    def __repr__(self) -> str:
+        return "INHERIT"
+
+    def __reduce__(self) -> str:
+        return "INHERIT"
+
+
+INHERIT = _Inherit()
+
+
+@dataclass(frozen=True)
+class LayerOverride:
+    """What the layers a pattern matches do differently from the recipe; a field left at ``INHERIT`` keeps the
+    recipe's.
+
+    Attributes:
+        weight: their weight spec; ``None`` keeps them float.
+        input: their input spec (W8A8, static or dynamic); ``None`` makes them weight-only.
+        weight_step: the weight step that solves them (e.g. ``RTN()`` where the recipe runs ``GPTQ()``).
+    """
+
+    weight: "QuantSpec | None | _Inherit" = INHERIT
+    input: "QuantSpec | None | _Inherit" = INHERIT
+    weight_step: "Step | _Inherit" = INHERIT
+
+    def __post_init__(self) -> None:
+        for role in ("weight", "input"):
+            v = getattr(self, role)
+            if isinstance(v, dict):
+                object.__setattr__(self, role, QuantSpec.from_dict(v))
+            elif not (v is INHERIT or v is None or isinstance(v, QuantSpec)):
+                raise SlimquantError(f"LayerOverride {role} must be a QuantSpec, None or INHERIT, got {v!r}")
+        ws = self.weight_step
+        if isinstance(ws, dict):
+            object.__setattr__(self, "weight_step", step_from_dict(ws, "override weight_step"))
+            ws = self.weight_step
+        if not (ws is INHERIT or (isinstance(ws, Step) and ws.STAGE == "weight")):
+            raise SlimquantError(f"LayerOverride weight_step must be a weight step (rtn, gptq, ...), got {ws!r}")
+
+    def resolve(self, recipe: "Recipe") -> tuple["QuantSpec | None", "QuantSpec | None", Step]:
+        """``(weight, input, weight step)`` of the layers this override applies to."""
+        return (recipe.weight if self.weight is INHERIT else self.weight,  # type: ignore[return-value]
+                recipe.input if self.input is INHERIT else self.input,
+                recipe.weight_step if self.weight_step is INHERIT else self.weight_step)  # fmt: skip
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for role in ("weight", "input"):
+            v = getattr(self, role)
+            if v is not INHERIT:
+                out[role] = None if v is None else v.to_dict()  # type: ignore[union-attr]
+        if self.weight_step is not INHERIT:
+            out["weight_step"] = self.weight_step.to_dict()  # type: ignore[union-attr]
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], unregistered_steps: bool = False) -> "LayerOverride":
+        """From :meth:`to_dict`'s form, or a bare QuantSpec mapping (version 1: a weight spec)."""
+        if not isinstance(data, dict):
+            raise SlimquantError(f"an override is an object, got {data!r}")
+        if "qtype" in data:
+            return cls(weight=QuantSpec.from_dict(data))
+        unknown = set(data) - {"weight", "input", "weight_step"}
+        if unknown:
+            raise SlimquantError(f"unknown override field(s) {sorted(unknown)}; valid: ['input', 'weight', 'weight_step']")
+        kw: dict[str, Any] = {}
+        for role in ("weight", "input"):
+            if role in data:
+                kw[role] = None if data[role] is None else QuantSpec.from_dict(data[role])
+        if "weight_step" in data:
+            kw["weight_step"] = step_from_dict(data["weight_step"], "override weight_step", unregistered_steps)
+        return cls(**kw)
+
+
 _SPEC_ROLES = ("weight", "input", "output", "kv", "embedding", "fa")
 
 
@@ -137,8 +223,10 @@ class Recipe:
             ``token_clip`` picks, per layer, the quantile of per-token minima/maxima (1 .. 0.95) with
             the lowest output error.
         sigma_factor: clip static input ranges at mean +- sigma_factor * std (msModelSlim use_sigma).
-        overrides: ``(pattern, spec)`` pairs; the first pattern (name, glob or ``re:``) matching a
-            layer gives its weight spec instead of ``weight`` (mixed precision, per-layer groups).
+        overrides: ``(pattern, LayerOverride)`` pairs: the first pattern (name, glob or ``re:``) matching a
+            layer sets what it does differently: its weight spec (or float), its input spec (W8A8 or weight-only),
+            its weight step. One checkpoint can so mix W4A16, W8A16, W8A8 and float layers. A bare QuantSpec in
+            place of the LayerOverride sets the weight spec.
     """
 
     weight: QuantSpec | None = field(default_factory=lambda: QuantSpec("int8", Granularity.PER_CHANNEL))
@@ -150,7 +238,7 @@ class Recipe:
     disable_last_linear: bool = True
     embedding: QuantSpec | None = None
     include_conv: bool = True
-    overrides: tuple[tuple[str, QuantSpec], ...] = ()
+    overrides: tuple[tuple[str, LayerOverride], ...] = ()
     act_observer: str = "minmax"
     sigma_factor: float | None = None
     fa: QuantSpec | None = None
@@ -168,9 +256,15 @@ class Recipe:
         pairs = []
         for item in self.overrides:
             if not (isinstance(item, (tuple, list)) and len(item) == 2 and isinstance(item[0], str)):
-                raise SlimquantError(f"overrides entries must be (pattern, QuantSpec) pairs, got {item!r}")
-            spec = item[1] if isinstance(item[1], QuantSpec) else QuantSpec.from_dict(item[1])
-            pairs.append((item[0], spec))
+                raise SlimquantError(f"overrides entries must be (pattern, LayerOverride) pairs, got {item!r}")
+            ov = item[1]
+            if isinstance(ov, QuantSpec):
+                ov = LayerOverride(weight=ov)
+            elif isinstance(ov, dict):
+                ov = LayerOverride.from_dict(ov)
+            elif not isinstance(ov, LayerOverride):
+                raise SlimquantError(f"override {item[0]!r}: expected a LayerOverride or QuantSpec, got {ov!r}")
+            pairs.append((item[0], ov))
         object.__setattr__(self, "overrides", tuple(pairs))
         from slimquant.errors import NotSupportedYet
 
@@ -183,12 +277,26 @@ class Recipe:
                 "scales (QuantSpec('int8', 'per_channel'))"
             )
         if self.input is not None:
-            self._check_activation_recipe()
+            self._check_layer_specs(self.weight, self.input, "")
         if self.fa is not None and self.fa != FA_INT8_PER_HEAD:
             raise NotSupportedYet(f"fa {self.fa.describe()} is not supported yet; attention inputs are quantized int8 "
                                   "symmetric per head (QuantSpec('int8', 'per_channel'))")  # fmt: skip
-        for s in self.steps:
-            s.check(self)
+        for s in self.steps_of("model"):
+            s.check(self.weight, self.input)
+        for where, weight, inp, ws in self.layer_combinations():
+            if where and weight is not None:
+                if weight.granularity is Granularity.PER_TOKEN:
+                    raise SlimquantError(f"override {where}: per_token granularity applies to activations, not weights")
+                if inp is not None:
+                    self._check_layer_specs(weight, inp, where)
+            overridden = any(w is not None for p, w, _, _ in self.layer_combinations() if p)
+            if weight is None and (where or overridden):
+                continue  # float layers run no weight step
+            try:
+                for s in (*self.steps_of("block"), ws):
+                    s.check(weight, inp)
+            except SlimquantError as e:
+                raise type(e)(f"override {where}: {e}" if where else str(e)) from None
         if not isinstance(self.fa_amp, int) or self.fa_amp < 0:
             raise SlimquantError(f"fa_amp must be a non-negative integer (layers left float), got {self.fa_amp!r}")
         if self.fa_amp and self.fa is None:
@@ -205,32 +313,38 @@ class Recipe:
         ):
             raise SlimquantError("embedding quantization must be per_channel (per row) or per_group")
 
-    def _check_activation_recipe(self) -> None:
-        inp, w = self.input, self.weight
-        assert inp is not None
+    @staticmethod
+    def _check_layer_specs(w: QuantSpec | None, inp: QuantSpec, where: str) -> None:
+        """A (weight, input) pair W8A8 layers can run; ``where``: the override it comes from ('' = the recipe)."""
+        at = f"override {where}: " if where else ""
         qt = _lookup_qtype(inp.qtype)
         if qt.bits != 8 or not qt.signed:
-            raise SlimquantError(f"input qtype {inp.qtype}: activations are quantized to int8 or fp8 only")
+            raise SlimquantError(f"{at}input qtype {inp.qtype}: activations are quantized to int8 or fp8 only")
         if inp.dynamic:
             if inp.granularity is not Granularity.PER_TOKEN or not inp.symmetric:
-                raise SlimquantError("dynamic inputs are quantized per_token and symmetric")
+                raise SlimquantError(f"{at}dynamic inputs are quantized per_token and symmetric")
         elif inp.granularity is not Granularity.PER_TENSOR:
-            raise SlimquantError(f"static inputs are quantized per_tensor, not {inp.granularity.value} "
+            raise SlimquantError(f"{at}static inputs are quantized per_tensor, not {inp.granularity.value} "
                                  "(per_token needs dynamic=True)")  # fmt: skip
         if qt.is_float and not inp.symmetric:
-            raise SlimquantError(f"{inp.qtype} inputs can only be quantized symmetrically")
+            raise SlimquantError(f"{at}{inp.qtype} inputs can only be quantized symmetrically")
         if w is None:
-            raise SlimquantError("activation quantization needs quantized weights (weight spec is None)")
+            raise SlimquantError(f"{at}activation quantization needs quantized weights (weight spec is None)")
         wq = _lookup_qtype(w.qtype)
         if wq.bits != 8 or wq.is_float != qt.is_float or not w.symmetric or w.granularity not in (
             Granularity.PER_CHANNEL, Granularity.PER_TENSOR
         ):
             raise SlimquantError(
-                f"W8A8 needs symmetric 8-bit {'fp8' if qt.is_float else 'int8'} weights per channel or per tensor, "
+                f"{at}W8A8 needs symmetric 8-bit {'fp8' if qt.is_float else 'int8'} weights per channel or per tensor, "
                 f"got {w.describe()} (per-group and low-bit weights go with a_bit 16)"
             )
-        if self.overrides:
-            raise SlimquantError("overrides (per-layer weight specs) apply to weight-only recipes")
+
+    def layer_combinations(self) -> list[tuple[str, QuantSpec | None, QuantSpec | None, Step]]:
+        """``(pattern, weight, input, weight step)`` of the recipe's own layers (pattern ``''``) and of each
+        override's."""
+        out: list[tuple[str, QuantSpec | None, QuantSpec | None, Step]] = [("", self.weight, self.input, self.weight_step)]
+        out += [(p, *ov.resolve(self)) for p, ov in self.overrides]
+        return out
 
     # -- what the steps declare --------------------------------------------------------------------------
     @property
@@ -243,6 +357,16 @@ class Recipe:
         """The weight step's type (``rtn``, ``gptq``, ...), for labels and logs."""
         return self.weight_step.TYPE
 
+    def all_steps(self) -> tuple[Step, ...]:
+        """The recipe's steps and the weight steps its overrides name."""
+        extra = tuple(ov.weight_step for _, ov in self.overrides if isinstance(ov.weight_step, Step))
+        return self.steps + extra
+
+    @property
+    def has_activation_quantization(self) -> bool:
+        """Whether any layer (the recipe's or an override's) quantizes its inputs (W8A8)."""
+        return any(w is not None and i is not None for _, w, i, _ in self.layer_combinations())
+
     def steps_of(self, stage: str) -> tuple[Step, ...]:
         """The steps of one stage (``model``, ``block``, ``weight``), in recipe order."""
         return tuple(s for s in self.steps if s.STAGE == stage)
@@ -251,15 +375,17 @@ class Recipe:
     def needs_calibration(self) -> bool:
         """Whether quantizing needs calibration data (static inputs, attention or static KV quantization, or a step
         that needs data)."""
-        return ((self.input is not None and not self.input.dynamic) or self.fa is not None
-                or self.kv == KV_INT8_STATIC or any(s.needs_calibration for s in self.steps))  # fmt: skip
+        combos = self.layer_combinations()
+        static = any(w is not None and i is not None and not i.dynamic for _, w, i, _ in combos)
+        return (static or self.fa is not None or self.kv == KV_INT8_STATIC
+                or any(s.needs_calibration for s in self.all_steps()))  # fmt: skip
 
     @property
     def block_by_block(self) -> bool:
         """Whether a step needs each block's inputs from the quantized blocks before it (GPTQ, AWQ): the
         sequential pipeline then runs, with a resumable work directory. The one place this is decided, from the
         steps' needs (streaming from disk is block by block too, whatever the recipe)."""
-        return any(s.NEEDS & BLOCKWISE_NEEDS for s in self.steps)
+        return any(s.NEEDS & BLOCKWISE_NEEDS for s in self.all_steps())
 
     @property
     def quant_type(self) -> str:
@@ -280,7 +406,7 @@ class Recipe:
             if isinstance(v, QuantSpec):
                 v = v.to_dict()
             elif f.name == "overrides":
-                v = [[pattern, spec.to_dict()] for pattern, spec in v]
+                v = [[pattern, ov.to_dict()] for pattern, ov in v]
             elif f.name == "steps":
                 v = [s.to_dict() for s in v]
             elif isinstance(v, tuple):
@@ -310,6 +436,13 @@ class Recipe:
                 data[role] = QuantSpec.from_dict(data[role])
         if "disable_names" in data:
             data["disable_names"] = tuple(data["disable_names"])
+        if isinstance(data.get("overrides"), list):
+            ovs = []
+            for i, item in enumerate(data["overrides"]):
+                if not (isinstance(item, (list, tuple)) and len(item) == 2 and isinstance(item[0], str)):
+                    raise SlimquantError(f"overrides[{i}] must be a [pattern, override] pair, got {item!r}")
+                ovs.append((item[0], LayerOverride.from_dict(item[1], unregistered_steps)))
+            data["overrides"] = tuple(ovs)
         if "steps" in data:
             if not isinstance(data["steps"], list):
                 raise SlimquantError(f"recipe steps must be a list, got {data['steps']!r}")

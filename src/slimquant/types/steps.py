@@ -29,7 +29,7 @@ from slimquant.errors import NotSupportedYet, SlimquantError
 from slimquant.types.qtype import qtype as _lookup_qtype
 
 if TYPE_CHECKING:
-    from slimquant.types.spec import Recipe
+    from slimquant.types.spec import QuantSpec
 
 STAGES = ("model", "block", "weight")
 LAYER_INPUTS, BLOCK_INPUTS, HESSIAN = "layer_inputs", "block_inputs", "hessian"
@@ -48,8 +48,9 @@ class Step:
     STAGE: ClassVar[str] = ""
     NEEDS: ClassVar[frozenset[str]] = frozenset()
 
-    def check(self, recipe: "Recipe") -> None:
-        """Raise :class:`SlimquantError` if this step cannot run with ``recipe``'s tensor specs."""
+    def check(self, weight: "QuantSpec | None", input: "QuantSpec | None") -> None:  # noqa: A002
+        """Raise :class:`SlimquantError` if this step cannot run on layers with these weight and input specs
+        (weight / block steps: every layer combination the recipe plans; model steps: the recipe's own specs)."""
 
     @property
     def needs_calibration(self) -> bool:
@@ -168,13 +169,13 @@ def _check_bool(step: Step, *names: str) -> None:
             raise SlimquantError(f"{step.TYPE}: {n} must be true or false, got {getattr(step, n)!r}")
 
 
-def _needs_weight(step: Step, recipe: "Recipe") -> None:
-    if recipe.weight is None:
+def _needs_weight(step: Step, weight: "QuantSpec | None") -> None:
+    if weight is None:
         raise SlimquantError(f"{step.TYPE} quantizes weights; the recipe has no weight spec")
 
 
-def _needs_input(step: Step, recipe: "Recipe", what: str) -> None:
-    if recipe.input is None:
+def _needs_input(step: Step, input: "QuantSpec | None", what: str) -> None:  # noqa: A002
+    if input is None:
         raise SlimquantError(f"{step.TYPE} ({what}) prepares activations for quantization; it needs an input spec")
 
 
@@ -217,9 +218,9 @@ class GPTQ(Step):
         if not isinstance(self.percdamp, (int, float)) or isinstance(self.percdamp, bool) or not 0.0 < self.percdamp <= 1.0:
             raise SlimquantError(f"gptq: percdamp must be in (0, 1], got {self.percdamp!r}")
 
-    def check(self, recipe: "Recipe") -> None:
-        _needs_weight(self, recipe)
-        if recipe.input is not None and _lookup_qtype(recipe.input.qtype).is_float:
+    def check(self, weight: "QuantSpec | None", input: "QuantSpec | None") -> None:  # noqa: A002
+        _needs_weight(self, weight)
+        if input is not None and _lookup_qtype(input.qtype).is_float:
             raise NotSupportedYet("gptq with fp8 W8A8 is not supported yet; use rtn (int8 W8A8 works with gptq)")
 
     def outside_blocks(self) -> RTN:
@@ -243,8 +244,8 @@ class SmoothQuant(Step):
         if not isinstance(self.alpha, (int, float)) or isinstance(self.alpha, bool) or not 0.0 <= self.alpha <= 1.0:
             raise SlimquantError(f"smoothquant: alpha must be in [0, 1], got {self.alpha!r}")
 
-    def check(self, recipe: "Recipe") -> None:
-        _needs_input(self, recipe, "SmoothQuant")
+    def check(self, weight: "QuantSpec | None", input: "QuantSpec | None") -> None:  # noqa: A002
+        _needs_input(self, input, "SmoothQuant")
 
 
 @register_step_type
@@ -267,8 +268,8 @@ class SmoothQuantSearch(Step):
         if not isinstance(self.sample_rows, int) or isinstance(self.sample_rows, bool) or self.sample_rows < 1:
             raise SlimquantError(f"smoothquant_search: sample_rows must be a positive integer, got {self.sample_rows!r}")
 
-    def check(self, recipe: "Recipe") -> None:
-        _needs_input(self, recipe, "SmoothQuant search")
+    def check(self, weight: "QuantSpec | None", input: "QuantSpec | None") -> None:  # noqa: A002
+        _needs_input(self, input, "SmoothQuant search")
 
 
 @register_step_type
@@ -280,8 +281,8 @@ class GammaMigration(Step):
     TYPE: ClassVar[str] = "gamma_migration"
     STAGE: ClassVar[str] = "model"
 
-    def check(self, recipe: "Recipe") -> None:
-        _needs_input(self, recipe, "Outlier Suppression")
+    def check(self, weight: "QuantSpec | None", input: "QuantSpec | None") -> None:  # noqa: A002
+        _needs_input(self, input, "Outlier Suppression")
 
 
 # -- per-block transforms (msModelSlim anti_method m3) -------------------------------------------------------
@@ -303,10 +304,10 @@ class AWQ(Step):
         if not isinstance(self.grid, int) or isinstance(self.grid, bool) or self.grid < 1:
             raise SlimquantError(f"awq: grid must be a positive integer, got {self.grid!r}")
 
-    def check(self, recipe: "Recipe") -> None:
-        if recipe.weight is None:
+    def check(self, weight: "QuantSpec | None", input: "QuantSpec | None") -> None:  # noqa: A002
+        if weight is None:
             raise SlimquantError("awq scales weights for quantization; the recipe has no weight spec")
-        if recipe.input is not None:
+        if input is not None:
             raise NotSupportedYet("awq with activation quantization (W8A8) is not supported yet; "
                                   "use smoothquant, smoothquant_search or gamma_migration there")  # fmt: skip
 
