@@ -1,4 +1,4 @@
-"""The weight-only conversion loop: plan which layers to quantize, solve each, swap in Q modules.
+"""The conversion loop: plan what every layer becomes, run the recipe's steps, swap in the quantized modules.
 
 The recipe's steps run by stage, as their implementations (:mod:`slimquant.algorithms`) declare: ``model`` steps
 on the float model first (:mod:`slimquant.pipeline.model_steps`), then the layers outside the repeated blocks with
@@ -232,9 +232,11 @@ def convert(
     else:
         layers, report = _checked_plan(model, recipe, layers), ConversionReport()
     if calib_data is None:
-        static = next((lp.name for lp in layers if lp.input is not None and not lp.input.dynamic and lp.kind == "linear"), None)
-        if static is not None:
-            raise SlimquantError(f"static activation quantization (W8A8; layer {static}) needs calibration data (calib_data)")
+        static_in = next((lp.name for lp in layers if lp.kind == "linear" and lp.input is not None
+                          and not lp.input.dynamic), None)  # fmt: skip
+        if static_in is not None:
+            raise SlimquantError(f"static activation quantization (W8A8; layer {static_in}) needs calibration data "
+                                 "(calib_data)")  # fmt: skip
     for step in (*recipe.steps_of("model"), *recipe.steps_of("block"), *{lp.step for lp in layers}):
         implementation(step)  # a step without an implementation fails before any work
         if step.needs_calibration and calib_data is None:
@@ -368,9 +370,9 @@ def quantized(model: nn.Module, recipe: Recipe, layers: list[LayerPlan] | None =
 def _run_sequential(model: nn.Module, recipe: Recipe, sequential: list[LayerPlan], calib_data: Any, show_progress: bool,
                     stream: Any, work_dir: str | os.PathLike | None, max_activation_gb: float | None,
                     ranges: dict[str, dict[str, Any]]) -> tuple[list[dict], list[dict]]:  # fmt: skip
-    """The block-by-block part of :func:`convert`: (report rows, block steps' rows). With ``work_dir`` its lock is held
-    while the blocks run (a second run on it is refused at once), and a run that fails before finishing its first
-    block leaves no work directory behind. ``ranges``: W8A8 static input ranges (None: weight-only layers)."""
+    """The block-by-block part of :func:`convert`: (report rows, block steps' rows). With ``work_dir`` its lock is
+    held while the blocks run (a second run on it is refused at once), and a run that fails before finishing its
+    first block leaves no work directory behind. ``ranges``: the W8A8 static input ranges by layer."""
     import contextlib
     import tempfile
     from pathlib import Path
