@@ -201,3 +201,20 @@ def make_llama_dir(tmp_path, tokenizer):
         return save_hf(make_llama(len(tokenizer), layers=layers, tie=tie), tokenizer, tmp_path / name)
 
     return make
+
+
+def fresh_process_logits(directory, input_ids: torch.Tensor, work: Path, loader: str = "slimquant.load(d)",
+                         timeout: float = 600) -> torch.Tensor:  # fmt: skip
+    """Logits of the checkpoint at ``directory`` loaded (``loader``: an expression of ``d``) in a fresh interpreter
+    that imported nothing of the test, on ``input_ids``. It runs with this process's thread count: float
+    reductions split across threads round differently, so bit-identity needs the same one."""
+    import subprocess
+    import sys
+
+    torch.save(input_ids, work / "fresh_ids.pt")
+    code = (f"import sys, torch, slimquant\ntorch.set_num_threads({torch.get_num_threads()})\nd = sys.argv[1]\n"
+            f"m = {loader}\nwith torch.no_grad():\n    torch.save(m(torch.load(sys.argv[2])).logits, sys.argv[3])\n")  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", code, str(directory), str(work / "fresh_ids.pt"),
+                          str(work / "fresh_logits.pt")], capture_output=True, text=True, timeout=timeout)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    return torch.load(work / "fresh_logits.pt")

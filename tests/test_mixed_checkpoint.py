@@ -6,8 +6,6 @@ tests/test_real_models.py."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -91,15 +89,9 @@ def test_mixed_checkpoint_reloads_bit_identical_in_a_fresh_process(tokenizer, ev
         assert desc[f"{name}.weight"] == label
     assert desc["model.layers.1.self_attn.o_proj.weight"] == "FLOAT"
 
-    torch.save(input_ids, tmp_path / "ids.pt")
-    # the same thread count as this process: float reductions split across threads round differently
-    code = (f"import sys, torch, slimquant\ntorch.set_num_threads({torch.get_num_threads()})\n"
-            "m = slimquant.load(sys.argv[1])\nwith torch.no_grad():\n"
-            "    torch.save(m(torch.load(sys.argv[2])).logits, sys.argv[3])\n")  # fmt: skip
-    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "mixed"), str(tmp_path / "ids.pt"),
-                          str(tmp_path / "logits.pt")], capture_output=True, text=True, timeout=300)  # fmt: skip
-    assert out.returncode == 0, out.stderr
-    assert torch.equal(torch.load(tmp_path / "logits.pt"), expect)
+    from conftest import fresh_process_logits
+
+    assert torch.equal(fresh_process_logits(tmp_path / "mixed", input_ids, tmp_path), expect)
 
     capsys.readouterr()
     assert main(["inspect", str(tmp_path / "mixed")]) == 0

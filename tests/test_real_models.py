@@ -83,8 +83,6 @@ def test_minilm_w8a16_embeddings(tmp_path):
 def test_smollm2_mixed_checkpoint_reloads_bit_identical_in_a_fresh_process(smollm, tmp_path):
     """W8A8 dynamic / static, W4A16 g64 GPTQ, W8A16 RTN and float layers in one checkpoint (per-layer overrides)."""
     import json
-    import subprocess
-    import sys
 
     from slimquant import GPTQ, LayerOverride
     from slimquant.cli.main import main
@@ -106,15 +104,10 @@ def test_smollm2_mixed_checkpoint_reloads_bit_identical_in_a_fresh_process(smoll
         expect = model(ids).logits
         kl = evaluate_lm(model, smollm.tokenizer, TEXT, smollm.model, windows=2, seq_len=128, show_progress=False)["kl"]
     assert kl < 0.1  # observed 0.028 on this text (2 x 128 tokens)
-    torch.save(ids, tmp_path / "ids.pt")
-    # the same thread count as this process: float reductions split across threads round differently
-    code = (f"import sys, torch, slimquant\ntorch.set_num_threads({torch.get_num_threads()})\n"
-            "m = slimquant.load_model(sys.argv[1]).model\nwith torch.no_grad():\n"
-            "    torch.save(m(torch.load(sys.argv[2])).logits, sys.argv[3])\n")  # fmt: skip
-    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "mixed"), str(tmp_path / "ids.pt"),
-                          str(tmp_path / "logits.pt")], capture_output=True, text=True, timeout=600)  # fmt: skip
-    assert out.returncode == 0, out.stderr
-    assert torch.equal(torch.load(tmp_path / "logits.pt"), expect)
+    from conftest import fresh_process_logits
+
+    got = fresh_process_logits(tmp_path / "mixed", ids, tmp_path, loader="slimquant.load_model(d).model")
+    assert torch.equal(got, expect)
     desc = json.loads(next((tmp_path / "mixed").glob("quant_model_description_*.json")).read_text())
     labels = {k: v for k, v in desc.items() if k.endswith("_proj.weight")}
     assert {labels[f"model.layers.0.self_attn.{p}_proj.weight"] for p in "qkv"} == {"W8A8_DYNAMIC"}
