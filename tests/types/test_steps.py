@@ -140,3 +140,12 @@ def test_new_step_types_register_and_round_trip(monkeypatch):
             TYPE: ClassVar[str] = "needy"
             STAGE: ClassVar[str] = "weight"
             NEEDS: ClassVar[frozenset[str]] = frozenset({"gradients"})
+
+
+def test_a_recipe_file_error_names_the_file_and_keeps_its_kind(tmp_path):
+    bad = tmp_path / "r.json"
+    d = Recipe(weight=W8, input=DYN).to_dict()
+    d["steps"] = [{"type": "awq"}, {"type": "rtn"}]
+    bad.write_text(json.dumps(d))
+    with pytest.raises(NotSupportedYet, match=r"r\.json: awq with activation quantization"):
+        Recipe.from_file(str(bad))

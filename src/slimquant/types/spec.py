@@ -495,7 +495,7 @@ class Recipe:
         try:
             return cls.from_yaml(text) if path.endswith((".yaml", ".yml")) else cls.from_json(text)
         except SlimquantError as e:
-            raise SlimquantError(f"{path}: {e}") from None
+            raise type(e)(f"{path}: {e}") from None  # NotSupportedYet stays NotSupportedYet
 
 
 # Version 1 recipes: the algorithm knobs of every step shared one namespace.
