@@ -1,6 +1,6 @@
 """Extension points, used the way someone else's code would: this file adds an algorithm (a new step type and its
-implementation) without editing the library, and runs quantize -> save -> load with it, the load in a fresh
-process that has never heard of it."""
+implementation) and tests/toy_codec.py a checkpoint format, without editing the library, and each runs
+quantize -> save -> load, the load in a fresh process."""
 
 from __future__ import annotations
 
@@ -119,3 +119,76 @@ def test_an_unregistered_step_cannot_run(tokenizer):
                           "steps": [{"type": "theirs", "stage": "weight"}]}, unregistered_steps=True)  # fmt: skip
     with pytest.raises(slimquant.SlimquantError, match="step type 'theirs' has no registered implementation"):
         slimquant.quantize(make_llama(len(tokenizer)), r, show_progress=False)
+
+
+# -- a toy checkpoint format (tests/toy_codec.py) ---------------------------------------------------
+
+
+@pytest.fixture
+def toy_codec(monkeypatch):
+    import toy_codec as module
+
+    from slimquant.formats import codec as registry
+
+    monkeypatch.setattr(registry, "_CODECS", dict(registry._CODECS))
+    registry.register_codec(module.ToyCodec)
+    return module
+
+
+def test_a_toy_codec_saves_and_loads_without_editing_the_library(toy_codec, tokenizer, eval_text, input_ids, tmp_path):
+    from pathlib import Path
+
+    from conftest import fresh_process_logits, make_llama
+    from safetensors.torch import load_file
+
+    from slimquant import LayerOverride
+    from slimquant.data import calibration_windows
+
+    assert "toy" in slimquant.formats.codec_names()
+    calib = calibration_windows(tokenizer, eval_text.split("\n"), 4, 16)
+    recipe = Recipe(weight=W4, embedding=QuantSpec("int8", "per_channel", symmetric=False), overrides=(
+        ("model.layers.0.mlp.gate_proj", LayerOverride(weight=QuantSpec("int8", "per_channel"),
+                                                       input=QuantSpec("int8", "per_tensor", symmetric=False))),
+    ))  # fmt: skip
+    model = make_llama(len(tokenizer))
+    slimquant.quantize(model, recipe, calib_data=calib, show_progress=False)
+    with torch.no_grad():
+        expect = model(input_ids).logits
+    out = slimquant.save(model, tmp_path / "toy", format="toy")
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "slimquant_manifest.json", "toy.safetensors"]
+    manifest = json.loads((out / "slimquant_manifest.json").read_text())
+    assert manifest["format"] == "slimquant/toy"
+    assert manifest["aliases"]["lm_head.zp16"] == "model.embed_tokens.zp16"  # the tied head, written once
+    stored = load_file(str(out / "toy.safetensors"))
+    zp = stored["model.layers.1.self_attn.q_proj.zp16"]
+    assert zp.dtype == torch.int16 and torch.equal(zp.float(), model.model.layers[1].self_attn.q_proj.weight_zero_point)
+    assert "model.layers.0.mlp.gate_proj.acc_bias" in stored  # logical tensors, not msModelSlim's folded ones
+    assert slimquant.formats.describe_checkpoint(out)["format"] == "toy"
+    with torch.no_grad():
+        assert torch.equal(slimquant.load(out)(input_ids).logits, expect)
+    tests = str(Path(__file__).parent)
+    loader = f"(sys.path.insert(0, {tests!r}), __import__('toy_codec'), slimquant.load(d))[2]"
+    assert torch.equal(fresh_process_logits(out, input_ids, tmp_path, loader=loader), expect)
+    p = subprocess.run([sys.executable, "-c", "import sys, slimquant; slimquant.load(sys.argv[1])", str(out)],
+                       capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert p.returncode != 0
+    assert "written in the 'toy' format, which no codec of this process reads" in p.stderr
+    assert "import the module that registers it first" in p.stderr
+
+
+def test_a_codec_refuses_what_it_cannot_hold_before_writing(toy_codec, tokenizer, tmp_path):
+    from conftest import make_llama
+
+    model = make_llama(len(tokenizer))
+    slimquant.quantize(model, Recipe(weight=QuantSpec("int4", "per_group", 32, symmetric=False, zero_point="float")),
+                       show_progress=False)  # fmt: skip
+    with pytest.raises(slimquant.SlimquantError, match="integer zero points only: layer model.layers.0.self_attn.q_proj"):
+        slimquant.save(model, tmp_path / "toy", format="toy")
+    assert not (tmp_path / "toy").exists()
+    with pytest.raises(slimquant.SlimquantError, match="the toy format has no option part_file_size"):
+        slimquant.save(model, tmp_path / "toy", format="toy", part_file_size=1.0)
+    with pytest.raises(slimquant.SlimquantError, match=r"unknown checkpoint format 'gguf' \(registered: msmodelslim, toy\)"):
+        slimquant.save(model, tmp_path / "g", format="gguf")
+    with pytest.raises(slimquant.SlimquantError, match="the msmodelslim format has no option colour"):
+        slimquant.save(model, tmp_path / "m", colour="red")
+    assert not (tmp_path / "g").exists() and not (tmp_path / "m").exists()

@@ -13,6 +13,7 @@ import torch
 import slimquant
 from slimquant import GPTQ, RTN, LayerOverride, QuantSpec, Recipe
 from slimquant.cli.main import main
+from slimquant.formats.checkpoint import layer_type
 
 W4G64 = QuantSpec("int4", "per_group", 64, symmetric=False)
 W8 = QuantSpec("int8", "per_channel")
@@ -70,7 +71,7 @@ def test_mixed_checkpoint_reloads_bit_identical_in_a_fresh_process(tokenizer, ev
     slimquant.quantize(model, mixed_recipe(), calib_data=calib, show_progress=False)
     for name, (label, cls, algo) in EXPECTED.items():
         m = model.get_submodule(name)
-        assert (m.tensor_label(), type(m).__name__, m.method["algorithm"]) == (label, cls, algo), name
+        assert (layer_type(m.manifest_entry()), type(m).__name__, m.method["algorithm"]) == (label, cls, algo), name
     assert isinstance(model.model.layers[1].self_attn.o_proj, torch.nn.Linear)
     assert model.slimquant_report.skipped["model.layers.1.self_attn.o_proj"] == "override model.layers.1.self_attn.o_proj: float"
     rows = {r["name"]: r for r in model.slimquant_report.layers}

@@ -10,7 +10,7 @@ from typing import Any, Iterable
 from torch import nn
 
 from slimquant.errors import SlimquantError
-from slimquant.formats.msmodelslim import save as _save
+from slimquant.formats.codec import get_codec
 from slimquant.models.loading import LoadedModel, load_checkpoint
 from slimquant.pipeline.convert import ConversionReport, convert
 from slimquant.surgery.fuse import fuse_w8a8_inputs
@@ -60,15 +60,21 @@ def save(
     overwrite: bool = False,
     force_overwrite: bool = False,
     protect: Iterable[str | os.PathLike] = (),
+    format: str = "msmodelslim",
+    **options: Any,
 ) -> Path:
-    """Save a quantized model (msModelSlim layout + manifest) atomically. See docs/format.md.
+    """Save a quantized model atomically in ``format`` (a registered codec: :func:`slimquant.formats.codec_names`;
+    default the msModelSlim layout + manifest, see docs/format.md). :func:`load` finds the format again.
 
     Missing parent directories are created. ``overwrite`` replaces an earlier slimquant checkpoint there;
     ``force_overwrite`` replaces any directory (everything in it is deleted). The output may not be, contain or
-    lie inside the model's own source directory or any ``protect`` path (the inputs).
+    lie inside the model's own source directory or any ``protect`` path (the inputs). ``part_file_size`` (GB)
+    shards the weight files (msmodelslim); other ``options`` go to the codec, which refuses ones it lacks.
     """
-    return _save(model, directory, tokenizer=tokenizer, part_file_size=part_file_size, overwrite=overwrite,
-                 force_overwrite=force_overwrite, protect=protect)  # fmt: skip
+    if part_file_size is not None:
+        options["part_file_size"] = part_file_size
+    return get_codec(format).save(model, directory, tokenizer=tokenizer, overwrite=overwrite,
+                                  force_overwrite=force_overwrite, protect=protect, **options)  # fmt: skip
 
 
 def load(directory: str | os.PathLike, model: nn.Module | None = None, trust_remote_code: bool = False) -> nn.Module:

@@ -462,7 +462,7 @@ def test_exception_while_saving_leaves_nothing(capsys, llama_dir, outs, monkeypa
     def broken(*a, **k):
         raise RuntimeError("disk on fire")
 
-    monkeypatch.setattr("slimquant.formats.msmodelslim.write_safetensors", broken)
+    monkeypatch.setattr("slimquant.formats.checkpoint.write_safetensors", broken)
     with pytest.raises(RuntimeError, match="disk on fire"):
         main(["quantize", "--model_path", str(llama_dir), "--save_directory", str(outs / "q")])
     assert_nothing_written(outs)

@@ -6,7 +6,7 @@ import pytest
 
 import slimquant
 from slimquant import Recipe, SlimquantError
-from slimquant.formats import msmodelslim
+from slimquant.formats import checkpoint, msmodelslim
 from slimquant.formats.atomic import atomic_directory, check_target
 
 
@@ -92,7 +92,7 @@ def test_exception_while_saving_leaves_nothing(qmlp, tmp_path, monkeypatch, left
             fh.write(b"\x00" * 10)
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(msmodelslim, "write_safetensors", broken_save_file)
+    monkeypatch.setattr(checkpoint, "write_safetensors", broken_save_file)
     with pytest.raises(RuntimeError, match="disk full"):
         slimquant.save(qmlp, tmp_path / "out")
     assert calls, "the patched writer was not used"
@@ -109,7 +109,7 @@ def test_exception_while_overwriting_keeps_the_old_directory(qmlp, tmp_path, mon
     def broken_save_file(filename, entries, metadata=None):
         raise OSError("interrupted")
 
-    monkeypatch.setattr(msmodelslim, "write_safetensors", broken_save_file)
+    monkeypatch.setattr(checkpoint, "write_safetensors", broken_save_file)
     with pytest.raises(OSError, match="interrupted"):
         slimquant.save(qmlp, target, overwrite=True)
     assert {p.name: p.read_bytes() for p in target.iterdir()} == before

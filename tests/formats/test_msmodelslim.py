@@ -11,8 +11,9 @@ from safetensors.torch import load_file
 
 import slimquant
 from slimquant import Granularity, QuantSpec, Recipe, SlimquantError
+from slimquant.formats import msmodelslim as ms
 from slimquant.formats.msmodelslim import MANIFEST, describe_checkpoint, read_manifest
-from slimquant.kernels.weight_only import dequantize_stored_weight
+from slimquant.kernels.weight_only import dequantize_weight_tensors
 
 G = Granularity
 W4G32 = Recipe(weight=QuantSpec("int4", G.PER_GROUP, 32, False))
@@ -99,7 +100,12 @@ def test_w4a16_g32_packed_layout_and_smaller_file(w8_dir, factories, tokenizer, 
         assert (s.dtype, tuple(s.shape)) == (torch.float32, (n, k // 32)), p
         assert (o.dtype, tuple(o.shape)) == (torch.float32, (n, k // 32)), p
         assert not torch.equal(o, torch.zeros_like(o))  # asymmetric: real offsets
-        deq = dequantize_stored_weight(w, s, o, spec, k, torch.float32)
+        assert not bool(torch.signbit(o[o == 0]).any())  # no -0.0 on disk
+        deq = dequantize_weight_tensors(w, s, -o, spec, k, torch.float32)  # offset = -zero_point
+        # the file's convention, Ascend antiquant: W = (weight + weight_offset) * weight_scale
+        from slimquant.math.packing import unpack
+        assert torch.equal(deq, ((unpack(w, 4, -8, k).float().reshape(n, -1, 32) + o.unsqueeze(-1))
+                                 * s.unsqueeze(-1)).reshape(n, k))  # fmt: skip
         err = (float_state[f"{p}.weight"] - deq).abs().reshape(n, k // 32, 32)
         assert (err <= s.unsqueeze(-1) + 1e-6).all(), p
     w4_size = (out / "quant_model_weight_w4a16.safetensors").stat().st_size
@@ -227,3 +233,16 @@ def test_checkpoint_onto_wrong_shapes_is_refused(mlp_ckpt):
                                 torch.nn.ReLU(), torch.nn.Linear(64, 7))  # fmt: skip
     with pytest.raises(SlimquantError, match="does not match the model"):
         slimquant.load(mlp_ckpt, model=wrong)
+
+
+def test_deq_scale_int64_round_trip_is_bit_exact() -> None:
+    specials = torch.tensor([1.0, 2.0**-126, 1e-45, 3.0e38, -1.0, 0.0, -0.0, float("inf")])
+    d = torch.cat([torch.rand(64, generator=torch.Generator().manual_seed(6)) * 1e-3, specials])
+    t = ms.deq_scale_to_int64(d)
+    assert t.dtype == torch.int64 and t.shape == d.shape
+    assert int(t[64]) == 0x3F800000 and int(t[68]) == 0xBF800000  # zero-extended, non-negative
+    assert bool((t >= 0).all()) and bool((t < 2**32).all())
+    back = ms.deq_scale_from_int64(t)
+    assert back.dtype == torch.float32 and torch.equal(back.view(torch.int32), d.view(torch.int32))
+    sign_extended = d.view(torch.int32).to(torch.int64)  # the other int64 convention reads back the same
+    assert torch.equal(ms.deq_scale_from_int64(sign_extended).view(torch.int32), d.view(torch.int32))

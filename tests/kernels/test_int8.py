@@ -1,4 +1,4 @@
-"""Int8 kernels: every fast kernel against its reference, the msModelSlim W8A8 fold, the int64 deq_scale table."""
+"""Int8 kernels: every fast kernel against its reference, the static W8A8 bias / zero-point fold and its inverse."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ from slimquant.errors import SlimquantError
 from slimquant.kernels import int8
 from slimquant.kernels.int8 import (
     KERNELS,
-    deq_scale_from_int64,
-    deq_scale_to_int64,
     fast_available,
+    fold_input_zero_point,
     fold_static_w8a8,
+    unfold_input_zero_point,
     get_kernel,
     quantize_per_token_reference,
 )
@@ -210,17 +210,15 @@ def test_w8a8_static_low_precision_input(dtype: torch.dtype, impl: str) -> None:
     assert out.dtype == dtype and torch.equal(out, get_kernel("linear_w8a8_static")(x, s, off, w, dq, qb))
 
 
-def test_deq_scale_int64_round_trip_is_bit_exact() -> None:
-    specials = torch.tensor([1.0, 2.0**-126, 1e-45, 3.0e38, -1.0, 0.0, -0.0, float("inf")])
-    d = torch.cat([torch.rand(64, generator=_gen(6)) * 1e-3, specials])
-    t = deq_scale_to_int64(d)
-    assert t.dtype == torch.int64 and t.shape == d.shape
-    assert int(t[64]) == 0x3F800000 and int(t[68]) == 0xBF800000  # zero-extended, non-negative
-    assert bool((t >= 0).all()) and bool((t < 2**32).all())
-    back = deq_scale_from_int64(t)
-    assert back.dtype == torch.float32 and torch.equal(back.view(torch.int32), d.view(torch.int32))
-    sign_extended = d.view(torch.int32).to(torch.int64)  # the other int64 convention reads back the same
-    assert torch.equal(deq_scale_from_int64(sign_extended).view(torch.int32), d.view(torch.int32))
+def test_unfolding_the_input_zero_point_is_exact() -> None:
+    g = _gen(6)
+    w = torch.randint(-127, 128, (32, 40), generator=g, dtype=torch.int8)
+    acc_bias = torch.randint(-(2**20), 2**20, (32,), generator=g, dtype=torch.int32)
+    for zp in (-128, -3, 0, 127):
+        qb = fold_input_zero_point(acc_bias, zp, w)
+        assert qb.dtype == torch.int32
+        assert torch.equal(qb.long(), acc_bias.long() - zp * w.long().sum(1))
+        assert torch.equal(unfold_input_zero_point(qb, zp, w), acc_bias)
 
 
 # -- linear_w8a16 --------------------------------------------------------------------------------

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from slimquant.kernels import dequantize_stored_weight, stored_weight_layout
-from slimquant.kernels.weight_only import to_stored
+from slimquant.kernels import dequantize_weight_tensors, weight_layout
+from slimquant.kernels.weight_only import weight_tensors
 from slimquant.math import dequantize_weight, quantize_weight
 from slimquant.types import Granularity, QuantSpec
 
@@ -30,17 +30,16 @@ PT, PC, PG = Granularity.PER_TENSOR, Granularity.PER_CHANNEL, Granularity.PER_GR
 def test_integer_layouts(
     spec: QuantSpec, n: int, k: int, weight: tuple[tuple[int, int], torch.dtype], groups: tuple[int, int]
 ) -> None:
-    layout = stored_weight_layout(n, k, spec)
-    assert layout == {
-        "weight": weight,
-        "weight_scale": (groups, torch.float32),
-        "weight_offset": (groups, torch.float32),
-    }
+    layout = weight_layout(n, k, spec)
+    expected = {"weight": weight, "weight_scale": (groups, torch.float32)}
+    if not spec.symmetric:  # symmetric weights have no zero point
+        expected["weight_zero_point"] = (groups, torch.float32)
+    assert layout == expected
 
 
 @pytest.mark.parametrize(("name", "dtype"), [("fp8_e4m3", torch.float8_e4m3fn), ("fp8_e5m2", torch.float8_e5m2)])
-def test_fp8_layout_has_no_offset(name: str, dtype: torch.dtype) -> None:
-    assert stored_weight_layout(5, 24, QuantSpec(name, PC)) == {
+def test_fp8_layout_has_no_zero_point(name: str, dtype: torch.dtype) -> None:
+    assert weight_layout(5, 24, QuantSpec(name, PC)) == {
         "weight": ((5, 24), dtype),
         "weight_scale": ((5, 1), torch.float32),
     }
@@ -63,27 +62,26 @@ SPECS = [
 
 
 @pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.describe())
-def test_to_stored_matches_the_layout_and_dequantizes_exactly(spec: QuantSpec) -> None:
+def test_weight_tensors_match_the_layout_and_dequantize_exactly(spec: QuantSpec) -> None:
     torch.manual_seed(0)
     n, k = 6, 48
     w = torch.randn(n, k)
     qw = quantize_weight(w, spec)
-    stored = to_stored(qw, spec)
-    layout = stored_weight_layout(n, k, spec)
+    stored = weight_tensors(qw, spec)
+    layout = weight_layout(n, k, spec)
     assert set(stored) == set(layout)
     for name, (shape, dtype) in layout.items():
         assert tuple(stored[name].shape) == shape and stored[name].dtype == dtype, name
         assert stored[name].is_contiguous()
-    offset = stored.get("weight_offset")
+    offset = stored.get("weight_zero_point")
+    assert (offset is None) == (qw.zero_point is None)
     if offset is not None:
-        expected = torch.zeros_like(qw.scale) if qw.zero_point is None else -qw.zero_point
-        assert torch.equal(offset, expected)
-        assert not bool(torch.signbit(offset[offset == 0]).any())  # no -0.0 on disk
-    deq = dequantize_stored_weight(stored["weight"], stored["weight_scale"], offset, spec, k, torch.float32)
+        assert torch.equal(offset, qw.zero_point)
+    deq = dequantize_weight_tensors(stored["weight"], stored["weight_scale"], offset, spec, k, torch.float32)
     assert deq.shape == (n, k) and deq.dtype == torch.float32
     assert torch.equal(deq, dequantize_weight(qw, spec))
     assert torch.equal(
-        dequantize_stored_weight(stored["weight"], stored["weight_scale"], offset, spec, k, torch.bfloat16),
+        dequantize_weight_tensors(stored["weight"], stored["weight_scale"], offset, spec, k, torch.bfloat16),
         dequantize_weight(qw, spec).bfloat16(),
     )
 
@@ -96,13 +94,13 @@ def test_to_stored_matches_the_layout_and_dequantizes_exactly(spec: QuantSpec) -
 def test_row_subsets_dequantize_like_the_full_matrix(spec: QuantSpec) -> None:
     torch.manual_seed(1)
     w = torch.randn(10, 32)
-    stored = to_stored(quantize_weight(w, spec), spec)
-    full = dequantize_stored_weight(
-        stored["weight"], stored["weight_scale"], stored.get("weight_offset"), spec, 32, torch.float32
+    stored = weight_tensors(quantize_weight(w, spec), spec)
+    full = dequantize_weight_tensors(
+        stored["weight"], stored["weight_scale"], stored.get("weight_zero_point"), spec, 32, torch.float32
     )
     rows = torch.tensor([7, 0, 7, 3])
-    off = stored.get("weight_offset")
-    sub = dequantize_stored_weight(
+    off = stored.get("weight_zero_point")
+    sub = dequantize_weight_tensors(
         stored["weight"][rows], stored["weight_scale"][rows], None if off is None else off[rows], spec, 32, torch.float32
     )
     assert torch.equal(sub, full[rows])
@@ -113,16 +111,16 @@ def test_packed_rows_with_odd_k_keep_exactly_k_columns() -> None:
     w = torch.randn(3, 13)
     spec = QuantSpec("int4", PC, symmetric=False)
     qw = quantize_weight(w, spec)
-    stored = to_stored(qw, spec)
+    stored = weight_tensors(qw, spec)
     assert stored["weight"].shape == (3, 8)
-    deq = dequantize_stored_weight(stored["weight"], stored["weight_scale"], stored["weight_offset"], spec, 13, torch.float32)
+    deq = dequantize_weight_tensors(stored["weight"], stored["weight_scale"], stored["weight_zero_point"], spec, 13, torch.float32)
     assert torch.equal(deq, dequantize_weight(qw, spec))
 
 
-def test_antiquant_convention_is_q_plus_offset_times_scale() -> None:
-    # Ascend antiquant: W = (q + weight_offset) * weight_scale, offset = -zero_point.
+def test_the_convention_is_q_minus_zero_point_times_scale() -> None:
+    # W = (q - zero_point) * scale (msModelSlim's file stores weight_offset = -zero_point: its codec's business)
     spec = QuantSpec("int8", PC, symmetric=False)
     weight = torch.tensor([[-128, 0, 127]], dtype=torch.int8)
-    scale, offset = torch.tensor([[0.5]]), torch.tensor([[10.0]])
-    deq = dequantize_stored_weight(weight, scale, offset, spec, 3, torch.float32)
+    scale, offset = torch.tensor([[0.5]]), torch.tensor([[-10.0]])
+    deq = dequantize_weight_tensors(weight, scale, offset, spec, 3, torch.float32)
     assert deq.tolist() == [[-59.0, 5.0, 68.5]]

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import slimquant.nn.modules as modules_mod
-from slimquant.kernels import stored_weight_layout
+from slimquant.kernels import weight_layout
 from slimquant.math import dequantize_weight, quantize_weight, sqnr_db
 from slimquant.nn import QMODULES, QConv2d, QEmbedding, QLinear, QLinearFP8, QLinearW8A8, tied_linear
 from slimquant.types import Granularity, QuantSpec
@@ -77,9 +77,9 @@ def test_qlinear_int8_is_close_to_float() -> None:
 
 
 @pytest.mark.parametrize("spec", LINEAR_SPECS, ids=lambda s: s.describe())
-def test_qlinear_buffers_follow_the_stored_layout(spec: QuantSpec) -> None:
+def test_qlinear_buffers_follow_the_logical_layout(spec: QuantSpec) -> None:
     _, q, _ = _qlinear(spec)
-    layout = stored_weight_layout(24, 64, spec)
+    layout = weight_layout(24, 64, spec)
     sd = q.state_dict()
     assert set(sd) == set(layout) | {"bias"}
     for name, (shape, dtype) in layout.items():
@@ -91,8 +91,10 @@ def test_qlinear_buffers_follow_the_stored_layout(spec: QuantSpec) -> None:
 
 def test_qlinear_int4_g32_stored_bytes_by_hand() -> None:
     _, q, _ = _qlinear(QuantSpec("int4", PG, 32))
-    # weight 24 x 32 uint8 + scale and offset 24 x 2 float32 + bias 24 float32
-    assert q.stored_bytes() == 24 * 32 + 2 * 24 * 2 * 4 + 24 * 4
+    # weight 24 x 32 uint8 + scale 24 x 2 float32 (symmetric: no zero point) + bias 24 float32
+    assert q.stored_bytes() == 24 * 32 + 24 * 2 * 4 + 24 * 4
+    _, qa, _ = _qlinear(QuantSpec("int4", PG, 32, symmetric=False))
+    assert qa.stored_bytes() == 24 * 32 + 2 * 24 * 2 * 4 + 24 * 4  # plus the zero points
 
 
 def test_qlinear_state_dict_reloads_into_an_empty_module() -> None:
@@ -201,13 +203,13 @@ def test_qembedding_only_dequantizes_the_looked_up_rows(monkeypatch: pytest.Monk
     spec = QuantSpec("int4", PC)
     q = QEmbedding.from_float(emb, quantize_weight(emb.weight.detach(), spec), spec)
     seen: list[int] = []
-    real = modules_mod.dequantize_stored_weight
+    real = modules_mod.dequantize_weight_tensors
 
     def spy(weight: torch.Tensor, *args, **kwargs):  # type: ignore[no-untyped-def]
         seen.append(weight.shape[0])
         return real(weight, *args, **kwargs)
 
-    monkeypatch.setattr(modules_mod, "dequantize_stored_weight", spy)
+    monkeypatch.setattr(modules_mod, "dequantize_weight_tensors", spy)
     ids = torch.tensor([[5, 999, 5]])
     y = q(ids)
     assert seen == [3]  # three rows, not 1000
@@ -233,7 +235,7 @@ def test_tied_linear_shares_the_embedding_storage(spec: QuantSpec) -> None:
     lin = tied_linear(qemb)
     assert isinstance(lin, QLinear) and lin.bias is None
     assert (lin.in_features, lin.out_features) == (32, 40)
-    for name in ("weight", "weight_scale", "weight_offset"):
+    for name in ("weight", "weight_scale", "weight_zero_point"):
         a, b = getattr(qemb, name), getattr(lin, name)
         if a is None:
             assert b is None

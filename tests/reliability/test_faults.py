@@ -34,8 +34,8 @@ def half_then_die(path):
     import time
     time.sleep(30)  # SIGTERM is handled at the next bytecode boundary; SIGKILL never returns
 if what == "save":
-    from slimquant.formats import msmodelslim
-    msmodelslim.write_safetensors = lambda path, *a, **k: half_then_die(path)
+    from slimquant.formats import checkpoint
+    checkpoint.write_safetensors = lambda path, *a, **k: half_then_die(path)
 else:
     from slimquant.pipeline import workdir
     real = workdir._write_tensors

@@ -69,14 +69,14 @@ def run_eval(args: argparse.Namespace) -> int:
 
 
 def run_inspect(args: argparse.Namespace) -> int:
-    from slimquant.formats.msmodelslim import describe_checkpoint
+    from slimquant.formats.checkpoint import describe_checkpoint
 
     info = describe_checkpoint(args.directory)
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
     mib = 2**20
-    print(f"{args.directory}: {info['quant_type']}  files: {', '.join(info['files'])}")
+    print(f"{args.directory}: {info['quant_type']}  format: {info['format']}  files: {', '.join(info['files'])}")
     print(f"{'layer':48s} {'type':14s} {'module':12s} {'qtype':8s} {'granularity':12s} {'bits':>4s} {'KiB':>10s}")
     counts: dict[str, int] = {}
     for r in info["layers"]:

@@ -1,4 +1,4 @@
-"""The msModelSlim / MindIE weight layout as a state-dict codec plus a JSON manifest.
+"""The msModelSlim / MindIE checkpoint layout: a codec over the modules' logical tensors, plus the manifest.
 
 Directory written by :func:`save`::
 
@@ -6,40 +6,63 @@ Directory written by :func:`save`::
     quant_model_weight_w4a16.safetensors          all tensors (or -0000i-of-0000n shards + .index.json)
     quant_model_description_w4a16.json            "model_quant_type" + one type label per tensor
     slimquant_manifest.json                       recipe, per-layer module/spec/args, tensor aliases
+    quantize_report.json / .md                    the per-layer report (for people; not loaded)
     tokenizer files                               when a tokenizer is given
 
-See docs/format.md for the tensor layout of each layer type.
+What this codec changes on the way to the file (and undoes on load, exactly):
+
+    weight-only int layers   weight_zero_point zp  ->  weight_offset = -zp (zeros for symmetric specs)
+    W8A8 dynamic             (no zero point)       ->  weight_offset zeros [n, 1]
+    W8A8 static              input_zero_point      ->  input_offset (the same value)
+                             acc_bias (int32)      ->  quant_bias = acc_bias - input_offset * weight.sum(1)
+                             acc_scale (float32)   ->  deq_scale: int64 holding the float32 bits for float16
+                                                       models, float32 otherwise
+
+Every other tensor is written as the module holds it. The description file labels each tensor with its layer's
+type (:func:`slimquant.formats.checkpoint.layer_type`; ``FLOAT`` for float tensors, ``C8`` for KV-cache scales,
+``FAQuant`` for attention quantizers). See docs/format.md for the tensor layout of each layer type.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
 
 from slimquant.errors import SlimquantError
-from slimquant.formats.atomic import OWNED_MARKER, atomic_directory
-from slimquant.formats.safetensors_io import read_header, write_safetensors
-from slimquant.nn import QMODULES, QModule, fa_quant, kv_cache
+from slimquant.formats import checkpoint as ck
+from slimquant.formats.atomic import atomic_directory
+from slimquant.formats.codec import Codec, register_codec
+from slimquant.formats.safetensors_io import Entry
+from slimquant.kernels import int8 as k8
+from slimquant.nn import QModule, fa_quant, kv_cache
 from slimquant.types.qtype import qtype as lookup_qtype
-from slimquant.types.spec import KV_INT8_STATIC, QuantSpec, Recipe
+
+# re-exported: what every slimquant checkpoint shares (this codec's callers used them from here)
+from slimquant.formats.checkpoint import (  # noqa: F401
+    MANIFEST,
+    REPORT_JSON,
+    REPORT_MD,
+    build_qmodule,
+    check_part_file_size,
+    describe_checkpoint,
+    dominant_quant_type,
+    is_checkpoint,
+    model_sources,
+    read_manifest,
+    read_tensors,
+)
 
 log = logging.getLogger(__name__)
 
-MANIFEST = OWNED_MARKER  # "slimquant_manifest.json": --overwrite replaces only directories holding it
-FORMAT = "slimquant/msmodelslim"
-FORMAT_VERSION = 1
-
-
-
-REPORT_JSON = "quantize_report.json"
-REPORT_MD = "quantize_report.md"
+NAME = "msmodelslim"
+FORMAT = f"slimquant/{NAME}"
+FORMAT_VERSION = ck.FORMAT_VERSION
 
 
 def weight_file(quant_type: str) -> str:
@@ -50,140 +73,284 @@ def description_file(quant_type: str) -> str:
     return f"quant_model_description_{quant_type}.json"
 
 
-def _model_entry(model: nn.Module) -> dict[str, Any]:
-    config = getattr(model, "config", None)
-    if config is not None and hasattr(config, "to_dict") and type(model).__module__.startswith("transformers."):
-        return {"kind": "transformers", "architecture": type(model).__name__}
-    return {"kind": "module", "class": f"{type(model).__module__}.{type(model).__qualname__}"}
+def deq_scale_to_int64(deq_scale: torch.Tensor) -> torch.Tensor:
+    """float32 ``[n]`` -> int64 ``[n]`` holding the float32 bit pattern zero-extended (the seed's
+    ``deq_scale`` dtype for float16 models)."""
+    bits = deq_scale.to(torch.float32).contiguous().view(torch.int32).to(torch.int64)
+    return bits & 0xFFFFFFFF
 
 
-def export_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
-    """Split a quantized model into (tensors to write, description, manifest).
-
-    Tensors shared by several names (tied weights) are written once; the manifest records the
-    other names as aliases.
-    """
-    recipe: Recipe | None = getattr(model, "slimquant_recipe", None)
-    if recipe is None:
-        raise SlimquantError("model has not been quantized by slimquant (no recipe attached); call slimquant.quantize first")
-    qlayers = {n: m for n, m in model.named_modules() if isinstance(m, QModule)}
-    state = model.state_dict()
-    tensors: dict[str, torch.Tensor] = {}
-    aliases: dict[str, str] = {}
-    seen: dict[tuple, str] = {}
-    # tensors a streaming run already wrote to disk are on meta in the model; their data comes from here
-    lazy = getattr(model, "slimquant_tensor_source", None)
-    for name, t in state.items():
-        if t.device.type == "meta":
-            if lazy is None or name not in lazy:
-                raise SlimquantError(f"tensor {name} is on the meta device; the model is not fully loaded")
-            tensors[name] = t  # a placeholder: save() reads the data from the source while writing
-            continue
-        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
-        if t.numel() and key in seen:
-            aliases[name] = seen[key]
-            continue
-        seen[key] = name
-        tensors[name] = t.detach().contiguous()
-    fa_modules = fa_quant.quantized_attention(model)
-    fa_prefixes = {f"{n}.{role}" for n in fa_modules for role in fa_quant.ROLES}
-    quant_type = dominant_quant_type(qlayers, recipe.quant_type)
-    description: dict[str, Any] = {"model_quant_type": quant_type.upper()}
-    if fa_modules:
-        description["fa_quant_type"] = "FAQuant"  # msModelSlim's top-level key for attention quantization
-    kv_entries = kv_cache.kv_projections(model) if recipe.kv == KV_INT8_STATIC else []
-    if kv_entries:
-        description["kv_quant_type"] = "C8"
-    for name in tensors:
-        prefix, _, leaf = name.rpartition(".")
-        if leaf in (kv_cache.KV_SCALE, kv_cache.KV_OFFSET):
-            description[name] = "C8"
-        elif prefix in qlayers:
-            description[name] = qlayers[prefix].tensor_label()
-        else:
-            description[name] = "FAQuant" if prefix in fa_prefixes else "FLOAT"
-    manifest = {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "quant_type": quant_type,
-        "recipe": recipe.to_dict(),
-        "model": _model_entry(model),
-        "layers": {n: m.manifest_entry() for n, m in qlayers.items()},
-        "aliases": aliases,
-    }
-    report = getattr(model, "slimquant_report", None)
-    skipped = getattr(report, "skipped", None)
-    if skipped:  # for inspect: the layers kept float, and why (loading does not read it)
-        manifest["float_layers"] = dict(skipped)
-    if fa_modules:
-        manifest["attention"] = {"modules": fa_modules, "implementation": fa_quant.ATTENTION}
-    if kv_entries:
-        manifest["kv_cache"] = {"layers": [list(e) for e in kv_entries]}
-    return tensors, description, manifest
+def deq_scale_from_int64(deq_scale: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`deq_scale_to_int64`: int64 ``[n]`` -> float32 ``[n]`` from the low 32 bits
+    (so a sign-extended table reads back the same)."""
+    # int64 -> int32 keeps the low 32 bits (two's complement wrap), whatever the high bits hold
+    return deq_scale.to(torch.int64).to(torch.int32).view(torch.float32)
 
 
-def dominant_quant_type(qlayers: dict[str, QModule], default: str) -> str:
-    """The checkpoint's ``model_quant_type``: the layer type (W4A16, W8A8_DYNAMIC, ...) of the Linear / Conv2d
-    layers holding the most weight elements (a mixed checkpoint labels each tensor with its own layer's type);
-    ``default`` (the recipe's label) when there is none, or when it ties for the most."""
-    counts: dict[str, int] = {}
-    for m in qlayers.values():
-        if type(m).__name__ == "QEmbedding" or (getattr(m, "method", None) or {}).get("tied_to"):
-            continue  # embeddings (and lm_heads sharing them) do not set the model's type, as the recipe's label
-        rows = getattr(m, "weight_rows", None) or getattr(m, "out_features", 0)
-        cols = getattr(m, "weight_cols", None) or getattr(m, "in_features", 0)
-        label = m.tensor_label().lower()
-        counts[label] = counts.get(label, 0) + int(rows) * int(cols)
-    if not counts:
-        return default
-    top = max(counts.values())
-    best = sorted(k for k, v in counts.items() if v == top)
-    return default if default in best else best[0]
+# -- the per-layer layout ---------------------------------------------------------------------------
 
 
-def check_part_file_size(part_file_size: float | None) -> None:
-    if part_file_size is not None and not (math.isfinite(part_file_size) and part_file_size > 0):
-        raise SlimquantError(f"part_file_size (--part_file_size) must be a positive number of GB, got {part_file_size}")
+@dataclass(frozen=True)
+class Derived:
+    """A file tensor computed from logical tensors of its layer (``inputs``: their leaf names); its shape is
+    ``inputs[0]``'s and its dtype ``dtype``."""
+
+    fn: Callable[..., torch.Tensor]
+    inputs: tuple[str, ...]
+    dtype: torch.dtype
 
 
-def model_sources(model: nn.Module) -> list[Path]:
-    """Where ``model``'s weights are read from, which an output must never replace: the files of its lazily read
-    tensors (streamed blocks) and its Hugging Face source directory (``config._name_or_path``, when it is one)."""
-    out: list[Path] = []
-    lazy = getattr(model, "slimquant_tensor_source", None)
-    if lazy is not None:
-        out += sorted(set(lazy.files.values()))
-    name = getattr(getattr(model, "config", None), "_name_or_path", None)
-    if isinstance(name, str) and name and (Path(name) / "config.json").is_file():
-        out.append(Path(name))
+def _offset_of_zero_point(zp: torch.Tensor) -> torch.Tensor:
+    return 0.0 - zp  # -zp without negative zeros
+
+
+def _zeros(like: torch.Tensor) -> torch.Tensor:
+    return torch.zeros(like.shape, dtype=torch.float32, device=like.device)
+
+
+def _fold(acc_bias: torch.Tensor, input_zero_point: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return k8.fold_input_zero_point(acc_bias, int(input_zero_point.float()), weight)
+
+
+def _deq_int64(acc_scale: torch.Tensor) -> torch.Tensor:
+    return deq_scale_to_int64(acc_scale)
+
+
+def _deq_float(acc_scale: torch.Tensor) -> torch.Tensor:
+    return acc_scale.float().contiguous()
+
+
+def layout(module: QModule) -> dict[str, str | Derived]:
+    """The file tensors of a quantized module, in file order: leaf name -> the logical leaf written as it is, or
+    a :class:`Derived` tensor."""
+    cls = type(module).__name__
+    out: dict[str, str | Derived] = {}
+    if getattr(module, "bias", None) is not None:
+        out["bias"] = "bias"
+    if cls == "QLinearW8A8" and not module.input_spec.dynamic:  # type: ignore[attr-defined]
+        deq = (Derived(_deq_int64, ("acc_scale",), torch.int64) if module.compute_dtype == torch.float16
+               else Derived(_deq_float, ("acc_scale",), torch.float32))  # fmt: skip
+        out.update(weight="weight", input_scale="input_scale", input_offset="input_zero_point",
+                   quant_bias=Derived(_fold, ("acc_bias", "input_zero_point", "weight"), torch.int32),
+                   deq_scale=deq)  # fmt: skip
+        return out
+    out.update(weight="weight", weight_scale="weight_scale")
+    if cls == "QLinearW8A8":  # dynamic
+        out["weight_offset"] = Derived(_zeros, ("weight_scale",), torch.float32)
+    elif cls == "QLinearFP8":
+        if not module.input_spec.dynamic:  # type: ignore[attr-defined]
+            out["input_scale"] = "input_scale"
+    elif not lookup_qtype(module.spec.qtype).is_float:  # weight-only integer layers
+        zp = getattr(module, "weight_zero_point", None) is not None
+        out["weight_offset"] = (Derived(_offset_of_zero_point, ("weight_zero_point",), torch.float32) if zp
+                                else Derived(_zeros, ("weight_scale",), torch.float32))  # fmt: skip
     return out
 
 
-def _shards(tensors: dict[str, torch.Tensor], max_bytes: int | None) -> list[list[str]]:
-    if not max_bytes:
-        return [list(tensors)]
-    shards: list[list[str]] = [[]]
-    size = 0
-    for name, t in tensors.items():
-        nbytes = t.numel() * t.element_size()
-        if shards[-1] and size + nbytes > max_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(name)
-        size += nbytes
-    return shards
+def _layout_inputs(lay: dict[str, str | Derived]) -> set[str]:
+    return {i for v in lay.values() for i in ((v,) if isinstance(v, str) else v.inputs)}
 
 
-def save(
-    model: nn.Module,
-    directory: str | os.PathLike,
-    tokenizer: Any = None,
-    part_file_size: float | None = None,
-    overwrite: bool = False,
-    force_overwrite: bool = False,
-    protect: Iterable[str | os.PathLike] = (),
-) -> Path:
-    """Write a quantized model to ``directory`` atomically (missing parent directories are created).
+def encode_layer(module: QModule) -> dict[str, torch.Tensor]:
+    """The file tensors of one quantized module (leaf names, file order), computed from its logical tensors."""
+    return {leaf: getattr(module, v) if isinstance(v, str) else v.fn(*(getattr(module, i) for i in v.inputs))
+            for leaf, v in layout(module).items()}  # fmt: skip
+
+
+def decode_layer(directory: Path, name: str, module: QModule, file: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The logical tensors (leaf names) of the quantized module ``name`` from its file tensors (leaf names)."""
+    cls = type(module).__name__
+    out: dict[str, torch.Tensor] = {}
+    for leaf, v in layout(module).items():
+        if isinstance(v, str):
+            out[v] = file[leaf]
+
+    def zeros(leaf: str, why: str) -> None:
+        if bool((file[leaf] != 0).any()):
+            raise SlimquantError(f"checkpoint {directory}: tensor {name}.{leaf} is not all zeros, but {why}")
+
+    if cls == "QLinearW8A8" and not module.input_spec.dynamic:  # type: ignore[attr-defined]
+        zp = file["input_offset"]
+        out["acc_bias"] = k8.unfold_input_zero_point(file["quant_bias"], int(zp.float()), file["weight"])
+        deq = file["deq_scale"]
+        out["acc_scale"] = deq_scale_from_int64(deq) if deq.dtype == torch.int64 else deq.float()
+        ck.check_finite(directory, f"{name}.deq_scale", out["acc_scale"])
+    elif cls == "QLinearW8A8":
+        zeros("weight_offset", "a W8A8 dynamic layer's weights are symmetric")
+    elif "weight_offset" in file:
+        if getattr(module, "weight_zero_point", None) is not None:
+            out["weight_zero_point"] = 0.0 - file["weight_offset"]
+        else:
+            zeros("weight_offset", f"the layer's weights ({module.spec.describe()}) are symmetric")
+    return out
+
+
+# -- save -------------------------------------------------------------------------------------------
+
+
+def export_state(model: nn.Module) -> tuple[list[Entry], dict[str, Any], dict[str, Any]]:
+    """Split a quantized model into (file tensors to write, description, manifest).
+
+    File tensors are ``(name, shape, dtype, producer)``: each is computed (or read, for a streamed model's tensors
+    already on disk) only when it is written. Tensors shared by several names (tied weights) are written once;
+    the manifest records the other names as aliases.
+    """
+    state = ck.logical_state(model)
+    logical = {n: state.tensors[state.canonical(n)] for n in list(state.tensors) + list(state.aliases)}
+    order = list(model.state_dict().keys())
+    entries: list[Entry] = []
+    aliases: dict[str, str] = {}
+    written: dict[tuple, str] = {}
+    done: set[str] = set()
+    layouts = {n: layout(m) for n, m in state.layers.items()}
+
+    def add(fname: str, key: tuple, shape: tuple[int, ...], dtype: torch.dtype, produce: Callable[[], torch.Tensor]) -> None:
+        if key in written:
+            aliases[fname] = written[key]
+            return
+        written[key] = fname
+        entries.append((fname, shape, dtype, produce))
+
+    for name in order:
+        prefix, _, leaf = name.rpartition(".")
+        lay = layouts.get(prefix)
+        if lay is None or leaf not in _layout_inputs(lay):
+            t = logical[name]
+            canon = state.canonical(name)
+            add(name, ("tensor", canon) if canon != name or not t.is_meta else ("meta", name), tuple(t.shape), t.dtype,
+                lambda n=canon: state.data(n))  # fmt: skip
+            continue
+        if prefix in done:
+            continue
+        done.add(prefix)
+        for fleaf, v in lay.items():
+            fname = f"{prefix}.{fleaf}"
+            if isinstance(v, str):
+                src = f"{prefix}.{v}"
+                t = logical[src]
+                canon = state.canonical(src)
+                add(fname, ("tensor", canon) if canon != src or not t.is_meta else ("meta", src), tuple(t.shape),
+                    t.dtype, lambda n=canon: state.data(n))  # fmt: skip
+                continue
+            srcs = tuple(state.canonical(f"{prefix}.{i}") for i in v.inputs)
+            meta = any(state.tensors[s].is_meta for s in srcs)
+            key = ("meta", fname) if meta else ("derived", v.fn, v.dtype, srcs)
+            add(fname, key, tuple(state.tensors[srcs[0]].shape), v.dtype,
+                lambda v=v, srcs=srcs: v.fn(*(state.data(s) for s in srcs)))  # fmt: skip
+    manifest = ck.manifest_for(model, NAME, state, aliases)
+    quant_type = manifest["quant_type"]
+    fa_modules = set(manifest.get("attention", {}).get("modules", []))
+    fa_prefixes = {f"{n}.{role}" for n in fa_modules for role in fa_quant.ROLES}
+    description: dict[str, Any] = {"model_quant_type": quant_type.upper()}
+    if fa_modules:
+        description["fa_quant_type"] = "FAQuant"  # msModelSlim's top-level key for attention quantization
+    if "kv_cache" in manifest:
+        description["kv_quant_type"] = "C8"
+    types = {n: ck.layer_type(e) for n, e in manifest["layers"].items()}
+    for fname, *_ in entries:
+        prefix, _, leaf = fname.rpartition(".")
+        if leaf in (kv_cache.KV_SCALE, kv_cache.KV_OFFSET):
+            description[fname] = "C8"
+        elif prefix in types:
+            description[fname] = types[prefix]
+        else:
+            description[fname] = "FAQuant" if prefix in fa_prefixes else "FLOAT"
+    return entries, description, manifest
+
+
+class MsModelSlimCodec(Codec):
+    """msModelSlim's W8A8 / W8A16 / W4A16 / ... layout, as MindIE loads it (see module doc)."""
+
+    name = NAME
+    description = "msModelSlim / MindIE safetensors layout (offsets, folded bias, deq_scale) with slimquant's manifest"
+
+    def save(
+        self,
+        model: nn.Module,
+        directory: str | os.PathLike,
+        *,
+        tokenizer: Any = None,
+        overwrite: bool = False,
+        force_overwrite: bool = False,
+        protect: Iterable[str | os.PathLike] = (),
+        part_file_size: float | None = None,
+        **options: Any,
+    ) -> Path:
+        if options:
+            raise SlimquantError(f"the {NAME} format has no option {', '.join(sorted(options))}")
+        check_part_file_size(part_file_size)
+        protect = list(protect) + model_sources(model)
+        entries, description, manifest = export_state(model)
+        quant_type = manifest["quant_type"]
+        with atomic_directory(directory, overwrite, protect, force_overwrite) as tmp:
+            files = ck.write_tensor_files(tmp, weight_file(quant_type), entries, part_file_size)
+            manifest["files"] = files
+            ck.write_json(tmp / description_file(quant_type), description)
+            ck.write_json(tmp / "config.json", {**ck.config_dict(model), "quantize": quant_type})
+            ck.write_json(tmp / MANIFEST, manifest)
+            ck.write_report(tmp, model, quant_type)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(str(tmp))
+        log.info("saved %s checkpoint to %s (%d file(s))", quant_type, directory, len(files))
+        return Path(directory)
+
+    def load_into(self, model: nn.Module, directory: Path, manifest: dict[str, Any]) -> nn.Module:
+        return ck.load_logical(model, directory, manifest, decode=lambda t: _decode(model, directory, t),
+                               expected=_expected)  # fmt: skip
+
+
+def _file_names(model: nn.Module) -> list[tuple[str, str | None, str | Derived | None]]:
+    """Every file tensor of a (rebuilt) model: (file name, layer prefix or None, its layout entry or None)."""
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, QModule)}
+    out: list[tuple[str, str | None, str | Derived | None]] = []
+    done: set[str] = set()
+    for name in model.state_dict(keep_vars=True):
+        prefix, _, leaf = name.rpartition(".")
+        if prefix in layers:
+            lay = layout(layers[prefix])
+            if leaf in _layout_inputs(lay):
+                if prefix not in done:
+                    done.add(prefix)
+                    out += [(f"{prefix}.{f}", prefix, v) for f, v in lay.items()]
+                continue
+        out.append((name, None, None))
+    return out
+
+
+def _expected(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The file tensors the rebuilt ``model`` needs, as meta tensors of the stored shape and dtype."""
+    state = model.state_dict(keep_vars=True)
+    out: dict[str, torch.Tensor] = {}
+    for fname, prefix, v in _file_names(model):
+        if v is None:
+            out[fname] = state[fname]
+        elif isinstance(v, str):
+            out[fname] = state[f"{prefix}.{v}"]
+        else:
+            out[fname] = torch.empty(state[f"{prefix}.{v.inputs[0]}"].shape, dtype=v.dtype, device="meta")
+    return out
+
+
+def _decode(model: nn.Module, directory: Path, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, QModule)}
+    out: dict[str, torch.Tensor] = {}
+    by_layer: dict[str, dict[str, torch.Tensor]] = {}
+    for fname, prefix, v in _file_names(model):
+        if prefix is None:
+            out[fname] = tensors[fname]
+        else:
+            by_layer.setdefault(prefix, {})[fname.rpartition(".")[2]] = tensors[fname]
+    for prefix, file in by_layer.items():
+        out.update({f"{prefix}.{leaf}": t for leaf, t in decode_layer(directory, prefix, layers[prefix], file).items()})
+    return out
+
+
+CODEC = register_codec(MsModelSlimCodec)
+
+
+def save(model: nn.Module, directory: str | os.PathLike, tokenizer: Any = None, part_file_size: float | None = None,
+         overwrite: bool = False, force_overwrite: bool = False, protect: Iterable[str | os.PathLike] = ()) -> Path:  # fmt: skip
+    """Write a quantized model to ``directory`` atomically in this layout (missing parent directories are created).
 
     Args:
         part_file_size: shard the weights into files of at most this many GB (1e9 bytes).
@@ -194,324 +361,11 @@ def save(
     Returns:
         The directory path.
     """
-    check_part_file_size(part_file_size)
-    protect = list(protect) + model_sources(model)
-    tensors, description, manifest = export_state(model)
-    quant_type = manifest["quant_type"]
-    max_bytes = int(part_file_size * 1e9) if part_file_size else None
-    shards = _shards(tensors, max_bytes)
-    lazy = getattr(model, "slimquant_tensor_source", None)
-
-    def entries(names: list[str]) -> list:
-        # one tensor at a time: the file is never assembled in memory, and on-disk (meta) tensors are read
-        # from their source just before they are written
-        return [(n, tuple(tensors[n].shape), tensors[n].dtype,
-                 (lambda n=n: lazy.get(n)) if tensors[n].is_meta else (lambda n=n: tensors[n]))  # type: ignore[union-attr]
-                for n in names]  # fmt: skip
-
-    with atomic_directory(directory, overwrite, protect, force_overwrite) as tmp:
-        base = weight_file(quant_type)
-        files: list[str] = []
-        if len(shards) == 1:
-            write_safetensors(tmp / base, entries(shards[0]), metadata={"format": "pt"})
-            files.append(base)
-        else:
-            weight_map: dict[str, str] = {}
-            stem = base.removesuffix(".safetensors")
-            for i, names in enumerate(shards, 1):
-                fname = f"{stem}-{i:05d}-of-{len(shards):05d}.safetensors"
-                write_safetensors(tmp / fname, entries(names), metadata={"format": "pt"})
-                files.append(fname)
-                weight_map.update({n: fname for n in names})
-            total = sum(t.numel() * t.element_size() for t in tensors.values())
-            _write_json(tmp / f"{base}.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map})
-        manifest["files"] = files
-        _write_json(tmp / description_file(quant_type), description)
-        _write_json(tmp / "config.json", _config_dict(model, quant_type))
-        _write_json(tmp / MANIFEST, manifest)
-        report = getattr(model, "slimquant_report", None)
-        if report is not None and hasattr(report, "to_dict"):  # the per-layer report, for people (not loaded)
-            _write_json(tmp / REPORT_JSON, report.to_dict())
-            (tmp / REPORT_MD).write_text(f"# slimquant {quant_type} per-layer report\n\n{report.table()}\n", encoding="utf-8")
-        if tokenizer is not None:
-            tokenizer.save_pretrained(str(tmp))
-    log.info("saved %s checkpoint to %s (%d file(s))", quant_type, directory, len(files))
-    return Path(directory)
-
-
-def _config_dict(model: nn.Module, quant_type: str) -> dict[str, Any]:
-    config = getattr(model, "config", None)
-    out: dict[str, Any] = {}
-    if config is not None and hasattr(config, "to_dict"):
-        out = config.to_dict()
-        # The float source may have been a GGUF / other quantized file: that is not what we hold now.
-        out.pop("quantization_config", None)
-        out.pop("_name_or_path", None)
-        # As save_pretrained does: a model built from a config has no architectures yet, and
-        # runtimes reading config.json need it to pick the model class.
-        if not out.get("architectures") and _model_entry(model)["kind"] == "transformers":
-            out["architectures"] = [type(model).__name__]
-    out["quantize"] = quant_type
-    return out
-
-
-def _write_json(path: Path, data: Any) -> None:
-    with open(path, "w", encoding="utf-8") as fh:
-        json.dump(data, fh, indent=2, sort_keys=False)
-        fh.write("\n")
-
-
-# -- import ------------------------------------------------------------------------------------
-
-
-def read_manifest(directory: str | os.PathLike) -> dict[str, Any]:
-    """The checkpoint's manifest, checked: its structure, recipe, file names (plain names inside the directory)
-    and, for transformers models, that its architecture is the one config.json names."""
-    path = Path(directory)
-    if not path.is_dir():
-        raise SlimquantError(f"{path} is not a directory")
-    mpath = path / MANIFEST
-    if not mpath.is_file():
-        raise SlimquantError(f"{path} is not a slimquant checkpoint: {MANIFEST} is missing")
-    try:
-        manifest = json.loads(mpath.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise SlimquantError(f"{mpath} is not valid JSON: {e}") from None
-    if not isinstance(manifest, dict):
-        raise SlimquantError(f"{mpath}: the manifest must be a JSON object, not a {type(manifest).__name__}")
-    if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
-        raise SlimquantError(
-            f"{mpath}: unsupported format {manifest.get('format')!r} version {manifest.get('format_version')!r}"
-        )
-    _check_manifest(path, mpath, manifest)
-    return manifest
-
-
-def _check_manifest(directory: Path, mpath: Path, m: dict[str, Any]) -> None:
-    def need(key: str, kind: type, what: str) -> Any:
-        if key not in m:
-            raise SlimquantError(f"{mpath}: key {key!r} is missing")
-        if not isinstance(m[key], kind):
-            raise SlimquantError(f"{mpath}: {key!r} must be {what}, not {type(m[key]).__name__}")
-        return m[key]
-
-    need("quant_type", str, "a string")
-    try:
-        Recipe.from_dict(need("recipe", dict, "an object"), unregistered_steps=True)
-    except (SlimquantError, TypeError, ValueError, KeyError, AttributeError) as e:
-        raise SlimquantError(f"{mpath}: 'recipe' is invalid: {e}") from None
-    layers = need("layers", dict, "an object of layer entries")
-    for name, entry in layers.items():
-        if not isinstance(entry, dict):
-            raise SlimquantError(f"{mpath}: layer {name}: its entry must be an object")
-        if entry.get("module") not in QMODULES:
-            raise SlimquantError(f"{mpath}: layer {name}: unknown module {entry.get('module')!r} (valid: "
-                                 f"{', '.join(sorted(QMODULES))})")  # fmt: skip
-        try:
-            QuantSpec.from_dict(entry["spec"])
-        except (SlimquantError, TypeError, ValueError, KeyError, AttributeError) as e:
-            raise SlimquantError(f"{mpath}: layer {name}: invalid or missing spec ({e})") from None
-        if not isinstance(entry.get("method", {}), dict):
-            raise SlimquantError(f"{mpath}: layer {name}: 'method' must be an object")
-    files = need("files", list, "a list of file names")
-    if not files:
-        raise SlimquantError(f"{mpath}: 'files' is empty")
-    for f in files:
-        if (not isinstance(f, str) or not f or f in (".", "..") or "/" in f or "\\" in f or "\0" in f
-                or os.path.isabs(f) or Path(f).name != f):  # fmt: skip
-            raise SlimquantError(f"{mpath}: files entry {f!r} is not a plain file name inside the checkpoint")
-    aliases = m.get("aliases", {})
-    if not isinstance(aliases, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in aliases.items()):
-        raise SlimquantError(f"{mpath}: 'aliases' must map tensor names to tensor names")
-    entry = need("model", dict, "an object")
-    kind = entry.get("kind")
-    if kind not in ("transformers", "module"):
-        raise SlimquantError(f"{mpath}: model kind {kind!r} is not 'transformers' or 'module'")
-    if kind == "transformers":
-        arch = entry.get("architecture")
-        if not isinstance(arch, str) or not arch:
-            raise SlimquantError(f"{mpath}: model 'architecture' is missing")
-        cfg = directory / "config.json"
-        try:
-            config = json.loads(cfg.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise SlimquantError(f"checkpoint {directory} has no config.json") from None
-        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise SlimquantError(f"{cfg} is not valid JSON: {e}") from None
-        archs = config.get("architectures") if isinstance(config, dict) else None
-        if not isinstance(config, dict):
-            raise SlimquantError(f"{cfg} must hold a JSON object")
-        if archs and arch not in archs:
-            raise SlimquantError(f"{mpath}: architecture {arch!r} does not match {cfg} ({', '.join(map(str, archs))})")
-    for key in ("attention", "kv_cache"):
-        if key in m and not isinstance(m[key], dict):
-            raise SlimquantError(f"{mpath}: {key!r} must be an object")
-
-
-def is_checkpoint(directory: str | os.PathLike) -> bool:
-    return (Path(directory) / MANIFEST).is_file()
-
-
-def read_tensors(directory: Path, files: list[str]) -> dict[str, torch.Tensor]:
-    """Load every tensor of the checkpoint's safetensors files (no pickle); a tensor in two files is refused."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    out: dict[str, torch.Tensor] = {}
-    where: dict[str, str] = {}
-    for fname in files:
-        fpath = directory / fname
-        if not fpath.is_file():
-            raise SlimquantError(f"checkpoint file {fpath} is missing")
-        read_header(fpath)  # a truncated or inconsistent file is named before safetensors reads it
-        try:
-            part = load_file(str(fpath))
-        except (SafetensorError, OSError, RuntimeError, ValueError) as e:
-            raise SlimquantError(f"cannot read {fpath}: {e} (truncated or corrupt file?)") from None
-        for name in part:
-            if name in where:
-                raise SlimquantError(f"tensor {name} is in both {where[name]} and {fname} of {directory}")
-            where[name] = fname
-        out.update(part)
-    return out
-
-
-def check_tensors(directory: Path, model: nn.Module, tensors: dict[str, torch.Tensor], strict_dtype: set[str]) -> None:
-    """Every checkpoint tensor against the rebuilt model: present, expected, same shape; the dtype the codec
-    stores for quantized layers (``strict_dtype``: their prefixes), a float for float tensors; finite floats."""
-    expected = model.state_dict(keep_vars=True)
-    bad = f"checkpoint {directory} does not match the model: tensor"
-    missing = [n for n in expected if n not in tensors]
-    if missing:
-        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        raise SlimquantError(f"{bad} {missing[0]} is missing{more}")
-    extra = [n for n in tensors if n not in expected]
-    if extra:
-        raise SlimquantError(f"{bad} {extra[0]} is not part of the model the manifest describes")
-
-    def dt(t: torch.Tensor) -> str:
-        return str(t.dtype).removeprefix("torch.")
-
-    for name, t in tensors.items():
-        want = expected[name]
-        if tuple(t.shape) != tuple(want.shape):
-            raise SlimquantError(f"{bad} {name} has shape {tuple(t.shape)}, the model needs {tuple(want.shape)}")
-        quantized = name.rpartition(".")[0] in strict_dtype
-        if (quantized or not want.is_floating_point()) and t.dtype != want.dtype:
-            raise SlimquantError(f"{bad} {name} is stored as {dt(t)}, its layer (manifest) stores {dt(want)}")
-        if want.is_floating_point() and not t.is_floating_point():
-            raise SlimquantError(f"{bad} {name} is stored as {dt(t)}, a float tensor is expected")
-        if t.is_floating_point() and t.numel() and not torch.isfinite(t.float() if t.element_size() == 1 else t).all():
-            raise SlimquantError(f"checkpoint {directory}: tensor {name} has NaN/Inf value(s)")
-
-
-def build_qmodule(name: str, entry: dict[str, Any]) -> QModule:
-    """An empty (meta) quantized module from its manifest entry."""
-    try:
-        cls = QMODULES[entry["module"]]
-        return cls.from_manifest(entry)
-    except (KeyError, TypeError, ValueError, AttributeError, RuntimeError, SlimquantError) as e:
-        raise SlimquantError(f"manifest entry for layer {name} is invalid: {type(e).__name__} {e}") from None
+    return CODEC.save(model, directory, tokenizer=tokenizer, part_file_size=part_file_size, overwrite=overwrite,
+                      force_overwrite=force_overwrite, protect=protect)  # fmt: skip
 
 
 def load_into(model: nn.Module, directory: str | os.PathLike, manifest: dict[str, Any]) -> nn.Module:
-    """Swap in the manifest's quantized modules and load the checkpoint tensors into ``model``.
-
-    ``model`` is a skeleton of the float architecture, typically with parameters on the meta device.
-    """
-    from slimquant.surgery import set_module
-
-    directory = Path(directory)
-    names = {n for n, _ in model.named_modules()}
-    for name, entry in manifest["layers"].items():
-        if name not in names:
-            raise SlimquantError(f"checkpoint layer {name} does not exist in the model skeleton")
-        qmod = build_qmodule(name, entry)
-        qmod.method = entry.get("method", {})
-        set_module(model, name, qmod)
-    fa_modules = manifest.get("attention", {}).get("modules", [])
-    if fa_modules:
-        missing = [n for n in fa_modules if n not in names]
-        if missing:
-            raise SlimquantError(f"checkpoint attention layer {missing[0]} does not exist in the model skeleton")
-        fa_quant.attach(model, fa_modules, "meta")
-    kv_entries = manifest.get("kv_cache", {}).get("layers", [])
-    if kv_entries:
-        try:
-            kv_cache.attach_kv_scales(model, [(int(i), str(k), str(v)) for i, k, v in kv_entries], device="meta")
-        except (AttributeError, ValueError, TypeError) as e:
-            raise SlimquantError(f"manifest kv_cache entry does not fit the model: {e}") from None
-    tensors = read_tensors(directory, manifest["files"])
-    for alias, source in manifest.get("aliases", {}).items():
-        if source not in tensors:
-            raise SlimquantError(f"manifest alias {alias} -> {source}: {source} is not in the checkpoint")
-        tensors[alias] = tensors[source]
-    strict = set(manifest["layers"]) | {f"{n}.{role}" for n in fa_modules for role in fa_quant.ROLES}
-    strict |= {n for n, m in model.named_modules() if n.rpartition(".")[0] in strict}
-    check_tensors(directory, model, tensors, strict | _kv_modules(model))
-    try:
-        model.load_state_dict(tensors, strict=True, assign=True)
-    except RuntimeError as e:
-        raise SlimquantError(f"checkpoint {directory} does not match the model: {e}") from None
-    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
-        if t.device.type == "meta":
-            raise SlimquantError(f"after loading {directory}, {name} is still uninitialised (meta)")
-    for p in model.parameters():
-        p.requires_grad_(False)
-    model.slimquant_recipe = Recipe.from_dict(manifest["recipe"], unregistered_steps=True)
-    model.eval()
-    return model
-
-
-def _kv_modules(model: nn.Module) -> set[str]:
-    """Modules holding KV-cache scales (their scale dtypes are the codec's)."""
-    return {n for n, m in model.named_modules() if any(b in (kv_cache.KV_SCALE, kv_cache.KV_OFFSET)
-                                                       for b, _ in m.named_buffers(recurse=False))}  # fmt: skip
-
-
-def describe_checkpoint(directory: str | os.PathLike) -> dict[str, Any]:
-    """What a checkpoint holds, read from its manifest and safetensors headers (no tensor data).
-
-    Returns ``{"quant_type", "recipe", "layers": [{name, type, module, qtype, input, granularity, bits, bytes}],
-    "float_layers": {name: why}, "float_bytes", "quantized_bytes", "total_bytes", "files"}``.
-    """
-    directory = Path(directory)
-    manifest = read_manifest(directory)
-    sizes: dict[str, int] = {}
-    for fname in manifest["files"]:
-        for name, v in read_header(directory / fname).items():
-            sizes[name] = v["data_offsets"][1] - v["data_offsets"][0]
-    labels: dict[str, Any] = {}
-    desc = directory / description_file(manifest["quant_type"])
-    try:
-        labels = json.loads(desc.read_text(encoding="utf-8")) if desc.is_file() else {}
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
-        log.warning("%s cannot be read (%s): layer types are not shown", desc, e)
-    rows = []
-    claimed: set[str] = set()
-    for lname, entry in manifest["layers"].items():
-        spec = QuantSpec.from_dict(entry["spec"])
-        names = [t for t in sizes if t.rpartition(".")[0] == lname]
-        claimed.update(names)
-        label = next((labels[t] for t in (f"{lname}.weight", *names) if isinstance(labels.get(t), str)), "?")
-        inp = entry.get("args", {}).get("input_spec") if isinstance(entry.get("args"), dict) else None
-        rows.append({
-            "name": lname, "type": label, "module": entry["module"], "qtype": spec.qtype,
-            "input": None if not isinstance(inp, dict) else QuantSpec.from_dict(inp).describe()
-            + (" dynamic" if inp.get("dynamic") else " static"),
-            "granularity": spec.granularity.value,
-            "group_size": spec.group_size, "symmetric": spec.symmetric, "bits": lookup_qtype(spec.qtype).bits,
-            "bytes": sum(sizes[t] for t in names), "tied_to": entry.get("method", {}).get("tied_to"),
-        })  # fmt: skip
-    float_bytes = sum(v for k, v in sizes.items() if k not in claimed)
-    return {
-        "quant_type": manifest["quant_type"],
-        "recipe": manifest["recipe"],
-        "layers": rows,
-        "float_bytes": float_bytes,
-        "quantized_bytes": sum(r["bytes"] for r in rows),
-        "total_bytes": sum(sizes.values()),
-        "files": manifest["files"],
-        "aliases": manifest.get("aliases", {}),
-        "float_layers": manifest.get("float_layers", {}),
-    }
+    """Load a checkpoint of this layout into ``model``, a skeleton of the float architecture (parameters typically
+    on meta): swaps in the manifest's quantized modules and fills them."""
+    return CODEC.load_into(model, Path(directory), manifest)

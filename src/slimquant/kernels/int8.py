@@ -50,11 +50,12 @@ from slimquant.types.qtype import qtype as lookup_qtype
 
 __all__ = [
     "KERNELS",
-    "deq_scale_from_int64",
-    "deq_scale_to_int64",
     "fast_available",
+    "fold_input_zero_point",
     "fold_static_w8a8",
     "get_kernel",
+    "quantize_bias",
+    "unfold_input_zero_point",
 ]
 
 _INT8 = lookup_qtype("int8")
@@ -179,9 +180,8 @@ def linear_w8a8_static_reference(
     ``y = (x_q @ w_int8.T + quant_bias) * deq_scale``.
 
     ``x`` float ``[..., k]``, ``input_scale`` / ``input_offset`` numbers or 1-element tensors, ``w_int8`` ``[n, k]``,
-    ``deq_scale`` float32 ``[n]`` (see
-    :func:`deq_scale_from_int64` for the int64 table), ``quant_bias`` int32 ``[n]`` from
-    :func:`fold_static_w8a8` -> ``[..., n]`` in ``x.dtype``.
+    ``deq_scale`` float32 ``[n]``, ``quant_bias`` int32 ``[n]`` from :func:`fold_static_w8a8` -> ``[..., n]`` in
+    ``x.dtype``.
     """
     scale = torch.tensor(float(input_scale), dtype=torch.float32, device=x.device)
     zp = torch.tensor(float(input_offset), dtype=torch.float32, device=x.device)
@@ -210,6 +210,39 @@ def linear_w8a8_static_torch(
     return (acc * deq_scale.float()).to(x.dtype)  # int32 * float32 == acc.float() * deq_scale
 
 
+def quantize_bias(
+    w_scale: torch.Tensor, input_scale: float, bias: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A static W8A8 layer's accumulator constants: ``(acc_bias int32 [n], acc_scale float32 [n])``.
+
+    ``acc_scale = input_scale * w_scale`` (what the int32 accumulator is multiplied by) and
+    ``acc_bias = round(bias / acc_scale)`` (the bias in accumulator units; zeros without a bias), so
+    ``((x_q - input_zero_point) @ w.T + acc_bias) * acc_scale == (round(x / s) @ w.T) * acc_scale + bias`` up to
+    the bias rounding. The division uses the float32 ``acc_scale`` (what dequantization multiplies by) in float64.
+    """
+    acc_scale = (float(input_scale) * w_scale.reshape(-1).double()).float()
+    b = torch.zeros_like(acc_scale, dtype=torch.float64) if bias is None else bias.double()
+    acc_bias = torch.round(b / acc_scale.double())
+    return _int32(acc_bias, "the bias in accumulator units"), acc_scale
+
+
+def fold_input_zero_point(acc_bias: torch.Tensor, input_zero_point: int, w_int8: torch.Tensor) -> torch.Tensor:
+    """``quant_bias = acc_bias - input_zero_point * w_int8.sum(1)`` (int32 ``[n]``): the bias the static kernels
+    add to ``x_q @ w.T``, with ``x_q`` carrying the input zero point."""
+    return _int32(acc_bias.to(torch.int64) - int(input_zero_point) * w_int8.to(torch.int64).sum(1), "quant_bias")
+
+
+def unfold_input_zero_point(quant_bias: torch.Tensor, input_zero_point: int, w_int8: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`fold_input_zero_point` (exact integer arithmetic)."""
+    return _int32(quant_bias.to(torch.int64) + int(input_zero_point) * w_int8.to(torch.int64).sum(1), "the bias in accumulator units")
+
+
+def _int32(t: torch.Tensor, what: str) -> torch.Tensor:
+    if t.numel() and not t.is_meta and t.abs().max() >= 2**31:
+        raise SlimquantError(f"{what} overflows int32: bias too large for input_scale * w_scale")
+    return t.to(torch.int32)
+
+
 def fold_static_w8a8(
     w_int8: torch.Tensor,
     w_scale: torch.Tensor,
@@ -217,32 +250,10 @@ def fold_static_w8a8(
     input_offset: int,
     bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fold float bias and activation offset into msModelSlim's ``(quant_bias int32 [n], deq_scale float32 [n])``.
-
-    ``deq_scale = input_scale * w_scale``; ``quant_bias = round(bias / deq_scale) - input_offset * w_int8.sum(1)``,
-    so ``(x_q @ w.T + quant_bias) * deq_scale == (round(x / s) @ w.T) * deq_scale + bias`` up to the bias
-    rounding. The division uses the stored float32 ``deq_scale`` (what dequantization multiplies by) in float64.
-    """
-    deq_scale = (float(input_scale) * w_scale.reshape(-1).double()).float()
-    b = torch.zeros_like(deq_scale, dtype=torch.float64) if bias is None else bias.double()
-    quant_bias = torch.round(b / deq_scale.double()) - int(input_offset) * w_int8.to(torch.int64).sum(1)
-    if quant_bias.abs().max() >= 2**31:
-        raise SlimquantError("quant_bias overflows int32: bias too large for input_scale * w_scale")
-    return quant_bias.to(torch.int32), deq_scale
-
-
-def deq_scale_to_int64(deq_scale: torch.Tensor) -> torch.Tensor:
-    """float32 ``[n]`` -> int64 ``[n]`` holding the float32 bit pattern zero-extended (the seed's
-    ``deq_scale`` dtype for float16 models)."""
-    bits = deq_scale.to(torch.float32).contiguous().view(torch.int32).to(torch.int64)
-    return bits & 0xFFFFFFFF
-
-
-def deq_scale_from_int64(deq_scale: torch.Tensor) -> torch.Tensor:
-    """Inverse of :func:`deq_scale_to_int64`: int64 ``[n]`` -> float32 ``[n]`` from the low 32 bits
-    (so a sign-extended table reads back the same)."""
-    # int64 -> int32 keeps the low 32 bits (two's complement wrap), whatever the high bits hold
-    return deq_scale.to(torch.int64).to(torch.int32).view(torch.float32)
+    """Float bias and activation zero point folded into the static kernels' ``(quant_bias int32 [n], deq_scale
+    float32 [n])``: :func:`quantize_bias` then :func:`fold_input_zero_point`."""
+    acc_bias, acc_scale = quantize_bias(w_scale, input_scale, bias)
+    return fold_input_zero_point(acc_bias, input_offset, w_int8), acc_scale
 
 
 # -- linear_w8a16 (weight-only) ------------------------------------------------------------------

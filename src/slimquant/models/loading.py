@@ -14,7 +14,8 @@ import torch
 from torch import nn
 
 from slimquant.errors import SlimquantError
-from slimquant.formats.msmodelslim import is_checkpoint, load_into, read_manifest
+from slimquant.formats.checkpoint import is_checkpoint, read_manifest
+from slimquant.formats.codec import codec_of_tag
 from slimquant.formats.safetensors_io import FLOAT_DTYPES, read_header
 from slimquant.surgery.fuse import fuse_w8a8_inputs
 
@@ -295,7 +296,7 @@ def load_checkpoint(
             )
         model, kind = _hf_skeleton(directory, entry["architecture"], trust_remote_code)
         tokenizer = _load_tokenizer(directory)
-    load_into(model, directory, manifest)
+    codec_of_tag(manifest["format"], str(directory)).load_into(model, directory, manifest)
     fuse_w8a8_inputs(model)
     return LoadedModel(model, tokenizer, kind, str(directory))
 

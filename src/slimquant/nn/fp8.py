@@ -1,7 +1,7 @@
 """fp8 W8A8: fp8 (e4m3) weights and fp8 inputs, the alternative to int8 :class:`QLinearW8A8`.
 
-Tensors (description labels ``WFP8AFP8`` static, ``WFP8AFP8_DYNAMIC`` dynamic; config ``"quantize":
-"wfp8afp8"`` / ``"wfp8afp8_dynamic"``)::
+Tensors (msModelSlim description labels ``WFP8AFP8`` static, ``WFP8AFP8_DYNAMIC`` dynamic; config
+``"quantize": "wfp8afp8"`` / ``"wfp8afp8_dynamic"``)::
 
     weight        float8_e4m3fn [n, k]   symmetric per channel (or per tensor): w ~ weight * weight_scale
     weight_scale  float32 [n, 1]
@@ -68,9 +68,6 @@ class QLinearFP8(QuantizedInputLinear):
         if self.input_spec.dynamic:
             return kf.get_kernel("linear_fp8_dynamic", self.kernel)(x, self.weight, self.weight_scale, self.bias)
         return kf.get_kernel("linear_fp8_static", self.kernel)(x, self.input_scale, self.weight, self.weight_scale, self.bias)
-
-    def tensor_label(self) -> str:
-        return "WFP8AFP8_DYNAMIC" if self.input_spec.dynamic else "WFP8AFP8"
 
     def extra_repr(self) -> str:
         mode = "dynamic per-token" if self.input_spec.dynamic else "static per-tensor"

@@ -47,10 +47,10 @@ def _runs_fused(x: torch.Tensor, layers: Sequence[QLinearW8A8]) -> bool:
 
 
 def _input_params(layer: QLinearW8A8) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """The static (input_scale, input_offset) a producer quantizes with, (None, None) per token."""
+    """The static (input_scale, input_zero_point) a producer quantizes with, (None, None) per token."""
     if layer.input_spec.dynamic:
         return None, None
-    return layer.input_scale, layer.input_offset
+    return layer.input_scale, layer.input_zero_point
 
 
 class FusedRMSNorm(nn.Module):

@@ -1,9 +1,10 @@
-"""Quantized module classes holding stored integer weights plus scales/offsets.
+"""Quantized module classes holding integer weights plus their scales and zero points.
 
-Real classes (no patched ``forward``). Their state dict is the checkpoint layout of
-:mod:`slimquant.kernels.weight_only`: ``weight``, ``weight_scale``, ``weight_offset`` and ``bias``.
-The forward dequantizes the weight to the input's dtype, then runs the float op. ``QLinear.kernel`` picks
-how: ``"reference"`` dequantizes with :func:`dequantize_stored_weight`; ``"torch"`` dequantizes unpacked
+Real classes (no patched ``forward``). Their state dict holds logical tensors (see
+:mod:`slimquant.kernels.weight_only`): ``weight`` (the grid values; 2/3/4-bit packed), ``weight_scale``,
+``weight_zero_point`` (asymmetric specs) and ``bias``; how a checkpoint format lays them out is its codec's
+business (:mod:`slimquant.formats`). The forward dequantizes the weight to the input's dtype, then runs the
+float op. ``QLinear.kernel`` picks how: ``"reference"`` dequantizes with :func:`dequantize_weight_tensors`; ``"torch"`` dequantizes unpacked
 integer per-channel / per-tensor weights in place on one float32 copy (the same float32 operations as the
 reference, so the same bits); ``"native"`` runs int8 weights (per-channel, per-tensor, or per-group of a
 multiple of 16 columns) on float32 inputs through the C++ GEMV of :mod:`slimquant.kernels.native` for up to
@@ -22,7 +23,7 @@ from torch import nn
 
 from slimquant.errors import SlimquantError
 from slimquant.kernels import native
-from slimquant.kernels.weight_only import dequantize_stored_weight, stored_weight_layout, to_stored
+from slimquant.kernels.weight_only import dequantize_weight_tensors, unpacked, weight_layout, weight_tensors
 from slimquant.math.weights import QuantizedWeight
 from slimquant.types.qtype import qtype as lookup_qtype
 from slimquant.types.spec import Granularity, QuantSpec
@@ -32,11 +33,12 @@ _DTYPES = {str(d).removeprefix("torch."): d for d in (torch.float32, torch.float
 
 
 class QModule(nn.Module):
-    """Base of every slimquant quantized module: its own state-dict codec for the checkpoint.
+    """Base of every slimquant quantized module.
 
-    A subclass records what rebuilds it in :meth:`manifest_entry` (JSON) and rebuilds an empty
-    instance on the meta device from that entry in :meth:`from_manifest`; its buffers and
-    parameters are the checkpoint tensors.
+    Its buffers and parameters are logical tensors (integer values, scales, zero points, bias); a format codec
+    (:mod:`slimquant.formats`) maps them to and from its file layout. A subclass records what rebuilds it in
+    :meth:`manifest_entry` (JSON: class, spec, constructor arguments) and rebuilds an empty instance on the meta
+    device from that entry in :meth:`from_manifest`, whatever the format.
     """
 
     spec: QuantSpec
@@ -65,9 +67,6 @@ class QModule(nn.Module):
     def _entry_basics(entry: dict[str, Any]) -> tuple[QuantSpec, torch.dtype, bool, dict[str, Any]]:
         return QuantSpec.from_dict(entry["spec"]), _DTYPES[entry["dtype"]], bool(entry["bias"]), dict(entry["args"])
 
-    def tensor_label(self) -> str:
-        """The description-file label of this layer's tensors (W8A16, W4A16, W8A8, ...)."""
-        raise NotImplementedError
 
 
 class _QWeight(QModule):
@@ -82,35 +81,35 @@ class _QWeight(QModule):
         self.spec = spec
         self.weight_rows, self.weight_cols = n, k
         self.compute_dtype = dtype
-        for name, (shape, dt) in stored_weight_layout(n, k, spec).items():
+        for name, (shape, dt) in weight_layout(n, k, spec).items():
             self.register_buffer(name, torch.empty(shape, dtype=dt, device=device))
-        if not hasattr(self, "weight_offset"):
-            self.weight_offset = None
+        if not hasattr(self, "weight_zero_point"):
+            self.weight_zero_point = None
         if bias:
             self.bias = nn.Parameter(torch.empty(n, dtype=dtype, device=device), requires_grad=False)
         else:
             self.register_parameter("bias", None)
 
     def _set_weight(self, qw: QuantizedWeight) -> None:
-        for name, t in to_stored(qw, self.spec).items():
+        for name, t in weight_tensors(qw, self.spec).items():
             getattr(self, name).copy_(t)
+
+    def quantized_weight(self) -> QuantizedWeight:
+        """The weight as grid values ``[n, k]`` (unpacked), scales and zero points (None when symmetric)."""
+        return QuantizedWeight(unpacked(self.weight, self.spec, self.weight_cols), self.weight_scale, self.weight_zero_point)
 
     def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The float ``[n, k]`` weight this module computes with."""
-        return dequantize_stored_weight(
-            self.weight, self.weight_scale, self.weight_offset, self.spec, self.weight_cols, dtype or self.compute_dtype
+        return dequantize_weight_tensors(
+            self.weight, self.weight_scale, self.weight_zero_point, self.spec, self.weight_cols, dtype or self.compute_dtype
         )
 
     def stored_bytes(self) -> int:
-        """Bytes of the stored tensors (weights, scales, offsets, bias)."""
+        """Bytes of the module's tensors (weights, scales, zero points, bias)."""
         return sum(t.numel() * t.element_size() for t in list(self.buffers(recurse=False)) + list(self.parameters(recurse=False)))
 
     def extra_repr(self) -> str:
         return f"{self.weight_cols}, {self.weight_rows}, spec={self.spec.describe()}, bias={self.bias is not None}"
-
-    def tensor_label(self) -> str:
-        qt = lookup_qtype(self.spec.qtype)
-        return "WFP8A16" if qt.is_float else f"W{qt.bits}A16"
 
 
 class QLinear(_QWeight):
@@ -170,25 +169,24 @@ class QLinear(_QWeight):
         return groups == 1 or (k % groups == 0 and (k // groups) % 16 == 0)
 
     def _native_forward(self, x: torch.Tensor) -> torch.Tensor:
-        # symmetric specs store zero offsets (to_stored): skip them
-        offset = self.weight_offset if self.weight_offset is not None and not self.spec.symmetric else None
+        # the GEMV adds an offset: q + (0 - zp) is q - zp bit for bit (0 - zp: no negative zeros)
+        offset = None if self.weight_zero_point is None else 0.0 - self.weight_zero_point
         return native.w8a16(x, self.weight, self.weight_scale, offset, self.bias)
 
     def _fused_dequantized_weight(self, dtype: torch.dtype) -> torch.Tensor:
         """:meth:`dequantized_weight` bit for bit, with fewer passes over the ``[n, k]`` weight.
 
-        The reference allocates three full-size float32 tensors (``q.float()``, ``+ offset``, ``* scale``)
-        per call, which at one token per call costs several times the matmul. Here the offset and scale are
-        applied in place on ``q.float()``, the same float32 operations in the same order; symmetric specs
-        store zero offsets (``to_stored``), and adding a zero to an integer-valued float is exact, so they
-        skip it. Packed, fp8 and per-group weights take the reference.
+        The reference allocates three full-size float32 tensors (``q.float()``, ``- zero_point``, ``* scale``)
+        per call, which at one token per call costs several times the matmul. Here the zero point and scale are
+        applied in place on ``q.float()``, the same float32 operations in the same order (symmetric specs have
+        no zero point). Packed, fp8 and per-group weights take the reference.
         """
         spec, qt = self.spec, lookup_qtype(self.spec.qtype)
         if qt.packed or qt.is_float or spec.granularity is Granularity.PER_GROUP:  # fp8 does not promote
             return self.dequantized_weight(dtype)
         w = self.weight.float()  # the one fresh [n, k] tensor; the rest is in place
-        if self.weight_offset is not None and not spec.symmetric:
-            w.add_(self.weight_offset)
+        if self.weight_zero_point is not None:
+            w.sub_(self.weight_zero_point)
         return w.mul_(self.weight_scale).to(dtype)  # scale [n, 1] or [1, 1]
 
 
@@ -305,19 +303,20 @@ class QEmbedding(_QWeight):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         flat = ids.reshape(-1)
-        rows = dequantize_stored_weight(
-            self.weight[flat], self.weight_scale[flat], None if self.weight_offset is None else self.weight_offset[flat],
+        zp = self.weight_zero_point
+        rows = dequantize_weight_tensors(
+            self.weight[flat], self.weight_scale[flat], None if zp is None else zp[flat],
             self.spec, self.embedding_dim, self.compute_dtype,
         )  # fmt: skip
         return rows.reshape(*ids.shape, self.embedding_dim)
 
 
 def tied_linear(embedding: QEmbedding, bias: bool = False) -> QLinear:
-    """A QLinear (e.g. a tied lm_head) that shares the embedding's stored tensors."""
+    """A QLinear (e.g. a tied lm_head) that shares the embedding's tensors."""
     lin = QLinear(
         embedding.embedding_dim, embedding.num_embeddings, embedding.spec, bias, embedding.compute_dtype, device="meta"
     )
-    for name in ("weight", "weight_scale", "weight_offset"):
+    for name in ("weight", "weight_scale", "weight_zero_point"):
         if getattr(embedding, name, None) is not None:
             setattr(lin, name, getattr(embedding, name))
     return lin

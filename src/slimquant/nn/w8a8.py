@@ -1,20 +1,23 @@
-"""W8A8 linear layers: int8 weights and int8 activations, in msModelSlim's tensor layout.
+"""W8A8 linear layers: int8 weights and int8 activations, as logical tensors.
 
-Static (calibrated, per-tensor asymmetric input), description label ``W8A8``::
+Static (calibrated, per-tensor asymmetric input)::
 
-    weight       int8   [n, k]   symmetric per-channel (or per-tensor) integers
-    input_scale  [1]             float16 / bfloat16 like the model (float32 for float32 models)
-    input_offset [1]             same dtype, an integer value
-    quant_bias   int32  [n]      round(bias / deq_scale) - input_offset * weight.sum(1)
-    deq_scale    int64  [n]      float16 models: the float32 bits of input_scale * weight_scale
-                 float32 [n]     bfloat16 / float32 models: the value itself
+    weight            int8   [n, k]   symmetric per-channel (or per-tensor) integers
+    input_scale       [1]             float16 / bfloat16 like the model (float32 for float32 models)
+    input_zero_point  [1]             same dtype, an integer value
+    acc_scale         float32 [n]     input_scale * weight_scale: what the int32 accumulator is multiplied by
+    acc_bias          int32  [n]      round(bias / acc_scale): the bias in accumulator units (zeros without one)
 
-    x_q = clamp(round(x / input_scale) + input_offset, -128, 127)
-    y   = (x_q @ weight.T + quant_bias) * deq_scale          (int32 accumulation)
+    x_q = clamp(round(x / input_scale) + input_zero_point, -128, 127)
+    y   = ((x_q - input_zero_point) @ weight.T + acc_bias) * acc_scale      (int32 accumulation)
 
-Dynamic (per-token symmetric input computed at run time), label ``W8A8_DYNAMIC``::
+The kernels add the zero point's share to the bias once (``quant_bias = acc_bias - input_zero_point *
+weight.sum(1)``, kept beside the tensors and recomputed when they change); msModelSlim's checkpoint stores
+that folded form and ``deq_scale`` as int64 bits for float16 models (:mod:`slimquant.formats.msmodelslim`).
 
-    weight int8 [n, k], weight_scale float32 [n, 1], weight_offset float32 [n, 1] (zeros), bias [n]
+Dynamic (per-token symmetric input computed at run time)::
+
+    weight int8 [n, k], weight_scale float32 [n, 1], bias [n]
 
     s_t = max|x_t| / 127 per token;  y = (round(x / s_t) @ weight.T) * s_t * weight_scale.T + bias
 
@@ -39,13 +42,15 @@ def io_dtype(dtype: torch.dtype) -> torch.dtype:
     return dtype if dtype in (torch.float16, torch.bfloat16) else torch.float32
 
 
-def deq_scale_dtype(dtype: torch.dtype) -> torch.dtype:
-    """msModelSlim stores deq_scale as int64 (float32 bits) for float16 models, float32 otherwise."""
-    return torch.int64 if dtype == torch.float16 else torch.float32
+def _version(t: torch.Tensor) -> int:
+    try:
+        return t._version
+    except RuntimeError:  # inference tensors have no version counter (and cannot be edited in place outside it)
+        return -1
 
 
 class QuantizedInputLinear(QModule):
-    """Checkpoint codec shared by linear layers that also quantize their input (int8 and fp8 W8A8): the
+    """Manifest entry shared by linear layers that also quantize their input (int8 and fp8 W8A8): the
     constructor takes ``(in_features, out_features, spec, input_spec, bias, dtype, device)``."""
 
     in_features: int
@@ -88,17 +93,17 @@ class QLinearW8A8(QuantizedInputLinear):
         self.has_bias = bias
         if input_spec.dynamic:
             self.register_buffer("weight_scale", torch.empty(n, 1, dtype=torch.float32, device=device))
-            self.register_buffer("weight_offset", torch.empty(n, 1, dtype=torch.float32, device=device))
             if bias:
                 self.bias = nn.Parameter(torch.empty(n, dtype=dtype, device=device), requires_grad=False)
             else:
                 self.register_parameter("bias", None)
         else:
             self.register_buffer("input_scale", torch.empty(1, dtype=io_dtype(dtype), device=device))
-            self.register_buffer("input_offset", torch.empty(1, dtype=io_dtype(dtype), device=device))
-            self.register_buffer("quant_bias", torch.empty(n, dtype=torch.int32, device=device))
-            self.register_buffer("deq_scale", torch.empty(n, dtype=deq_scale_dtype(dtype), device=device))
-            self.register_parameter("bias", None)  # folded into quant_bias
+            self.register_buffer("input_zero_point", torch.empty(1, dtype=io_dtype(dtype), device=device))
+            self.register_buffer("acc_scale", torch.empty(n, dtype=torch.float32, device=device))
+            self.register_buffer("acc_bias", torch.empty(n, dtype=torch.int32, device=device))
+            self.register_parameter("bias", None)  # in acc_bias
+        object.__setattr__(self, "_folded", (None, None))  # (key, quant_bias): see _quant_bias
 
     @classmethod
     def from_float(
@@ -109,10 +114,10 @@ class QLinearW8A8(QuantizedInputLinear):
         spec: QuantSpec,
         input_spec: QuantSpec,
         input_scale: float | None = None,
-        input_offset: float | None = None,
+        input_zero_point: float | None = None,
     ) -> "QLinearW8A8":
         """Build from a float Linear, its int8 weight ``[n, k]`` and weight scale ``[n]`` (or ``[1]``);
-        static layers also take the calibrated ``input_scale`` / ``input_offset``."""
+        static layers also take the calibrated ``input_scale`` / ``input_zero_point``."""
         n, k = w_int8.shape
         q = cls(k, n, spec, input_spec, module.bias is not None, module.weight.dtype, module.weight.device)
         q.weight.copy_(w_int8)
@@ -120,43 +125,45 @@ class QLinearW8A8(QuantizedInputLinear):
         bias = None if module.bias is None else module.bias.detach().float()
         if input_spec.dynamic:
             q.weight_scale.copy_(w_scale[:, None])
-            q.weight_offset.zero_()
             if bias is not None:
                 q.bias.data.copy_(bias)
             return q
-        if input_scale is None or input_offset is None:
-            raise ValueError("a static W8A8 layer needs input_scale and input_offset")
-        # Round the input parameters to their stored dtype first, so the folded integers match them.
+        if input_scale is None or input_zero_point is None:
+            raise ValueError("a static W8A8 layer needs input_scale and input_zero_point")
+        # Round the input parameters to their dtype first, so the accumulator constants match them.
         q.input_scale.fill_(input_scale)
-        q.input_offset.fill_(input_offset)
-        quant_bias, deq = k8.fold_static_w8a8(
-            w_int8, w_scale, float(q.input_scale.float()), int(q.input_offset.float()), bias
-        )
-        q.quant_bias.copy_(quant_bias)
-        q.deq_scale.copy_(k8.deq_scale_to_int64(deq) if q.deq_scale.dtype == torch.int64 else deq)
+        q.input_zero_point.fill_(input_zero_point)
+        acc_bias, acc_scale = k8.quantize_bias(w_scale, float(q.input_scale.float()), bias)
+        q.acc_bias.copy_(acc_bias)
+        q.acc_scale.copy_(acc_scale)
         return q
 
-    def float_deq_scale(self) -> torch.Tensor:
-        """deq_scale as float32 ``[n]`` whichever way it is stored."""
-        if self.deq_scale.dtype == torch.int64:
-            return k8.deq_scale_from_int64(self.deq_scale)
-        return self.deq_scale
+    def _quant_bias(self) -> torch.Tensor:
+        """``acc_bias - input_zero_point * weight.sum(1)`` (what the static kernels add), computed once and again
+        only when ``weight``, ``acc_bias`` or ``input_zero_point`` change (in place or replaced)."""
+        ts = (self.weight, self.acc_bias, self.input_zero_point)
+        key = tuple((t.data_ptr(), _version(t), t.device) for t in ts)
+        cached_key, quant_bias = self._folded
+        if cached_key != key:
+            quant_bias = k8.fold_input_zero_point(self.acc_bias, int(self.input_zero_point.float()), self.weight)
+            object.__setattr__(self, "_folded", (key, quant_bias))
+        return quant_bias
 
     def weight_scale_vector(self) -> torch.Tensor:
-        """The per-output-channel weight scale ``[n]`` float32."""
+        """The per-output-channel weight scale ``[n]`` float32 (static layers: ``acc_scale / input_scale``)."""
         if self.input_spec.dynamic:
             return self.weight_scale[:, 0]
-        return self.float_deq_scale() / self.input_scale.float()
+        return self.acc_scale / self.input_scale.float()
 
     def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         return (self.weight.float() * self.weight_scale_vector()[:, None]).to(dtype or self.compute_dtype)
 
     def input_key(self) -> tuple:
-        """How this layer quantizes its input: ``("dynamic",)`` or ``("static", input_scale, input_offset)``;
+        """How this layer quantizes its input: ``("dynamic",)`` or ``("static", input_scale, input_zero_point)``;
         layers with equal keys quantize a shared input to the same int8 rows."""
         if self.input_spec.dynamic:
             return ("dynamic",)
-        return ("static", float(self.input_scale.float()), float(self.input_offset.float()))
+        return ("static", float(self.input_scale.float()), float(self.input_zero_point.float()))
 
     def forward_rows(self, q: torch.Tensor, xs: torch.Tensor, lead_shape: Sequence[int]) -> torch.Tensor:
         """The layer's output from its input already quantized (``q`` int8 ``[M, k]``, ``xs`` float32 ``[M]`` per
@@ -166,7 +173,7 @@ class QLinearW8A8(QuantizedInputLinear):
             y = op(q, xs, self.weight, self.weight_scale, self.bias)
         else:
             op = k8.get_kernel("linear_w8a8_static_q", self.kernel)
-            y = op(q, self.weight, self.float_deq_scale(), self.quant_bias)
+            y = op(q, self.weight, self.acc_scale, self._quant_bias())
         return y.view(*lead_shape, self.out_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -175,21 +182,17 @@ class QLinearW8A8(QuantizedInputLinear):
             if rows is not None:
                 return self.forward_rows(rows[0], rows[1], x.shape[:-1])
         # Tensors go to the kernels as stored: weight_scale [n, 1] (the kernel views it as [n]) and the
-        # 1-element input_scale / input_offset (no float()/int() host reads per call; same values).
+        # 1-element input_scale / input_zero_point (no float()/int() host reads per call; same values).
         if self.input_spec.dynamic:
             op = k8.get_kernel("linear_w8a8_dynamic", self.kernel)
             return op(x, self.weight, self.weight_scale, self.bias)
         op = k8.get_kernel("linear_w8a8_static", self.kernel)
-        return op(x, self.input_scale, self.input_offset, self.weight, self.float_deq_scale(), self.quant_bias)
+        return op(x, self.input_scale, self.input_zero_point, self.weight, self.acc_scale, self._quant_bias())
 
-    # -- checkpoint codec ----------------------------------------------------------------------
     def manifest_entry(self) -> dict[str, Any]:
         entry = super().manifest_entry()
-        entry["bias"] = self.has_bias  # the static layout folds the bias into quant_bias
+        entry["bias"] = self.has_bias  # static layers hold the bias in acc_bias
         return entry
-
-    def tensor_label(self) -> str:
-        return "W8A8_DYNAMIC" if self.input_spec.dynamic else "W8A8"
 
     def extra_repr(self) -> str:
         mode = "dynamic per-token" if self.input_spec.dynamic else "static per-tensor"

@@ -34,7 +34,7 @@ from slimquant.adapters import block_list
 from slimquant.algorithms import BlockTransform, implementation, method_record, solve_weight
 from slimquant.algorithms.gptq import HessianAccumulator
 from slimquant.errors import SlimquantError
-from slimquant.formats.msmodelslim import build_qmodule
+from slimquant.formats.checkpoint import build_qmodule
 from slimquant.formats.safetensors_io import TensorSource
 from slimquant.math.metrics import sqnr_db
 from slimquant.math.weights import dequantize_weight
