@@ -42,13 +42,6 @@ def io_dtype(dtype: torch.dtype) -> torch.dtype:
     return dtype if dtype in (torch.float16, torch.bfloat16) else torch.float32
 
 
-def _version(t: torch.Tensor) -> int:
-    try:
-        return t._version
-    except RuntimeError:  # inference tensors have no version counter (and cannot be edited in place outside it)
-        return -1
-
-
 class QuantizedInputLinear(QModule):
     """Manifest entry shared by linear layers that also quantize their input (int8 and fp8 W8A8): the
     constructor takes ``(in_features, out_features, spec, input_spec, bias, dtype, device)``."""
@@ -103,7 +96,7 @@ class QLinearW8A8(QuantizedInputLinear):
             self.register_buffer("acc_scale", torch.empty(n, dtype=torch.float32, device=device))
             self.register_buffer("acc_bias", torch.empty(n, dtype=torch.int32, device=device))
             self.register_parameter("bias", None)  # in acc_bias
-        object.__setattr__(self, "_folded", (None, None))  # (key, quant_bias): see _quant_bias
+        object.__setattr__(self, "_folded", None)  # (weight, acc_bias, zero point, their versions, quant_bias)
 
     @classmethod
     def from_float(
@@ -140,13 +133,19 @@ class QLinearW8A8(QuantizedInputLinear):
 
     def _quant_bias(self) -> torch.Tensor:
         """``acc_bias - input_zero_point * weight.sum(1)`` (what the static kernels add), computed once and again
-        only when ``weight``, ``acc_bias`` or ``input_zero_point`` change (in place or replaced)."""
-        ts = (self.weight, self.acc_bias, self.input_zero_point)
-        key = tuple((t.data_ptr(), _version(t), t.device) for t in ts)
-        cached_key, quant_bias = self._folded
-        if cached_key != key:
-            quant_bias = k8.fold_input_zero_point(self.acc_bias, int(self.input_zero_point.float()), self.weight)
-            object.__setattr__(self, "_folded", (key, quant_bias))
+        only when ``weight``, ``acc_bias`` or ``input_zero_point`` change (replaced, moved, or edited in place).
+        Runs on every forward: a handful of identity and version checks."""
+        b = self._buffers
+        w, acc, zp = b["weight"], b["acc_bias"], b["input_zero_point"]
+        try:
+            versions = (w._version, acc._version, zp._version)
+        except RuntimeError:  # inference tensors have no version counter (and cannot be edited in place outside it)
+            versions = None
+        c = self._folded
+        if c is not None and c[0] is w and c[1] is acc and c[2] is zp and c[3] == versions:
+            return c[4]
+        quant_bias = k8.fold_input_zero_point(acc, int(zp.float()), w)
+        object.__setattr__(self, "_folded", (w, acc, zp, versions, quant_bias))
         return quant_bias
 
     def weight_scale_vector(self) -> torch.Tensor:

@@ -472,6 +472,9 @@ def _w8a8_module(
     return QLinearW8A8.from_float(module, qw.q, qw.scale.reshape(-1), spec, input_spec, float(scale), offset)  # type: ignore[arg-type]
 
 
+MODULE_TENSORS = 2
+
+
 def _fingerprint(model: nn.Module, recipe: Recipe, plans: list[LayerPlan], calib_data: Any,
                  stream: Any = None) -> dict[str, Any]:  # fmt: skip
     """What must match for a work directory to be resumed: recipe, model (config and weights), layer plan,
@@ -496,4 +499,6 @@ def _fingerprint(model: nn.Module, recipe: Recipe, plans: list[LayerPlan], calib
             tensors += [v for v in values if isinstance(v, torch.Tensor)]
         calib = tensor_digest(tensors)
     return {"recipe": recipe.to_dict(), "model": model_entry, "calibration": calib,
-            "layers": {lp.name: lp.to_dict() for lp in plans}}  # fmt: skip
+            "layers": {lp.name: lp.to_dict() for lp in plans},
+            # the quantized modules' tensors the finished blocks are saved as (2: logical tensors, issue 12)
+            "module_tensors": MODULE_TENSORS}  # fmt: skip
