@@ -234,7 +234,8 @@ def fold_input_zero_point(acc_bias: torch.Tensor, input_zero_point: int, w_int8:
 
 def unfold_input_zero_point(quant_bias: torch.Tensor, input_zero_point: int, w_int8: torch.Tensor) -> torch.Tensor:
     """Inverse of :func:`fold_input_zero_point` (exact integer arithmetic)."""
-    return _int32(quant_bias.to(torch.int64) + int(input_zero_point) * w_int8.to(torch.int64).sum(1), "the bias in accumulator units")
+    acc_bias = quant_bias.to(torch.int64) + int(input_zero_point) * w_int8.to(torch.int64).sum(1)
+    return _int32(acc_bias, "the bias in accumulator units")
 
 
 def _int32(t: torch.Tensor, what: str) -> torch.Tensor:

@@ -4,9 +4,9 @@ Real classes (no patched ``forward``). Their state dict holds logical tensors (s
 :mod:`slimquant.kernels.weight_only`): ``weight`` (the grid values; 2/3/4-bit packed), ``weight_scale``,
 ``weight_zero_point`` (asymmetric specs) and ``bias``; how a checkpoint format lays them out is its codec's
 business (:mod:`slimquant.formats`). The forward dequantizes the weight to the input's dtype, then runs the
-float op. ``QLinear.kernel`` picks how: ``"reference"`` dequantizes with :func:`dequantize_weight_tensors`; ``"torch"`` dequantizes unpacked
-integer per-channel / per-tensor weights in place on one float32 copy (the same float32 operations as the
-reference, so the same bits); ``"native"`` runs int8 weights (per-channel, per-tensor, or per-group of a
+float op. ``QLinear.kernel`` picks how: ``"reference"`` dequantizes with :func:`dequantize_weight_tensors`;
+``"torch"`` dequantizes unpacked integer per-channel / per-tensor weights in place on one float32 copy (the same
+float32 operations as the reference, so the same bits); ``"native"`` runs int8 weights (per-channel, per-tensor, or per-group of a
 multiple of 16 columns) on float32 inputs through the C++ GEMV of :mod:`slimquant.kernels.native` for up to
 ``native.W8A16_GEMV_MAX_ROWS`` rows (decode), reading the int8 weight once instead of writing a float copy
 (equal to the reference up to float32 summation order), and takes ``"torch"`` otherwise; ``"fast"`` (the
@@ -66,7 +66,6 @@ class QModule(nn.Module):
     @staticmethod
     def _entry_basics(entry: dict[str, Any]) -> tuple[QuantSpec, torch.dtype, bool, dict[str, Any]]:
         return QuantSpec.from_dict(entry["spec"]), _DTYPES[entry["dtype"]], bool(entry["bias"]), dict(entry["args"])
-
 
 
 class _QWeight(QModule):
