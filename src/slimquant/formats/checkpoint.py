@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -44,14 +44,15 @@ class LogicalState:
     """A quantized model's tensors by state-dict name.
 
     ``tensors`` holds each distinct tensor once (meta placeholders for those whose data is in ``source``),
-    ``aliases`` the other names of a shared tensor (tied weights), ``layers`` the quantized modules by name.
+    ``aliases`` the other names of a shared tensor (tied weights), ``layers`` the quantized modules by name,
+    ``recipe`` the one the model was quantized with.
     """
 
     tensors: dict[str, torch.Tensor]
     aliases: dict[str, str]
     layers: dict[str, QModule]
+    recipe: Recipe
     source: TensorSource | None = None
-    recipe: Recipe = field(default_factory=Recipe)
 
     def data(self, name: str) -> torch.Tensor:
         """The tensor ``name`` (or the one it aliases) with its data (read from ``source`` when on meta)."""
@@ -85,7 +86,7 @@ def logical_state(model: nn.Module) -> LogicalState:
         seen[key] = name
         tensors[name] = t.detach().contiguous()
     layers = {n: m for n, m in model.named_modules() if isinstance(m, QModule)}
-    return LogicalState(tensors, aliases, layers, lazy, recipe)
+    return LogicalState(tensors, aliases, layers, recipe, lazy)
 
 
 def _model_entry(model: nn.Module) -> dict[str, Any]:
