@@ -131,15 +131,15 @@ def child_main(args: argparse.Namespace) -> None:
             recipe = recipe_for(cfg)
             calib = w8a8.calibration(tok) if recipe.needs_calibration else None
             t0 = time.perf_counter()
-            sq.quantize(model, recipe, calib_data=calib, show_progress=False)
+            model_q = sq.quantize(model, recipe, calib_data=calib, show_progress=False)
             res["quantize_s"] = time.perf_counter() - t0
             res["peak_rss_quantize_mib"] = wo.peak_rss_mib()
-            fallbacks = [r["name"] for r in model.slimquant_report.layers if r.get("fallback")]
+            fallbacks = [r.name for r in model_q.report.layers if r.fallback]
             res["rtn_fallbacks"] = len(fallbacks)
-            sq.save(model, ckpt, tokenizer=tok)
+            sq.save(model_q, ckpt, tokenizer=tok)
             res["ckpt_bytes"] = checkpoint_bytes(ckpt)
-            del model, lm.model
-            model = sq.load(ckpt)
+            del model, model_q, lm.model
+            model = sq.load(ckpt).model
         res.update(wo.eval_llm(model, wo.eval_windows(tok, args.windows), Path(args.ref)))
     Path(args.result).write_text(json.dumps(res))
 

@@ -111,7 +111,7 @@ def reload(out: Path) -> dict:
     import slimquant as sq
 
     t0 = time.perf_counter()
-    model = sq.load(out)
+    model = sq.load(out).model
     ids = torch.arange(16)[None] + 100
     with torch.inference_mode():
         logits = model(ids).logits

@@ -90,7 +90,7 @@ def build_models(lm, quick: bool) -> tuple[dict[str, nn.Module], dict[str, float
     for name, (recipe, data) in recipes.items():
         m = copy.deepcopy(lm.model)
         t0 = time.perf_counter()
-        sq.quantize(m, recipe, calib_data=data, show_progress=False)
+        sq.quantize(m, recipe, calib_data=data, show_progress=False)  # in place
         seconds[name] = time.perf_counter() - t0
         models[name] = m.eval()
     return models, seconds

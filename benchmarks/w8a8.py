@@ -95,14 +95,14 @@ def recipe_for(cfg: dict):
     return Recipe(weight=weight, input=inp, act_observer=cfg.get("act", "minmax"), steps=steps, kv=kv, fa=fa)
 
 
-def kv_bytes_per_token(model, window: torch.Tensor) -> float:
-    """Bytes the model's KV cache holds per token after one prefill of ``window`` (its int8 cache when the
-    recipe quantizes it, else transformers' float DynamicCache)."""
-    import slimquant as sq
+def kv_bytes_per_token(model, window: torch.Tensor, kv=None) -> float:
+    """Bytes the model's KV cache holds per token after one prefill of ``window`` (its int8 cache when ``kv``,
+    the recipe's KV-cache spec, quantizes it, else transformers' float DynamicCache)."""
     from transformers import DynamicCache
 
-    cache = sq.kv_cache(model) if getattr(model, "slimquant_recipe", None) is not None else None
-    cache = cache if cache is not None else DynamicCache()
+    from slimquant.eval.lm import kv_cache_kwargs
+
+    cache = kv_cache_kwargs(model, kv).get("past_key_values") or DynamicCache()
     with torch.no_grad():
         model(window, past_key_values=cache, use_cache=True)
     if hasattr(cache, "nbytes"):
@@ -119,6 +119,7 @@ def child_main(args: argparse.Namespace) -> None:
     torch.manual_seed(0)
     cfg = (LLM_CONFIGS if args.model == wo.LLM else ENC_CONFIGS)[args.config]
     res: dict = {}
+    kv = None  # the KV-cache spec of the checkpoint evaluated (ours)
     with tempfile.TemporaryDirectory(dir=wo.OUT) as tmp:
         lm = sq.load_model(args.model)
         tok, model = lm.tokenizer, lm.model
@@ -129,22 +130,24 @@ def child_main(args: argparse.Namespace) -> None:
             res.update(quantize_s=0.0, ckpt_bytes=checkpoint_bytes(ckpt))
         elif cfg["kind"] == "ours":
             t0 = time.perf_counter()
-            sq.quantize(model, recipe_for(cfg), calib_data=calib, show_progress=False)
+            model_q = sq.quantize(model, recipe_for(cfg), calib_data=calib, show_progress=False)
             res["quantize_s"] = time.perf_counter() - t0
-            sq.save(model, ckpt, tokenizer=tok)
+            sq.save(model_q, ckpt, tokenizer=tok)
             res["peak_rss_quantize_mib"] = wo.peak_rss_mib()
             res["ckpt_bytes"] = checkpoint_bytes(ckpt)
-            del model, lm.model
+            del model, model_q, lm.model
             t0 = time.perf_counter()
-            model = sq.load(ckpt)
+            loaded = sq.load(ckpt).model
             res["load_s"] = time.perf_counter() - t0
+            model, kv = loaded.model, loaded.recipe.kv
+            del loaded
         else:
             model, extra = wo.quanto_roundtrip(model, {"qtype": "qint8", "activations": "qint8"}, ckpt, calib)
             res.update(extra)
         t0 = time.perf_counter()
         if args.model == wo.LLM:
-            res["kv_bytes_per_token"] = kv_bytes_per_token(model, wo.eval_windows(tok, 1)[:1])
-            res.update(wo.eval_llm(model, wo.eval_windows(tok, args.windows), Path(args.ref)))
+            res["kv_bytes_per_token"] = kv_bytes_per_token(model, wo.eval_windows(tok, 1)[:1], kv)
+            res.update(wo.eval_llm(model, wo.eval_windows(tok, args.windows), Path(args.ref), kv))
         else:
             res.update(wo.eval_encoder(model, tok, wo.eval_sentences(), Path(args.ref)))
         res["eval_s"] = time.perf_counter() - t0

@@ -171,14 +171,14 @@ def run_child(model_name: str, cfg: dict, workdir: Path, result_path: Path) -> N
     elif cfg["kind"] == "ours":
         recipe = recipe_for(cfg, model)
         t0 = time.perf_counter()
-        sq.quantize(model, recipe, show_progress=False)
+        model_q = sq.quantize(model, recipe, show_progress=False)
         res["quantize_s"] = time.perf_counter() - t0
-        sq.save(model, ckpt, tokenizer=lm.tokenizer)
+        sq.save(model_q, ckpt, tokenizer=lm.tokenizer)
         res["peak_rss_quantize_mib"] = peak_rss_mib()
         res["ckpt_bytes"] = checkpoint_bytes(ckpt)
-        del model, lm.model
+        del model, model_q, lm.model
         t0 = time.perf_counter()
-        model = sq.load(ckpt)
+        model = sq.load(ckpt).model
         res["load_s"] = time.perf_counter() - t0
     else:
         model, extra = quanto_roundtrip(model, cfg, ckpt)
@@ -235,7 +235,9 @@ def quanto_roundtrip(model, cfg: dict, ckpt: Path, calib: torch.Tensor | None = 
 
 
 @torch.no_grad()
-def eval_llm(model, windows: torch.Tensor, ref_path: Path) -> dict:
+def eval_llm(model, windows: torch.Tensor, ref_path: Path, kv=None) -> dict:
+    """Perplexity, KL and top-1 against the float logits in ``ref_path``; ``kv``: the checkpoint's KV-cache spec
+    (its int8 KV cache is used), None for float caches."""
     from safetensors import safe_open
 
     from slimquant.eval.lm import kv_cache_kwargs
@@ -245,7 +247,7 @@ def eval_llm(model, windows: torch.Tensor, ref_path: Path) -> dict:
     count = 0
     with safe_open(str(ref_path), framework="pt") as ref_f:
         for i, ids in enumerate(windows):
-            logits = model(input_ids=ids.unsqueeze(0), **kv_cache_kwargs(model)).logits[0, :-1].float()
+            logits = model(input_ids=ids.unsqueeze(0), **kv_cache_kwargs(model, kv)).logits[0, :-1].float()
             target = ids[1:]
             nll += float(torch.nn.functional.cross_entropy(logits, target, reduction="sum"))
             ref = ref_f.get_tensor(f"w{i}")
@@ -294,7 +296,7 @@ def load_rss_child(args: argparse.Namespace) -> None:
 
     before = peak_rss_mib()
     t0 = time.perf_counter()
-    sq.load(args.load_rss)
+    sq.load(args.load_rss).model
     Path(args.result).write_text(json.dumps({"load_s": time.perf_counter() - t0, "rss_added_mib": peak_rss_mib() - before}))
 
 
@@ -345,8 +347,8 @@ def deploy_load_rss(model_name: str, cfg_name: str) -> dict:
     cfg = LLM_CONFIGS[cfg_name]
     target = OUT / "deploy-load-ckpt"
     lm = sq.load_model(model_name)
-    sq.quantize(lm.model, recipe_for(cfg, lm.model), show_progress=False)
-    sq.save(lm.model, target, tokenizer=lm.tokenizer, overwrite=True)
+    lm_q = sq.quantize(lm.model, recipe_for(cfg, lm.model), show_progress=False)
+    sq.save(lm_q, target, tokenizer=lm.tokenizer, overwrite=True)
     with tempfile.NamedTemporaryFile(dir=OUT, suffix=".json", delete=False) as fh:
         result = Path(fh.name)
     subprocess.run([sys.executable, __file__, "--load-rss", str(target), "--result", str(result)], check=True)

@@ -203,7 +203,7 @@ def make_llama_dir(tmp_path, tokenizer):
     return make
 
 
-def fresh_process_logits(directory, input_ids: torch.Tensor, work: Path, loader: str = "slimquant.load(d)",
+def fresh_process_logits(directory, input_ids: torch.Tensor, work: Path, loader: str = "slimquant.load(d).model",
                          timeout: float = 600) -> torch.Tensor:  # fmt: skip
     """Logits of the checkpoint at ``directory`` loaded (``loader``: an expression of ``d``) in a fresh interpreter
     that imported nothing of the test, on ``input_ids``. It runs with this process's thread count: float

@@ -59,8 +59,8 @@ def toy_registered(monkeypatch):
     register_algorithm(WeightAlgorithm(HessianClip, solve=_solve))
 
 
-def _rows(model):
-    return {r["name"]: r for r in model.slimquant_report.layers}
+def _rows(result):
+    return {r.name: r for r in result.report.layers}
 
 
 def test_a_toy_calibrated_algorithm_quantizes_saves_and_loads_elsewhere(toy_registered, tokenizer, eval_text,
@@ -73,37 +73,37 @@ def test_a_toy_calibrated_algorithm_quantizes_saves_and_loads_elsewhere(toy_regi
     recipe = Recipe(weight=W4, steps=(HessianClip(),))
     assert recipe.block_by_block and Recipe.from_json(recipe.to_json()) == recipe
     toy = make_llama(len(tokenizer))
-    slimquant.quantize(toy, recipe, calib_data=calib, show_progress=False)
+    toy_q = slimquant.quantize(toy, recipe, calib_data=calib, show_progress=False)
     rtn = make_llama(len(tokenizer))
-    slimquant.quantize(rtn, Recipe(weight=W4, steps=(HessianClip(ratios=(1.0,)),)), calib_data=calib,
-                       show_progress=False)  # fmt: skip
-    toy_rows, rtn_rows = _rows(toy), _rows(rtn)
-    inside = [n for n, r in toy_rows.items() if r.get("output_error") is not None]
+    rtn_q = slimquant.quantize(rtn, Recipe(weight=W4, steps=(HessianClip(ratios=(1.0,)),)), calib_data=calib,
+                               show_progress=False)  # fmt: skip
+    toy_rows, rtn_rows = _rows(toy_q), _rows(rtn_q)
+    inside = [n for n, r in toy_rows.items() if r.output_error is not None]
     assert len(inside) == 14  # 7 linears x 2 blocks ran the toy, with Hessians from the block pass
-    assert {toy_rows[n]["algorithm"] for n in inside} == {"hessian_clip"}
+    assert {toy_rows[n].algorithm for n in inside} == {"hessian_clip"}
     first = [n for n in inside if n.startswith("model.layers.0.")]  # same inputs in both runs (later blocks: not)
-    assert all(toy_rows[n]["output_error"] <= rtn_rows[n]["output_error"] * (1 + 1e-6) for n in first)
-    ratio = sum(toy_rows[n]["output_error"] for n in first) / sum(rtn_rows[n]["output_error"] for n in first)
+    assert all(toy_rows[n].output_error <= rtn_rows[n].output_error * (1 + 1e-6) for n in first)
+    ratio = sum(toy_rows[n].output_error for n in first) / sum(rtn_rows[n].output_error for n in first)
     assert ratio < 0.99  # observed 0.925
-    assert any(toy_rows[n]["ratio"] < 1.0 for n in inside)  # it chose something RTN would not
+    assert any(toy_rows[n].details["ratio"] < 1.0 for n in inside)  # it chose something RTN would not
     q = toy.model.layers[0].self_attn.q_proj
     assert q.method["algorithm"] == "hessian_clip"
 
-    slimquant.save(toy, tmp_path / "ckpt")
+    slimquant.save(toy_q, tmp_path / "ckpt")
     manifest = json.loads((tmp_path / "ckpt" / "slimquant_manifest.json").read_text())
     assert manifest["recipe"]["steps"] == [{"type": "hessian_clip", "stage": "weight", "ratios": [1.0, 0.97, 0.94, 0.9]}]
     with torch.no_grad():
         expect = toy(input_ids).logits
-        assert torch.equal(slimquant.load(tmp_path / "ckpt")(input_ids).logits, expect)
+        assert torch.equal(slimquant.load(tmp_path / "ckpt").model(input_ids).logits, expect)
     torch.save(input_ids, tmp_path / "ids.pt")
     code = (  # the same thread count as this process: float reductions split across threads round differently
         f"import sys, torch, slimquant\ntorch.set_num_threads({torch.get_num_threads()})\n"
         "from slimquant.types.steps import step_types\n"
         "assert 'hessian_clip' not in step_types()\n"
-        "m = slimquant.load(sys.argv[1])\n"
+        "r = slimquant.load(sys.argv[1])\n"
         "with torch.no_grad():\n"
-        "    torch.save(m(torch.load(sys.argv[2])).logits, sys.argv[3])\n"
-        "print(m.slimquant_recipe.algorithm)\n"
+        "    torch.save(r.model(torch.load(sys.argv[2])).logits, sys.argv[3])\n"
+        "print(r.recipe.algorithm)\n"
     )
     out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "ckpt"), str(tmp_path / "ids.pt"),
                           str(tmp_path / "logits.pt")], capture_output=True, text=True, timeout=300)  # fmt: skip
@@ -151,10 +151,10 @@ def test_a_toy_codec_saves_and_loads_without_editing_the_library(toy_codec, toke
                                                        input=QuantSpec("int8", "per_tensor", symmetric=False))),
     ))  # fmt: skip
     model = make_llama(len(tokenizer))
-    slimquant.quantize(model, recipe, calib_data=calib, show_progress=False)
+    model_q = slimquant.quantize(model, recipe, calib_data=calib, show_progress=False)
     with torch.no_grad():
         expect = model(input_ids).logits
-    out = slimquant.save(model, tmp_path / "toy", format="toy")
+    out = slimquant.save(model_q, tmp_path / "toy", format="toy")
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "slimquant_manifest.json", "toy.safetensors"]
     manifest = json.loads((out / "slimquant_manifest.json").read_text())
     assert manifest["format"] == "slimquant/toy"
@@ -165,11 +165,11 @@ def test_a_toy_codec_saves_and_loads_without_editing_the_library(toy_codec, toke
     assert "model.layers.0.mlp.gate_proj.acc_bias" in stored  # logical tensors, not msModelSlim's folded ones
     assert slimquant.formats.describe_checkpoint(out)["format"] == "toy"
     with torch.no_grad():
-        assert torch.equal(slimquant.load(out)(input_ids).logits, expect)
+        assert torch.equal(slimquant.load(out).model(input_ids).logits, expect)
     tests = str(Path(__file__).parent)
-    loader = f"(sys.path.insert(0, {tests!r}), __import__('toy_codec'), slimquant.load(d))[2]"
+    loader = f"(sys.path.insert(0, {tests!r}), __import__('toy_codec'), slimquant.load(d).model)[2]"
     assert torch.equal(fresh_process_logits(out, input_ids, tmp_path, loader=loader), expect)
-    p = subprocess.run([sys.executable, "-c", "import sys, slimquant; slimquant.load(sys.argv[1])", str(out)],
+    p = subprocess.run([sys.executable, "-c", "import sys, slimquant; slimquant.load(sys.argv[1]).model", str(out)],
                        capture_output=True, text=True, timeout=300)  # fmt: skip
     assert p.returncode != 0
     assert "written in the 'toy' format, which no codec of this process reads" in p.stderr
@@ -180,15 +180,15 @@ def test_a_codec_refuses_what_it_cannot_hold_before_writing(toy_codec, tokenizer
     from conftest import make_llama
 
     model = make_llama(len(tokenizer))
-    slimquant.quantize(model, Recipe(weight=QuantSpec("int4", "per_group", 32, symmetric=False, zero_point="float")),
+    model_q = slimquant.quantize(model, Recipe(weight=QuantSpec("int4", "per_group", 32, symmetric=False, zero_point="float")),
                        show_progress=False)  # fmt: skip
     with pytest.raises(slimquant.SlimquantError, match="integer zero points only: layer model.layers.0.self_attn.q_proj"):
-        slimquant.save(model, tmp_path / "toy", format="toy")
+        slimquant.save(model_q, tmp_path / "toy", format="toy")
     assert not (tmp_path / "toy").exists()
     with pytest.raises(slimquant.SlimquantError, match="the toy format has no option part_file_size"):
-        slimquant.save(model, tmp_path / "toy", format="toy", part_file_size=1.0)
+        slimquant.save(model_q, tmp_path / "toy", format="toy", part_file_size=1.0)
     with pytest.raises(slimquant.SlimquantError, match=r"unknown checkpoint format 'gguf' \(registered: msmodelslim, toy\)"):
-        slimquant.save(model, tmp_path / "g", format="gguf")
+        slimquant.save(model_q, tmp_path / "g", format="gguf")
     with pytest.raises(slimquant.SlimquantError, match="the msmodelslim format has no option colour"):
-        slimquant.save(model, tmp_path / "m", colour="red")
+        slimquant.save(model_q, tmp_path / "m", colour="red")
     assert not (tmp_path / "g").exists() and not (tmp_path / "m").exists()

@@ -78,9 +78,9 @@ def net():
     return nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 8))
 m = net()
 x = torch.randn(3, 32)
-slimquant.quantize(m, Recipe(weight=QuantSpec("int4", "per_group", 32, symmetric=False)), show_progress=False)
-slimquant.save(m, sys.argv[1])
-back = slimquant.load(sys.argv[1], model=net())
+result = slimquant.quantize(m, Recipe(weight=QuantSpec("int4", "per_group", 32, symmetric=False)), show_progress=False)
+slimquant.save(result, sys.argv[1])
+back = slimquant.load(sys.argv[1], model=net()).model
 assert torch.equal(back(x), m(x))
 print(slimquant.formats.msmodelslim.describe_checkpoint(sys.argv[1])["quant_type"])
 assert not any(k.split(".")[0] == "transformers" for k in sys.modules)

@@ -68,17 +68,17 @@ def test_mixed_checkpoint_reloads_bit_identical_in_a_fresh_process(tokenizer, ev
 
     calib = calibration_windows(tokenizer, eval_text.split("\n"), 4, 16)
     model = make_llama(len(tokenizer))
-    slimquant.quantize(model, mixed_recipe(), calib_data=calib, show_progress=False)
+    model_q = slimquant.quantize(model, mixed_recipe(), calib_data=calib, show_progress=False)
     for name, (label, cls, algo) in EXPECTED.items():
         m = model.get_submodule(name)
         assert (layer_type(m.manifest_entry()), type(m).__name__, m.method["algorithm"]) == (label, cls, algo), name
     assert isinstance(model.model.layers[1].self_attn.o_proj, torch.nn.Linear)
-    assert model.slimquant_report.skipped["model.layers.1.self_attn.o_proj"] == "override model.layers.1.self_attn.o_proj: float"
-    rows = {r["name"]: r for r in model.slimquant_report.layers}
-    assert "input_range" in rows["model.layers.0.mlp.gate_proj"]  # the static layer was calibrated
-    assert rows["model.layers.0.self_attn.q_proj"]["output_error"] is not None  # GPTQ on its block inputs
+    assert model_q.report.skipped["model.layers.1.self_attn.o_proj"] == "override model.layers.1.self_attn.o_proj: float"
+    rows = {r.name: r for r in model_q.report.layers}
+    assert "input_range" in rows["model.layers.0.mlp.gate_proj"].details  # the static layer was calibrated
+    assert rows["model.layers.0.self_attn.q_proj"].output_error is not None  # GPTQ on its block inputs
 
-    slimquant.save(model, tmp_path / "mixed")
+    slimquant.save(model_q, tmp_path / "mixed")
     with torch.no_grad():
         expect = model(input_ids).logits
     files = sorted(p.name for p in (tmp_path / "mixed").iterdir())

@@ -35,11 +35,12 @@ def smollm():
 
 def test_smollm2_w4a16_g64_roundtrip_and_accuracy(smollm, tmp_path):
     model = copy.deepcopy(smollm.model)
-    sq.quantize(model, Recipe(weight=QuantSpec("int4", Granularity.PER_GROUP, 64, False), steps=(RTN(clip_search=True),)))
+    recipe = Recipe(weight=QuantSpec("int4", Granularity.PER_GROUP, 64, False), steps=(RTN(clip_search=True),))
+    model_q = sq.quantize(model, recipe)
     ids = smollm.tokenizer(TEXT, return_tensors="pt")["input_ids"][:, :128]
     with torch.no_grad():
         before = model(input_ids=ids).logits
-    sq.save(model, tmp_path / "q", tokenizer=smollm.tokenizer)
+    sq.save(model_q, tmp_path / "q", tokenizer=smollm.tokenizer)
     loaded = sq.load_model(str(tmp_path / "q"))
     with torch.no_grad():
         after = loaded.model(input_ids=ids).logits
@@ -72,8 +73,8 @@ def test_smollm2_int4_g32_asym_float_zero_point_is_lossless(smollm):
 def test_minilm_w8a16_embeddings(tmp_path):
     ref = sq.load_model("minilm-l6")
     model = copy.deepcopy(ref.model)
-    sq.quantize(model, Recipe(weight=QuantSpec("int8", Granularity.PER_CHANNEL)))
-    sq.save(model, tmp_path / "m", tokenizer=ref.tokenizer)
+    model_q = sq.quantize(model, Recipe(weight=QuantSpec("int8", Granularity.PER_CHANNEL)))
+    sq.save(model_q, tmp_path / "m", tokenizer=ref.tokenizer)
     loaded = sq.load_model(str(tmp_path / "m"))
     assert loaded.kind == "encoder"
     res = evaluate_encoder(loaded.model, loaded.tokenizer, TEXT.replace(". ", ".\n"), ref.model, sentences=32)
@@ -97,8 +98,8 @@ def test_smollm2_mixed_checkpoint_reloads_bit_identical_in_a_fresh_process(smoll
     ))  # fmt: skip
     model = copy.deepcopy(smollm.model)
     calib = calibration_windows(smollm.tokenizer, [TEXT], 4, 128)
-    sq.quantize(model, recipe, calib_data=calib, show_progress=False)
-    sq.save(model, tmp_path / "mixed")
+    model_q = sq.quantize(model, recipe, calib_data=calib, show_progress=False)
+    sq.save(model_q, tmp_path / "mixed")
     ids = smollm.tokenizer(TEXT, return_tensors="pt")["input_ids"][:, :128]
     with torch.no_grad():
         expect = model(ids).logits

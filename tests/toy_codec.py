@@ -30,11 +30,12 @@ class ToyCodec(Codec):
     name = "toy"
     description = "logical tensors as they are, integer zero points as int16"
 
-    def save(self, model: nn.Module, directory: str | os.PathLike, *, tokenizer: Any = None, overwrite: bool = False,
+    def save(self, result: Any, directory: str | os.PathLike, *, tokenizer: Any = None, overwrite: bool = False,
              force_overwrite: bool = False, protect: Iterable[str | os.PathLike] = (), **options: Any) -> Path:  # fmt: skip
         if options:
             raise SlimquantError(f"the toy format has no option {', '.join(sorted(options))}")
-        state = ck.logical_state(model)
+        state = ck.logical_state(result)
+        model = result.model
         entries = []
         for name in state.tensors:
             t = state.data(name)
@@ -46,7 +47,8 @@ class ToyCodec(Codec):
             entries.append((name, tuple(t.shape), t.dtype, lambda t=t: t))
         aliases = {_file_name(a): _file_name(s) for a, s in state.aliases.items()}
         manifest = ck.manifest_for(model, self.name, state, aliases)
-        with atomic_directory(directory, overwrite, ck.model_sources(model) + list(protect), force_overwrite) as tmp:
+        inputs = ck.model_sources(model, result.tensor_source) + list(protect)
+        with atomic_directory(directory, overwrite, inputs, force_overwrite) as tmp:
             manifest["files"] = ck.write_tensor_files(tmp, "toy.safetensors", entries, None)
             ck.write_json(tmp / "config.json", ck.config_dict(model))
             ck.write_json(tmp / ck.MANIFEST, manifest)

@@ -4,6 +4,8 @@ from slimquant.api import evaluate, kv_cache, load, quantize, save
 from slimquant.errors import NotSupportedYet, SlimquantError
 from slimquant.models.loading import LoadedModel, load_model
 from slimquant.types import AWQ, GPTQ, RTN, GammaMigration, Granularity, LayerOverride, QuantSpec, Recipe, SmoothQuant, SmoothQuantSearch
+from slimquant.types.report import ConversionReport, LayerRow, StepRow
+from slimquant.types.result import QuantizationResult
 
 __version__ = "0.1.0"
 
@@ -25,6 +27,10 @@ __all__ = [
     "SmoothQuantSearch",
     "GammaMigration",
     "LoadedModel",
+    "QuantizationResult",
+    "ConversionReport",
+    "LayerRow",
+    "StepRow",
     "SlimquantError",
     "NotSupportedYet",
     "__version__",

@@ -12,8 +12,9 @@ from torch import nn
 from slimquant.errors import SlimquantError
 from slimquant.formats.codec import get_codec
 from slimquant.models.loading import LoadedModel, load_checkpoint
-from slimquant.pipeline.convert import ConversionReport, convert
+from slimquant.pipeline.convert import convert, refuse_quantized
 from slimquant.surgery.fuse import fuse_w8a8_inputs
+from slimquant.types.result import QuantizationResult
 from slimquant.types.spec import Recipe
 
 log = logging.getLogger(__name__)
@@ -21,12 +22,14 @@ log = logging.getLogger(__name__)
 
 def quantize(model: nn.Module, recipe: Recipe | None = None, calib_data: Any = None, show_progress: bool = True,
              stream: Any = None, work_dir: str | os.PathLike | None = None,
-             max_activation_gb: float | None = None) -> nn.Module:  # fmt: skip
-    """Quantize ``model`` in place with ``recipe`` (default: W8A16 per-channel RTN) and return it.
+             max_activation_gb: float | None = None) -> QuantizationResult:  # fmt: skip
+    """Quantize ``model`` in place with ``recipe`` (default: W8A16 per-channel RTN).
 
+    Returns a :class:`QuantizationResult`: ``.model`` (``model`` itself, quantized), ``.recipe``, ``.report``
+    (:class:`slimquant.types.report.ConversionReport`: a typed row per layer and per step) and, for streamed
+    blocks, ``.tensor_source``. Pass the result to :func:`save`, :func:`evaluate` and :func:`kv_cache`.
     W8A8 layers of known architectures get their norm / gated-MLP producers fused with their int8 input
     quantization (:mod:`slimquant.nn.fused`; same state dict, used with the default ``"fast"`` kernels).
-    The per-layer report is attached as ``model.slimquant_report`` (:class:`ConversionReport`).
     ``calib_data``: what static activation quantization, smoothing and attention quantization calibrate on: a ``[N, L]`` tensor of token
     windows (see :func:`slimquant.data.calibration_data`) or an iterable of model inputs (tensors,
     dicts of keyword arguments, or tuples). Weight-only RTN is data-free and does not use it.
@@ -39,21 +42,38 @@ def quantize(model: nn.Module, recipe: Recipe | None = None, calib_data: Any = N
     ``max_activation_gb``: block-by-block runs keep the calibration hidden states in files past this size.
     """
     recipe = recipe or Recipe()
-    if getattr(model, "slimquant_recipe", None) is not None:
-        raise SlimquantError("model is already quantized by slimquant; start from the float model")
+    if not isinstance(model, nn.Module):
+        raise SlimquantError(f"quantize takes an nn.Module, got {type(model).__name__}"
+                             + ("; pass its .model" if hasattr(model, "model") else ""))  # fmt: skip
+    refuse_quantized(model)
     if calib_data is not None and not recipe.needs_calibration:
         log.info("calib_data is not used: %s is data-free", recipe.quant_type)
         calib_data = None
-    report: ConversionReport = convert(model, recipe, show_progress=show_progress, calib_data=calib_data, stream=stream,
-                                       work_dir=work_dir, max_activation_gb=max_activation_gb)  # fmt: skip
-    model.slimquant_report = report
+    result = convert(model, recipe, show_progress=show_progress, calib_data=calib_data, stream=stream,
+                     work_dir=work_dir, max_activation_gb=max_activation_gb)  # fmt: skip
     fuse_w8a8_inputs(model)
-    log.info("quantized %d layer(s) with %s (%s)", len(report.layers), recipe.algorithm, recipe.quant_type)
-    return model
+    n = len(result.report.layers) if result.report is not None else 0
+    log.info("quantized %d layer(s) with %s (%s)", n, recipe.algorithm, recipe.quant_type)
+    return result
+
+
+def as_result(obj: Any, what: str) -> QuantizationResult:
+    """``obj`` as a :class:`QuantizationResult`: a result as it is, a loaded slimquant checkpoint
+    (:class:`LoadedModel`) with its recipe; anything else (a bare module) refused saying what to pass."""
+    if isinstance(obj, QuantizationResult):
+        return obj
+    if isinstance(obj, LoadedModel):
+        return obj.as_result()
+    if isinstance(obj, nn.Module):
+        raise SlimquantError(f"{what} takes the QuantizationResult that slimquant.quantize (or slimquant.load) "
+                             f"returned, not the bare {type(obj).__name__}: the recipe and report travel in the "
+                             "result, not on the model (result = slimquant.quantize(model, recipe); "
+                             "slimquant.save(result, dir))")  # fmt: skip
+    raise SlimquantError(f"{what} takes a QuantizationResult, got {type(obj).__name__}")
 
 
 def save(
-    model: nn.Module,
+    result: QuantizationResult | LoadedModel,
     directory: str | os.PathLike,
     tokenizer: Any = None,
     part_file_size: float | None = None,
@@ -63,41 +83,48 @@ def save(
     format: str = "msmodelslim",
     **options: Any,
 ) -> Path:
-    """Save a quantized model atomically in ``format`` (a registered codec: :func:`slimquant.formats.codec_names`;
-    default the msModelSlim layout + manifest, see docs/format.md). :func:`load` finds the format again.
+    """Save a quantized model (``result``: what :func:`quantize` or :func:`load` returned) atomically in ``format``
+    (a registered codec: :func:`slimquant.formats.codec_names`; default the msModelSlim layout + manifest, see
+    docs/format.md). :func:`load` finds the format again. ``tokenizer``: default the result's (a loaded one's).
 
     Missing parent directories are created. ``overwrite`` replaces an earlier slimquant checkpoint there;
     ``force_overwrite`` replaces any directory (everything in it is deleted). The output may not be, contain or
     lie inside the model's own source directory or any ``protect`` path (the inputs). ``part_file_size`` (GB)
     shards the weight files (msmodelslim); other ``options`` go to the codec, which refuses ones it lacks.
     """
+    result = as_result(result, "save")
     if part_file_size is not None:
         options["part_file_size"] = part_file_size
-    return get_codec(format).save(model, directory, tokenizer=tokenizer, overwrite=overwrite,
+    tokenizer = tokenizer if tokenizer is not None else result.tokenizer
+    return get_codec(format).save(result, directory, tokenizer=tokenizer, overwrite=overwrite,
                                   force_overwrite=force_overwrite, protect=protect, **options)  # fmt: skip
 
 
-def load(directory: str | os.PathLike, model: nn.Module | None = None, trust_remote_code: bool = False) -> nn.Module:
+def load(directory: str | os.PathLike, model: nn.Module | None = None,
+         trust_remote_code: bool = False) -> QuantizationResult:  # fmt: skip
     """Deploy-mode load: rebuild the quantized model from its manifest and load the tensors.
 
-    For Hugging Face models the structure comes from config.json; for a plain ``nn.Module``
-    pass ``model``, an instance of the original architecture.
+    For Hugging Face models the structure comes from config.json (the tokenizer, when saved, is loaded too); for
+    a plain ``nn.Module`` pass ``model``, an instance of the original architecture. Returns a
+    :class:`QuantizationResult` (``.model``, ``.recipe`` from the manifest, ``.tokenizer``, ``.report`` from its
+    ``quantize_report.json``), which saves again to the same files.
     """
-    return load_checkpoint(directory, model=model, trust_remote_code=trust_remote_code).model
+    return load_checkpoint(directory, model=model, trust_remote_code=trust_remote_code).as_result()
 
 
-def kv_cache(model: nn.Module) -> Any:
-    """A fresh int8 KV cache for ``model`` if its recipe quantizes the KV cache, else None.
+def kv_cache(result: QuantizationResult | LoadedModel) -> Any:
+    """A fresh int8 KV cache for the quantized model if its recipe quantizes the KV cache, else None.
 
-    Pass it to Hugging Face: ``model.generate(ids, past_key_values=slimquant.kv_cache(model))``.
+    Pass it to Hugging Face: ``result.model.generate(ids, past_key_values=slimquant.kv_cache(result))``.
     """
     from slimquant.eval.lm import kv_cache_kwargs
 
-    return kv_cache_kwargs(model).get("past_key_values")
+    result = as_result(result, "kv_cache")
+    return kv_cache_kwargs(result.model, result.recipe.kv).get("past_key_values")
 
 
 def evaluate(
-    model: nn.Module | LoadedModel,
+    model: QuantizationResult | LoadedModel | nn.Module,
     tokenizer: Any = None,
     text: str = "",
     reference: nn.Module | LoadedModel | None = None,
@@ -105,18 +132,28 @@ def evaluate(
     seq_len: int = 512,
     kind: str | None = None,
 ) -> dict[str, Any]:
-    """Accuracy on ``text``: perplexity/KL/top-1 for causal LMs, embedding cosine for encoders."""
+    """Accuracy on ``text``: perplexity/KL/top-1 for causal LMs, embedding cosine for encoders.
+
+    ``model``: a :class:`QuantizationResult` or a loaded model (its recipe's KV-cache mode is used), or any
+    module (a float model; a bare quantized module runs without the int8 KV cache its recipe may ask for).
+    """
     from slimquant.eval.lm import evaluate_encoder, evaluate_lm
 
+    kv = None
     if isinstance(model, LoadedModel):
         tokenizer = tokenizer or model.tokenizer
         kind = kind or model.kind
+        kv = model.recipe.kv if model.recipe is not None else None
         model = model.model
-    if isinstance(reference, LoadedModel):
+    elif isinstance(model, QuantizationResult):
+        tokenizer = tokenizer or model.tokenizer
+        kv = model.recipe.kv
+        model = model.model
+    if isinstance(reference, (LoadedModel, QuantizationResult)):
         reference = reference.model
     if tokenizer is None:
         raise SlimquantError("evaluate needs a tokenizer")
     kind = kind or ("encoder" if not hasattr(model, "generate") else "causal_lm")
     if kind == "encoder":
         return evaluate_encoder(model, tokenizer, text, reference, sentences=windows * 32)
-    return evaluate_lm(model, tokenizer, text, reference, windows=windows, seq_len=seq_len)
+    return evaluate_lm(model, tokenizer, text, reference, windows=windows, seq_len=seq_len, kv=kv)

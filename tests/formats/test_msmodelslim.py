@@ -24,8 +24,8 @@ SHAPES = {"self_attn.q_proj": (64, 64), "self_attn.k_proj": (32, 64), "self_attn
 
 
 def _save(model, path: Path, recipe: Recipe, **kw) -> Path:
-    slimquant.quantize(model, recipe, show_progress=False)
-    return slimquant.save(model, path, **kw)
+    model_q = slimquant.quantize(model, recipe, show_progress=False)
+    return slimquant.save(model_q, path, **kw)
 
 
 @pytest.fixture
@@ -142,7 +142,7 @@ def test_part_file_size_shards_and_loads_bit_identically(llama, input_ids, tmp_p
     assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in stored.values())
     assert read_manifest(out)["files"] == [f.name for f in shards]
 
-    loaded = slimquant.load(out)
+    loaded = slimquant.load(out).model
     with torch.no_grad():
         assert torch.equal(loaded(input_ids=input_ids).logits, llama(input_ids=input_ids).logits)
     info = describe_checkpoint(out)
@@ -150,9 +150,9 @@ def test_part_file_size_shards_and_loads_bit_identically(llama, input_ids, tmp_p
 
 
 def test_non_positive_part_file_size_is_refused(mlp, tmp_path):
-    slimquant.quantize(mlp, Recipe(), show_progress=False)
+    mlp_q = slimquant.quantize(mlp, Recipe(), show_progress=False)
     with pytest.raises(SlimquantError, match="part_file_size .*must be a positive number"):
-        slimquant.save(mlp, tmp_path / "out", part_file_size=0)
+        slimquant.save(mlp_q, tmp_path / "out", part_file_size=0)
     assert not (tmp_path / "out").exists()
 
 
@@ -179,7 +179,7 @@ def test_fp8_weights_round_trip(mlp, factories, tmp_path):
     out = _save(mlp, tmp_path / "fp8", Recipe(weight=QuantSpec("fp8_e4m3", G.PER_CHANNEL)))
     desc = json.loads(next(out.glob("quant_model_description_*.json")).read_text())
     assert desc["0.weight"] == "WFP8A16" and "0.weight_offset" not in desc
-    loaded = slimquant.load(out, model=factories["mlp"](seed=1))
+    loaded = slimquant.load(out, model=factories["mlp"](seed=1)).model
     assert loaded[0].weight.dtype == torch.float8_e4m3fn
     with torch.no_grad():
         assert torch.equal(loaded(x), mlp(x))
@@ -198,13 +198,13 @@ def test_truncated_checkpoint_weight_file_is_named(mlp_ckpt, factories):
     data = f.read_bytes()
     f.write_bytes(data[: len(data) // 2])
     with pytest.raises(SlimquantError, match=r"quant_model_weight_w8a16\.safetensors.*truncated"):
-        slimquant.load(mlp_ckpt, model=factories["mlp"]())
+        slimquant.load(mlp_ckpt, model=factories["mlp"]()).model
 
 
 def test_missing_checkpoint_weight_file_is_named(mlp_ckpt, factories):
     (mlp_ckpt / "quant_model_weight_w8a16.safetensors").unlink()
     with pytest.raises(SlimquantError, match=r"quant_model_weight_w8a16\.safetensors is missing"):
-        slimquant.load(mlp_ckpt, model=factories["mlp"]())
+        slimquant.load(mlp_ckpt, model=factories["mlp"]()).model
 
 
 def test_manifest_problems(mlp_ckpt, tmp_path):
@@ -225,14 +225,14 @@ def test_manifest_problems(mlp_ckpt, tmp_path):
 
 def test_checkpoint_onto_wrong_architecture_is_refused(mlp_ckpt, cnn):
     with pytest.raises(SlimquantError, match="does not exist in the model skeleton|does not match the model"):
-        slimquant.load(mlp_ckpt, model=cnn)
+        slimquant.load(mlp_ckpt, model=cnn).model
 
 
 def test_checkpoint_onto_wrong_shapes_is_refused(mlp_ckpt):
     wrong = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 64),
                                 torch.nn.ReLU(), torch.nn.Linear(64, 7))  # fmt: skip
     with pytest.raises(SlimquantError, match="does not match the model"):
-        slimquant.load(mlp_ckpt, model=wrong)
+        slimquant.load(mlp_ckpt, model=wrong).model
 
 
 def test_deq_scale_int64_round_trip_is_bit_exact() -> None:

@@ -105,8 +105,8 @@ def test_unknown_name_lists_embedded_models(tmp_path):
 
 def test_checkpoint_directory_is_loaded_in_deploy_mode(llama_dir, tmp_path, input_ids):
     lm = load_model(str(llama_dir))
-    slimquant.quantize(lm.model, Recipe(weight=QuantSpec("int4", Granularity.PER_GROUP, 32, True)), show_progress=False)
-    out = slimquant.save(lm.model, tmp_path / "q", tokenizer=lm.tokenizer)
+    lm_q = slimquant.quantize(lm.model, Recipe(weight=QuantSpec("int4", Granularity.PER_GROUP, 32, True)), show_progress=False)
+    out = slimquant.save(lm_q, tmp_path / "q", tokenizer=lm.tokenizer)
     q = load_model(str(out))
     assert q.kind == "causal_lm" and q.source == str(out)
     assert q.tokenizer is not None and len(q.tokenizer) == len(lm.tokenizer)
@@ -118,8 +118,8 @@ def test_checkpoint_directory_is_loaded_in_deploy_mode(llama_dir, tmp_path, inpu
 
 
 def test_truncated_checkpoint_is_named_by_load_model(llama, tmp_path):
-    slimquant.quantize(llama, Recipe(), show_progress=False)
-    out = slimquant.save(llama, tmp_path / "q")
+    llama_q = slimquant.quantize(llama, Recipe(), show_progress=False)
+    out = slimquant.save(llama_q, tmp_path / "q")
     f = out / "quant_model_weight_w8a16.safetensors"
     f.write_bytes(f.read_bytes()[:5000])
     with pytest.raises(SlimquantError, match=r"quant_model_weight_w8a16\.safetensors"):
@@ -127,8 +127,8 @@ def test_truncated_checkpoint_is_named_by_load_model(llama, tmp_path):
 
 
 def test_unknown_architecture_in_manifest(llama, tmp_path):
-    slimquant.quantize(llama, Recipe(), show_progress=False)
-    out = slimquant.save(llama, tmp_path / "q")
+    llama_q = slimquant.quantize(llama, Recipe(), show_progress=False)
+    out = slimquant.save(llama_q, tmp_path / "q")
     m = out / "slimquant_manifest.json"
     data = json.loads(m.read_text())
     data["model"]["architecture"] = "NoSuchModelForCausalLM"
@@ -143,8 +143,8 @@ def test_unknown_architecture_in_manifest(llama, tmp_path):
 
 def test_copied_checkpoint_loads_anywhere(llama, tmp_path, input_ids):
     """Nothing in a checkpoint points back to where it was written."""
-    slimquant.quantize(llama, Recipe(), show_progress=False)
-    out = slimquant.save(llama, tmp_path / "q")
+    llama_q = slimquant.quantize(llama, Recipe(), show_progress=False)
+    out = slimquant.save(llama_q, tmp_path / "q")
     moved = tmp_path / "elsewhere"
     shutil.move(str(out), str(moved))
     loaded = load_checkpoint(moved).model
@@ -155,8 +155,8 @@ def test_copied_checkpoint_loads_anywhere(llama, tmp_path, input_ids):
 def test_deploy_skeleton_has_no_float_weights(llama, tmp_path):
     from slimquant.models.loading import _hf_skeleton
 
-    slimquant.quantize(llama, Recipe(), show_progress=False)
-    out = slimquant.save(llama, tmp_path / "q")
+    llama_q = slimquant.quantize(llama, Recipe(), show_progress=False)
+    out = slimquant.save(llama_q, tmp_path / "q")
     skeleton, kind = _hf_skeleton(out, "LlamaForCausalLM", trust_remote_code=False)
     assert kind == "causal_lm"
     assert {p.device.type for p in skeleton.parameters()} == {"meta"}

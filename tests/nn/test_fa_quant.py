@@ -63,8 +63,8 @@ def test_attention_implementation_alone_changes_nothing(llama, input_ids):
 def test_quantize_calibrates_every_attention_and_round_trips(llama, calib, input_ids, tmp_path):
     with torch.no_grad():
         ref = llama(input_ids).logits
-    slimquant.quantize(llama, FA, calib_data=calib, show_progress=False)
-    report = llama.slimquant_report.attention
+    llama_q = slimquant.quantize(llama, FA, calib_data=calib, show_progress=False)
+    report = llama_q.report.attention
     assert report["quantized"] == ["model.layers.0.self_attn", "model.layers.1.self_attn"] and report["float"] == []
     attn = llama.model.layers[0].self_attn
     assert attn.fa_q.scale.shape == (4, 1) and attn.fa_k.scale.shape == (2, 1) and attn.fa_v.scale.shape == (2, 1)
@@ -72,12 +72,12 @@ def test_quantize_calibrates_every_attention_and_round_trips(llama, calib, input
         out = llama(input_ids).logits
     assert not torch.equal(out, ref)
     assert float((out - ref).abs().max()) < 0.05  # observed ~0.003 on the tiny model
-    slimquant.save(llama, tmp_path / "q")
+    slimquant.save(llama_q, tmp_path / "q")
     desc = json.loads((tmp_path / "q" / "quant_model_description_float.json").read_text())
     assert desc["fa_quant_type"] == "FAQuant"
     assert desc["model.layers.1.self_attn.fa_k.scale"] == "FAQuant" and desc["model.layers.1.self_attn.fa_k.offset"] == "FAQuant"
     assert desc["model.layers.1.self_attn.q_proj.weight"] == "FLOAT"
-    loaded = slimquant.load(tmp_path / "q")
+    loaded = slimquant.load(tmp_path / "q").model
     assert loaded.model.layers[1].self_attn.fa_v.offset.dtype == torch.int8
     with torch.no_grad():
         assert torch.equal(loaded(input_ids).logits, out)
@@ -87,16 +87,16 @@ def test_quantize_calibrates_every_attention_and_round_trips(llama, calib, input
 
 def test_fa_amp_leaves_the_most_sensitive_layers_float(llama, calib, tmp_path, input_ids):
     recipe = Recipe(fa=FA_INT8_PER_HEAD, fa_amp=1)  # with W8A16 weights
-    slimquant.quantize(llama, recipe, calib_data=calib, show_progress=False)
-    rep = llama.slimquant_report.attention
+    llama_q = slimquant.quantize(llama, recipe, calib_data=calib, show_progress=False)
+    rep = llama_q.report.attention
     errs = rep["relative_error"]
     assert len(rep["float"]) == 1 and rep["float"][0] == max(errs, key=errs.get)
     assert all(e > 0 for e in errs.values())
     assert not hasattr(llama.get_submodule(rep["float"][0]), "fa_q")
     assert fa_quant.quantized_attention(llama) == rep["quantized"]
-    slimquant.save(llama, tmp_path / "q")
+    slimquant.save(llama_q, tmp_path / "q")
     assert read_manifest(tmp_path / "q")["attention"]["modules"] == rep["quantized"]
-    loaded = slimquant.load(tmp_path / "q")
+    loaded = slimquant.load(tmp_path / "q").model
     assert fa_quant.quantized_attention(loaded) == rep["quantized"]
     with torch.no_grad():
         assert torch.equal(loaded(input_ids).logits, llama(input_ids).logits)
@@ -121,25 +121,25 @@ def test_bad_fa_recipes():
 
 def test_fa_needs_data_a_transformers_model_and_enough_layers(llama, mlp, calib):
     with pytest.raises(SlimquantError, match="needs calibration data"):
-        slimquant.quantize(llama, FA)
+        llama_q = slimquant.quantize(llama, FA)
     with pytest.raises(SlimquantError, match="needs a Hugging Face transformers model"):
         slimquant.quantize(mlp, FA, calib_data=[torch.randn(2, 64)])
     assert not any(isinstance(m, slimquant.nn.QLinear) for m in mlp.modules())  # refused before any change
     with pytest.raises(SlimquantError, match="fa_amp 3: the model has only 2 attention layer"):
-        slimquant.quantize(llama, Recipe(weight=None, fa=FA_INT8_PER_HEAD, fa_amp=3), calib_data=calib, show_progress=False)
+        llama_q = slimquant.quantize(llama, Recipe(weight=None, fa=FA_INT8_PER_HEAD, fa_amp=3), calib_data=calib, show_progress=False)
 
 
 def test_encoder_attention_quantizes_and_reloads(bert, tokenizer, input_ids, tmp_path):
     with torch.no_grad():
         ref = bert(input_ids).last_hidden_state
-    slimquant.quantize(bert, Recipe(fa=FA_INT8_PER_HEAD), calib_data=input_ids, show_progress=False)
-    assert bert.slimquant_report.attention["quantized"] == ["encoder.layer.0.attention.self", "encoder.layer.1.attention.self"]
+    bert_q = slimquant.quantize(bert, Recipe(fa=FA_INT8_PER_HEAD), calib_data=input_ids, show_progress=False)
+    assert bert_q.report.attention["quantized"] == ["encoder.layer.0.attention.self", "encoder.layer.1.attention.self"]
     with torch.no_grad():
         out = bert(input_ids).last_hidden_state
     assert float((out - ref).abs().max()) < 0.1  # W8A16 weights + int8 Q/K/V
-    slimquant.save(bert, tmp_path / "q", tokenizer=tokenizer)
+    slimquant.save(bert_q, tmp_path / "q", tokenizer=tokenizer)
     with torch.no_grad():
-        assert torch.equal(slimquant.load(tmp_path / "q")(input_ids).last_hidden_state, out)
+        assert torch.equal(slimquant.load(tmp_path / "q").model(input_ids).last_hidden_state, out)
 
 
 def test_observation_modes_are_restored_even_on_errors(llama, calib):

@@ -50,7 +50,7 @@ def test_fp8_llama_quantizes_saves_and_reloads(llama, tokenizer, eval_text, inpu
         ref = llama(input_ids).logits
     calib = calibration_windows(tokenizer, eval_text.split("\n"), 4, 16)
     recipe = Recipe(weight=W, input=input_spec)
-    slimquant.quantize(llama, recipe, calib_data=calib, show_progress=False)
+    llama_q = slimquant.quantize(llama, recipe, calib_data=calib, show_progress=False)
     q = llama.model.layers[0].self_attn.q_proj
     assert isinstance(q, QLinearFP8) and q.weight.dtype == torch.float8_e4m3fn
     with torch.no_grad():
@@ -59,7 +59,7 @@ def test_fp8_llama_quantizes_saves_and_reloads(llama, tokenizer, eval_text, inpu
         assert float((llama(input_ids).logits - out).abs().max()) < 1e-4
         q.kernel = "fast"
     assert float((out - ref).abs().max()) < 0.1 and not torch.equal(out, ref)
-    slimquant.save(llama, tmp_path / "q")
+    slimquant.save(llama_q, tmp_path / "q")
     qt = recipe.quant_type
     assert qt == ("wfp8afp8_dynamic" if input_spec.dynamic else "wfp8afp8")
     desc = json.loads((tmp_path / "q" / f"quant_model_description_{qt}.json").read_text())
@@ -67,7 +67,7 @@ def test_fp8_llama_quantizes_saves_and_reloads(llama, tokenizer, eval_text, inpu
     assert desc["model.layers.0.self_attn.q_proj.weight"] == label
     assert ("model.layers.0.self_attn.q_proj.input_scale" in desc) == (not input_spec.dynamic)
     with torch.no_grad():
-        assert torch.equal(slimquant.load(tmp_path / "q")(input_ids).logits, out)
+        assert torch.equal(slimquant.load(tmp_path / "q").model(input_ids).logits, out)
 
 
 def test_fp8_inputs_need_fp8_weights():

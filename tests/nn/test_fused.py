@@ -29,7 +29,8 @@ def _ids(vocab: int, n: int = 2, length: int = 24) -> torch.Tensor:
 def _quantized_pair(llama, input_spec: QuantSpec):  # noqa: ANN001
     """(unfused, fused) copies of ``llama`` quantized W8A8 with ``input_spec``."""
     ids = _ids(llama.config.vocab_size, 4)
-    fused = sq.quantize(copy.deepcopy(llama), Recipe(weight=W8, input=input_spec), calib_data=ids, show_progress=False)
+    fused = sq.quantize(copy.deepcopy(llama), Recipe(weight=W8, input=input_spec), calib_data=ids,
+                        show_progress=False).model  # fmt: skip
     unfused = copy.deepcopy(fused)
     for name, module in list(unfused.named_modules()):  # put the original modules back
         if isinstance(module, (FusedRMSNorm, FusedGatedMLP)):
@@ -180,18 +181,21 @@ def test_static_readers_with_different_ranges_keep_their_own_quantization(llama)
 
 
 def test_no_fusion_without_w8a8_or_a_known_architecture(llama, bert, mlp) -> None:  # noqa: ANN001
-    w8a16 = sq.quantize(copy.deepcopy(llama), Recipe(weight=W8), show_progress=False)
+    w8a16 = sq.quantize(copy.deepcopy(llama), Recipe(weight=W8), show_progress=False).model
     assert not any(isinstance(m, (FusedRMSNorm, FusedGatedMLP)) for m in w8a16.modules())
     ids = _ids(bert.config.vocab_size, 4)
-    b = sq.quantize(copy.deepcopy(bert), Recipe(weight=W8, input=DYNAMIC), calib_data=ids, show_progress=False)
+    b = sq.quantize(copy.deepcopy(bert), Recipe(weight=W8, input=DYNAMIC), calib_data=ids, show_progress=False).model
     assert fuse_w8a8_inputs(b) == 0  # BERT: LayerNorm, post-norm; not fused
     assert fuse_w8a8_inputs(mlp) == 0  # no architecture description
 
 
 def test_save_load_round_trip_of_a_fused_model(llama, tokenizer, tmp_path) -> None:  # noqa: ANN001
-    _, fused = _quantized_pair(llama, DYNAMIC)
-    sq.save(fused, tmp_path / "q", tokenizer=tokenizer)
-    loaded = sq.load(tmp_path / "q")
+    result = sq.quantize(llama, Recipe(weight=W8, input=DYNAMIC), calib_data=_ids(llama.config.vocab_size, 4),
+                         show_progress=False)  # fmt: skip
+    fused = result.model
+    assert isinstance(fused.model.layers[1].mlp, FusedGatedMLP)
+    sq.save(result, tmp_path / "q", tokenizer=tokenizer)
+    loaded = sq.load(tmp_path / "q").model
     assert isinstance(loaded.model.layers[1].mlp, FusedGatedMLP)
     ids = _ids(llama.config.vocab_size)
     assert torch.equal(_logits(loaded, ids), _logits(fused, ids))
@@ -222,7 +226,7 @@ def test_other_llama_family_models_fuse(arch: str) -> None:
     torch.manual_seed(0)
     model = model_cls(cfg).eval()
     ids = _ids(64, 4)
-    fused = sq.quantize(copy.deepcopy(model), Recipe(weight=W8, input=DYNAMIC), calib_data=ids, show_progress=False)
+    fused = sq.quantize(copy.deepcopy(model), Recipe(weight=W8, input=DYNAMIC), calib_data=ids, show_progress=False).model
     assert sum(isinstance(m, (FusedRMSNorm, FusedGatedMLP)) for m in fused.modules()) == 3 * 2
     reference = copy.deepcopy(fused)
     for m in reference.modules():

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 
 import pytest
@@ -50,24 +49,23 @@ def test_generate_with_the_int8_cache(llama, input_ids):
 
 
 def test_recipe_kv_reaches_eval_and_survives_save_load(llama, tokenizer, eval_text, tmp_path):
-    slimquant.quantize(llama, Recipe(kv=KV), show_progress=False)
-    assert slimquant.kv_cache(llama) is not None
-    with_kv = evaluate_lm(llama, tokenizer, eval_text, None, windows=2, seq_len=16, show_progress=False)
-    recipe = llama.slimquant_recipe
-    llama.slimquant_recipe = dataclasses.replace(recipe, kv=None)
+    llama_q = slimquant.quantize(llama, Recipe(kv=KV), show_progress=False)
+    assert slimquant.kv_cache(llama_q) is not None
+    with_kv = slimquant.evaluate(llama_q, tokenizer, eval_text, windows=2, seq_len=16)
     base = evaluate_lm(llama, tokenizer, eval_text, None, windows=2, seq_len=16, show_progress=False)
-    llama.slimquant_recipe = recipe
+    assert with_kv == evaluate_lm(llama, tokenizer, eval_text, None, windows=2, seq_len=16, show_progress=False, kv=KV)
     assert with_kv["perplexity"] != base["perplexity"]  # the cache was used ...
     assert abs(with_kv["perplexity"] / base["perplexity"] - 1) < 0.002  # ... and costs little (observed 7e-5)
-    slimquant.save(llama, tmp_path / "kv")
+    slimquant.save(llama_q, tmp_path / "kv")
     assert json.loads((tmp_path / "kv" / "slimquant_manifest.json").read_text())["recipe"]["kv"]["dynamic"] is True
     back = slimquant.load(tmp_path / "kv")
-    assert isinstance(slimquant.kv_cache(back), Int8KVCache)
+    assert isinstance(slimquant.kv_cache(back), Int8KVCache) and back.recipe.kv == KV
+    assert slimquant.evaluate(back, tokenizer, eval_text, windows=2, seq_len=16) == with_kv
 
 
 def test_no_kv_recipe_no_cache(llama):
-    slimquant.quantize(llama, Recipe(), show_progress=False)
-    assert slimquant.kv_cache(llama) is None
+    llama_q = slimquant.quantize(llama, Recipe(), show_progress=False)
+    assert slimquant.kv_cache(llama_q) is None
 
 
 # -- static per-channel scales (C8) ------------------------------------------------------------------
@@ -83,24 +81,24 @@ def calib(tokenizer, eval_text) -> torch.Tensor:
 def test_static_kv_cache_calibrates_per_channel_and_round_trips(llama, calib, input_ids, tmp_path):
     with torch.no_grad():
         ref = llama(input_ids).logits
-    slimquant.quantize(llama, Recipe(weight=None, kv=KV_STATIC), calib_data=calib, show_progress=False)
+    llama_q = slimquant.quantize(llama, Recipe(weight=None, kv=KV_STATIC), calib_data=calib, show_progress=False)
     k = llama.model.layers[0].self_attn.k_proj
     assert k.kv_cache_scale.shape == (2 * 16,) and k.kv_cache_offset.abs().sum() == 0  # 2 kv heads x head_dim 16
     scales = static_kv_scales(llama)
     assert len(scales) == 2 and scales[0][0].shape == (1, 2, 1, 16)
-    cache = slimquant.kv_cache(llama)
+    cache = slimquant.kv_cache(llama_q)
     with torch.no_grad():
         out = llama(input_ids, past_key_values=cache, use_cache=True).logits
     layer = cache.layers[0]
     assert isinstance(layer, StaticInt8KVLayer) and layer.keys.dtype == torch.int8
     assert cache.nbytes() == sum(2 * lay.keys.numel() for lay in cache.layers)  # 1 byte per element, no scales
     assert not torch.equal(out, ref) and float((out - ref).abs().max()) < 0.05
-    slimquant.save(llama, tmp_path / "q")
+    slimquant.save(llama_q, tmp_path / "q")
     desc = json.loads((tmp_path / "q" / "quant_model_description_float.json").read_text())
     assert desc["kv_quant_type"] == "C8" and desc["model.layers.1.self_attn.v_proj.kv_cache_offset"] == "C8"
     loaded = slimquant.load(tmp_path / "q")
     with torch.no_grad():
-        again = loaded(input_ids, past_key_values=slimquant.kv_cache(loaded), use_cache=True).logits
+        again = loaded.model(input_ids, past_key_values=slimquant.kv_cache(loaded), use_cache=True).logits
     assert torch.equal(again, out)
 
 
@@ -113,9 +111,9 @@ def test_static_kv_values_outside_the_calibrated_range_clamp(llama, calib):
 
 
 def test_static_kv_with_w8a16_generates(llama, calib, input_ids):
-    slimquant.quantize(llama, Recipe(kv=KV_STATIC), calib_data=calib, show_progress=False)
+    llama_q = slimquant.quantize(llama, Recipe(kv=KV_STATIC), calib_data=calib, show_progress=False)
     out = llama.generate(input_ids[:1, :4], max_new_tokens=5, min_new_tokens=5, do_sample=False,
-                         past_key_values=slimquant.kv_cache(llama))  # fmt: skip
+                         past_key_values=slimquant.kv_cache(llama_q))  # fmt: skip
     assert out.shape == (1, 9)
 
 

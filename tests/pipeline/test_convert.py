@@ -39,8 +39,8 @@ def test_disable_names_exact_glob_and_regex_keep_layers_float(llama, input_ids, 
         "model.layers.9.mlp",  # matches nothing
         "re:nothing_\\d+",  # matches nothing
     )
-    slimquant.quantize(llama, Recipe(disable_names=patterns), show_progress=False)
-    report = llama.slimquant_report
+    llama_q = slimquant.quantize(llama, Recipe(disable_names=patterns), show_progress=False)
+    report = llama_q.report
     assert report.unmatched_patterns == ("model.layers.9.mlp", "re:nothing_\\d+")
 
     float_names = {"model.layers.0.mlp.down_proj", "model.layers.0.mlp.up_proj", "model.layers.1.mlp.up_proj"}
@@ -51,23 +51,23 @@ def test_disable_names_exact_glob_and_regex_keep_layers_float(llama, input_ids, 
             assert report.skipped[name] == "disable_names"
         elif name.startswith("model.layers."):
             assert cls is QLinear, name
-    assert {row["name"] for row in report.layers} == {
+    assert {row.name for row in report.layers} == {
         f"model.layers.{i}.{s}" for i in (0, 1) for s in LINEARS
     } - float_names
 
     # The float layers survive save -> load as float, and outputs stay bit-identical.
-    loaded = slimquant.load(slimquant.save(llama, tmp_path / "out"))
+    loaded = slimquant.load(slimquant.save(llama_q, tmp_path / "out")).model
     assert _types(loaded) == _types(llama)
     with torch.no_grad():
         assert torch.equal(loaded(input_ids=input_ids).logits, llama(input_ids=input_ids).logits)
 
 
 def test_parent_name_covers_its_children(llama):
-    slimquant.quantize(llama, Recipe(disable_names=("model.layers.1.mlp",)), show_progress=False)
+    llama_q = slimquant.quantize(llama, Recipe(disable_names=("model.layers.1.mlp",)), show_progress=False)
     for s in ("gate_proj", "up_proj", "down_proj"):
         assert type(llama.get_submodule(f"model.layers.1.mlp.{s}")) is nn.Linear
     assert isinstance(llama.model.layers[0].mlp.gate_proj, QLinear)
-    assert llama.slimquant_report.unmatched_patterns == ()
+    assert llama_q.report.unmatched_patterns == ()
 
 
 def test_invalid_regex_is_refused(llama):
@@ -77,26 +77,26 @@ def test_invalid_regex_is_refused(llama):
 
 @pytest.mark.parametrize("disable_last_linear", [True, False])
 def test_disable_last_linear(disable_last_linear, llama, input_ids, tmp_path):
-    slimquant.quantize(llama, Recipe(disable_last_linear=disable_last_linear), show_progress=False)
+    llama_q = slimquant.quantize(llama, Recipe(disable_last_linear=disable_last_linear), show_progress=False)
     if disable_last_linear:
         assert type(llama.lm_head) is nn.Linear
-        assert llama.slimquant_report.skipped == {"lm_head": "disable_last_linear"}
+        assert llama_q.report.skipped == {"lm_head": "disable_last_linear"}
     else:
         assert isinstance(llama.lm_head, QLinear) and llama.lm_head.weight.dtype == torch.int8
-        assert "lm_head" in {r["name"] for r in llama.slimquant_report.layers}
-        assert llama.slimquant_report.skipped == {}
+        assert "lm_head" in {r.name for r in llama_q.report.layers}
+        assert llama_q.report.skipped == {}
     # The (float) embedding is untouched either way.
     assert type(llama.model.embed_tokens) is nn.Embedding
-    loaded = slimquant.load(slimquant.save(llama, tmp_path / "out"))
+    loaded = slimquant.load(slimquant.save(llama_q, tmp_path / "out")).model
     assert type(loaded.lm_head) is type(llama.lm_head)
     with torch.no_grad():
         assert torch.equal(loaded(input_ids=input_ids).logits, llama(input_ids=input_ids).logits)
 
 
 def test_disable_last_linear_on_plain_module_is_the_last_linear(mlp):
-    slimquant.quantize(mlp, Recipe(), show_progress=False)
+    mlp_q = slimquant.quantize(mlp, Recipe(), show_progress=False)
     assert [type(m) for m in mlp if not isinstance(m, nn.ReLU)] == [QLinear, QLinear, nn.Linear]
-    assert mlp.slimquant_report.skipped == {"4": "disable_last_linear"}
+    assert mlp_q.report.skipped == {"4": "disable_last_linear"}
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
@@ -132,10 +132,10 @@ def test_group_size_that_does_not_divide_names_the_layer(factories):
 
 
 def test_conv_layers_follow_include_conv(cnn):
-    slimquant.quantize(cnn, Recipe(include_conv=False), show_progress=False)
+    cnn_q = slimquant.quantize(cnn, Recipe(include_conv=False), show_progress=False)
     assert [type(m) for m in cnn if isinstance(m, (nn.Conv2d, QConv2d))] == [nn.Conv2d] * 3
     # the last linear is disabled too, so nothing at all was quantized
-    assert cnn.slimquant_report.layers == []
+    assert cnn_q.report.layers == []
 
 
 def test_conv_layers_are_quantized_by_default(cnn):
@@ -149,20 +149,20 @@ def test_report_rows_have_sqnr_ordered_by_bits(factories):
     rows = {}
     for bits in ("int8", "int4", "int2"):
         model = factories["mlp"](seed=0)
-        slimquant.quantize(model, Recipe(weight=QuantSpec(bits, G.PER_CHANNEL)), show_progress=False)
-        rows[bits] = model.slimquant_report.layers[0]
-        assert rows[bits]["name"] == "0" and rows[bits]["kind"] == "linear"
-        assert rows[bits]["spec"] == f"{bits} per-channel sym"
+        model_q = slimquant.quantize(model, Recipe(weight=QuantSpec(bits, G.PER_CHANNEL)), show_progress=False)
+        rows[bits] = model_q.report.layers[0]
+        assert rows[bits].name == "0" and rows[bits].kind == "linear"
+        assert rows[bits].spec == f"{bits} per-channel sym"
     # More bits, less error (observed 48.2 / 23.1 / 6.2 dB on this layer).
-    assert rows["int8"]["sqnr_db"] > rows["int4"]["sqnr_db"] + 15 > rows["int2"]["sqnr_db"] + 15
+    assert rows["int8"].sqnr_db > rows["int4"].sqnr_db + 15 > rows["int2"].sqnr_db + 15
 
 
 def test_clip_search_changes_the_scales_and_reduces_error(factories):
     spec = QuantSpec("int2", G.PER_GROUP, 32, False)
     plain, clipped = factories["mlp"](seed=0), factories["mlp"](seed=0)
-    slimquant.quantize(plain, Recipe(weight=spec), show_progress=False)
-    slimquant.quantize(clipped, Recipe(weight=spec, steps=(RTN(clip_search=True),)), show_progress=False)
+    plain_q = slimquant.quantize(plain, Recipe(weight=spec), show_progress=False)
+    clipped_q = slimquant.quantize(clipped, Recipe(weight=spec, steps=(RTN(clip_search=True),)), show_progress=False)
     assert not torch.equal(plain[0].weight_scale, clipped[0].weight_scale)
     # observed 10.3 dB with the search vs 9.6 dB without
-    assert clipped.slimquant_report.layers[0]["sqnr_db"] > plain.slimquant_report.layers[0]["sqnr_db"]
+    assert clipped_q.report.layers[0].sqnr_db > plain_q.report.layers[0].sqnr_db
     assert clipped[0].method == {"algorithm": "rtn", "clip_search": True}

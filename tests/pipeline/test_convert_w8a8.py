@@ -36,17 +36,17 @@ def test_static_w8a8_llama_round_trip(llama, calib, input_ids, tmp_path, act_obs
     with torch.no_grad():
         ref = llama(input_ids).logits
     recipe = Recipe(weight=W8, input=STATIC, act_observer=act_observer)
-    slimquant.quantize(llama, recipe, calib_data=calib, show_progress=False)
+    llama_q = slimquant.quantize(llama, recipe, calib_data=calib, show_progress=False)
     qlayers = {n: m for n, m in llama.named_modules() if isinstance(m, QLinearW8A8)}
     assert len(qlayers) == 14 and isinstance(llama.lm_head, nn.Linear)  # lm_head: disable_last_linear
-    rows = {r["name"]: r for r in llama.slimquant_report.layers}
-    assert all(rows[n]["input_rule"] in ("minmax", "histogram", "histogram_mse") for n in qlayers)
+    rows = {r.name: r for r in llama_q.report.layers}
+    assert all(rows[n].details["input_rule"] in ("minmax", "histogram", "histogram_mse") for n in qlayers)
     if act_observer != "auto":
-        assert {rows[n]["input_rule"] for n in qlayers} == {act_observer}
+        assert {rows[n].details["input_rule"] for n in qlayers} == {act_observer}
     with torch.no_grad():
         out = llama(input_ids).logits
     assert _kl(ref, out) < 1e-4  # observed 2.7e-6 on the random tiny model
-    slimquant.save(llama, tmp_path / "w8a8")
+    slimquant.save(llama_q, tmp_path / "w8a8")
     names = {p.name for p in (tmp_path / "w8a8").iterdir()}
     assert {"quant_model_weight_w8a8.safetensors", "quant_model_description_w8a8.json"} <= names
     desc = json.loads((tmp_path / "w8a8" / "quant_model_description_w8a8.json").read_text())
@@ -56,7 +56,7 @@ def test_static_w8a8_llama_round_trip(llama, calib, input_ids, tmp_path, act_obs
         assert desc[f"{layer}.{t}"] == "W8A8"
     assert desc["model.embed_tokens.weight"] == "FLOAT"
     assert json.loads((tmp_path / "w8a8" / "config.json").read_text())["quantize"] == "w8a8"
-    back = slimquant.load(tmp_path / "w8a8")
+    back = slimquant.load(tmp_path / "w8a8").model
     with torch.no_grad():
         assert torch.equal(back(input_ids).logits, out)
 
@@ -64,16 +64,16 @@ def test_static_w8a8_llama_round_trip(llama, calib, input_ids, tmp_path, act_obs
 def test_dynamic_w8a8_needs_no_calibration_and_reloads(llama, input_ids, tmp_path):
     with torch.no_grad():
         ref = llama(input_ids).logits
-    slimquant.quantize(llama, Recipe(weight=W8, input=DYNAMIC), show_progress=False)
+    llama_q = slimquant.quantize(llama, Recipe(weight=W8, input=DYNAMIC), show_progress=False)
     with torch.no_grad():
         out = llama(input_ids).logits
     assert _kl(ref, out) < 1e-4  # observed 1.4e-6
-    slimquant.save(llama, tmp_path / "dyn")
+    slimquant.save(llama_q, tmp_path / "dyn")
     desc = json.loads((tmp_path / "dyn" / "quant_model_description_w8a8_dynamic.json").read_text())
     assert desc["model_quant_type"] == "W8A8_DYNAMIC"
     assert desc["model.layers.1.mlp.down_proj.weight_scale"] == "W8A8_DYNAMIC"
     assert json.loads((tmp_path / "dyn" / "config.json").read_text())["quantize"] == "w8a8_dynamic"
-    back = slimquant.load(tmp_path / "dyn")
+    back = slimquant.load(tmp_path / "dyn").model
     with torch.no_grad():
         assert torch.equal(back(input_ids).logits, out)
 
@@ -124,24 +124,24 @@ def test_sigma_clipping_narrows_the_static_range(mlp):
     x = torch.randn(64, 64)
     x[0, 0] = 40.0  # one outlier
     plain, sigma = copy.deepcopy(mlp), copy.deepcopy(mlp)
-    slimquant.quantize(plain, Recipe(weight=W8, input=STATIC), calib_data=[x], show_progress=False)
-    slimquant.quantize(sigma, Recipe(weight=W8, input=STATIC, sigma_factor=3.0), calib_data=[x], show_progress=False)
-    r_plain = {r["name"]: r["input_range"] for r in plain.slimquant_report.layers}["0"]
-    r_sigma = {r["name"]: r["input_range"] for r in sigma.slimquant_report.layers}["0"]
+    plain_q = slimquant.quantize(plain, Recipe(weight=W8, input=STATIC), calib_data=[x], show_progress=False)
+    sigma_q = slimquant.quantize(sigma, Recipe(weight=W8, input=STATIC, sigma_factor=3.0), calib_data=[x], show_progress=False)
+    r_plain = {r.name: r.details["input_range"] for r in plain_q.report.layers}["0"]
+    r_sigma = {r.name: r.details["input_range"] for r in sigma_q.report.layers}["0"]
     assert r_plain[1] == pytest.approx(40.0)
     assert r_sigma[1] < 5.0  # mean + 3 std of this data is about 3.3
 
 
 def test_conv_layers_stay_float_under_w8a8(cnn):
-    slimquant.quantize(cnn, Recipe(weight=W8, input=DYNAMIC), show_progress=False)
-    report = cnn.slimquant_report
+    cnn_q = slimquant.quantize(cnn, Recipe(weight=W8, input=DYNAMIC), show_progress=False)
+    report = cnn_q.report
     assert any("Conv2d stays float" in why for why in report.skipped.values())
     assert isinstance(cnn[0], nn.Conv2d)
 
 
 def test_manifest_records_the_input_spec(llama, calib, tmp_path):
-    slimquant.quantize(llama, Recipe(weight=W8, input=STATIC), calib_data=calib, show_progress=False)
-    slimquant.save(llama, tmp_path / "m")
+    llama_q = slimquant.quantize(llama, Recipe(weight=W8, input=STATIC), calib_data=calib, show_progress=False)
+    slimquant.save(llama_q, tmp_path / "m")
     entry = read_manifest(tmp_path / "m")["layers"]["model.layers.0.mlp.up_proj"]
     assert entry["module"] == "QLinearW8A8"
     assert QuantSpec.from_dict(entry["args"]["input_spec"]) == STATIC

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from slimquant import GPTQ, RTN, LayerOverride, QuantSpec, Recipe, SlimquantError, SmoothQuant
+from slimquant.nn import QModule
 from slimquant.pipeline import LayerPlan, convert, plan, quantized
 
 W4 = QuantSpec("int4", "per_group", 32, symmetric=False)
@@ -47,8 +48,9 @@ def test_quantized_layer_by_layer_restores_the_float_model(llama, calib, input_i
     layers, _ = plan(llama, recipe)
     errors = {}
     for lp in layers[:4]:
-        with quantized(llama, recipe, [lp]) as report:
-            assert [r["name"] for r in report.layers] == [lp.name]
+        with quantized(llama, recipe, [lp]) as result:
+            assert result.model is llama and result.recipe is recipe
+            assert [r.name for r in result.report.layers] == [lp.name]
             assert type(llama.get_submodule(lp.name)).__name__ == "QLinear"
             with torch.no_grad():
                 errors[lp.name] = float((llama(input_ids).logits - ref).abs().max())
@@ -56,7 +58,7 @@ def test_quantized_layer_by_layer_restores_the_float_model(llama, calib, input_i
     assert all(e > 0 for e in errors.values())  # each one changed the output while it was quantized
     after = _state(llama)
     assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
-    assert "slimquant_recipe" not in vars(llama)
+    assert not any(isinstance(m, QModule) for m in llama.modules())
     with torch.no_grad():
         assert torch.equal(llama(input_ids).logits, ref)
 

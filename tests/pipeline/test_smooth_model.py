@@ -47,13 +47,13 @@ def test_smoothing_alone_keeps_the_float_model_function(outlier_llama, calib, in
     recipe = Recipe(weight=W8, input=STATIC, steps=(method, RTN()))
     rows = run_model_steps(outlier_llama, recipe, calib, show_progress=False)
     assert len(rows) == 6  # 3 groups x 2 layers
-    assert rows[0]["prev"] == "model.layers.0.input_layernorm" and rows[0]["linears"][0].endswith("q_proj")
+    assert rows[0].prev == "model.layers.0.input_layernorm" and rows[0].linears[0].endswith("q_proj")
+    assert {r.step for r in rows} == {method.TYPE}
     with torch.no_grad():
         out = outlier_llama(input_ids).logits
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
-    smoothed = [r for r in rows if r["alpha"] is not None]
-    assert smoothed and all(r["act_absmax_after"] < r["act_absmax_before"] for r in smoothed
-                            if r["prev"].endswith("layernorm"))  # fmt: skip
+    smoothed = [r.values for r in rows if r.values["alpha"] is not None and r.prev.endswith("layernorm")]
+    assert smoothed and all(r["act_absmax_after"] < r["act_absmax_before"] for r in smoothed)
 
 
 def test_m1_beats_no_smoothing_on_outlier_channels(outlier_llama, calib, input_ids):
@@ -72,20 +72,20 @@ def test_m1_beats_no_smoothing_on_outlier_channels(outlier_llama, calib, input_i
 def test_m4_never_picks_worse_than_no_smoothing_on_its_sample(outlier_llama, calib):
     rows = run_model_steps(outlier_llama, Recipe(weight=W8, input=DYNAMIC, steps=(SmoothQuantSearch(), RTN())), calib,
                            show_progress=False)
-    for r in rows:
+    for r in (row.values for row in rows):
         chosen = "none" if r["alpha"] is None else str(r["alpha"])
         assert r["errors"][chosen] == min(r["errors"].values())
         assert set(r["errors"]) == {"none", "0.3", "0.4", "0.5", "0.6", "0.7", "0.8", "0.9"}
 
 
 def test_smoothing_report_and_reload(outlier_llama, calib, input_ids, tmp_path):
-    slimquant.quantize(outlier_llama, Recipe(weight=W8, input=DYNAMIC, steps=(SmoothQuant(alpha=0.6), RTN())),
+    outlier_llama_q = slimquant.quantize(outlier_llama, Recipe(weight=W8, input=DYNAMIC, steps=(SmoothQuant(alpha=0.6), RTN())),
                        calib_data=calib, show_progress=False)  # fmt: skip
-    assert {r["alpha"] for r in outlier_llama.slimquant_report.smoothing} == {0.6}
+    assert {r.values["alpha"] for r in outlier_llama_q.report.steps} == {0.6}
     with torch.no_grad():
         out = outlier_llama(input_ids).logits
-    slimquant.save(outlier_llama, tmp_path / "sq")
-    back = slimquant.load(tmp_path / "sq")  # smoothed norms are float tensors of the checkpoint
+    slimquant.save(outlier_llama_q, tmp_path / "sq")
+    back = slimquant.load(tmp_path / "sq").model  # smoothed norms are float tensors of the checkpoint
     with torch.no_grad():
         assert torch.equal(back(input_ids).logits, out)
 
@@ -104,7 +104,7 @@ def test_m2_gamma_migration_keeps_the_function_and_sets_norms_to_one(outlier_lla
         ref = outlier_llama(input_ids).logits
     rows = run_model_steps(outlier_llama, Recipe(weight=W8, input=STATIC, steps=(GammaMigration(), RTN())), calib,
                            show_progress=False)
-    assert [r["prev"].rsplit(".", 1)[1] for r in rows] == ["input_layernorm", "post_attention_layernorm"] * 2
+    assert [r.prev.rsplit(".", 1)[1] for r in rows] == ["input_layernorm", "post_attention_layernorm"] * 2
     for layer in outlier_llama.model.layers:
         assert torch.equal(layer.input_layernorm.weight, torch.ones_like(layer.input_layernorm.weight))
     with torch.no_grad():
@@ -115,8 +115,8 @@ def test_m2_with_token_clipping_end_to_end(outlier_llama, calib, input_ids, tmp_
     with torch.no_grad():
         ref = outlier_llama(input_ids).logits
     recipe = Recipe(weight=W8, input=STATIC, act_observer="token_clip", steps=(GammaMigration(), RTN()))
-    slimquant.quantize(outlier_llama, recipe, calib_data=calib, show_progress=False)
-    rules = {r["input_rule"] for r in outlier_llama.slimquant_report.layers}
+    outlier_llama_q = slimquant.quantize(outlier_llama, recipe, calib_data=calib, show_progress=False)
+    rules = {r.details["input_rule"] for r in outlier_llama_q.report.layers}
     assert rules and all(r.startswith("token_clip ") for r in rules)
     with torch.no_grad():
         assert _kl(ref, outlier_llama(input_ids).logits) < 1e-4  # observed 3.9e-5 (no smoothing: 1.3e-4)

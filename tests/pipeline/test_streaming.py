@@ -58,15 +58,15 @@ def test_streaming_writes_the_in_memory_checkpoint(make_llama_dir, calib, tmp_pa
     recipe = RECIPES[name]
     data = calib if recipe.needs_calibration else None
     lm = load_model(str(src))
-    slimquant.quantize(lm.model, recipe, calib_data=data, show_progress=False)
-    slimquant.save(lm.model, tmp_path / "mem")
+    lm_q = slimquant.quantize(lm.model, recipe, calib_data=data, show_progress=False)
+    slimquant.save(lm_q, tmp_path / "mem")
     sm = open_streaming(src)
     assert all(p.is_meta for p in sm.blocks.parameters())
-    slimquant.quantize(sm.model, recipe, calib_data=data, show_progress=False, stream=sm, work_dir=tmp_path / "work")
+    sm_q = slimquant.quantize(sm.model, recipe, calib_data=data, show_progress=False, stream=sm, work_dir=tmp_path / "work")
     assert sm.max_loaded == 1 and not sm.loaded  # one block in memory at a time, none left
-    slimquant.save(sm.model, tmp_path / "stream")
+    slimquant.save(sm_q, tmp_path / "stream")
     _same_checkpoint(tmp_path / "mem", tmp_path / "stream")
-    assert len(sm.model.slimquant_report.layers) == len(lm.model.slimquant_report.layers)
+    assert len(sm_q.report.layers) == len(lm_q.report.layers)
 
 
 def test_peak_blocks_do_not_grow_with_depth(make_llama_dir, calib, tmp_path):
@@ -95,9 +95,9 @@ def test_resume_after_a_kill_gives_the_same_checkpoint(make_llama_dir, calib, tm
             model, kw = sm.model, {"stream": sm}
         else:
             model, kw = load_model(str(src)).model, {}
-        slimquant.quantize(model, recipe, calib_data=calib, show_progress=False, work_dir=work, **kw)
-        slimquant.save(model, out)
-        return model
+        model_q = slimquant.quantize(model, recipe, calib_data=calib, show_progress=False, work_dir=work, **kw)
+        slimquant.save(model_q, out)
+        return model_q
 
     run(tmp_path / "once", tmp_path / "w_once")
     real_save = workdir_mod.WorkDir.save_block
@@ -115,10 +115,10 @@ def test_resume_after_a_kill_gives_the_same_checkpoint(make_llama_dir, calib, tm
     solved = []
     real_solve = __import__("slimquant.pipeline.sequential", fromlist=["_solve_layer"])._solve_layer
     monkeypatch.setattr("slimquant.pipeline.sequential._solve_layer", lambda m, lp, *a: solved.append(lp.name) or real_solve(m, lp, *a))
-    model = run(tmp_path / "twice", tmp_path / "w")
+    result = run(tmp_path / "twice", tmp_path / "w")
     assert solved and all(".layers.2." in n or ".layers.3." in n for n in solved)  # blocks 0, 1 were restored
     _same_checkpoint(tmp_path / "once", tmp_path / "twice")
-    assert len(model.slimquant_report.layers) == 4 * 7 and len(model.slimquant_report.smoothing) == 4 * 3
+    assert len(result.report.layers) == 4 * 7 and len(result.report.steps_of("awq")) == len(result.report.steps) == 4 * 3
 
 
 def test_a_work_directory_from_another_recipe_is_refused(make_llama_dir, calib, tmp_path):
@@ -143,10 +143,10 @@ def test_streaming_refusals_and_bad_tensors(make_llama_dir, calib, tmp_path):
     src = make_llama_dir("m")
     sm = open_streaming(src)
     with pytest.raises(SlimquantError, match="work_dir"):
-        slimquant.quantize(sm.model, RECIPES["gptq"], calib_data=calib, show_progress=False, stream=sm)
+        sm_q = slimquant.quantize(sm.model, RECIPES["gptq"], calib_data=calib, show_progress=False, stream=sm)
     w8a8 = Recipe(weight=QuantSpec("int8", "per_channel"), input=QuantSpec("int8", "per_token", dynamic=True))
     with pytest.raises(NotSupportedYet, match="weight-only"):
-        slimquant.quantize(sm.model, w8a8, show_progress=False, stream=sm, work_dir=tmp_path / "w")
+        sm_q = slimquant.quantize(sm.model, w8a8, show_progress=False, stream=sm, work_dir=tmp_path / "w")
     # a NaN in a block's weights is named when that block is read
     from safetensors.torch import load_file, save_file
 
@@ -156,7 +156,7 @@ def test_streaming_refusals_and_bad_tensors(make_llama_dir, calib, tmp_path):
     save_file(tensors, str(f), metadata={"format": "pt"})
     sm = open_streaming(src)
     with pytest.raises(SlimquantError, match=r"model.layers.1.mlp.up_proj.weight has 1 NaN"):
-        slimquant.quantize(sm.model, RECIPES["gptq"], calib_data=calib, show_progress=False, stream=sm,
+        sm_q = slimquant.quantize(sm.model, RECIPES["gptq"], calib_data=calib, show_progress=False, stream=sm,
                            work_dir=tmp_path / "w2")  # fmt: skip
     with pytest.raises(SlimquantError, match="Hugging Face model directory.*is not one"):
         open_streaming(tmp_path / "nowhere")
@@ -170,8 +170,8 @@ def test_activations_spill_to_disk_past_the_budget(make_llama_dir, calib, tmp_pa
     src = make_llama_dir("m", layers=3)
     recipe = Recipe(weight=W4, steps=(GPTQ(),))
     lm = load_model(str(src))
-    slimquant.quantize(lm.model, recipe, calib_data=calib, show_progress=False)
-    slimquant.save(lm.model, tmp_path / "mem")
+    lm_q = slimquant.quantize(lm.model, recipe, calib_data=calib, show_progress=False)
+    slimquant.save(lm_q, tmp_path / "mem")
     spilled = []
     real = sequential.BlockInputs._store
 
@@ -186,9 +186,9 @@ def test_activations_spill_to_disk_past_the_budget(make_llama_dir, calib, tmp_pa
         model, kw = sm.model, {"stream": sm, "work_dir": tmp_path / "w"}
     else:
         model, kw = load_model(str(src)).model, {}
-    slimquant.quantize(model, recipe, calib_data=calib, show_progress=False, max_activation_gb=1e-7, **kw)
+    model_q = slimquant.quantize(model, recipe, calib_data=calib, show_progress=False, max_activation_gb=1e-7, **kw)
     assert spilled and all(spilled)  # 4 windows x 16 tokens x 64 floats = 16 kB > 100 bytes
-    slimquant.save(model, tmp_path / "spill")
+    slimquant.save(model_q, tmp_path / "spill")
     _same_checkpoint(tmp_path / "mem", tmp_path / "spill")
     if stream:
         assert not (tmp_path / "w" / "activations").exists()  # scratch, removed at the end

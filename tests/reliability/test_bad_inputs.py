@@ -116,8 +116,8 @@ def test_nan_in_a_norm_or_embedding_is_refused_by_the_api(llama, tensor, algorit
 def w4_ckpt(model_dir, tmp_path) -> Path:
     lm = load_model(str(model_dir))
     recipe = Recipe(weight=slimquant.QuantSpec("int4", "per_group", 32, symmetric=False))
-    slimquant.quantize(lm.model, recipe, show_progress=False)
-    return slimquant.save(lm.model, tmp_path / "ckpt", tokenizer=lm.tokenizer)
+    lm_q = slimquant.quantize(lm.model, recipe, show_progress=False)
+    return slimquant.save(lm_q, tmp_path / "ckpt", tokenizer=lm.tokenizer)
 
 
 WFILE = "quant_model_weight_w4a16.safetensors"
@@ -132,7 +132,7 @@ QW = "model.layers.0.self_attn.q_proj"
 def test_relabelled_checkpoint_tensors_are_refused(cli, w4_ckpt, tmp_path, tensor, dtype):
     rewrite_header(w4_ckpt / WFILE, lambda h: h[tensor].update(dtype=dtype))
     with pytest.raises(SlimquantError, match=tensor.replace(".", r"\.")) as ei:
-        slimquant.load(w4_ckpt)
+        slimquant.load(w4_ckpt).model
     if dtype == "I8":
         assert "stored as int8, its layer (manifest) stores uint8" in str(ei.value)
     r = cli("eval", "--model", w4_ckpt, "--text", tmp_path / "eval.txt")
@@ -151,7 +151,7 @@ def test_checkpoint_scales_of_another_float_type_are_refused(w4_ckpt, dtype):
     name = f"{QW}.weight_scale"
     _rewrite_tensor(w4_ckpt, name, load_file(str(w4_ckpt / WFILE))[name].to(dtype))
     with pytest.raises(SlimquantError, match=rf"{name} is stored as {str(dtype)[6:]}, its layer \(manifest\) stores float32"):
-        slimquant.load(w4_ckpt)
+        slimquant.load(w4_ckpt).model
 
 
 def test_checkpoint_nan_scale_is_refused(cli, w4_ckpt, tmp_path):
@@ -176,11 +176,11 @@ def test_checkpoint_with_a_missing_or_extra_tensor_is_refused(w4_ckpt):
     extra = dict(w, **{"model.layers.0.surprise": torch.zeros(2)})
     save_file(extra, str(w4_ckpt / WFILE), metadata={"format": "pt"})
     with pytest.raises(SlimquantError, match=r"model\.layers\.0\.surprise is not part of the model"):
-        slimquant.load(w4_ckpt)
+        slimquant.load(w4_ckpt).model
     w.pop(f"{QW}.weight_offset")
     save_file(w, str(w4_ckpt / WFILE), metadata={"format": "pt"})
     with pytest.raises(SlimquantError, match=rf"{QW}\.weight_offset is missing"):
-        slimquant.load(w4_ckpt)
+        slimquant.load(w4_ckpt).model
 
 
 # -- 6. manifest file names -----------------------------------------------------------------------------------------
@@ -282,10 +282,10 @@ def test_bad_numbers_are_refused_before_any_work(capsys, model_dir, tmp_path, fl
 
 
 def test_part_file_size_nan_from_the_api_is_refused_before_writing(llama, tmp_path):
-    slimquant.quantize(llama, Recipe(), show_progress=False)
+    llama_q = slimquant.quantize(llama, Recipe(), show_progress=False)
     for bad in (float("nan"), float("inf"), 0.0):
         with pytest.raises(SlimquantError, match="part_file_size"):
-            slimquant.save(llama, tmp_path / "q", part_file_size=bad)
+            slimquant.save(llama_q, tmp_path / "q", part_file_size=bad)
     assert [p.name for p in tmp_path.iterdir()] == ["eval.txt"]
 
 

@@ -87,11 +87,11 @@ def test_overwrite_replaces_only_our_checkpoints(cli, model_dir, tmp_path):
 
 def test_api_save_never_replaces_the_models_source(model_dir, tmp_path):
     lm = load_model(str(model_dir))
-    slimquant.quantize(lm.model, Recipe(), show_progress=False)
+    lm_q = slimquant.quantize(lm.model, Recipe(), show_progress=False)
     before = snapshot(tmp_path)
     for target in (model_dir, tmp_path, model_dir / "sub"):
         with pytest.raises(SlimquantError, match="input"):
-            slimquant.save(lm.model, target, force_overwrite=True)
+            slimquant.save(lm_q, target, force_overwrite=True)
     assert snapshot(tmp_path) == before
 
 

@@ -88,6 +88,6 @@ def test_demo_overwrites_its_own_checkpoint(cli, model_dir, tmp_path, eval_text)
 
 def test_save_creates_missing_parents_as_save_pretrained_does(mlp, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    slimquant.quantize(mlp, Recipe(), show_progress=False)
-    slimquant.save(mlp, "out/deeper/mlp-w8")  # the README's example, from an empty directory
+    mlp_q = slimquant.quantize(mlp, Recipe(), show_progress=False)
+    slimquant.save(mlp_q, "out/deeper/mlp-w8")  # the README's example, from an empty directory
     assert (tmp_path / "out" / "deeper" / "mlp-w8" / "slimquant_manifest.json").is_file()

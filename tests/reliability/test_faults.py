@@ -77,7 +77,7 @@ def test_sigkill_during_the_final_save_then_rerun(model_dir, tmp_path):
     assert (target / "quant_model_weight_w8a16.safetensors").is_file()
     after = snapshot(tmp_path, skip=(target.parent,))
     assert after == {k: v for k, v in before.items()}  # nothing else changed
-    assert slimquant.load(target) is not None
+    assert slimquant.load(target).model is not None
 
 
 def test_sigterm_during_the_final_save_is_handled_like_ctrl_c(model_dir, tmp_path):
@@ -180,7 +180,7 @@ def test_the_lock_is_reentrant_in_one_process(tmp_path):
 
 
 def test_files_and_directories_are_fsynced_before_the_rename(llama, tmp_path, monkeypatch):
-    slimquant.quantize(llama, Recipe(), show_progress=False)
+    result = slimquant.quantize(llama, Recipe(), show_progress=False)
     synced: list[str] = []
     real = os.fsync
 
@@ -189,7 +189,7 @@ def test_files_and_directories_are_fsynced_before_the_rename(llama, tmp_path, mo
         return real(fd)
 
     monkeypatch.setattr(os, "fsync", fsync)
-    out = slimquant.save(llama, tmp_path / "q")
+    out = slimquant.save(result, tmp_path / "q")
     names = {Path(p).name for p in synced}
     for f in out.iterdir():
         assert any(n == f.name for n in names), f.name  # every file (under its temporary name's directory)

@@ -191,7 +191,7 @@ def _awq_apply(model: nn.Module, step: Step, recipe: Recipe, prefix: str, plans:
         with torch.no_grad():
             res = awq_search(mean_abs, h, [input_weight(m).detach() for m in linears], specs, step.grid)
             apply_smoothing(model.get_submodule(prev_name), linears, res.scales)
-            row: dict[str, Any] = {"method": "awq", "prev": prev_name, "linears": list(lin_names), "ratio": res.ratio,
+            row: dict[str, Any] = {"prev": prev_name, "linears": list(lin_names), "ratio": res.ratio,
                                    "output_error": res.errors[res.ratio], "output_error_unscaled": res.errors[0.0],
                                    "tokens": count}  # fmt: skip
             if _awq_clips(step, recipe):

@@ -49,19 +49,19 @@ def run(args: argparse.Namespace) -> int:
     spec = QuantSpec("int4", Granularity.PER_GROUP, args.group_size, symmetric=False, zero_point="float")
     recipe = Recipe(weight=spec, steps=(RTN(clip_search=True),))
     t0 = time.perf_counter()
-    api.quantize(model, recipe)
+    result = api.quantize(model, recipe)
     qtime = time.perf_counter() - t0
     with tempfile.TemporaryDirectory() as tmp:
         out = args.save_directory or f"{tmp}/{args.model}-w4a16"
-        api.save(model, out, tokenizer=float_lm.tokenizer, overwrite=args.overwrite, protect=protect)
+        api.save(result, out, tokenizer=float_lm.tokenizer, overwrite=args.overwrite, protect=protect)
         t1 = time.perf_counter()
         q = load_model(out)
         load_time = time.perf_counter() - t1
         ckpt = checkpoint_bytes(out)
         fl = evaluate_lm(float_lm.model, float_lm.tokenizer, text, None, args.windows, args.seq_len)
-        qu = evaluate_lm(q.model, q.tokenizer, text, float_lm.model, args.windows, args.seq_len)
+        qu = evaluate_lm(q.model, q.tokenizer, text, float_lm.model, args.windows, args.seq_len, kv=q.recipe.kv)
         float_gen = generate_text(float_lm.model, float_lm.tokenizer, PROMPT)
-        quant_gen = generate_text(q.model, q.tokenizer, PROMPT)
+        quant_gen = generate_text(q.model, q.tokenizer, PROMPT, kv=q.recipe.kv)
     fbytes = model_bytes(float_lm.model)
     mib = 2**20
     print()

@@ -58,7 +58,8 @@ def run_eval(args: argparse.Namespace) -> int:
     if lm.kind == "encoder":
         res = evaluate_encoder(lm.model, lm.tokenizer, text, ref, sentences=args.sentences)
     else:
-        res = evaluate_lm(lm.model, lm.tokenizer, text, ref, windows=args.windows, seq_len=args.seq_len)
+        kv = lm.recipe.kv if lm.recipe is not None else None  # a checkpoint with an int8 KV cache runs with it
+        res = evaluate_lm(lm.model, lm.tokenizer, text, ref, windows=args.windows, seq_len=args.seq_len, kv=kv)
     res = {"model": args.model, "reference": args.reference, "text": args.text, **res}
     if args.json:
         print(json.dumps(res, indent=2))

@@ -167,13 +167,14 @@ def _run(args: argparse.Namespace, recipe: Recipe, protect: list[Path], target: 
     if blockwise:
         log.info("finished blocks are kept in %s until the checkpoint is written (rerun the same command to resume)",
                  work_dir)  # fmt: skip
-    api.quantize(lm.model, recipe, calib_data=calib, stream=stream, work_dir=work_dir if blockwise else None,
-                 max_activation_gb=args.max_activation_gb)  # fmt: skip
+    result = api.quantize(lm.model, recipe, calib_data=calib, stream=stream, work_dir=work_dir if blockwise else None,
+                          max_activation_gb=args.max_activation_gb)  # fmt: skip
     qtime = time.perf_counter() - t1
     if stream is None:
         lm.model.to("cpu")
-    report = lm.model.slimquant_report
-    api.save(lm.model, target, tokenizer=lm.tokenizer, part_file_size=args.part_file_size,
+    report = result.report
+    assert report is not None
+    api.save(result, target, tokenizer=lm.tokenizer, part_file_size=args.part_file_size,
          overwrite=args.overwrite, force_overwrite=args.force_overwrite, protect=protect)  # fmt: skip
     if (work_dir / "state.json").is_file():  # ours, and no longer needed: the checkpoint is complete
         import shutil
@@ -196,8 +197,8 @@ def _run(args: argparse.Namespace, recipe: Recipe, protect: list[Path], target: 
         fl = report.attention["float"]
         print(f"  attention Q/K/V int8 per head in {len(report.attention['quantized'])} layer(s)"
               + (f"; float (fa_amp): {', '.join(fl)}" if fl else ""))  # fmt: skip
-    awq = [r for r in report.smoothing if r.get("method") == "awq"]
-    smoothed = [r for r in report.smoothing if "alpha" in r]
+    awq = [r.values for r in report.steps_of("awq")]
+    smoothed = [r.values for r in report.steps if "alpha" in r.values]
     if awq:
         ratios = [r["ratio"] for r in awq]
         gain = sum(r["output_error_unscaled"] for r in awq) / max(sum(r["output_error"] for r in awq), 1e-30)
@@ -213,11 +214,11 @@ def _run(args: argparse.Namespace, recipe: Recipe, protect: list[Path], target: 
         print(f"  tied: {name} shares the quantized {emb}")
     for p in report.unmatched_patterns:
         print(f"  warning: --disable_names pattern {p!r} matched no layer")
-    errs = [r for r in report.layers if r.get("output_error") is not None]
+    errs = [r for r in report.layers if r.output_error is not None]
     if errs:
-        worst = sorted(errs, key=lambda r: r["output_error"], reverse=True)[:5]
+        worst = sorted(errs, key=lambda r: r.output_error, reverse=True)[:5]  # type: ignore[arg-type,return-value]
         print("  largest relative output errors on the calibration data: "
-              + ", ".join(f"{r['name']} {r['output_error']:.2e}" for r in worst))  # fmt: skip
+              + ", ".join(f"{r.name} {r.output_error:.2e}" for r in worst))  # fmt: skip
     print(f"checkpoint: {args.save_directory} {size / 2**20:.1f} MiB (float model {float_bytes / 2**20:.1f} MiB, "
           f"{size / float_bytes:.3f}x); per-layer report: quantize_report.md / .json there")  # fmt: skip
     return 0

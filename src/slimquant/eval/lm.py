@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 
 from slimquant.errors import SlimquantError
 from slimquant.math.metrics import cosine_similarity, kl_divergence, top1_agreement
+from slimquant.types.spec import QuantSpec
 
 log = logging.getLogger(__name__)
 
@@ -42,18 +43,20 @@ def evaluate_lm(
     windows: int = 8,
     seq_len: int = 512,
     show_progress: bool = True,
+    kv: QuantSpec | None = None,
 ) -> dict[str, Any]:
     """Perplexity of ``model`` on ``text``; with ``reference``, also per-token KL and top-1 agreement.
 
     Every position of every window except the last predicts the next token (``W * (L - 1)`` tokens).
-    KL is KL(P_reference || P_model) in nats, averaged over those positions.
+    KL is KL(P_reference || P_model) in nats, averaged over those positions. ``kv``: the recipe's KV-cache spec
+    (``QuantizationResult.recipe.kv``) when the model runs with an int8 KV cache (see :func:`kv_cache_kwargs`).
     """
     batches = token_windows(tokenizer, text, seq_len, windows)
     nll = kl = agree = ref_nll = 0.0
     count = 0
     for ids in tqdm(batches, desc="eval windows", disable=not show_progress, unit="win"):
         x = ids.unsqueeze(0)
-        logits = model(input_ids=x, **kv_cache_kwargs(model)).logits[0, :-1].float()
+        logits = model(input_ids=x, **kv_cache_kwargs(model, kv)).logits[0, :-1].float()
         target = ids[1:]
         nll += float(torch.nn.functional.cross_entropy(logits, target, reduction="sum"))
         if reference is not None:
@@ -106,28 +109,33 @@ def evaluate_encoder(
     return out
 
 
-def kv_cache_kwargs(model: nn.Module) -> dict[str, Any]:
-    """``{"past_key_values": Int8KVCache(...), "use_cache": True}`` (dynamic, or with the model's static
-    per-channel scales) when the model's recipe quantizes the KV cache (so prefill attention sees the quantized cache too), else ``{}``."""
-    recipe = getattr(model, "slimquant_recipe", None)
-    if recipe is None or recipe.kv is None:
+def kv_cache_kwargs(model: nn.Module, kv: QuantSpec | None) -> dict[str, Any]:
+    """``{"past_key_values": Int8KVCache(...), "use_cache": True}`` (dynamic, or with ``model``'s static per-channel
+    scales) when ``kv`` (the recipe's KV-cache spec) quantizes the KV cache, so prefill attention sees the quantized
+    cache too; ``{}`` for None."""
+    if kv is None:
         return {}
     from slimquant.nn.kv_cache import Int8KVCache, static_kv_scales
-    from slimquant.types.spec import KV_INT8_STATIC
+    from slimquant.types.spec import KV_INT8_DYNAMIC, KV_INT8_STATIC
 
-    if recipe.kv == KV_INT8_STATIC:
+    if kv not in (KV_INT8_STATIC, KV_INT8_DYNAMIC):
+        raise SlimquantError(f"KV-cache spec {kv.describe()} is not one slimquant's Int8KVCache runs "
+                             "(int8 per-token dynamic or per-channel static)")  # fmt: skip
+    if kv == KV_INT8_STATIC:
         return {"past_key_values": Int8KVCache(static_kv_scales(model)), "use_cache": True}
     return {"past_key_values": Int8KVCache(), "use_cache": True}
 
 
 @torch.no_grad()
-def generate_text(model: nn.Module, tokenizer: Any, prompt: str, max_new_tokens: int = 24) -> str:
-    """Greedy continuation of ``prompt`` (the chat template is applied when the tokenizer has one)."""
+def generate_text(model: nn.Module, tokenizer: Any, prompt: str, max_new_tokens: int = 24,
+                  kv: QuantSpec | None = None) -> str:  # fmt: skip
+    """Greedy continuation of ``prompt`` (the chat template is applied when the tokenizer has one); ``kv`` as in
+    :func:`evaluate_lm`."""
     if getattr(tokenizer, "chat_template", None):
         text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
     else:
         text = prompt
     enc = tokenizer(text, return_tensors="pt", add_special_tokens=False)
     out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.eos_token_id,
-                         **kv_cache_kwargs(model))  # fmt: skip
+                         **kv_cache_kwargs(model, kv))  # fmt: skip
     return tokenizer.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True).strip()

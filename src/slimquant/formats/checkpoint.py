@@ -1,6 +1,7 @@
 """What every checkpoint codec shares: the model's logical tensors, the manifest, rebuilding and checking.
 
-Save (in a codec): :func:`logical_state` gives the model's tensors by state-dict name (each distinct tensor once,
+Save (in a codec, given the :class:`slimquant.types.result.QuantizationResult` to write): :func:`logical_state`
+gives the model's tensors by state-dict name (each distinct tensor once,
 the other names as aliases; tensors a streaming run already wrote are meta placeholders read from
 ``LogicalState.source``), :func:`manifest_for` the JSON manifest (recipe, one entry per quantized module:
 class, spec, constructor arguments, method record), :func:`write_tensor_files` the safetensors files.
@@ -13,6 +14,7 @@ quantized modules into a skeleton of the float model, the codec turns its file t
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from dataclasses import dataclass
@@ -25,10 +27,14 @@ from torch import nn
 from slimquant.errors import SlimquantError
 from slimquant.formats.atomic import OWNED_MARKER
 from slimquant.formats.codec import codec_of_tag, format_tag
-from slimquant.formats.safetensors_io import Entry, TensorSource, read_header, write_safetensors
+from slimquant.formats.safetensors_io import Entry, read_header, write_safetensors
 from slimquant.nn import QMODULES, QModule, fa_quant, kv_cache
 from slimquant.types.qtype import qtype as lookup_qtype
+from slimquant.types.report import ConversionReport
+from slimquant.types.result import LazyTensors, QuantizationResult
 from slimquant.types.spec import KV_INT8_STATIC, QuantSpec, Recipe
+
+log = logging.getLogger(__name__)
 
 MANIFEST = OWNED_MARKER  # "slimquant_manifest.json": --overwrite replaces only directories holding it
 FORMAT_VERSION = 1
@@ -45,14 +51,15 @@ class LogicalState:
 
     ``tensors`` holds each distinct tensor once (meta placeholders for those whose data is in ``source``),
     ``aliases`` the other names of a shared tensor (tied weights), ``layers`` the quantized modules by name,
-    ``recipe`` the one the model was quantized with.
+    ``recipe`` the one the model was quantized with, ``report`` the conversion's (None for a loaded checkpoint).
     """
 
     tensors: dict[str, torch.Tensor]
     aliases: dict[str, str]
     layers: dict[str, QModule]
     recipe: Recipe
-    source: TensorSource | None = None
+    source: LazyTensors | None = None
+    report: ConversionReport | None = None
 
     def data(self, name: str) -> torch.Tensor:
         """The tensor ``name`` (or the one it aliases) with its data (read from ``source`` when on meta)."""
@@ -64,12 +71,12 @@ class LogicalState:
         return self.aliases.get(name, name)
 
 
-def logical_state(model: nn.Module) -> LogicalState:
+def logical_state(result: QuantizationResult) -> LogicalState:
     """The logical tensors of a model quantized by slimquant (see :class:`LogicalState`)."""
-    recipe: Recipe | None = getattr(model, "slimquant_recipe", None)
-    if recipe is None:
-        raise SlimquantError("model has not been quantized by slimquant (no recipe attached); call slimquant.quantize first")
-    lazy = getattr(model, "slimquant_tensor_source", None)
+    if not isinstance(result, QuantizationResult):
+        raise SlimquantError("saving needs the QuantizationResult that slimquant.quantize (or slimquant.load) "
+                             f"returned, got {type(result).__name__}")  # fmt: skip
+    model, lazy = result.model, result.tensor_source
     tensors: dict[str, torch.Tensor] = {}
     aliases: dict[str, str] = {}
     seen: dict[tuple, str] = {}
@@ -86,7 +93,7 @@ def logical_state(model: nn.Module) -> LogicalState:
         seen[key] = name
         tensors[name] = t.detach().contiguous()
     layers = {n: m for n, m in model.named_modules() if isinstance(m, QModule)}
-    return LogicalState(tensors, aliases, layers, recipe, lazy)
+    return LogicalState(tensors, aliases, layers, result.recipe, lazy, result.report)
 
 
 def _model_entry(model: nn.Module) -> dict[str, Any]:
@@ -111,7 +118,7 @@ def manifest_for(model: nn.Module, codec_name: str, state: LogicalState, aliases
         "layers": entries,
         "aliases": aliases,
     }
-    skipped = getattr(getattr(model, "slimquant_report", None), "skipped", None)
+    skipped = state.report.skipped if state.report is not None else None
     if skipped:  # for inspect: the layers kept float, and why (loading does not read it)
         manifest["float_layers"] = dict(skipped)
     fa_modules = fa_quant.quantized_attention(model)
@@ -169,11 +176,11 @@ def check_part_file_size(part_file_size: float | None) -> None:
         raise SlimquantError(f"part_file_size (--part_file_size) must be a positive number of GB, got {part_file_size}")
 
 
-def model_sources(model: nn.Module) -> list[Path]:
+def model_sources(model: nn.Module, lazy: LazyTensors | None = None) -> list[Path]:
     """Where ``model``'s weights are read from, which an output must never replace: the files of its lazily read
-    tensors (streamed blocks) and its Hugging Face source directory (``config._name_or_path``, when it is one)."""
+    tensors (``lazy``: streamed blocks) and its Hugging Face source directory (``config._name_or_path``, when it
+    is one)."""
     out: list[Path] = []
-    lazy = getattr(model, "slimquant_tensor_source", None)
     if lazy is not None:
         out += sorted(set(lazy.files.values()))
     name = getattr(getattr(model, "config", None), "_name_or_path", None)
@@ -211,12 +218,24 @@ def write_tensor_files(directory: Path, base: str, entries: list[Entry], part_fi
     return files
 
 
-def write_report(directory: Path, model: nn.Module, quant_type: str) -> None:
-    """The per-layer quantization report, for people (loading does not read it)."""
-    report = getattr(model, "slimquant_report", None)
-    if report is not None and hasattr(report, "to_dict"):
+def write_report(directory: Path, report: ConversionReport | None, quant_type: str) -> None:
+    """The per-layer quantization report (none for a loaded checkpoint), for people (loading does not read it)."""
+    if report is not None:
         write_json(directory / REPORT_JSON, report.to_dict())
         (directory / REPORT_MD).write_text(f"# slimquant {quant_type} per-layer report\n\n{report.table()}\n", encoding="utf-8")
+
+
+def read_report(directory: Path) -> ConversionReport | None:
+    """The report a checkpoint carries (``quantize_report.json``), so a loaded checkpoint saves again as it was;
+    None when there is none. It is for people: one that does not parse is ignored with a warning, never an error."""
+    path = Path(directory) / REPORT_JSON
+    if not path.is_file():
+        return None
+    try:
+        return ConversionReport.from_dict(json.loads(path.read_text(encoding="utf-8")))
+    except (OSError, ValueError, TypeError, AttributeError, KeyError) as e:
+        log.warning("%s: not read (%s: %s); the checkpoint loads without its report", path, type(e).__name__, e)
+        return None
 
 
 def write_json(path: Path, data: Any) -> None:
@@ -233,6 +252,7 @@ def config_dict(model: nn.Module) -> dict[str, Any]:
         out = config.to_dict()
         # The float source may have been a GGUF / other quantized file: that is not what we hold now.
         out.pop("quantization_config", None)
+        out.pop("quantize", None)  # msModelSlim's type key of a loaded checkpoint: the codec writes its own
         out.pop("_name_or_path", None)
         # As save_pretrained does: a model built from a config has no architectures yet, and
         # runtimes reading config.json need it to pick the model class.
@@ -369,7 +389,7 @@ def build_qmodule(name: str, entry: dict[str, Any]) -> QModule:
     """An empty (meta) quantized module from its manifest entry."""
     try:
         cls = QMODULES[entry["module"]]
-        return cls.from_manifest(entry)
+        return cls.from_entry(entry)
     except (KeyError, TypeError, ValueError, AttributeError, RuntimeError, SlimquantError) as e:
         raise SlimquantError(f"manifest entry for layer {name} is invalid: {type(e).__name__} {e}") from None
 
@@ -383,9 +403,7 @@ def rebuild(model: nn.Module, manifest: dict[str, Any]) -> None:
     for name, entry in manifest["layers"].items():
         if name not in names:
             raise SlimquantError(f"checkpoint layer {name} does not exist in the model skeleton")
-        qmod = build_qmodule(name, entry)
-        qmod.method = entry.get("method", {})
-        set_module(model, name, qmod)
+        set_module(model, name, build_qmodule(name, entry))
     fa_modules = manifest.get("attention", {}).get("modules", [])
     if fa_modules:
         missing = [n for n in fa_modules if n not in names]
@@ -446,8 +464,8 @@ def check_finite(directory: Path, name: str, t: torch.Tensor) -> None:
 
 
 def finish_load(model: nn.Module, directory: Path, manifest: dict[str, Any], tensors: dict[str, torch.Tensor]) -> nn.Module:
-    """Load the logical ``tensors`` (state-dict names, every one) into the rebuilt ``model``, freeze it, attach
-    its recipe and put it in eval mode."""
+    """Load the logical ``tensors`` (state-dict names, every one) into the rebuilt ``model``, freeze it and put it
+    in eval mode (the recipe is the manifest's: :func:`manifest_recipe`)."""
     try:
         model.load_state_dict(tensors, strict=True, assign=True)
     except RuntimeError as e:
@@ -457,9 +475,14 @@ def finish_load(model: nn.Module, directory: Path, manifest: dict[str, Any], ten
             raise SlimquantError(f"after loading {directory}, {name} is still uninitialised (meta)")
     for p in model.parameters():
         p.requires_grad_(False)
-    model.slimquant_recipe = Recipe.from_dict(manifest["recipe"], unregistered_steps=True)
     model.eval()
     return model
+
+
+def manifest_recipe(manifest: dict[str, Any]) -> Recipe:
+    """The recipe a checkpoint's (checked) manifest records; steps whose types this process has not registered
+    load as generic records."""
+    return Recipe.from_dict(manifest["recipe"], unregistered_steps=True)
 
 
 def load_logical(model: nn.Module, directory: Path, manifest: dict[str, Any],

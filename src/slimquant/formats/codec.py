@@ -17,6 +17,7 @@ from typing import Any, ClassVar, Iterable
 from torch import nn
 
 from slimquant.errors import SlimquantError
+from slimquant.types.result import QuantizationResult
 
 
 class Codec:
@@ -27,7 +28,7 @@ class Codec:
 
     def save(
         self,
-        model: nn.Module,
+        result: QuantizationResult,
         directory: str | os.PathLike,
         *,
         tokenizer: Any = None,
@@ -36,7 +37,8 @@ class Codec:
         protect: Iterable[str | os.PathLike] = (),
         **options: Any,
     ) -> Path:
-        """Write ``model`` (quantized by slimquant) to ``directory`` atomically; refuse options it does not know."""
+        """Write ``result`` (what :func:`slimquant.quantize` or :func:`slimquant.load` returned: the model, its recipe,
+        report and tensor source) to ``directory`` atomically; refuse options it does not know."""
         raise NotImplementedError
 
     def load_into(self, model: nn.Module, directory: Path, manifest: dict[str, Any]) -> nn.Module:

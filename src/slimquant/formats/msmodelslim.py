@@ -42,6 +42,7 @@ from slimquant.formats.safetensors_io import Entry
 from slimquant.kernels import int8 as k8
 from slimquant.nn import QModule, fa_quant, kv_cache
 from slimquant.types.qtype import qtype as lookup_qtype
+from slimquant.types.result import QuantizationResult
 
 # re-exported: what every slimquant checkpoint shares (this codec's callers used them from here)
 from slimquant.formats.checkpoint import (  # noqa: F401
@@ -188,14 +189,16 @@ def decode_layer(directory: Path, name: str, module: QModule, file: dict[str, to
 # -- save -------------------------------------------------------------------------------------------
 
 
-def export_state(model: nn.Module) -> tuple[list[Entry], dict[str, Any], dict[str, Any]]:
-    """Split a quantized model into (file tensors to write, description, manifest).
+def export_state(result: QuantizationResult) -> tuple[list[Entry], dict[str, Any], dict[str, Any]]:
+    """Split a quantized model (the result of quantizing or loading it) into (file tensors to write, description,
+    manifest).
 
     File tensors are ``(name, shape, dtype, producer)``: each is computed (or read, for a streamed model's tensors
     already on disk) only when it is written. Tensors shared by several names (tied weights) are written once;
     the manifest records the other names as aliases.
     """
-    state = ck.logical_state(model)
+    state = ck.logical_state(result)
+    model = result.model
     logical = {n: state.tensors[state.canonical(n)] for n in list(state.tensors) + list(state.aliases)}
     order = list(model.state_dict().keys())
     entries: list[Entry] = []
@@ -266,7 +269,7 @@ class MsModelSlimCodec(Codec):
 
     def save(
         self,
-        model: nn.Module,
+        result: QuantizationResult,
         directory: str | os.PathLike,
         *,
         tokenizer: Any = None,
@@ -279,8 +282,9 @@ class MsModelSlimCodec(Codec):
         if options:
             raise SlimquantError(f"the {NAME} format has no option {', '.join(sorted(options))}")
         check_part_file_size(part_file_size)
-        protect = list(protect) + model_sources(model)
-        entries, description, manifest = export_state(model)
+        entries, description, manifest = export_state(result)
+        model = result.model
+        protect = list(protect) + model_sources(model, result.tensor_source)
         quant_type = manifest["quant_type"]
         with atomic_directory(directory, overwrite, protect, force_overwrite) as tmp:
             files = ck.write_tensor_files(tmp, weight_file(quant_type), entries, part_file_size)
@@ -288,7 +292,7 @@ class MsModelSlimCodec(Codec):
             ck.write_json(tmp / description_file(quant_type), description)
             ck.write_json(tmp / "config.json", {**ck.config_dict(model), "quantize": quant_type})
             ck.write_json(tmp / MANIFEST, manifest)
-            ck.write_report(tmp, model, quant_type)
+            ck.write_report(tmp, result.report, quant_type)
             if tokenizer is not None:
                 tokenizer.save_pretrained(str(tmp))
         log.info("saved %s checkpoint to %s (%d file(s))", quant_type, directory, len(files))
@@ -348,9 +352,11 @@ def _decode(model: nn.Module, directory: Path, tensors: dict[str, torch.Tensor])
 CODEC = register_codec(MsModelSlimCodec)
 
 
-def save(model: nn.Module, directory: str | os.PathLike, tokenizer: Any = None, part_file_size: float | None = None,
-         overwrite: bool = False, force_overwrite: bool = False, protect: Iterable[str | os.PathLike] = ()) -> Path:  # fmt: skip
-    """Write a quantized model to ``directory`` atomically in this layout (missing parent directories are created).
+def save(result: QuantizationResult, directory: str | os.PathLike, tokenizer: Any = None,
+         part_file_size: float | None = None, overwrite: bool = False, force_overwrite: bool = False,
+         protect: Iterable[str | os.PathLike] = ()) -> Path:  # fmt: skip
+    """Write a quantized model (``result``: what :func:`slimquant.quantize` or :func:`slimquant.load` returned) to
+    ``directory`` atomically in this layout (missing parent directories are created).
 
     Args:
         part_file_size: shard the weights into files of at most this many GB (1e9 bytes).
@@ -361,7 +367,7 @@ def save(model: nn.Module, directory: str | os.PathLike, tokenizer: Any = None, 
     Returns:
         The directory path.
     """
-    return CODEC.save(model, directory, tokenizer=tokenizer, part_file_size=part_file_size, overwrite=overwrite,
+    return CODEC.save(result, directory, tokenizer=tokenizer, part_file_size=part_file_size, overwrite=overwrite,
                       force_overwrite=force_overwrite, protect=protect)  # fmt: skip
 
 

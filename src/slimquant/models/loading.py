@@ -14,10 +14,13 @@ import torch
 from torch import nn
 
 from slimquant.errors import SlimquantError
-from slimquant.formats.checkpoint import is_checkpoint, read_manifest
+from slimquant.formats.checkpoint import is_checkpoint, manifest_recipe, read_manifest, read_report
 from slimquant.formats.codec import codec_of_tag
 from slimquant.formats.safetensors_io import FLOAT_DTYPES, read_header
 from slimquant.surgery.fuse import fuse_w8a8_inputs
+from slimquant.types.report import ConversionReport
+from slimquant.types.result import QuantizationResult
+from slimquant.types.spec import Recipe
 
 log = logging.getLogger(__name__)
 
@@ -38,12 +41,21 @@ EMBEDDED: dict[str, EmbeddedModel] = {
 
 @dataclass
 class LoadedModel:
-    """A model with its tokenizer (None for plain modules) and what kind of model it is."""
+    """A model with its tokenizer (None for plain modules), what kind of model it is, where it came from and, for a
+    slimquant checkpoint, the recipe its manifest records (None: a float model) and the report it carries."""
 
     model: nn.Module
     tokenizer: Any
     kind: str  # causal_lm | encoder | module
     source: str
+    recipe: Recipe | None = None
+    report: ConversionReport | None = None
+
+    def as_result(self) -> QuantizationResult:
+        """The loaded slimquant checkpoint as a :class:`QuantizationResult` (to save again, evaluate, deploy)."""
+        if self.recipe is None:
+            raise SlimquantError(f"{self.source} is a float model, not a slimquant checkpoint")
+        return QuantizationResult(self.model, self.recipe, self.report, tokenizer=self.tokenizer)
 
 
 def resolve_embedded(name: str) -> Path:
@@ -296,9 +308,10 @@ def load_checkpoint(
             )
         model, kind = _hf_skeleton(directory, entry["architecture"], trust_remote_code)
         tokenizer = _load_tokenizer(directory)
+    recipe = manifest_recipe(manifest)
     codec_of_tag(manifest["format"], str(directory)).load_into(model, directory, manifest)
     fuse_w8a8_inputs(model)
-    return LoadedModel(model, tokenizer, kind, str(directory))
+    return LoadedModel(model, tokenizer, kind, str(directory), recipe, read_report(directory))
 
 
 def _hf_skeleton(directory: Path, architecture: str, trust_remote_code: bool) -> tuple[nn.Module, str]:

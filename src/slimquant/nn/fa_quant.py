@@ -162,14 +162,16 @@ def fa_quant_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor
 
 @contextlib.contextmanager
 def observing(quantizers: Sequence[FAQuant]) -> Iterator[None]:
-    """Calibration mode for ``quantizers`` (they record max |x| and pass x through), restored on exit."""
+    """Calibration mode for ``quantizers`` (they record max |x| and pass x through); each gets back the mode it
+    had on exit (so nested uses compose)."""
+    before = [q.observing for q in quantizers]
     for q in quantizers:
         q.observing = True
     try:
         yield
     finally:
-        for q in quantizers:
-            q.observing = False
+        for q, was in zip(quantizers, before):
+            q.observing = was
 
 
 @contextlib.contextmanager
@@ -177,13 +179,14 @@ def measuring_error(modules: dict[str, nn.Module]) -> Iterator[dict[str, dict[st
     """Error-measuring mode for the quantized attention ``modules`` (by name): yields ``{name: {"err", "ref"}}``,
     filled by every forward inside the block; the modules compute as before after it."""
     out = {n: {"err": 0.0, "ref": 0.0} for n in modules}
+    before = {n: m.fa_q.error for n, m in modules.items()}
     for n, m in modules.items():
         m.fa_q.error = out[n]
     try:
         yield out
     finally:
-        for m in modules.values():
-            m.fa_q.error = None
+        for n, m in modules.items():
+            m.fa_q.error = before[n]
 
 
 _REGISTERED = False

@@ -46,12 +46,14 @@ class QLinearFP8(QuantizedInputLinear):
 
     @classmethod
     def from_float(cls, module: nn.Linear, w_fp8: torch.Tensor, w_scale: torch.Tensor, spec: QuantSpec,
-                   input_spec: QuantSpec, input_scale: float | None = None) -> "QLinearFP8":  # fmt: skip
+                   input_spec: QuantSpec, input_scale: float | None = None,
+                   method: dict[str, Any] | None = None) -> "QLinearFP8":  # fmt: skip
         """Build from a float Linear, its fp8 weight ``[n, k]`` and scale ``[n]`` (or ``[1]``); static
         layers also take the calibrated ``input_scale``."""
         n, k = w_fp8.shape
         q = cls(k, n, spec, input_spec, module.bias is not None, module.weight.dtype, module.weight.device)
         q.weight.copy_(w_fp8)
+        q.method = dict(method or {})
         q.weight_scale.copy_(w_scale.reshape(-1).float().expand(n)[:, None])
         if not input_spec.dynamic:
             if input_scale is None:

@@ -38,11 +38,17 @@ class QModule(nn.Module):
     Its buffers and parameters are logical tensors (integer values, scales, zero points, bias); a format codec
     (:mod:`slimquant.formats`) maps them to and from its file layout. A subclass records what rebuilds it in
     :meth:`manifest_entry` (JSON: class, spec, constructor arguments) and rebuilds an empty instance on the meta
-    device from that entry in :meth:`from_manifest`, whatever the format.
+    device from that entry in :meth:`from_manifest`, whatever the format. ``method``: the record of what
+    produced it (the algorithm and its knobs; JSON values), given when it is built (``from_float(...,
+    method=)``, :meth:`from_entry`) and kept in the manifest.
     """
 
     spec: QuantSpec
     compute_dtype: torch.dtype
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.method: dict[str, Any] = {}
 
     def manifest_args(self) -> dict[str, Any]:
         """Constructor arguments besides spec/dtype/bias (JSON values)."""
@@ -54,7 +60,7 @@ class QModule(nn.Module):
             "spec": self.spec.to_dict(),
             "dtype": str(self.compute_dtype).removeprefix("torch."),
             "bias": self.bias is not None,
-            "method": getattr(self, "method", {}),
+            "method": self.method,
             "args": self.manifest_args(),
         }
 
@@ -62,6 +68,16 @@ class QModule(nn.Module):
     def from_manifest(cls, entry: dict[str, Any]) -> "QModule":
         """An empty (meta) module from :meth:`manifest_entry`'s output; KeyError/TypeError when invalid."""
         raise NotImplementedError
+
+    @classmethod
+    def from_entry(cls, entry: dict[str, Any]) -> "QModule":
+        """:meth:`from_manifest` with the entry's method record restored."""
+        m = cls.from_manifest(entry)
+        method = entry.get("method", {})
+        if not isinstance(method, dict):
+            raise TypeError(f"method must be a JSON object, got {type(method).__name__}")
+        m.method = dict(method)
+        return m
 
     @staticmethod
     def _entry_basics(entry: dict[str, Any]) -> tuple[QuantSpec, torch.dtype, bool, dict[str, Any]]:
@@ -129,11 +145,13 @@ class QLinear(_QWeight):
         self._init_storage(out_features, in_features, spec, bias, dtype, device)
 
     @classmethod
-    def from_float(cls, module: nn.Linear, qw: QuantizedWeight, spec: QuantSpec) -> "QLinear":
+    def from_float(cls, module: nn.Linear, qw: QuantizedWeight, spec: QuantSpec,
+                   method: dict[str, Any] | None = None) -> "QLinear":  # fmt: skip
         q = cls(module.in_features, module.out_features, spec, module.bias is not None, module.weight.dtype, module.weight.device)
         q._set_weight(qw)
         if module.bias is not None:
             q.bias.data.copy_(module.bias.detach())
+        q.method = dict(method or {})
         return q
 
     def manifest_args(self) -> dict[str, Any]:
@@ -217,7 +235,8 @@ class QConv2d(_QWeight):
         self._init_storage(out_channels, k, spec, bias, dtype, device)
 
     @classmethod
-    def from_float(cls, module: nn.Conv2d, qw: QuantizedWeight, spec: QuantSpec) -> "QConv2d":
+    def from_float(cls, module: nn.Conv2d, qw: QuantizedWeight, spec: QuantSpec,
+                   method: dict[str, Any] | None = None) -> "QConv2d":  # fmt: skip
         q = cls(
             module.in_channels, module.out_channels, module.kernel_size, spec, module.stride, module.padding,
             module.dilation, module.groups, module.bias is not None, module.padding_mode,
@@ -226,6 +245,7 @@ class QConv2d(_QWeight):
         q._set_weight(qw)
         if module.bias is not None:
             q.bias.data.copy_(module.bias.detach())
+        q.method = dict(method or {})
         return q
 
     @classmethod
@@ -284,9 +304,11 @@ class QEmbedding(_QWeight):
         self._init_storage(num_embeddings, embedding_dim, spec, False, dtype, device)
 
     @classmethod
-    def from_float(cls, module: nn.Embedding, qw: QuantizedWeight, spec: QuantSpec) -> "QEmbedding":
+    def from_float(cls, module: nn.Embedding, qw: QuantizedWeight, spec: QuantSpec,
+                   method: dict[str, Any] | None = None) -> "QEmbedding":  # fmt: skip
         q = cls(module.num_embeddings, module.embedding_dim, spec, module.padding_idx, module.weight.dtype, module.weight.device)
         q._set_weight(qw)
+        q.method = dict(method or {})
         return q
 
     def extra_repr(self) -> str:
@@ -310,12 +332,14 @@ class QEmbedding(_QWeight):
         return rows.reshape(*ids.shape, self.embedding_dim)
 
 
-def tied_linear(embedding: QEmbedding, bias: bool = False) -> QLinear:
-    """A QLinear (e.g. a tied lm_head) that shares the embedding's tensors."""
+def tied_linear(embedding: QEmbedding, bias: bool = False, tied_to: str | None = None) -> QLinear:
+    """A QLinear (e.g. a tied lm_head) that shares the embedding's tensors; its method record is the embedding's
+    (with ``tied_to``, the embedding's name, when given)."""
     lin = QLinear(
         embedding.embedding_dim, embedding.num_embeddings, embedding.spec, bias, embedding.compute_dtype, device="meta"
     )
     for name in ("weight", "weight_scale", "weight_zero_point"):
         if getattr(embedding, name, None) is not None:
             setattr(lin, name, getattr(embedding, name))
+    lin.method = dict(embedding.method, **({} if tied_to is None else {"tied_to": tied_to}))
     return lin

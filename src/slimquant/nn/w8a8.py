@@ -108,12 +108,14 @@ class QLinearW8A8(QuantizedInputLinear):
         input_spec: QuantSpec,
         input_scale: float | None = None,
         input_zero_point: float | None = None,
+        method: dict[str, Any] | None = None,
     ) -> "QLinearW8A8":
         """Build from a float Linear, its int8 weight ``[n, k]`` and weight scale ``[n]`` (or ``[1]``);
         static layers also take the calibrated ``input_scale`` / ``input_zero_point``."""
         n, k = w_int8.shape
         q = cls(k, n, spec, input_spec, module.bias is not None, module.weight.dtype, module.weight.device)
         q.weight.copy_(w_int8)
+        q.method = dict(method or {})
         w_scale = w_scale.reshape(-1).float().expand(n)
         bias = None if module.bias is None else module.bias.detach().float()
         if input_spec.dynamic:

@@ -24,11 +24,13 @@ from slimquant.errors import NotSupportedYet, SlimquantError
 from slimquant.math.metrics import sqnr_db
 from slimquant.math.qparams import qparams_from_minmax
 from slimquant.math.weights import QuantizedWeight, check_weight_shape, dequantize_weight
-from slimquant.nn.modules import QConv2d, QEmbedding, QLinear, tied_linear
+from slimquant.nn.modules import QConv2d, QEmbedding, QLinear, QModule, tied_linear
 from slimquant.nn.fp8 import QLinearFP8
 from slimquant.nn.w8a8 import QLinearW8A8
 from slimquant.surgery import last_linear_name, select, set_module
 from slimquant.types.qtype import qtype as lookup_qtype
+from slimquant.types.report import ConversionReport, LayerRow, StepRow
+from slimquant.types.result import QuantizationResult
 from slimquant.types.spec import KV_INT8_STATIC, QuantSpec, Recipe
 from slimquant.types.steps import BLOCKWISE_NEEDS, RTN, Step
 
@@ -50,35 +52,6 @@ class LayerPlan:
     def to_dict(self) -> dict[str, Any]:
         return {"kind": self.kind, "spec": self.spec.to_dict(), "input": None if self.input is None else self.input.to_dict(),
                 "step": self.step.to_dict()}  # fmt: skip
-
-
-@dataclass
-class ConversionReport:
-    """What a conversion did: per-layer rows, skipped layers with reasons, patterns that matched nothing."""
-
-    layers: list[dict] = field(default_factory=list)
-    skipped: dict[str, str] = field(default_factory=dict)
-    unmatched_patterns: tuple[str, ...] = ()
-    tied: dict[str, str] = field(default_factory=dict)
-    smoothing: list[dict] = field(default_factory=list)
-    attention: dict = field(default_factory=dict)
-    kv_cache: dict = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"layers": self.layers, "skipped": self.skipped, "unmatched_patterns": list(self.unmatched_patterns),
-                "tied": self.tied, "smoothing": self.smoothing, "attention": self.attention, "kv_cache": self.kv_cache}  # fmt: skip
-
-    def table(self) -> str:
-        """The per-layer rows as a Markdown table (algorithm, spec, weight SQNR, calibration output error)."""
-        lines = ["| layer | kind | spec | algorithm | SQNR dB | rel. output error | calib rows |", "|---|---|---|---|---|---|---|"]
-        for r in self.layers:
-            err = r.get("output_error")
-            algo = r.get("algorithm", "") + (" (fallback: " + r["fallback"] + ")" if r.get("fallback") else "")
-            lines.append(f"| {r['name']} | {r.get('kind', '')} | {r.get('spec', '')} | {algo} | {r.get('sqnr_db', '')} | "
-                         f"{'-' if err is None else f'{err:.3e}'} | {r.get('samples', '-')} |")  # fmt: skip
-        for name, why in sorted(self.skipped.items()):
-            lines.append(f"| {name} | | float | kept float: {why} | | | |")
-        return "\n".join(lines)
 
 
 def plan(model: nn.Module, recipe: Recipe) -> tuple[list[LayerPlan], ConversionReport]:
@@ -188,8 +161,9 @@ def convert(
     model: nn.Module, recipe: Recipe, show_progress: bool = True, calib_data: Any = None, stream: Any = None,
     work_dir: str | os.PathLike | None = None, max_activation_gb: float | None = None,
     layers: list[LayerPlan] | None = None,
-) -> ConversionReport:  # fmt: skip
-    """Quantize ``model`` in place according to ``recipe`` and return a report.
+) -> QuantizationResult:  # fmt: skip
+    """Quantize ``model`` in place according to ``recipe``; returns the :class:`QuantizationResult` (the model,
+    the recipe, the report and, for streamed blocks, where their tensors are until saved).
 
     ``layers``: an explicit plan (e.g. :func:`plan`'s, filtered or edited) instead of the one the recipe gives;
     the recipe then supplies the steps of the other stages, the KV-cache and attention specs and the
@@ -275,7 +249,7 @@ def convert(
     if recipe.steps_of("model"):
         from slimquant.pipeline.model_steps import run_model_steps
 
-        report.smoothing = run_model_steps(model, recipe, calib_data, show_progress)
+        report.steps = run_model_steps(model, recipe, calib_data, show_progress)
     static = [lp for lp in layers if lp.kind == "linear" and lp.input is not None and not lp.input.dynamic]
     ranges = _calibrate_inputs(model, recipe, static, calib_data, show_progress) if static else {}
 
@@ -300,25 +274,24 @@ def convert(
         free = frees[lp.step]
         qw, info = solve_weight(lp.name, w, None, lp.spec, free)
         row: dict[str, Any] = {"name": lp.name, "kind": lp.kind, "spec": lp.spec.describe(), **info}
-        qmod = _qmodule(lp, module, qw, ranges, row)
-        qmod.method = method_record(recipe, info, free, block_steps=False)
+        qmod = _qmodule(lp, module, qw, ranges, row, method_record(recipe, info, free, block_steps=False))
         err = sqnr_db(w, qmod.dequantized_weight(torch.float32))
         set_module(model, lp.name, qmod)
         row["sqnr_db"] = round(err, 2)
-        report.layers.append(row)
+        report.layers.append(LayerRow.from_dict(row))
         log.debug("quantized %s (%s): SQNR %.2f dB", lp.name, lp.spec.describe(), err)
+    source = None
     if sequential:
-        rows, step_rows = _run_sequential(model, recipe, sequential, calib_data, show_progress, stream, work_dir,
-                                          max_activation_gb, ranges)  # fmt: skip
+        rows, step_rows, source = _run_sequential(model, recipe, sequential, calib_data, show_progress, stream,
+                                                  work_dir, max_activation_gb, ranges)  # fmt: skip
         report.layers.extend(rows)
-        report.smoothing.extend(step_rows)
+        report.steps.extend(step_rows)
     for out, emb in ties.items():
         qemb = model.get_submodule(emb)
         old = model.get_submodule(out)
-        lin = tied_linear(qemb, bias=old.bias is not None)
+        lin = tied_linear(qemb, bias=old.bias is not None, tied_to=emb)
         if old.bias is not None:
             lin.bias = nn.Parameter(old.bias.detach().clone(), requires_grad=False)
-        lin.method = dict(qemb.method, tied_to=emb)
         set_module(model, out, lin)
         report.tied[out] = emb
         log.info("%s is tied to %s: it now shares the quantized embedding (%s)", out, emb, qemb.spec.describe())
@@ -330,16 +303,15 @@ def convert(
         from slimquant.pipeline.fa_quant import calibrate_attention
 
         report.attention = calibrate_attention(model, recipe, calib_data, show_progress)
-    model.slimquant_recipe = recipe
-    return report
+    return QuantizationResult(model, recipe, report, source)
 
 
 @contextlib.contextmanager
 def quantized(model: nn.Module, recipe: Recipe, layers: list[LayerPlan] | None = None, calib_data: Any = None,
-              show_progress: bool = False) -> Iterator[ConversionReport]:  # fmt: skip
+              show_progress: bool = False) -> Iterator[QuantizationResult]:  # fmt: skip
     """Quantize ``layers`` of the float ``model`` (default: the recipe's whole plan) for the duration of the
     ``with`` block, then put the float modules back: a search can quantize the same model many times, one layer
-    or block at a time, without copying it. Yields the conversion report.
+    or block at a time, without copying it. Yields the :class:`QuantizationResult` (its report is the conversion's).
 
     The float modules are swapped out, never changed, so only steps that leave the float model as it is run
     here: no model or block transforms (smoothing, AWQ), no KV-cache or attention quantization (those change
@@ -350,27 +322,32 @@ def quantized(model: nn.Module, recipe: Recipe, layers: list[LayerPlan] | None =
         what = ", ".join(changing + (["kv"] if recipe.kv is not None else []) + (["fa"] if recipe.fa is not None else []))
         raise SlimquantError(f"quantized() puts the float layers back afterwards; {what} change(s) the float model in "
                              "place: quantize a copy instead")  # fmt: skip
-    if getattr(model, "slimquant_recipe", None) is not None:
-        raise SlimquantError("model is already quantized by slimquant; quantized() needs the float model")
+    refuse_quantized(model, "quantized() needs the float model")
     if layers is None:
         layers = plan(model, recipe)[0]
     names = [lp.name for lp in layers]
     names += [out for lp in layers if lp.kind == "embedding" for out in [_tied_output(model, lp.name)] if out]
     originals = {n: model.get_submodule(n) for n in names}
     try:
-        report = convert(model, recipe, show_progress=show_progress, calib_data=calib_data, layers=layers)
-        yield report
+        yield convert(model, recipe, show_progress=show_progress, calib_data=calib_data, layers=layers)
     finally:
         for n, m in originals.items():
             set_module(model, n, m)
-        if "slimquant_recipe" in vars(model):
-            del model.slimquant_recipe
+
+
+def refuse_quantized(model: nn.Module, what: str = "start from the float model") -> None:
+    """Refuse a model that already holds slimquant quantized modules (naming the first), before any work."""
+    first = next((n for n, m in model.named_modules() if isinstance(m, QModule)), None)
+    if first is not None:
+        raise SlimquantError(f"model is already quantized by slimquant (layer {first or '<root>'} is a "
+                             f"{type(model.get_submodule(first)).__name__}); {what}")  # fmt: skip
 
 
 def _run_sequential(model: nn.Module, recipe: Recipe, sequential: list[LayerPlan], calib_data: Any, show_progress: bool,
                     stream: Any, work_dir: str | os.PathLike | None, max_activation_gb: float | None,
-                    ranges: dict[str, dict[str, Any]]) -> tuple[list[dict], list[dict]]:  # fmt: skip
-    """The block-by-block part of :func:`convert`: (report rows, block steps' rows). With ``work_dir`` its lock is
+                    ranges: dict[str, dict[str, Any]]) -> tuple[list[LayerRow], list[StepRow], Any]:  # fmt: skip
+    """The block-by-block part of :func:`convert`: (report rows, block steps' rows, the tensor source of streamed
+    blocks or None). With ``work_dir`` its lock is
     held while the blocks run (a second run on it is refused at once), and a run that fails before finishing its
     first block leaves no work directory behind. ``ranges``: the W8A8 static input ranges by layer."""
     import contextlib
@@ -380,8 +357,8 @@ def _run_sequential(model: nn.Module, recipe: Recipe, sequential: list[LayerPlan
     from slimquant.formats.atomic import target_lock
     from slimquant.pipeline.sequential import quantize_sequential
 
-    def make(lp: LayerPlan, module: nn.Module, qw: QuantizedWeight, row: dict) -> Any:
-        return _qmodule(lp, module, qw, ranges, row)
+    def make(lp: LayerPlan, module: nn.Module, qw: QuantizedWeight, row: dict, method: dict) -> Any:
+        return _qmodule(lp, module, qw, ranges, row, method)
 
     budget = None if max_activation_gb is None else int(max_activation_gb * 1e9)
     with contextlib.ExitStack() as stack:
@@ -394,8 +371,8 @@ def _run_sequential(model: nn.Module, recipe: Recipe, sequential: list[LayerPlan
         tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="slimquant-activations-"))
         spill = Path(work_dir) / "activations" if work_dir is not None else Path(tmp)
         try:
-            rows, _, step_rows = quantize_sequential(model, recipe, sequential, calib_data, show_progress, stream,
-                                                    work, make, budget, spill)  # fmt: skip
+            rows, _, step_rows, source = quantize_sequential(model, recipe, sequential, calib_data, show_progress,
+                                                            stream, work, make, budget, spill)  # fmt: skip
         except BaseException:
             if work is not None and work.done == 0:
                 work.remove()  # nothing finished: nothing to resume from
@@ -405,7 +382,7 @@ def _run_sequential(model: nn.Module, recipe: Recipe, sequential: list[LayerPlan
                 import shutil
 
                 shutil.rmtree(spill, ignore_errors=True)
-    return rows, step_rows
+    return rows, step_rows, source
 
 
 def _calibrate_inputs(model: nn.Module, recipe: Recipe, layers: list[LayerPlan], calib_data: Any,
@@ -442,34 +419,39 @@ def _calibrate_inputs(model: nn.Module, recipe: Recipe, layers: list[LayerPlan],
 
 
 def _qmodule(lp: LayerPlan, module: nn.Module, qw: QuantizedWeight, ranges: dict[str, dict[str, Any]],
-             row: dict[str, Any]) -> nn.Module:  # fmt: skip
-    """The quantized module ``lp`` asks for (weight-only, or with int8 / fp8 inputs); records the static input range
-    it uses in ``row``."""
+             row: dict[str, Any], method: dict[str, Any]) -> nn.Module:  # fmt: skip
+    """The quantized module ``lp`` asks for (weight-only, or with int8 / fp8 inputs), with the ``method`` record;
+    records the static input range it uses in ``row``."""
     if lp.input is not None and lp.kind == "linear":
         if lp.name in ranges:
             r = ranges[lp.name]
             row.update(input_rule=r["rule"], input_range=[round(r["rmin"], 6), round(r["rmax"], 6)])
-        return _w8a8_module(module, qw, lp.spec, lp.input, ranges.get(lp.name))
+        return _w8a8_module(module, qw, lp.spec, lp.input, ranges.get(lp.name), method)
     cls = {"linear": QLinear, "conv2d": QConv2d, "embedding": QEmbedding}[lp.kind]
-    return cls.from_float(module, qw, lp.spec)  # type: ignore[attr-defined]
+    return cls.from_float(module, qw, lp.spec, method=method)  # type: ignore[attr-defined]
 
 
 def _w8a8_module(
-    module: nn.Module, qw: QuantizedWeight, spec: QuantSpec, input_spec: QuantSpec, rng: dict[str, Any] | None
+    module: nn.Module, qw: QuantizedWeight, spec: QuantSpec, input_spec: QuantSpec, rng: dict[str, Any] | None,
+    method: dict[str, Any],
 ) -> QLinearW8A8 | QLinearFP8:
     if lookup_qtype(input_spec.qtype).is_float:  # fp8 weights and inputs
         if input_spec.dynamic:
-            return QLinearFP8.from_float(module, qw.q, qw.scale.reshape(-1), spec, input_spec)  # type: ignore[arg-type]
+            return QLinearFP8.from_float(module, qw.q, qw.scale.reshape(-1), spec, input_spec,  # type: ignore[arg-type]
+                                         method=method)
         assert rng is not None
         scale, _ = qparams_from_minmax(torch.tensor(rng["rmin"]), torch.tensor(rng["rmax"]), lookup_qtype(input_spec.qtype), True)
-        return QLinearFP8.from_float(module, qw.q, qw.scale.reshape(-1), spec, input_spec, float(scale))  # type: ignore[arg-type]
+        return QLinearFP8.from_float(module, qw.q, qw.scale.reshape(-1), spec, input_spec, float(scale),
+                                     method=method)  # type: ignore[arg-type]
     if input_spec.dynamic:
-        return QLinearW8A8.from_float(module, qw.q, qw.scale.reshape(-1), spec, input_spec)  # type: ignore[arg-type]
+        return QLinearW8A8.from_float(module, qw.q, qw.scale.reshape(-1), spec, input_spec,  # type: ignore[arg-type]
+                                      method=method)
     assert rng is not None
     qt = lookup_qtype(input_spec.qtype)
     scale, zp = qparams_from_minmax(torch.tensor(rng["rmin"]), torch.tensor(rng["rmax"]), qt, input_spec.symmetric)
     offset = 0.0 if zp is None else float(zp)
-    return QLinearW8A8.from_float(module, qw.q, qw.scale.reshape(-1), spec, input_spec, float(scale), offset)  # type: ignore[arg-type]
+    return QLinearW8A8.from_float(module, qw.q, qw.scale.reshape(-1), spec, input_spec, float(scale), offset,
+                                  method=method)  # type: ignore[arg-type]
 
 
 MODULE_TENSORS = 2

@@ -42,6 +42,7 @@ from slimquant.nn.modules import QLinear, QModule
 from slimquant.pipeline.calibrate import model_inputs
 from slimquant.pipeline.workdir import WorkDir
 from slimquant.surgery import set_module
+from slimquant.types.report import LayerRow, StepRow
 from slimquant.types.spec import Recipe
 from slimquant.types.steps import BLOCKWISE_NEEDS, HESSIAN
 
@@ -190,19 +191,22 @@ class BlockInputs:
 def quantize_sequential(model: nn.Module, recipe: Recipe, plans: list[Any], calib_data: Any,
                         show_progress: bool = True, stream: Any = None, work: WorkDir | None = None,
                         make_module: Any = None, activation_budget: int | None = None,
-                        spill_dir: Path | None = None) -> tuple[list[dict], set[str], list[dict]]:  # fmt: skip
+                        spill_dir: Path | None = None,
+                        ) -> tuple[list[LayerRow], set[str], list[StepRow], TensorSource | None]:  # fmt: skip
     """Quantize every planned linear layer that lies inside the model's repeated blocks, block by block: the
     recipe's ``block``-stage steps (AWQ) transform each block, then its weight step (GPTQ, RTN) solves it.
 
     ``stream`` (:class:`slimquant.models.streaming.StreamingModel`): the blocks are on meta and are read from
     disk one at a time, then written to ``work`` and put back on meta (the final save reads them from there).
     ``work`` (:class:`WorkDir`): every finished block is persisted there; blocks it already holds are restored
-    instead of recomputed (resume). ``make_module(layer_plan, float_module, quantized_weight, report_row)``: the
-    quantized module to swap in (default :class:`QLinear`; W8A8 layers get their int8-input modules).
+    instead of recomputed (resume). ``make_module(layer_plan, float_module, quantized_weight, report_row,
+    method_record)``: the quantized module to swap in (default :class:`QLinear`; W8A8 layers get their
+    int8-input modules).
     ``activation_budget`` (bytes): past it the hidden states between blocks live in files under ``spill_dir``.
 
-    Returns the per-layer report rows, the names it quantized (the caller handles the rest with RTN) and
-    the block steps' rows (AWQ: one per smoothing group).
+    Returns the per-layer report rows, the names it quantized (the caller handles the rest with RTN), the block
+    steps' rows (AWQ: one per smoothing group) and, when blocks were streamed, the source of their tensors (the
+    work directory's files, read when the model is saved; else None).
     """
     block_steps = recipe.steps_of("block")
     weight_steps = sorted({lp.step for lp in plans}, key=lambda s: s.TYPE)
@@ -227,8 +231,8 @@ def quantize_sequential(model: nn.Module, recipe: Recipe, plans: list[Any], cali
         del captured
     what = " + ".join([s.TYPE for s in block_steps] + ["/".join(s.TYPE for s in weight_steps)])
     log.info("%s: %d block(s) under %s, %d calibration item(s)", what, len(blocks), path, len(inputs))
-    rows: list[dict] = []
-    step_rows: list[dict] = []
+    rows: list[LayerRow] = []
+    step_rows: list[StepRow] = []
     done: set[str] = set()
     on_disk: dict[str, Path] = {}  # tensors of streamed blocks: name -> work file
     bar = tqdm(range(len(blocks)), desc=f"{what} blocks", disable=not show_progress, unit="block")
@@ -236,16 +240,17 @@ def quantize_sequential(model: nn.Module, recipe: Recipe, plans: list[Any], cali
         layer_plans = by_block.get(bi, [])
         if work is not None and bi < work.done:  # finished in an earlier run
             info = _restore_block(model, path, bi, work, stream, on_disk)
-            rows += info["layers"]
-            step_rows += info["block_steps"]
+            rows += [LayerRow.from_dict(r) for r in info["layers"]]
+            step_rows += [StepRow.from_dict(r) for r in info["block_steps"]]
             done.update(lp.name for lp in layer_plans)
             continue
         block = stream.load_block(bi) if stream is not None else blocks[bi]
-        block_rows: list[dict] = []
-        block_step_rows: list[dict] = []
+        block_rows: list[LayerRow] = []
+        block_step_rows: list[StepRow] = []
         for step in block_steps:
-            block_step_rows += _block_step(model, block, inputs, step, recipe, f"{path}.{bi}.",
-                                            {lp.name: lp for lp in layer_plans})  # fmt: skip
+            block_step_rows += [StepRow.from_dict(r, step.TYPE)
+                                for r in _block_step(model, block, inputs, step, recipe, f"{path}.{bi}.",
+                                                     {lp.name: lp for lp in layer_plans})]  # fmt: skip
         accs: dict[str, HessianAccumulator] = {}  # created on first use: layers sharing an input share one
         # Layers fed the very same tensor (q/k/v, gate/up) share one Hessian: accumulated once, by the
         # first of them to see it in each forward.
@@ -276,11 +281,12 @@ def quantize_sequential(model: nn.Module, recipe: Recipe, plans: list[Any], cali
         errors = []
         for lp in layer_plans:
             acc = accs.get(owner.get(lp.name, lp.name)) or HessianAccumulator(model.get_submodule(lp.name).in_features)
-            block_rows.append(_solve_layer(model, lp, acc, recipe, make_module))
+            row = _solve_layer(model, lp, acc, recipe, make_module)
             if lp.name in owner:
-                block_rows[-1]["hessian_shared_with"] = owner[lp.name]
-            if block_rows[-1].get("output_error") is not None:
-                errors.append(block_rows[-1]["output_error"])
+                row.details["hessian_shared_with"] = owner[lp.name]
+            if row.output_error is not None:
+                errors.append(row.output_error)
+            block_rows.append(row)
             done.add(lp.name)
         last = bi == len(blocks) - 1
         if not last and len(inputs):
@@ -288,7 +294,7 @@ def quantize_sequential(model: nn.Module, recipe: Recipe, plans: list[Any], cali
                 inputs.advance(lambda args, kwargs: _hidden(block(*args, **kwargs)))
         if work is not None:
             prefix = f"{path}.{bi}."
-            info = {"layers": block_rows, "block_steps": block_step_rows,
+            info = {"layers": [r.to_dict() for r in block_rows], "block_steps": [r.to_dict() for r in block_step_rows],
                     "modules": {n: m.manifest_entry() for n, m in model.named_modules()
                                 if n.startswith(prefix) and isinstance(m, QModule)}}  # fmt: skip
             tensors = {prefix + n: t for n, t in block.state_dict().items()}
@@ -304,9 +310,7 @@ def quantize_sequential(model: nn.Module, recipe: Recipe, plans: list[Any], cali
         step_rows += block_step_rows
         if errors:
             bar.set_postfix(rel_output_error=f"{max(errors):.2e}")
-    if on_disk:
-        model.slimquant_tensor_source = TensorSource(on_disk)
-    return rows, done, step_rows
+    return rows, done, step_rows, TensorSource(on_disk) if on_disk else None
 
 
 def _trim_heap() -> None:
@@ -327,9 +331,7 @@ def _restore_block(model: nn.Module, path: str, bi: int, work: WorkDir, stream: 
     their tensors then read at save time; else loaded) and its report rows."""
     info = work.block_info(bi)
     for name, entry in info["modules"].items():
-        qmod = build_qmodule(name, entry)
-        qmod.method = entry.get("method", {})
-        set_module(model, name, qmod)
+        set_module(model, name, build_qmodule(name, entry))
     prefix = f"{path}.{bi}."
     block = model.get_submodule(f"{path}.{bi}")
     names = work.block_tensor_names(bi)
@@ -368,7 +370,8 @@ def _block_step(model: nn.Module, block: nn.Module, inputs: Any, step: Any, reci
     return impl.apply(model, step, recipe, prefix, plans, collectors)  # type: ignore[misc]
 
 
-def _solve_layer(model: nn.Module, lp: Any, acc: HessianAccumulator, recipe: Recipe, make_module: Any = None) -> dict:
+def _solve_layer(model: nn.Module, lp: Any, acc: HessianAccumulator, recipe: Recipe,
+                 make_module: Any = None) -> LayerRow:  # fmt: skip
     module = model.get_submodule(lp.name)
     w = module.weight.detach().float()
     h = acc.hessian(copy=False)  # read only here and in gptq (which copies before changing it)
@@ -388,7 +391,10 @@ def _solve_layer(model: nn.Module, lp: Any, acc: HessianAccumulator, recipe: Rec
         row["output_error"] = float(torch.einsum("ij,jk,ik->", d, h, d)) / max(ref, 1e-30)
     else:  # data-free (RTN streamed from disk): no calibration rows to measure on
         row["output_error"] = None
-    qmod = make_module(lp, module, qw, row) if make_module is not None else QLinear.from_float(module, qw, lp.spec)
-    qmod.method = method_record(recipe, info, step)
+    method = method_record(recipe, info, step)
+    if make_module is not None:
+        qmod = make_module(lp, module, qw, row, method)
+    else:
+        qmod = QLinear.from_float(module, qw, lp.spec, method=method)
     set_module(model, lp.name, qmod)
-    return row
+    return LayerRow.from_dict(row)
