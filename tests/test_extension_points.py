@@ -181,7 +181,7 @@ def test_a_codec_refuses_what_it_cannot_hold_before_writing(toy_codec, tokenizer
 
     model = make_llama(len(tokenizer))
     model_q = slimquant.quantize(model, Recipe(weight=QuantSpec("int4", "per_group", 32, symmetric=False, zero_point="float")),
-                       show_progress=False)  # fmt: skip
+                                 show_progress=False)  # fmt: skip
     with pytest.raises(slimquant.SlimquantError, match="integer zero points only: layer model.layers.0.self_attn.q_proj"):
         slimquant.save(model_q, tmp_path / "toy", format="toy")
     assert not (tmp_path / "toy").exists()

@@ -126,7 +126,7 @@ def test_fa_needs_data_a_transformers_model_and_enough_layers(llama, mlp, calib)
         slimquant.quantize(mlp, FA, calib_data=[torch.randn(2, 64)])
     assert not any(isinstance(m, slimquant.nn.QLinear) for m in mlp.modules())  # refused before any change
     with pytest.raises(SlimquantError, match="fa_amp 3: the model has only 2 attention layer"):
-        llama_q = slimquant.quantize(llama, Recipe(weight=None, fa=FA_INT8_PER_HEAD, fa_amp=3), calib_data=calib, show_progress=False)
+        slimquant.quantize(llama, Recipe(weight=None, fa=FA_INT8_PER_HEAD, fa_amp=3), calib_data=calib, show_progress=False)
 
 
 def test_encoder_attention_quantizes_and_reloads(bert, tokenizer, input_ids, tmp_path):

@@ -88,7 +88,7 @@ def test_gptq_under_smoothed_w8a8(llama, calib, input_ids, tmp_path, dynamic):
     rtn = copy.deepcopy(llama)
     slimquant.quantize(rtn, Recipe(weight=w8, input=inp, steps=(SmoothQuant(), RTN())), calib_data=calib, show_progress=False)
     llama_q = slimquant.quantize(llama, Recipe(weight=w8, input=inp, steps=(SmoothQuant(), GPTQ())), calib_data=calib,
-                       show_progress=False)  # fmt: skip
+                                 show_progress=False)  # fmt: skip
     q = llama.model.layers[1].self_attn.o_proj
     assert isinstance(q, QLinearW8A8) and q.method["algorithm"] == "gptq"
     rows = [r for r in llama_q.report.layers if r.name.startswith("model.layers.")]
@@ -155,7 +155,7 @@ def test_gptq_on_a_plain_module_with_keyword_block_inputs():
     assert block_list(net) == "blocks"
     calib = [torch.randn(16, 32) for _ in range(4)]
     net_q = slimquant.quantize(net, Recipe(weight=QuantSpec("int4", Granularity.PER_CHANNEL), steps=(GPTQ(),)),
-                       calib_data=calib, show_progress=False)  # fmt: skip
+                               calib_data=calib, show_progress=False)  # fmt: skip
     assert [r.name for r in net_q.report.layers][-3:] == ["blocks.0.fc", "blocks.1.fc", "blocks.2.fc"]
     assert all(r.samples == 64 for r in net_q.report.layers if r.name.startswith("blocks."))
     assert net_q.report.skipped == {"head": "disable_last_linear"}
@@ -173,7 +173,7 @@ def test_awq_runs_block_by_block_and_reloads(llama, calib, input_ids, tmp_path, 
     rtn = copy.deepcopy(llama)
     slimquant.quantize(rtn, Recipe(weight=W3G), show_progress=False)
     llama_q = slimquant.quantize(llama, Recipe(weight=W3G, steps=(AWQ(grid=10), algorithm)), calib_data=calib,
-                       show_progress=False)  # fmt: skip
+                                 show_progress=False)  # fmt: skip
     report = llama_q.report
     awq = report.steps
     assert [r.prev.split(".", 3)[-1] for r in awq[:3]] == ["input_layernorm", "post_attention_layernorm", "mlp.up_proj"]

@@ -80,7 +80,7 @@ def test_m4_never_picks_worse_than_no_smoothing_on_its_sample(outlier_llama, cal
 
 def test_smoothing_report_and_reload(outlier_llama, calib, input_ids, tmp_path):
     outlier_llama_q = slimquant.quantize(outlier_llama, Recipe(weight=W8, input=DYNAMIC, steps=(SmoothQuant(alpha=0.6), RTN())),
-                       calib_data=calib, show_progress=False)  # fmt: skip
+                                         calib_data=calib, show_progress=False)  # fmt: skip
     assert {r.values["alpha"] for r in outlier_llama_q.report.steps} == {0.6}
     with torch.no_grad():
         out = outlier_llama(input_ids).logits

@@ -156,7 +156,7 @@ def test_streaming_refusals_and_bad_tensors(make_llama_dir, calib, tmp_path):
     save_file(tensors, str(f), metadata={"format": "pt"})
     sm = open_streaming(src)
     with pytest.raises(SlimquantError, match=r"model.layers.1.mlp.up_proj.weight has 1 NaN"):
-        sm_q = slimquant.quantize(sm.model, RECIPES["gptq"], calib_data=calib, show_progress=False, stream=sm,
+        slimquant.quantize(sm.model, RECIPES["gptq"], calib_data=calib, show_progress=False, stream=sm,
                            work_dir=tmp_path / "w2")  # fmt: skip
     with pytest.raises(SlimquantError, match="Hugging Face model directory.*is not one"):
         open_streaming(tmp_path / "nowhere")
