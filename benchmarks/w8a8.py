@@ -137,7 +137,7 @@ def child_main(args: argparse.Namespace) -> None:
             res["ckpt_bytes"] = checkpoint_bytes(ckpt)
             del model, model_q, lm.model
             t0 = time.perf_counter()
-            loaded = sq.load(ckpt).model
+            loaded = sq.load(ckpt)
             res["load_s"] = time.perf_counter() - t0
             model, kv = loaded.model, loaded.recipe.kv
             del loaded

@@ -296,7 +296,7 @@ def load_rss_child(args: argparse.Namespace) -> None:
 
     before = peak_rss_mib()
     t0 = time.perf_counter()
-    sq.load(args.load_rss).model
+    sq.load(args.load_rss)
     Path(args.result).write_text(json.dumps({"load_s": time.perf_counter() - t0, "rss_added_mib": peak_rss_mib() - before}))
 
 
