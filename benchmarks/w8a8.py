@@ -91,7 +91,9 @@ def recipe_for(cfg: dict):
     # the rows' msModelSlim anti_method codes, as --anti_method maps them
     smooth = {None: (), "m1": (SmoothQuant(alpha=cfg.get("alpha", 0.5)),), "m2": (GammaMigration(),),
               "m4": (SmoothQuantSearch(),)}[cfg.get("smooth")]  # fmt: skip
-    steps = (*smooth, GPTQ() if cfg.get("gptq") else RTN())
+    # GPTQ as these rows were measured: natural column order, groups from the error-updated weight (the step's
+    # defaults before issue 13; the int8 weights are per channel, so only the column order matters here)
+    steps = (*smooth, GPTQ(act_order=False, static_groups=False) if cfg.get("gptq") else RTN())
     return Recipe(weight=weight, input=inp, act_observer=cfg.get("act", "minmax"), steps=steps, kv=kv, fa=fa)
 
 
@@ -216,7 +218,7 @@ def main() -> None:
         f"{CALIB_WINDOWS} windows x {CALIB_SEQ_LEN} tokens of {', '.join(corpus.CALIB_FILES)} (seed 0). Weights int8 "
         "symmetric per channel unless noted; static = per-tensor asymmetric input ranges from calibration (min-max unless "
         "act_method 3), dynamic = per-token symmetric. m1 = SmoothQuant alpha 0.5 unless noted (0.65: the best of 0.5/0.65/0.8 on this evaluation text, so an optimistic row); m4 = alpha searched per group among "
-        "0.3..0.9 or none; GPTQ int8 weights: `--w_method gptq` (percdamp 0.01, blocks of 128, no act-order) on the same "
+        "0.3..0.9 or none; GPTQ int8 weights: `GPTQ(act_order=False)` (percdamp 0.01, blocks of 128, no act-order) on the same "
         "calibration windows, after smoothing, block by block with float-input Hessians; m2 = norm weights migrated into the linears + token-wise clipping (per layer the quantile "
         "1..0.95 of per-token min/max with the lowest output error). fp8: e4m3 weights per channel and e4m3 inputs "
         "(static: one symmetric calibrated scale, max|x|/448; dynamic: per token). KV int8: keys and values int8 per token and head (dynamic) or with static scales per (head, "

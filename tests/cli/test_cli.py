@@ -248,14 +248,43 @@ def test_w8a8_static_with_a_calibration_file(capsys, llama_dir, outs, tmp_path, 
     assert rc == 0
 
 
-def test_w8a8_static_generates_its_own_calibration_text(capsys, llama_dir, outs, caplog):
+def test_w8a8_static_generates_its_own_calibration_text_when_asked(capsys, llama_dir, outs, caplog):
     import logging
 
     caplog.set_level(logging.INFO)
     rc, _, _ = run(capsys, "quantize", "--model_path", llama_dir, "--save_directory", outs / "gen", "--a_bit", "8",
-                   "--calib_size", "2", "--calib_seq_len", "16")  # fmt: skip
+                   "--calib_generate", "True", "--calib_size", "2", "--calib_seq_len", "16")  # fmt: skip
     assert rc == 0
     assert "generated from the model itself" in caplog.text
+
+
+def test_bare_w8a8_uses_the_default_set_and_says_once_what_per_tensor_costs(capsys, llama_dir, outs, caplog):
+    import logging
+
+    caplog.set_level(logging.INFO)
+    rc, _, _ = run(capsys, "quantize", "--model_path", llama_dir, "--save_directory", outs / "bare", "--w_bit", "8",
+                   "--a_bit", "8", "--is_dynamic", "True", "--anti_method", "m1", "--calib_size", "2",
+                   "--calib_seq_len", "16")  # fmt: skip
+    assert rc == 0
+    assert "default set" in caplog.text and "generated" not in caplog.text
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and "--mm_tensor False" in r.getMessage()]
+    assert len(warnings) == 1 and "per-tensor" in warnings[0]
+    caplog.clear()
+    rc, _, _ = run(capsys, "quantize", "--model_path", llama_dir, "--save_directory", outs / "pc", "--w_bit", "8",
+                   "--a_bit", "8", "--is_dynamic", "True", "--mm_tensor", "False", "--calib_size", "2",
+                   "--calib_seq_len", "16")  # fmt: skip
+    assert rc == 0 and "--mm_tensor False" not in caplog.text
+    rc, _, _ = run(capsys, "quantize", "--model_path", llama_dir, "--save_directory", outs / "pt", "--w_bit", "8",
+                   "--a_bit", "8", "--is_dynamic", "True", "--mm_tensor", "True", "--calib_size", "2",
+                   "--calib_seq_len", "16")  # fmt: skip
+    assert rc == 0 and "--mm_tensor False" not in caplog.text  # chosen explicitly: no warning
+
+
+def test_generated_calibration_excludes_calibration_text(capsys, llama_dir, outs, text_file):
+    rc, _, err = run(capsys, "quantize", "--model_path", llama_dir, "--save_directory", outs / "q", "--a_bit", "8",
+                     "--calib_generate", "True", "--calib_file", text_file)  # fmt: skip
+    assert rc == 1 and "--calib_generate" in error_line(err)
+    assert_nothing_written(outs)
 
 
 def test_use_kvcache_quant_dynamic_records_the_kv_spec(capsys, llama_dir, outs):
@@ -300,11 +329,12 @@ def test_readme_w8a8_with_kv_and_attention_quantization(capsys, llama_dir, outs,
 
 def test_w_method_gptq(capsys, llama_dir, outs, text_file):
     rc, stdout, _ = run(capsys, "quantize", "--model_path", llama_dir, "--save_directory", outs / "g", "--w_bit", "4",
-                        "--group_size", "32", "--w_method", "gptq", "--desc_act", "True", "--calib_file", text_file,
+                        "--group_size", "32", "--w_method", "gptq", "--desc_act", "False", "--calib_file", text_file,
                         "--calib_size", "4", "--calib_seq_len", "16")  # fmt: skip
     assert rc == 0 and "w4a16" in stdout
     manifest = read_manifest(outs / "g")
-    assert Recipe.from_dict(manifest["recipe"]).weight_step.act_order
+    step = Recipe.from_dict(manifest["recipe"]).weight_step
+    assert not step.act_order and step.static_groups  # the flag is read; groups still come from the float weight
     assert manifest["layers"]["model.layers.0.self_attn.q_proj"]["method"]["algorithm"] == "gptq"
 
 
@@ -337,10 +367,15 @@ def test_stream_and_resume_after_a_crash(capsys, llama_dir, outs, text_file, mon
     assert "largest relative output errors" in stdout
 
 
-def test_stream_needs_calibration_text(capsys, llama_dir, outs):
+def test_stream_calibrates_on_the_default_set_but_cannot_generate(capsys, llama_dir, outs):
     rc, _, err = run(capsys, "quantize", "--model_path", llama_dir, "--save_directory", outs / "s", "--w_bit", "4",
-                     "--w_method", "gptq", "--stream", "True")  # fmt: skip
-    assert rc == 1 and "--stream: give --calib_file" in error_line(err)
+                     "--w_method", "gptq", "--stream", "True", "--calib_generate", "True")  # fmt: skip
+    assert rc == 1 and "--stream with --calib_generate True" in error_line(err)
+    assert_nothing_written(outs)
+    rc, stdout, _ = run(capsys, "quantize", "--model_path", llama_dir, "--save_directory", outs / "s", "--w_bit", "4",
+                        "--group_size", "32", "--w_method", "gptq", "--stream", "True", "--calib_size", "2",
+                        "--calib_seq_len", "16")  # fmt: skip
+    assert rc == 0 and "w4a16" in stdout
 
 
 @pytest.mark.parametrize("method", ["rtn", "gptq"])
@@ -381,9 +416,13 @@ def test_empty_calibration_file_names_it(capsys, llama_dir, outs, tmp_path):
     assert_nothing_written(outs)
 
 
-def test_encoder_w8a8_static_needs_calibration_text(capsys, bert_dir, outs):
-    rc, _, err = run(capsys, "quantize", "--model_path", bert_dir, "--save_directory", outs / "q", "--a_bit", "8")
-    assert rc == 1 and "--calib_file or --calib_texts" in error_line(err)
+def test_encoder_w8a8_static_calibrates_on_the_default_set(capsys, bert_dir, outs):
+    rc, _, err = run(capsys, "quantize", "--model_path", bert_dir, "--save_directory", outs / "q", "--a_bit", "8",
+                     "--calib_generate", "True")  # fmt: skip
+    assert rc == 1 and "cannot generate" in error_line(err) and "--calib_file or --calib_texts" in error_line(err)
+    rc, stdout, _ = run(capsys, "quantize", "--model_path", bert_dir, "--save_directory", outs / "q", "--a_bit", "8",
+                        "--mm_tensor", "False", "--calib_size", "2", "--calib_seq_len", "16")  # fmt: skip
+    assert rc == 0 and "w8a8" in stdout
 
 
 def test_disable_names_flag(capsys, llama_dir, outs):

@@ -1,4 +1,4 @@
-"""Calibration data: reading files, cutting token windows, generating text from the model."""
+"""Calibration data: reading files, cutting token windows, the default set, generating text from the model."""
 
 from __future__ import annotations
 
@@ -10,9 +10,11 @@ import torch
 
 from slimquant import SlimquantError
 from slimquant.data import (
+    DEFAULT_CALIB_FILE,
     calibration_data,
     calibration_stream,
     calibration_windows,
+    default_calibration_texts,
     generate_calibration_texts,
     read_calib_file,
     start_tokens,
@@ -169,13 +171,66 @@ def test_generate_batches_prompts(llama, tokenizer):
     assert all(t.startswith("lazy dog") for t in texts[1::2])
 
 
-def test_calibration_data_generates_when_no_text(llama, tokenizer, caplog):
+def test_generate_left_padding_changes_nothing(tokenizer, monkeypatch):
+    """Prompts of different lengths share a batch, left-padded and masked: with top-p so small that sampling is
+    greedy, every text equals the one generated alone (no padding), so the padding is masked and the positions
+    start at each prompt's first token. A control with the padding attended gives other texts."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from slimquant.data import calibration as calibration_module
+
+    torch.manual_seed(0)  # larger weights than the fixtures' so that the context, not only the last token, decides
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=len(tokenizer), tie_word_embeddings=False,
+                      initializer_range=0.3)  # fmt: skip
+    model = LlamaForCausalLM(cfg).eval()
+    monkeypatch.setattr(calibration_module, "_TOP_P", 1e-9)
+    prompts = ["the quick brown fox jumps over", "lazy", "a small model"]
+
+    def gen(prompts: list[str], batch_size: int) -> list[str]:
+        return generate_calibration_texts(model, tokenizer, num_texts=len(prompts), max_new_tokens=8, prompts=prompts,
+                                          batch_size=batch_size, show_progress=False)  # fmt: skip
+
+    together = gen(prompts, 3)
+    alone = [gen([p], 1)[0] for p in prompts]
+    assert together == alone
+    assert [t.startswith(p) for t, p in zip(together, prompts)] == [True, True, True]
+    real = model.generate
+
+    def unmasked(**kwargs):
+        kwargs["attention_mask"] = torch.ones_like(kwargs["attention_mask"])
+        return real(**kwargs)
+
+    monkeypatch.setattr(model, "generate", unmasked)
+    assert gen(prompts, 3) != alone
+
+
+def test_calibration_data_generates_only_when_asked(llama, tokenizer, caplog):
     with caplog.at_level(logging.INFO, logger="slimquant.data.calibration"):
-        w = calibration_data(llama, tokenizer, num_windows=2, seq_len=8, seed=1, show_progress=False)
+        w = calibration_data(llama, tokenizer, num_windows=2, seq_len=8, seed=1, show_progress=False, generate=True)
     assert w.shape == (2, 8) and w.dtype == torch.int64
     assert "generated from the model itself" in caplog.text
     assert "overlap" not in caplog.text  # enough tokens were generated
-    assert torch.equal(w, calibration_data(llama, tokenizer, num_windows=2, seq_len=8, seed=1, show_progress=False))
+    again = calibration_data(llama, tokenizer, num_windows=2, seq_len=8, seed=1, show_progress=False, generate=True)
+    assert torch.equal(w, again)
+    with pytest.raises(SlimquantError, match="cannot be combined"):
+        calibration_data(llama, tokenizer, calib_texts=TEXTS, generate=True)
+    with pytest.raises(SlimquantError, match="needs the model"):
+        calibration_data(None, tokenizer, generate=True)
+
+
+def test_the_default_set_ships_with_the_package_and_is_used_without_text(tokenizer, caplog):
+    texts = default_calibration_texts()
+    assert DEFAULT_CALIB_FILE.is_file() and DEFAULT_CALIB_FILE.suffix == ".jsonl"
+    # what the docstring promises: ~260 KB of varied documents (prose, dialogue, code, other languages)
+    assert len(texts) >= 100 and 150_000 < sum(map(len, texts)) < 400_000
+    assert any("def " in t for t in texts) and any("SELECT" in t for t in texts) and any("User:" in t for t in texts)
+    assert not any("Romeo" in t or "Juliet" in t for t in texts)  # no benchmark evaluation text in it
+    with caplog.at_level(logging.INFO, logger="slimquant.data.calibration"):
+        w = calibration_data(None, tokenizer, num_windows=3, seq_len=16)  # no model needed: nothing is generated
+    assert "default set" in caplog.text and "generated" not in caplog.text
+    assert torch.equal(w, calibration_windows(tokenizer, texts, 3, 16))
+    assert torch.equal(calibration_data(None, tokenizer, calib_file="", num_windows=3, seq_len=16), w)  # "" = no file
 
 
 def test_calibration_data_file_plus_texts(llama, tokenizer, tmp_path, caplog):

@@ -79,11 +79,12 @@ def test_demo_overwrites_its_own_checkpoint(cli, model_dir, tmp_path, eval_text)
     text.write_text(eval_text * 20)
     out = tmp_path / "out"
     argv = ("demo", "--model", model_dir, "--text", text, "--save_directory", out, "--group_size", "32",
-            "--windows", "1", "--seq_len", "16")  # fmt: skip
+            "--windows", "1", "--seq_len", "16", "--calib_size", "2", "--calib_seq_len", "16")  # fmt: skip
     assert cli(*argv).rc == 0
     assert cli(*argv).rc == 1  # exists now
     r = cli(*argv, "--overwrite")
     assert r.rc == 0 and "perplexity" in r.out
+    assert "AWQ + GPTQ, reloaded" in r.out and "round-to-nearest" in r.out and "default calibration set" in r.out
 
 
 def test_save_creates_missing_parents_as_save_pretrained_does(mlp, tmp_path, monkeypatch):

@@ -47,6 +47,9 @@ def test_from_flags_values():
     r = Recipe.from_flags("--w_bit 4 --group_size 64 --w_method gptq --desc_act True")
     assert r.weight == QuantSpec("int4", Granularity.PER_GROUP, 64, True) and r.algorithm == "gptq"
     assert r.steps == (GPTQ(act_order=True),) and r.input is None
+    # the bare command gets the robust GPTQ (act-order, static groups); --desc_act False keeps static groups
+    assert Recipe.from_flags("--w_bit 4 --group_size 64 --w_method gptq").steps == (GPTQ(act_order=True, static_groups=True),)
+    assert Recipe.from_flags("--w_bit 4 --w_method gptq --desc_act False").steps == (GPTQ(act_order=False, static_groups=True),)
     w8a8 = Recipe.from_flags("--w_bit 8 --a_bit 8 --is_dynamic True --mm_tensor False --anti_method m1")
     assert w8a8.input == QuantSpec("int8", Granularity.PER_TOKEN, None, True, dynamic=True)
     assert w8a8.weight.granularity is Granularity.PER_CHANNEL and w8a8.steps == (SmoothQuant(alpha=0.5), RTN())

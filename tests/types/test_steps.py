@@ -24,7 +24,8 @@ def test_each_step_holds_only_its_own_knobs_and_round_trips():
         d = json.loads(json.dumps(step.to_dict()))
         assert d["type"] == step.TYPE and d["stage"] == step.STAGE
         assert st.step_from_dict(d) == step
-    assert GPTQ().describe() == "gptq" and GPTQ(act_order=True).describe() == "gptq(act_order=True)"
+    assert GPTQ().describe() == "gptq" and GPTQ(act_order=False).describe() == "gptq(act_order=False)"
+    assert GPTQ().act_order and GPTQ().static_groups  # the robust defaults (BENCHMARKS.md, "Bare commands")
 
 
 @pytest.mark.parametrize("make, words", [
@@ -66,7 +67,8 @@ def test_block_by_block_and_calibration_come_from_the_steps_needs():
 
 
 def test_recipe_v2_round_trip_and_the_v1_form_still_loads():
-    r = Recipe(weight=W4, steps=(AWQ(grid=10), GPTQ(act_order=True, clip_search=True)), disable_names=("lm_head",))
+    r = Recipe(weight=W4, steps=(AWQ(grid=10), GPTQ(act_order=True, static_groups=False, clip_search=True)),
+               disable_names=("lm_head",))  # fmt: skip
     d = r.to_dict()
     assert d["version"] == 2 and [s["type"] for s in d["steps"]] == ["awq", "gptq"]
     assert Recipe.from_json(r.to_json()) == r and Recipe.from_yaml(r.to_yaml()) == r
@@ -77,6 +79,9 @@ def test_recipe_v2_round_trip_and_the_v1_form_still_loads():
     for smooth, first in (("m1", SmoothQuant(alpha=0.7)), ("m2", GammaMigration()), ("m4", SmoothQuantSearch())):
         old = {"version": 1, "weight": W8.to_dict(), "input": DYN.to_dict(), "smooth": smooth, "smooth_alpha": 0.7}
         assert Recipe.from_dict(old).steps == (first, RTN())
+    # a v1 file without GPTQ knobs meant the defaults of then: natural order, groups from the error-updated weight
+    bare_v1 = Recipe.from_dict({"version": 1, "weight": W4.to_dict(), "algorithm": "gptq"})
+    assert bare_v1.steps == (GPTQ(act_order=False, static_groups=False),)
     with pytest.raises(SlimquantError, match="unknown algorithm 'awq'; valid: rtn, gptq"):
         Recipe.from_dict({"version": 1, "algorithm": "awq"})
     with pytest.raises(SlimquantError, match="versions 1 and 2 are read"):

@@ -48,10 +48,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="block-by-block runs (gptq, m3, --stream): keep the calibration activations between blocks in "
                    "files once they pass this many GB (default: in memory)")  # fmt: skip
     p.add_argument("--trust_remote_code", action="store_true", help="run custom modeling code in the model directory")
-    # Calibration inputs (static W8A8). Without any, texts are sampled from the float model itself.
+    # Calibration inputs (static W8A8, smoothing, GPTQ, AWQ, KV/attention). Without any, slimquant's default set.
     p.add_argument("--calib_texts", nargs="*", default=None, help="calibration texts")
     p.add_argument("--calib_file", default=None,
-                   help="calibration file: .jsonl/.json (a 'text' field per line) or plain text")  # fmt: skip
+                   help="calibration file: .jsonl/.json (a 'text' field per line) or plain text (default: slimquant's "
+                   "own general-purpose set, shipped with the package; an empty value means the same)")  # fmt: skip
+    p.add_argument("--calib_generate", type=str2bool, default=False,
+                   help="True: sample the calibration texts from the float model itself instead of the default set "
+                   "(causal LMs; minutes on a CPU)")  # fmt: skip
     p.add_argument("--calib_size", type=positive_int, default=64, help="calibration windows (default 64)")
     p.add_argument("--calib_seq_len", type=positive_int, default=256, help="tokens per calibration window (default 256)")
     p.add_argument("--tokenizer_args", default="{}", help="JSON tokenizer arguments for calibration")
@@ -87,12 +91,13 @@ def work_dir_of(save_directory: str | os.PathLike) -> Path:
 
 
 def input_paths(model_path: str, *files: str | None) -> list[Path]:
-    """The files a run reads, which its output must never replace: the model (an embedded model's file too)
-    and the given files."""
+    """The files a run reads, which its output must never replace: the model (an embedded model's file too),
+    the given files and slimquant's default calibration set (read when no calibration file is given)."""
+    from slimquant.data.calibration import DEFAULT_CALIB_FILE
     from slimquant.models.loading import EMBEDDED, resolve_embedded
 
     out = [resolve_embedded(model_path)] if model_path in EMBEDDED else [Path(model_path)]
-    return out + [Path(f) for f in files if f]
+    return out + [Path(f) for f in files if f] + [DEFAULT_CALIB_FILE]
 
 
 def run(args: argparse.Namespace) -> int:
@@ -118,9 +123,12 @@ def _checked_target(args: argparse.Namespace, recipe: Recipe, protect: list[Path
         raise SlimquantError("--device_type cuda: no CUDA device is available")
     if args.stream and args.device_type == "cuda":
         raise NotSupportedYet("--stream with --device_type cuda is not supported yet")
-    if args.stream and recipe.needs_calibration and not (args.calib_file or args.calib_texts):
-        raise SlimquantError("--stream: give --calib_file or --calib_texts (generating calibration text needs the "
-                             "whole model in memory)")  # fmt: skip
+    if args.calib_generate and (args.calib_file or args.calib_texts):
+        raise SlimquantError("--calib_generate True samples calibration text from the model; remove --calib_file / "
+                             "--calib_texts, or drop --calib_generate")  # fmt: skip
+    if args.stream and recipe.needs_calibration and args.calib_generate:
+        raise SlimquantError("--stream with --calib_generate True: generating calibration text needs the whole model "
+                             "in memory; give --calib_file / --calib_texts or use the default set")  # fmt: skip
     if args.calib_file and recipe.needs_calibration:
         from slimquant.data.calibration import read_calib_file
 
@@ -134,7 +142,7 @@ def _run(args: argparse.Namespace, recipe: Recipe, protect: list[Path], target: 
     from slimquant.models.loading import load_model
 
     needs_data = recipe.needs_calibration
-    if (args.calib_file or args.calib_texts) and not needs_data:
+    if (args.calib_file or args.calib_texts or args.calib_generate) and not needs_data:
         log.warning("calibration data given, but %s is data-free: it is not used", recipe.quant_type)
     t0 = time.perf_counter()
     stream = None
@@ -155,11 +163,12 @@ def _run(args: argparse.Namespace, recipe: Recipe, protect: list[Path], target: 
 
         if lm.tokenizer is None:
             raise SlimquantError(f"{args.model_path} has no tokenizer; calibration needs one")
-        if lm.kind != "causal_lm" and not (args.calib_file or args.calib_texts):
-            raise SlimquantError(f"{args.model_path} is an {lm.kind}: it cannot generate its own calibration text; "
-                                 "give --calib_file or --calib_texts")  # fmt: skip
+        if lm.kind != "causal_lm" and args.calib_generate:
+            raise SlimquantError(f"--calib_generate True: {args.model_path} is an {lm.kind}, it cannot generate its own "
+                                 "calibration text; give --calib_file or --calib_texts, or use the default set")  # fmt: skip
         calib = calibration_data(lm.model, lm.tokenizer, args.calib_file or None, args.calib_texts or None,
-                                 num_windows=args.calib_size, seq_len=args.calib_seq_len)  # fmt: skip
+                                 num_windows=args.calib_size, seq_len=args.calib_seq_len,
+                                 generate=args.calib_generate)  # fmt: skip
     t1 = time.perf_counter()
     # the block-by-block pipeline persists finished blocks next to the output and resumes from there
     work_dir = work_dir_of(target)

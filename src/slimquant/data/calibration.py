@@ -1,6 +1,8 @@
 """Calibration data for language models: read texts, cut token windows, or sample texts from the model.
 
-The one entry point is :func:`calibration_data`; it returns ``[num_windows, seq_len]`` int64 token ids.
+The one entry point is :func:`calibration_data`; it returns ``[num_windows, seq_len]`` int64 token ids. Given
+no text, it uses slimquant's default calibration set (:data:`DEFAULT_CALIB_FILE`, shipped with the package, as
+msModelSlim ships its default ``calib_file``); sampling texts from the model itself is the opt-in alternative.
 Files are read as JSON lines or UTF-8 text and never unpickled.
 """
 
@@ -21,6 +23,13 @@ from tqdm.auto import tqdm
 from slimquant.errors import SlimquantError
 
 log = logging.getLogger(__name__)
+
+# slimquant's default calibration set: general-purpose English text written for this package (Apache-2.0, like
+# the code) in four registers: expository prose on many subjects; assistant-style questions and answers, how-to
+# guides, letters and worked problems; code and structured text (Python, JS, SQL, C, shell, JSON, YAML,
+# Markdown); stories, dialogue, reviews, reports, and a few paragraphs in French, Spanish, German, Italian and
+# Portuguese. No evaluation text of the benchmarks is in it.
+DEFAULT_CALIB_FILE = Path(__file__).with_name("default_calibration.jsonl")
 
 # Generic openings in several registers (prose, news, science, fiction, code, dialogue) so that
 # self-generated calibration text is not all of one kind.
@@ -109,6 +118,12 @@ def _json_text(p: Path, where: str, item: Any, field: str) -> str:
         f"calibration file {p} {where}: expected a JSON object with field {field!r} or a JSON string, "
         f"got {type(item).__name__}"
     )
+
+
+def default_calibration_texts() -> list[str]:
+    """The texts of slimquant's default calibration set (:data:`DEFAULT_CALIB_FILE`): about 260 KB of
+    general-purpose text (about 60k tokens with a Llama-style tokenizer), one document per JSON line."""
+    return read_calib_file(DEFAULT_CALIB_FILE)
 
 
 def start_tokens(tokenizer: Any) -> list[int]:
@@ -202,18 +217,21 @@ def generate_calibration_texts(
     max_new_tokens: int,
     seed: int = 0,
     prompts: Sequence[str] | None = None,
-    batch_size: int = 8,
+    batch_size: int = 32,
     show_progress: bool = True,
 ) -> list[str]:
-    """``num_texts`` texts sampled from ``model`` itself (for LLMs given no calibration text).
+    """``num_texts`` texts sampled from ``model`` itself (``calibration_data(..., generate=True)``).
 
     Text ``i`` continues prompt ``i % len(prompts)`` (:data:`DEFAULT_PROMPTS` by default) by exactly
     ``max_new_tokens`` sampled tokens (EOS is suppressed so every text is long enough), top-p
-    ``0.95``, temperature ``1.0``; texts sharing a prompt are sampled together, up to ``batch_size``
-    at a time. Each returned text is the decoded prompt + continuation without special tokens.
+    ``0.95``, temperature ``1.0``. Texts are sampled ``batch_size`` at a time whatever their prompts (prompts
+    of different lengths are left-padded and masked): a decoding step costs about the same for one sequence
+    as for dozens on a CPU, so the wall time is about ``ceil(num_texts / batch_size) * max_new_tokens`` steps.
+    Each returned text is the decoded prompt + continuation without special tokens.
 
-    Sampling is seeded with ``seed`` inside ``torch.random.fork_rng``: the same seed gives the same
-    texts, and the caller's global RNG state (CPU and CUDA) is left untouched.
+    Sampling is seeded with ``seed`` inside ``torch.random.fork_rng``: the same seed (and ``batch_size``) gives
+    the same texts, and the caller's global RNG state (CPU and CUDA) is left untouched. Memory: the KV cache of
+    ``batch_size`` sequences of prompt + ``max_new_tokens`` tokens (lower ``batch_size`` for large models).
     """
     if num_texts < 1 or max_new_tokens < 1 or batch_size < 1:
         raise SlimquantError(
@@ -226,64 +244,72 @@ def generate_calibration_texts(
         raise SlimquantError(f"{type(model).__name__} cannot generate text: pass calibration text instead")
     device = next(model.parameters()).device
     gen_cfg = getattr(model, "generation_config", None)
-    # Tiny or base tokenizers may have no pad token; generate() needs one for its outputs.
+    # Tiny or base tokenizers may have no pad token; generate() needs one for its outputs and the left padding.
     candidates = (getattr(gen_cfg, "pad_token_id", None), tokenizer.pad_token_id, tokenizer.eos_token_id)
     pad = next((t for t in candidates if t is not None), None)
-    # (prompt, how many texts) jobs, in prompt order; a job is one generate call.
-    counts = [len(range(j, num_texts, len(prompts))) for j in range(len(prompts))]
-    jobs = [(j, min(batch_size, c - k)) for j, c in enumerate(counts) for k in range(0, c, batch_size)]
+    if pad is None:
+        pad = 0  # only ever under an attention mask of 0, and dropped before decoding
+    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    encoded = []
+    for prompt in prompts:
+        ids = list(tokenizer(prompt)["input_ids"])  # default special tokens: BOS as in real use
+        if not ids:  # a prompt the tokenizer maps to nothing: start from BOS/EOS instead
+            ids = [start if start is not None else pad]
+        encoded.append(ids)
     cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
-    by_prompt: list[list[str]] = [[] for _ in prompts]
+    texts: list[str] = []
     with torch.random.fork_rng(devices=cuda), tqdm(
         total=num_texts, desc="generating calibration text", unit="text", disable=not show_progress or num_texts <= 1
     ) as bar:
         torch.manual_seed(seed)
-        for j, k in jobs:
-            enc = tokenizer(prompts[j], return_tensors="pt")  # default special tokens: BOS as in real use
-            ids = enc["input_ids"]
-            if ids.numel() == 0:  # a prompt the tokenizer maps to nothing: start from BOS/EOS instead
-                start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-                ids = torch.tensor([[start]])
+        for b0 in range(0, num_texts, batch_size):
+            rows = [encoded[i % len(prompts)] for i in range(b0, min(b0 + batch_size, num_texts))]
+            width = max(map(len, rows))
+            ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], dtype=torch.int64)
+            mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], dtype=torch.int64)
             out = model.generate(
                 input_ids=ids.to(device),
-                attention_mask=torch.ones_like(ids).to(device),
+                attention_mask=mask.to(device),
                 do_sample=True,
                 top_p=_TOP_P,
                 top_k=0,  # only top-p truncates (a model's generation_config may set top_k)
                 temperature=_TEMPERATURE,
                 max_new_tokens=max_new_tokens,
                 min_new_tokens=max_new_tokens,
-                num_return_sequences=k,
                 pad_token_id=pad,
-            )
-            by_prompt[j].extend(tokenizer.batch_decode(out.cpu(), skip_special_tokens=True))
-            bar.update(k)
+            ).cpu()
+            for j, r in enumerate(rows):  # drop the left padding, then decode prompt + continuation
+                texts.append(tokenizer.decode(out[j, width - len(r) :], skip_special_tokens=True).strip())
+            bar.update(len(rows))
     log.info(
         "calibration data generated from the model itself: %d texts, %d new tokens (seed %d)",
         num_texts, num_texts * max_new_tokens, seed,
     )  # fmt: skip
-    return [by_prompt[i % len(prompts)][i // len(prompts)].strip() for i in range(num_texts)]
+    return texts
 
 
 def calibration_data(
-    model: nn.Module,
+    model: nn.Module | None,
     tokenizer: Any,
     calib_file: str | os.PathLike[str] | None = None,
     calib_texts: Sequence[str] | None = None,
-    num_windows: int = 128,
-    seq_len: int = 512,
+    num_windows: int = 64,
+    seq_len: int = 256,
     seed: int = 0,
     field: str = "text",
     show_progress: bool = True,
+    generate: bool = False,
 ) -> torch.Tensor:
-    """Calibration token windows ``[num_windows, seq_len]`` int64 for ``model``.
+    """Calibration token windows ``[num_windows, seq_len]`` int64 for ``model`` (defaults: 64 x 256, as
+    ``slimquant quantize``).
 
     Texts come from ``calib_file`` (:func:`read_calib_file`, JSON field ``field``) followed by
     ``calib_texts``; both may be given and are concatenated. An empty ``calib_file`` string means no
     file (msModelSlim's ``--calib_file=``), and ``calib_texts`` None or ``[]`` means no texts. With
-    neither, ``num_windows`` texts of ``seq_len + max(16, seq_len // 8)`` new tokens are sampled from
-    the model (:func:`generate_calibration_texts`), enough for non-overlapping windows. Windows are
-    cut by :func:`calibration_windows` with ``seed``.
+    neither, slimquant's default calibration set (:func:`default_calibration_texts`) is used, or, with
+    ``generate=True``, ``num_windows`` texts of ``seq_len + max(16, seq_len // 8)`` new tokens are sampled
+    from ``model`` (:func:`generate_calibration_texts`; minutes on a CPU), enough for non-overlapping
+    windows. Windows are cut by :func:`calibration_windows` with ``seed``.
     """
     if tokenizer is None:
         raise SlimquantError("calibration data for a model without a tokenizer must be given as tensors, not text")
@@ -297,9 +323,18 @@ def calibration_data(
         if not given:
             raise SlimquantError("calib_texts holds only blank texts")
         texts += given
-    if not texts:
+    if texts and generate:
+        raise SlimquantError("generate=True samples calibration text from the model; it cannot be combined with "
+                             "calib_file / calib_texts")  # fmt: skip
+    if generate:
+        if model is None:
+            raise SlimquantError("generate=True needs the model to sample calibration text from")
         new_tokens = seq_len + max(16, seq_len // 8)  # margin: decode + re-tokenize can lose a few tokens
         texts = generate_calibration_texts(
             model, tokenizer, num_windows, new_tokens, seed=seed, show_progress=show_progress
         )
+    elif not texts:
+        texts = default_calibration_texts()
+        log.info("calibration: slimquant's default set (%d general-purpose texts: prose, dialogue, code; "
+                 "give a calibration file of your own domain for the best accuracy there)", len(texts))  # fmt: skip
     return calibration_windows(tokenizer, texts, num_windows, seq_len, seed=seed)

@@ -82,8 +82,9 @@ def add_recipe_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--w_method", choices=("rtn", "gptq"), default="rtn",
                    help="weight algorithm: rtn (round to nearest, default) or gptq (calibrated, block by block)")  # fmt: skip
     parser.add_argument("--percdamp", type=float, default=0.01, help="gptq: Hessian dampening, fraction of its mean diagonal")
-    parser.add_argument("--desc_act", type=str2bool, default=False,
-                   help="gptq: quantize columns by decreasing Hessian diagonal (act-order; static groups)")  # fmt: skip
+    parser.add_argument("--desc_act", type=str2bool, default=None,
+                   help="gptq: quantize columns by decreasing Hessian diagonal (act-order; static groups). Default "
+                   "True; False keeps the natural column order (groups still from the float weight)")  # fmt: skip
     parser.add_argument("--w_clip_search", type=str2bool, default=False,
                    help="MSE-optimal clipping search per channel/group (default False)")  # fmt: skip
     parser.add_argument("--embedding_bit", type=int, choices=(8, 16), default=16,
@@ -117,7 +118,7 @@ def add_recipe_flags(parser: argparse.ArgumentParser) -> None:
                    "with a_bit 16 True makes per-channel weights per-tensor")  # fmt: skip
     parser.add_argument("--use_kvcache_quant", type=str2bool, default=False,
                    help="int8 KV cache (msModelSlim C8): static scales per head and channel calibrated on "
-                   "--calib_file/--calib_texts (or generated text); with --kv_dynamic True, per-token scales computed "
+                   "--calib_file/--calib_texts (or the default set); with --kv_dynamic True, per-token scales computed "
                    "as tokens arrive (no calibration). Used by slimquant eval and slimquant.kv_cache(model)")  # fmt: skip
     parser.add_argument("--kv_dynamic", type=str2bool, default=False,
                    help="with --use_kvcache_quant: dynamic per-token KV scales instead of static per-channel ones")  # fmt: skip
@@ -193,7 +194,7 @@ def _recipe(args: argparse.Namespace) -> Recipe:
         raise SlimquantError("--mm_tensor True (per-tensor weights) conflicts with --group_size; use one of them")
     if not 0.0 < args.percdamp <= 1.0:
         raise SlimquantError(f"--percdamp {args.percdamp}: must be in (0, 1] (a fraction of the Hessian's mean diagonal)")
-    if args.w_method != "gptq" and (args.percdamp != 0.01 or args.desc_act):
+    if args.w_method != "gptq" and (args.percdamp != 0.01 or args.desc_act):  # --desc_act False: nothing to refuse
         raise SlimquantError("--percdamp and --desc_act tune GPTQ; add --w_method gptq")
     if args.kv_dynamic and not args.use_kvcache_quant:
         raise SlimquantError("--kv_dynamic chooses how the KV cache is quantized; it needs --use_kvcache_quant True")
@@ -206,11 +207,17 @@ def _recipe(args: argparse.Namespace) -> Recipe:
     if isinstance(smooth, GammaMigration) and input_spec is not None and not input_spec.dynamic and args.act_method is None:
         act_observer = "token_clip"  # Outlier Suppression = gamma migration + token-wise clipping
     per_tensor = args.mm_tensor if args.mm_tensor is not None else input_spec is not None  # seed: W8A8 default True
+    if args.mm_tensor is None and input_spec is not None:
+        log.warning("W8A8 weights are per-tensor by default (msModelSlim's --mm_tensor True), which is known to cost "
+                    "accuracy: one int8 scale for a whole matrix (on smollm2-135m, W8A8 dynamic + m1 has about 10x "
+                    "the KL of per-channel weights; BENCHMARKS.md). Add --mm_tensor False for per-channel weights "
+                    "(same int8 kernels, one scale per output channel).")  # fmt: skip
     gran = Granularity.PER_GROUP if args.group_size else (Granularity.PER_TENSOR if per_tensor else Granularity.PER_CHANNEL)
     weight = QuantSpec(qt, gran, args.group_size or None, args.w_sym, zero_point=args.w_zero_point)
     embedding = QuantSpec("int8", Granularity.PER_CHANNEL, None, True) if args.embedding_bit == 8 else None
     if args.w_method == "gptq":
-        solve: Step = GPTQ(percdamp=args.percdamp, act_order=args.desc_act, clip_search=args.w_clip_search)
+        act_order = GPTQ.act_order if args.desc_act is None else args.desc_act
+        solve: Step = GPTQ(percdamp=args.percdamp, act_order=act_order, clip_search=args.w_clip_search)
     else:
         solve = RTN(clip_search=args.w_clip_search)
     return Recipe(

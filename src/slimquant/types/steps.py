@@ -72,7 +72,7 @@ class Step:
         return out
 
     def describe(self) -> str:
-        """``gptq(act_order=True)``: the type and the knobs that differ from their defaults."""
+        """``gptq(act_order=False)``: the type and the knobs that differ from their defaults."""
         changed = [f"{f.name}={getattr(self, f.name)!r}" for f in fields(self) if getattr(self, f.name) != f.default]
         return f"{self.TYPE}({', '.join(changed)})" if changed else self.TYPE
 
@@ -203,14 +203,19 @@ class GPTQ(Step):
     columns by decreasing Hessian diagonal (desc_act), with static groups so the layout is unchanged;
     ``static_groups``: every group's parameters up front from the float weight; ``clip_search``: the MSE
     clipping search for each group's range (and for the layers outside the blocks, which are rounded to nearest).
+
+    The defaults are the robust choice, act-order with static groups (as llm-compressor's default): with groups
+    computed from the error-updated weight (``act_order=False, static_groups=False``, the paper's reference
+    variant) the accuracy got worse, not better, with more calibration data on smollm2-135m (BENCHMARKS.md,
+    "Bare commands").
     """
 
     TYPE: ClassVar[str] = "gptq"
     STAGE: ClassVar[str] = "weight"
     NEEDS: ClassVar[frozenset[str]] = frozenset({BLOCK_INPUTS, HESSIAN})
     percdamp: float = 0.01
-    act_order: bool = False
-    static_groups: bool = False
+    act_order: bool = True
+    static_groups: bool = True
     clip_search: bool = False
 
     def __post_init__(self) -> None:
