@@ -5,7 +5,7 @@ Usage:
     python benchmarks/defaults.py --rev e9d48ab   # the same commands with another commit's code (a git worktree
                                                   # under benchmarks/out), kept as that revision's rows
     python benchmarks/defaults.py --study         # GPTQ: groups vs calibration size (why more data hurt)
-    python benchmarks/defaults.py --only "W8A8 dynamic m1"   # one command, prints only
+    python benchmarks/defaults.py --only "W8A8 dynamic m1"   # only these commands (comma-separated names)
 
 Each command runs as a user types it (``python -m slimquant quantize ...`` in its own process, wall time of the
 whole command: load, calibration, quantize, save); its checkpoint is then evaluated on the weight-only
@@ -146,11 +146,16 @@ def run_study(ref: Path) -> dict[str, dict]:
     return rows
 
 
+def commit_time(rev: str) -> int:
+    """When ``rev`` was committed (rows of older code first)."""
+    return int(git("log", "-1", "--format=%ct", rev.split()[0]))
+
+
 def fmt_rows(stored: dict) -> str:
     lines = ["| command | code | whole command s | perplexity | KL/token | top-1 | ckpt MiB | --mm_tensor warning |",
              "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for name, flags in COMMANDS.items():
-        for key, r in sorted(stored.items(), key=lambda kv: kv[1].get("order", 0)):
+        for key, r in sorted(stored.items(), key=lambda kv: (commit_time(kv[1]["rev"]), kv[1].get("order", 0))):
             if r["name"] != name:
                 continue
             lines.append(f"| `slimquant {flags}` | {r['rev']} | {r['wall_s']:.0f} | {r['perplexity']:.3f} | {r['kl']:.5f} | "
@@ -171,7 +176,7 @@ def fmt_study(rows: dict) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rev", help="run the commands with this commit's code instead of the checkout's")
-    ap.add_argument("--only", help="comma-separated command names (prints only)")
+    ap.add_argument("--only", help="comma-separated command names (the others' stored rows are kept)")
     ap.add_argument("--study", action="store_true", help="the GPTQ group / calibration-size study")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--study-child", nargs=3, help=argparse.SUPPRESS)
@@ -204,10 +209,8 @@ def main() -> None:
             res = run_command(name, args.rev, ref)
             res.update(name=name, order=len(stored), machine=machine)
             print(name, {k: v for k, v in res.items() if k != "machine"}, flush=True)
-            if not args.only:
-                stored[f"{name} @ {res['rev']}"] = res
-        if args.only:
-            return
+            stored[f"{name} @ {res['rev']}"] = res
+            ROWS.write_text(json.dumps(stored, indent=1))  # each row as soon as it is measured
         ROWS.write_text(json.dumps(stored, indent=1))
     write(stored)
 
