@@ -27,6 +27,8 @@ ALLOWED: dict[str, set[str]] = {
     "eval": {"types", "math", "kernels", "nn"},
     "pipeline": {"types", "math", "kernels", "observers", "adapters", "nn", "surgery", "formats", "algorithms", "data"},
     "models": {"types", "nn", "surgery", "adapters", "formats"},
+    "search": {"types", "math", "kernels", "observers", "adapters", "nn", "surgery", "formats", "algorithms", "data",
+               "pipeline", "eval", "models"},
 }
 # packages that must import with transformers (and accelerate) absent
 NO_TRANSFORMERS = ["slimquant.types", "slimquant.math", "slimquant.kernels", "slimquant.nn", "slimquant.formats",

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 import shlex
+import shutil
 from pathlib import Path
 
 import pytest
@@ -49,6 +50,9 @@ def _inputs(directory: Path, corpus: list[str]) -> None:
     (directory / "calib.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
     (directory / "sentences.txt").write_text("\n".join(lines[:300]) + "\n", encoding="utf-8")
     (directory / "calib.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in lines), encoding="utf-8")
+    # the commands are run from the repository root: its shipped examples are there
+    shutil.copytree(Path(__file__).resolve().parent.parent / "examples", directory / "examples",
+                    ignore=shutil.ignore_patterns("tasks", "__pycache__"))  # fmt: skip
 
 
 def _substitute(text: str, models: dict[str, str]) -> str:

@@ -3,6 +3,8 @@
 from slimquant.api import evaluate, kv_cache, load, quantize, save
 from slimquant.errors import NotSupportedYet, SlimquantError
 from slimquant.models.loading import LoadedModel, load_model
+from slimquant.search.sensitivity import Sensitivity, layer_sensitivity
+from slimquant.search.tune import TuningConfig, TuningResult, autotune
 from slimquant.types import AWQ, GPTQ, RTN, GammaMigration, Granularity, LayerOverride, QuantSpec, Recipe, SmoothQuant, SmoothQuantSearch
 from slimquant.types.report import ConversionReport, LayerRow, StepRow
 from slimquant.types.result import QuantizationResult
@@ -16,6 +18,11 @@ __all__ = [
     "load_model",
     "evaluate",
     "kv_cache",
+    "autotune",
+    "TuningConfig",
+    "TuningResult",
+    "layer_sensitivity",
+    "Sensitivity",
     "Recipe",
     "QuantSpec",
     "Granularity",

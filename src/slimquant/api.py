@@ -12,8 +12,6 @@ from torch import nn
 from slimquant.errors import SlimquantError
 from slimquant.formats.codec import get_codec
 from slimquant.models.loading import LoadedModel, load_checkpoint
-from slimquant.pipeline.convert import convert, refuse_quantized
-from slimquant.surgery.fuse import fuse_w8a8_inputs
 from slimquant.types.result import QuantizationResult
 from slimquant.types.spec import Recipe
 
@@ -22,7 +20,8 @@ log = logging.getLogger(__name__)
 
 def quantize(model: nn.Module, recipe: Recipe | None = None, calib_data: Any = None, show_progress: bool = True,
              stream: Any = None, work_dir: str | os.PathLike | None = None,
-             max_activation_gb: float | None = None) -> QuantizationResult:  # fmt: skip
+             max_activation_gb: float | None = None, sensitivity: Any = None,
+             sensitivity_cache: str | os.PathLike | None = None) -> QuantizationResult:  # fmt: skip
     """Quantize ``model`` in place with ``recipe`` (default: W8A16 per-channel RTN).
 
     Returns a :class:`QuantizationResult`: ``.model`` (``model`` itself, quantized), ``.recipe``, ``.report``
@@ -40,21 +39,18 @@ def quantize(model: nn.Module, recipe: Recipe | None = None, calib_data: Any = N
     :class:`slimquant.models.streaming.StreamingModel` (from :func:`slimquant.models.streaming.open_streaming`)
     whose ``.model`` is ``model``: its blocks are read from disk one at a time and written to ``work_dir``.
     ``max_activation_gb``: block-by-block runs keep the calibration hidden states in files past this size.
+
+    ``recipe.disable_level`` n > 0 (msModelSlim ``--disable_level Ln``): the n planned Linear layers whose
+    quantization alone costs the model most (exact ablation on the first calibration items, after smoothing)
+    stay float; the report's ``skipped`` says so with each one's score. ``sensitivity``: a
+    :class:`slimquant.search.Sensitivity` to rank by instead (measured on this model and recipe);
+    ``sensitivity_cache``: a directory where the ranking is kept and reused (:func:`slimquant.search.layer_sensitivity`).
     """
-    recipe = recipe or Recipe()
-    if not isinstance(model, nn.Module):
-        raise SlimquantError(f"quantize takes an nn.Module, got {type(model).__name__}"
-                             + ("; pass its .model" if hasattr(model, "model") else ""))  # fmt: skip
-    refuse_quantized(model)
-    if calib_data is not None and not recipe.needs_calibration:
-        log.info("calib_data is not used: %s is data-free", recipe.quant_type)
-        calib_data = None
-    result = convert(model, recipe, show_progress=show_progress, calib_data=calib_data, stream=stream,
-                     work_dir=work_dir, max_activation_gb=max_activation_gb)  # fmt: skip
-    fuse_w8a8_inputs(model)
-    n = len(result.report.layers) if result.report is not None else 0
-    log.info("quantized %d layer(s) with %s (%s)", n, recipe.algorithm, recipe.quant_type)
-    return result
+    from slimquant.search.fallback import quantize_model
+
+    return quantize_model(model, recipe or Recipe(), calib_data, show_progress, stream=stream, work_dir=work_dir,
+                          max_activation_gb=max_activation_gb, sensitivity=sensitivity,
+                          sensitivity_cache=sensitivity_cache)  # fmt: skip
 
 
 def as_result(obj: Any, what: str) -> QuantizationResult:

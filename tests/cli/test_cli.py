@@ -626,7 +626,7 @@ def test_flags_not_supported(capsys, llama_dir, outs, argv, flag, words):
         (["--w_clip_search", "sometimes"], "--w_clip_search", "expected a boolean"),
         (["--part_file_size", "-1"], "--part_file_size", "positive"),
         (["--device_type", "tpu"], "--device_type", "invalid choice"),
-        (["--disable_level", "L9"], "--disable_level", "invalid choice"),
+        (["--disable_level", "9"], "--disable_level", "expected L<n>"),
     ],
 )
 def test_bad_flag_values_exit_2(capsys, llama_dir, outs, argv, flag, words):

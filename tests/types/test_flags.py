@@ -74,7 +74,8 @@ def test_from_flags_takes_parsed_values_by_name():
     ("--w_zero_point float", SlimquantError, "add --w_sym False"),
     ("--a_bit 8 --w_bit 4", SlimquantError, "--a_bit 8 needs symmetric 8-bit weights"),
     ("--co_sparse True", NotSupportedYet, "--co_sparse True: sparse quantization is not supported yet"),
-    ("--disable_level L2", NotSupportedYet, "automatic fallback is not supported yet"),
+    ("--disable_level 2", SlimquantError, "expected L<n> (L0 none, L1 .. L5 or any L<n>"),
+    ("--disable_level L-1", SlimquantError, "expected L<n>"),
     ("--anti_method m5 --a_bit 8", NotSupportedYet, "m5"),
 ])  # fmt: skip
 def test_bad_flags_name_the_flag(flags, exc, words):

@@ -7,7 +7,7 @@ import logging
 import signal
 import sys
 
-from slimquant.cli import demo_cmd, eval_cmd, quantize_cmd
+from slimquant.cli import demo_cmd, eval_cmd, quantize_cmd, sensitivity_cmd, tune_cmd
 from slimquant.errors import SlimquantError
 
 
@@ -18,6 +18,8 @@ def build_parser() -> argparse.ArgumentParser:
     quantize_cmd.add_parser(sub)
     eval_cmd.add_parsers(sub)
     demo_cmd.add_parser(sub)
+    sensitivity_cmd.add_parser(sub)
+    tune_cmd.add_parser(sub)
     return parser
 
 

@@ -121,6 +121,9 @@ def _checked_target(args: argparse.Namespace, recipe: Recipe, protect: list[Path
         raise SlimquantError("--max_activation_gb applies to block-by-block runs (--w_method gptq, --anti_method m3, --stream)")
     if args.device_type == "cuda" and not torch.cuda.is_available():
         raise SlimquantError("--device_type cuda: no CUDA device is available")
+    if args.stream and recipe.disable_level:
+        raise NotSupportedYet("--disable_level with --stream is not supported yet: ranking the layers runs the whole "
+                              "model in memory")  # fmt: skip
     if args.stream and args.device_type == "cuda":
         raise NotSupportedYet("--stream with --device_type cuda is not supported yet")
     if args.calib_generate and (args.calib_file or args.calib_texts):
@@ -176,8 +179,13 @@ def _run(args: argparse.Namespace, recipe: Recipe, protect: list[Path], target: 
     if blockwise:
         log.info("finished blocks are kept in %s until the checkpoint is written (rerun the same command to resume)",
                  work_dir)  # fmt: skip
+    cache = None
+    if recipe.disable_level:
+        from slimquant.search.sensitivity import default_cache_dir
+
+        cache = default_cache_dir()  # another --disable_level on the same model and data reuses the ranking
     result = api.quantize(lm.model, recipe, calib_data=calib, stream=stream, work_dir=work_dir if blockwise else None,
-                          max_activation_gb=args.max_activation_gb)  # fmt: skip
+                          max_activation_gb=args.max_activation_gb, sensitivity_cache=cache)  # fmt: skip
     qtime = time.perf_counter() - t1
     if stream is None:
         lm.model.to("cpu")

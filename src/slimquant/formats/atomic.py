@@ -267,3 +267,28 @@ def atomic_directory(
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+
+
+def write_file_atomic(path: str | os.PathLike, data: str | bytes, overwrite: bool = True) -> Path:
+    """Write one file whole or not at all: into ``.<name>.tmp`` beside it, fsynced, then renamed over ``path``.
+    With ``overwrite`` False an existing ``path`` is refused (naming it) before anything is written."""
+    path = absolute_path(path)
+    if path.exists() and not overwrite:
+        raise SlimquantError(f"{path} exists; pass overwrite (--overwrite) to replace it")
+    if path.is_dir():
+        raise SlimquantError(f"{path} is a directory, not a file")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data.encode("utf-8") if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    fsync_dir(path.parent)
+    return path
+

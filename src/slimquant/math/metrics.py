@@ -29,3 +29,28 @@ def kl_divergence(ref_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tenso
 def top1_agreement(ref_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
     """Per-position 1.0 where both argmaxes agree, else 0.0."""
     return (ref_logits.argmax(dim=-1) == logits.argmax(dim=-1)).double()
+
+
+def average_ranks(x: torch.Tensor) -> torch.Tensor:
+    """Ranks 1..n of the 1-D ``x`` (float64), ties given the mean of the ranks they span."""
+    x = x.double().reshape(-1)
+    order = torch.argsort(x, stable=True)
+    ranks = torch.empty_like(x)
+    ranks[order] = torch.arange(1, len(x) + 1, dtype=torch.float64)
+    values, inverse = torch.unique(x, return_inverse=True)
+    sums = torch.zeros(len(values), dtype=torch.float64).index_add_(0, inverse, ranks)
+    counts = torch.zeros(len(values), dtype=torch.float64).index_add_(0, inverse, torch.ones_like(ranks))
+    return (sums / counts)[inverse]
+
+
+def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Spearman's rank correlation of two equally long 1-D sequences (Pearson's r of their average ranks);
+    NaN when either is constant or shorter than 2."""
+    if a.numel() != b.numel():
+        raise ValueError(f"spearman: {a.numel()} vs {b.numel()} values")
+    if a.numel() < 2:
+        return float("nan")
+    ra, rb = average_ranks(a), average_ranks(b)
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    den = float(ra.norm() * rb.norm())
+    return float((ra * rb).sum()) / den if den > 0 else float("nan")

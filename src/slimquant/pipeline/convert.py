@@ -12,7 +12,7 @@ import contextlib
 import logging
 import os
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
@@ -160,7 +160,8 @@ def _weight_2d(module: nn.Module) -> torch.Tensor:
 def convert(
     model: nn.Module, recipe: Recipe, show_progress: bool = True, calib_data: Any = None, stream: Any = None,
     work_dir: str | os.PathLike | None = None, max_activation_gb: float | None = None,
-    layers: list[LayerPlan] | None = None,
+    layers: list[LayerPlan] | None = None, input_ranges: dict[str, dict[str, Any]] | None = None,
+    fallback: Callable[[nn.Module, list[LayerPlan], Any], dict[str, str]] | None = None,
 ) -> QuantizationResult:  # fmt: skip
     """Quantize ``model`` in place according to ``recipe``; returns the :class:`QuantizationResult` (the model,
     the recipe, the report and, for streamed blocks, where their tensors are until saved).
@@ -175,7 +176,21 @@ def convert(
     are quantized one at a time (weight-only recipes); ``work_dir``: where the block-by-block pipeline
     persists each finished block and resumes from (needed with ``stream``). ``max_activation_gb``: past this many
     GB (1e9 bytes) the hidden states between blocks are kept in files (in ``work_dir``, else a temporary directory).
+    ``input_ranges``: static input ranges already calibrated by :func:`calibrate_input_ranges` (a search that
+    converts one layer at a time calibrates them once); every static W8A8 layer of the plan must have one.
+    ``fallback``: with ``recipe.disable_level`` > 0, ``fallback(model, linear_layers, calib_data)`` is called after the
+    model steps (smoothing) with the planned Linear layers and returns ``{layer: reason}`` of those to keep float
+    (:func:`slimquant.quantize` passes :func:`slimquant.search.fallback.fallback_chooser`'s).
     """
+    if recipe.disable_level:
+        if fallback is None:
+            raise SlimquantError(f"disable_level {recipe.disable_level} needs a fallback chooser (fallback=); "
+                                 "slimquant.quantize gives one")  # fmt: skip
+        if calib_data is None:
+            raise SlimquantError(f"disable_level L{recipe.disable_level} ranks the layers on calibration data (calib_data)")
+        if stream is not None:
+            raise NotSupportedYet("disable_level with streaming from disk is not supported yet: ranking the layers "
+                                  "runs the whole model")  # fmt: skip
     if max_activation_gb is not None and not max_activation_gb > 0:
         raise SlimquantError(f"max_activation_gb must be positive, got {max_activation_gb}")
     if stream is not None:
@@ -205,7 +220,7 @@ def convert(
         layers, report = plan(model, recipe)
     else:
         layers, report = _checked_plan(model, recipe, layers), ConversionReport()
-    if calib_data is None:
+    if calib_data is None and input_ranges is None:
         static_in = next((lp.name for lp in layers if lp.kind == "linear" and lp.input is not None
                           and not lp.input.dynamic), None)  # fmt: skip
         if static_in is not None:
@@ -250,8 +265,21 @@ def convert(
         from slimquant.pipeline.model_steps import run_model_steps
 
         report.steps = run_model_steps(model, recipe, calib_data, show_progress)
+    if recipe.disable_level:
+        assert fallback is not None
+        chosen = fallback(model, [lp for lp in layers if lp.kind == "linear"], calib_data)
+        for name, why in chosen.items():
+            report.skipped[name] = why
+            log.info("kept float: %s (%s)", name, why)
+        layers = [lp for lp in layers if lp.name not in chosen]
     static = [lp for lp in layers if lp.kind == "linear" and lp.input is not None and not lp.input.dynamic]
-    ranges = _calibrate_inputs(model, recipe, static, calib_data, show_progress) if static else {}
+    if input_ranges is not None:
+        missing = [lp.name for lp in static if lp.name not in input_ranges]
+        if missing:
+            raise SlimquantError(f"input_ranges has no static input range for layer {missing[0]}")
+        ranges = {lp.name: input_ranges[lp.name] for lp in static}
+    else:
+        ranges = calibrate_input_ranges(model, recipe, static, calib_data, show_progress) if static else {}
 
     sequential: list[LayerPlan] = []
     blockwise = any(s.NEEDS & BLOCKWISE_NEEDS for s in (*recipe.steps_of("block"), *{lp.step for lp in layers}))
@@ -308,15 +336,19 @@ def convert(
 
 @contextlib.contextmanager
 def quantized(model: nn.Module, recipe: Recipe, layers: list[LayerPlan] | None = None, calib_data: Any = None,
-              show_progress: bool = False) -> Iterator[QuantizationResult]:  # fmt: skip
+              show_progress: bool = False,
+              input_ranges: dict[str, dict[str, Any]] | None = None) -> Iterator[QuantizationResult]:  # fmt: skip
     """Quantize ``layers`` of the float ``model`` (default: the recipe's whole plan) for the duration of the
     ``with`` block, then put the float modules back: a search can quantize the same model many times, one layer
     or block at a time, without copying it. Yields the :class:`QuantizationResult` (its report is the conversion's).
 
     The float modules are swapped out, never changed, so only steps that leave the float model as it is run
     here: no model or block transforms (smoothing, AWQ), no KV-cache or attention quantization (those change
-    modules in place); anything else is refused before any work.
+    modules in place); anything else is refused before any work. ``input_ranges``: as for :func:`convert`.
     """
+    if recipe.disable_level:
+        raise SlimquantError("quantized() takes the layers to quantize as given; disable_level chooses layers to "
+                             "leave float: leave them out of layers= instead")  # fmt: skip
     changing = [s.TYPE for s in (*recipe.steps_of("model"), *recipe.steps_of("block"))]
     if changing or recipe.kv is not None or recipe.fa is not None:
         what = ", ".join(changing + (["kv"] if recipe.kv is not None else []) + (["fa"] if recipe.fa is not None else []))
@@ -329,7 +361,8 @@ def quantized(model: nn.Module, recipe: Recipe, layers: list[LayerPlan] | None =
     names += [out for lp in layers if lp.kind == "embedding" for out in [_tied_output(model, lp.name)] if out]
     originals = {n: model.get_submodule(n) for n in names}
     try:
-        yield convert(model, recipe, show_progress=show_progress, calib_data=calib_data, layers=layers)
+        yield convert(model, recipe, show_progress=show_progress, calib_data=calib_data, layers=layers,
+                      input_ranges=input_ranges)
     finally:
         for n, m in originals.items():
             set_module(model, n, m)
@@ -385,9 +418,10 @@ def _run_sequential(model: nn.Module, recipe: Recipe, sequential: list[LayerPlan
     return rows, step_rows, source
 
 
-def _calibrate_inputs(model: nn.Module, recipe: Recipe, layers: list[LayerPlan], calib_data: Any,
-                      show_progress: bool) -> dict[str, dict[str, Any]]:  # fmt: skip
-    """Static input ranges of the linear ``layers``, observed on the float model in one pass.
+def calibrate_input_ranges(model: nn.Module, recipe: Recipe, layers: list[LayerPlan], calib_data: Any,
+                           show_progress: bool = True) -> dict[str, dict[str, Any]]:  # fmt: skip
+    """Static input ranges of the linear ``layers`` (``{layer: {"rmin", "rmax", "rule", "errors"}}``), observed on
+    the float model in one pass.
 
     Rules that compare output errors (auto, token_clip) measure them with the quantized weights the layers will
     get (each layer's data-free weight step, solved here once more, one layer at a time) and the layer's own

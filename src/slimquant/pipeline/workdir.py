@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from slimquant.errors import SlimquantError
-from slimquant.formats.atomic import fsync_dir
+from slimquant.formats.atomic import fsync_dir, write_file_atomic
 from slimquant.formats.safetensors_io import TensorSource, read_header, write_safetensors
 
 log = logging.getLogger(__name__)
@@ -36,13 +36,7 @@ INPUTS = "inputs.safetensors"
 
 
 def _atomic_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(json.dumps(data, indent=1, sort_keys=True))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
+    write_file_atomic(path, json.dumps(data, indent=1, sort_keys=True))
 
 
 def _write_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:

@@ -56,11 +56,19 @@ def positive_int(value: str) -> int:
     return i
 
 
+def disable_level(value: str) -> str:
+    """msModelSlim's ``L<n>`` (n >= 0 layers to fall back to float), as given."""
+    v = str(value).strip()
+    if len(v) < 2 or v[0] not in "Ll" or not v[1:].isdigit():
+        raise argparse.ArgumentTypeError(f"expected L<n> (L0 none, L1 .. L5 or any L<n>: n layers fall back to float), "
+                                         f"got {value!r}")  # fmt: skip
+    return "L" + str(int(v[1:]))
+
+
 # Seed flags accepted whose non-default values are not built yet: flag -> (default, what).
 _LATER = {
     "co_sparse": (False, "sparse quantization"),
     "fraction": (0.01, "sparse quantization"),
-    "disable_level": ("L0", "automatic fallback"),
     "use_reduce_quant": (False, "lccl reduce quantization"),
     "tp_size": (1, "lccl reduce quantization"),
     "is_lowbit": (False, "lowbit sparse quantization"),
@@ -103,7 +111,9 @@ def add_recipe_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--smooth_alpha", type=float, default=None, help="SmoothQuant migration strength for m1 (default 0.5)")
     parser.add_argument("--co_sparse", type=str2bool, default=False)
     parser.add_argument("--fraction", type=float, default=0.01)
-    parser.add_argument("--disable_level", choices=tuple(f"L{i}" for i in range(6)), default="L0")
+    parser.add_argument("--disable_level", type=disable_level, default="L0",
+                        help="automatic fallback: L<n> keeps the n layers whose quantization costs the model most on "
+                        "the calibration data (exact ablation, KL vs float) in float; L0 (default) none")  # fmt: skip
     parser.add_argument("--do_smooth", type=str2bool, default=False,
                    help="smooth activations before W8A8: SmoothQuant m1 unless --anti_method names another method")  # fmt: skip
     parser.add_argument("--use_sigma", type=str2bool, default=False,
@@ -209,7 +219,7 @@ def _recipe(args: argparse.Namespace) -> Recipe:
     per_tensor = args.mm_tensor if args.mm_tensor is not None else input_spec is not None  # seed: W8A8 default True
     if args.mm_tensor is None and input_spec is not None:
         log.warning("W8A8 weights are per-tensor by default (msModelSlim's --mm_tensor True), which is known to cost "
-                    "accuracy: one int8 scale for a whole matrix (on smollm2-135m, W8A8 dynamic + m1 has about 10x "
+                    "accuracy: one int8 scale for a whole matrix (on smollm2-135m, W8A8 dynamic + m1 has 12x "
                     "the KL of per-channel weights; BENCHMARKS.md). Add --mm_tensor False for per-channel weights "
                     "(same int8 kernels, one scale per output channel).")  # fmt: skip
     gran = Granularity.PER_GROUP if args.group_size else (Granularity.PER_TENSOR if per_tensor else Granularity.PER_CHANNEL)
@@ -232,6 +242,7 @@ def _recipe(args: argparse.Namespace) -> Recipe:
         kv=(KV_INT8_DYNAMIC if args.kv_dynamic else KV_INT8_STATIC) if args.use_kvcache_quant else None,
         fa=FA_INT8_PER_HEAD if args.use_fa_quant else None,
         fa_amp=args.fa_amp,
+        disable_level=int(args.disable_level[1:]),
     )
 
 

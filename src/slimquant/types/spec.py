@@ -212,6 +212,10 @@ class Recipe:
             symmetric scales per head for Q, K and V calibrated on data (:mod:`slimquant.nn.fa_quant`).
         fa_amp: with ``fa``, how many attention layers fall back to float: those whose quantized
             attention output has the largest relative error on the calibration data (msModelSlim ``fa_amp``).
+        disable_level: automatic fallback (msModelSlim ``--disable_level L<n>``): the ``n`` planned Linear layers
+            whose quantization alone costs the model the most on the calibration data (exact ablation, KL vs
+            the float model; :mod:`slimquant.search.sensitivity`) stay float. Applied after ``disable_names``
+            and ``disable_last_linear``; needs calibration data.
         steps: the algorithms, in stage order: transforms of the float model (``SmoothQuant``,
             ``SmoothQuantSearch``, ``GammaMigration``), per-block transforms (``AWQ``), then exactly one weight
             step (``RTN``, ``GPTQ``), each with its own knobs. Default: ``(RTN(),)``.
@@ -243,6 +247,7 @@ class Recipe:
     sigma_factor: float | None = None
     fa: QuantSpec | None = None
     fa_amp: int = 0
+    disable_level: int = 0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "disable_names", tuple(self.disable_names))
@@ -297,6 +302,9 @@ class Recipe:
                     s.check(weight, inp)
             except SlimquantError as e:
                 raise type(e)(f"override {where}: {e}" if where else str(e)) from None
+        if isinstance(self.disable_level, bool) or not isinstance(self.disable_level, int) or self.disable_level < 0:
+            raise SlimquantError(f"disable_level must be a non-negative integer (layers left float), got "
+                                 f"{self.disable_level!r}")  # fmt: skip
         if not isinstance(self.fa_amp, int) or self.fa_amp < 0:
             raise SlimquantError(f"fa_amp must be a non-negative integer (layers left float), got {self.fa_amp!r}")
         if self.fa_amp and self.fa is None:
@@ -377,7 +385,7 @@ class Recipe:
         that needs data)."""
         combos = self.layer_combinations()
         static = any(w is not None and i is not None and not i.dynamic for _, w, i, _ in combos)
-        return (static or self.fa is not None or self.kv == KV_INT8_STATIC
+        return (static or self.fa is not None or self.kv == KV_INT8_STATIC or self.disable_level > 0
                 or any(s.needs_calibration for s in self.all_steps()))  # fmt: skip
 
     @property
