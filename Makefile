@@ -39,6 +39,8 @@ bench: venv
 	$(PY) benchmarks/speed.py
 	$(PY) benchmarks/gptq.py
 	$(PY) benchmarks/scale.py
+	$(PY) benchmarks/defaults.py
+	$(PY) benchmarks/sensitivity.py
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info

@@ -82,12 +82,15 @@ def test_gptq_with_fallback_and_a_given_sensitivity(llama, tokenizer, monkeypatc
     given = layer_sensitivity(make_llama(len(tokenizer)), fb.without_model_steps(recipe), calib,
                               metrics=("fisher",), show_progress=False)  # fmt: skip
     monkeypatch.setattr(fb, "layer_sensitivity", lambda *a, **k: pytest.fail("measured although given"))
-    with pytest.raises(SlimquantError, match="metric 'ablation' was not measured"):
-        sq.quantize(make_llama(len(tokenizer)), recipe, calib_data=calib, show_progress=False, sensitivity=given)
-    chooser = fb.fallback_chooser(recipe, sensitivity=given, metric="fisher")
-    res = convert(llama, recipe, calib_data=calib, show_progress=False, fallback=chooser)
+    # a sensitivity without the exact ablation ranks by its first metric, and says so
+    res = sq.quantize(llama, recipe, calib_data=calib, show_progress=False, sensitivity=given)
     assert _float_linears(llama) == set(given.most_sensitive(2, "fisher"))
+    assert all("(fisher, kl " in why for why in res.report.skipped.values() if why.startswith("disable_level"))
     assert all(r.algorithm == "gptq" for r in res.report.layers)
+    other = make_llama(len(tokenizer))
+    with pytest.raises(SlimquantError, match="metric 'ablation' was not measured"):
+        convert(other, recipe, calib_data=calib, show_progress=False,
+                fallback=fb.fallback_chooser(recipe, sensitivity=given, metric="ablation"))
     partial = layer_sensitivity(make_llama(len(tokenizer)), fb.without_model_steps(recipe), calib, metrics=("weight_error",),
                                 layers=["model.layers.0.mlp.up_proj"], show_progress=False)  # fmt: skip
     with pytest.raises(SlimquantError, match="has no weight_error score for layer model.layers.0.self_attn.q_proj"):

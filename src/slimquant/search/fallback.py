@@ -37,7 +37,7 @@ def fallback_chooser(
     recipe: Recipe,
     sensitivity: Sensitivity | None = None,
     candidate: str | None = None,
-    metric: str = EXACT,
+    metric: str | None = None,
     items: int = FALLBACK_ITEMS,
     cache_dir: str | os.PathLike | None = None,
     show_progress: bool = True,
@@ -47,7 +47,8 @@ def fallback_chooser(
 
     ``sensitivity``: a measurement to reuse (``candidate``: which of its candidates, when it holds several); it
     must cover every planned layer. Otherwise the layers are measured on the first ``items`` calibration items
-    (``cache_dir``: reuse / resume, see :func:`layer_sensitivity`).
+    (``cache_dir``: reuse / resume, see :func:`layer_sensitivity`). ``metric``: what to rank by; default the
+    exact ablation, or a given sensitivity's first metric when it holds no ablation.
     """
     n = recipe.disable_level
     if not isinstance(items, int) or items < 1:
@@ -60,19 +61,22 @@ def fallback_chooser(
         if n >= len(names):
             log.warning("disable_level L%d: the plan has only %d Linear layer(s); all stay float", n, len(names))
         sens = sensitivity
+        by = metric or EXACT
         if sens is None:
             sample = model_inputs(calib_data)[:items]
-            sens = layer_sensitivity(model, without_model_steps(recipe), sample, metrics=(metric,), layers=names,
+            sens = layer_sensitivity(model, without_model_steps(recipe), sample, metrics=(by,), layers=names,
                                      cache_dir=cache_dir, show_progress=show_progress)  # fmt: skip
-        scores = sens.scores(metric, candidate)
+        elif metric is None and EXACT not in sens.metrics:
+            by = sens.metrics[0]
+        scores = sens.scores(by, candidate)
         missing = [name for name in names if name not in scores]
         if missing:
-            raise SlimquantError(f"the sensitivity given has no {metric} score for layer {missing[0]} (of {len(missing)} "
+            raise SlimquantError(f"the sensitivity given has no {by} score for layer {missing[0]} (of {len(missing)} "
                                  "planned layer(s) it lacks); measure it with the same recipe and model")  # fmt: skip
         ranked = sorted(names, key=lambda name: -scores[name] if scores[name] == scores[name] else float("inf"))
         out = {}
         for i, name in enumerate(ranked[:n], 1):
-            out[name] = (f"disable_level L{n}: sensitivity rank {i} of {len(ranked)} ({metric}, {sens.loss} "
+            out[name] = (f"disable_level L{n}: sensitivity rank {i} of {len(ranked)} ({by}, {sens.loss} "
                          f"{scores[name]:.3g})")  # fmt: skip
         return out
 
