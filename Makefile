@@ -41,6 +41,7 @@ bench: venv
 	$(PY) benchmarks/scale.py
 	$(PY) benchmarks/defaults.py
 	$(PY) benchmarks/sensitivity.py
+	$(PY) benchmarks/tune.py
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info
