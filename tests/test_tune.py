@@ -35,18 +35,6 @@ def _agreement(reference: nn.Module, data: list[torch.Tensor]):
     return eval_fn
 
 
-def _mse(reference: nn.Module, data: list[torch.Tensor]):
-    """A lower-is-better metric: mean squared output difference from the float model, plus 1."""
-    with torch.no_grad():
-        ref = [reference(x) for x in data]
-
-    def eval_fn(model: nn.Module) -> float:
-        with torch.no_grad():
-            return 1.0 + float(sum(((model(x) - r) ** 2).mean() for x, r in zip(data, ref)))
-
-    return eval_fn
-
-
 def test_config_validation():
     with pytest.raises(SlimquantError, match="config_set is empty"):
         TuningConfig([])
