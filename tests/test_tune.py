@@ -244,6 +244,8 @@ def test_cli_tune(tmp_path, capsys):
     ({"register": "register:\n  pkg_path: [missing]\n  modules: []\n"}, SlimquantError, "register.pkg_path"),
     ({"tuning": "tuning:\n  candidates: ['--w_bit 7']\n"}, SlimquantError, "tuning: config_set[0] '--w_bit 7'"),
     ({"tuning": "tuning:\n  candidates: ['--w_bit 8']\n  patience: 3\n"}, SlimquantError, "unknown key tuning.patience"),
+    ({"tuning": "tuning:\n  candidates: ['--w_bit 8']\n  custom_eval: {type: accuracy}\n"}, SlimquantError,
+     "tuning.custom_eval.type 'accuracy' is not the registered function (usermod.top1)"),
 ])  # fmt: skip
 def test_cli_tune_bad_task_files(tmp_path, over, exc, words):
     from slimquant.cli import tune_cmd

@@ -8,7 +8,7 @@ import os
 import time
 from pathlib import Path
 
-from slimquant.cli.args import positive_float, positive_int, str2bool
+from slimquant.cli.args import add_calibration_args, positive_float, str2bool
 from slimquant.errors import NotSupportedYet, SlimquantError
 from slimquant.types import Recipe
 from slimquant.types.flags import add_recipe_flags, check_not_built, flag_default, flag_names, recipe_from_flags
@@ -49,15 +49,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    "files once they pass this many GB (default: in memory)")  # fmt: skip
     p.add_argument("--trust_remote_code", action="store_true", help="run custom modeling code in the model directory")
     # Calibration inputs (static W8A8, smoothing, GPTQ, AWQ, KV/attention). Without any, slimquant's default set.
-    p.add_argument("--calib_texts", nargs="*", default=None, help="calibration texts")
-    p.add_argument("--calib_file", default=None,
-                   help="calibration file: .jsonl/.json (a 'text' field per line) or plain text (default: slimquant's "
-                   "own general-purpose set, shipped with the package; an empty value means the same)")  # fmt: skip
+    add_calibration_args(p, 64, "default 64")
     p.add_argument("--calib_generate", type=str2bool, default=False,
                    help="True: sample the calibration texts from the float model itself instead of the default set "
                    "(causal LMs; minutes on a CPU)")  # fmt: skip
-    p.add_argument("--calib_size", type=positive_int, default=64, help="calibration windows (default 64)")
-    p.add_argument("--calib_seq_len", type=positive_int, default=256, help="tokens per calibration window (default 256)")
     p.add_argument("--tokenizer_args", default="{}", help="JSON tokenizer arguments for calibration")
     p.add_argument("--input_ids_name", default="input_ids")
     p.add_argument("--attention_mask_name", default="attention_mask")

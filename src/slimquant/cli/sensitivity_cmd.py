@@ -7,7 +7,7 @@ import logging
 import shlex
 import time
 
-from slimquant.cli.args import positive_int
+from slimquant.cli.args import add_calibration_args, positive_int
 from slimquant.errors import SlimquantError
 from slimquant.types import Recipe
 from slimquant.types.flags import add_recipe_flags, check_not_built, flag_default, flag_names, recipe_from_flags
@@ -44,13 +44,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="where finished layers are kept so a rerun resumes or reuses them (default: "
                    "$SLIMQUANT_CACHE_DIR or ~/.cache/slimquant, subdirectory sensitivity; 'none': no cache)")  # fmt: skip
     p.add_argument("--trust_remote_code", action="store_true", help="run custom modeling code in the model directory")
-    p.add_argument("--calib_texts", nargs="*", default=None, help="calibration texts")
-    p.add_argument("--calib_file", default=None,
-                   help="calibration file: .jsonl/.json (a 'text' field per line) or plain text (default: slimquant's "
-                   "own general-purpose set)")  # fmt: skip
-    p.add_argument("--calib_size", type=positive_int, default=4,
-                   help="calibration windows (default 4: every layer runs them once more)")  # fmt: skip
-    p.add_argument("--calib_seq_len", type=positive_int, default=256, help="tokens per calibration window (default 256)")
+    add_calibration_args(p, 4, "default 4: every layer runs them once more")
     p.set_defaults(func=run)
 
 

@@ -77,10 +77,11 @@ def run(args: argparse.Namespace) -> int:
                               fallback_levels=t.get("fallback_levels", (1, 2, 3, 4, 5)), timeout=general.timeout)  # fmt: skip
     except SlimquantError as e:
         raise type(e)(f"tuning: {e}") from None
-    net_kw = function_block(t.get("network"), "tuning.network")
-    calib_kw = function_block(t.get("custom_calib"), "tuning.custom_calib")
-    eval_kw = function_block(t.get("custom_eval"), "tuning.custom_eval")
     reg = read_register(top["register"], base)
+    net_kw = function_block(t.get("network"), "tuning.network", reg.where.get("script_network"))
+    calib_kw = function_block(t.get("custom_calib"), "tuning.custom_calib", reg.where.get("ori_correct_func"))
+    eval_kw = function_block(t.get("custom_eval"), "tuning.custom_eval", reg.where.get("ori_eval_func"))
+    metric_name = str((t.get("custom_eval") or {}).get("metric_name", "metric"))
 
     model = call(reg.network, "script_network", reg.where["script_network"], **net_kw)
     if not isinstance(model, nn.Module):
@@ -111,7 +112,8 @@ def run(args: argparse.Namespace) -> int:
         metric = "" if tr.metric is None else f"{tr.metric:.6g}"
         lines.append(f"| {tr.index + 1} | {tr.label} | L{tr.level} | {metric} | {'yes' if tr.passed else 'no'} | "
                      f"{tr.seconds:.1f} | {tr.error or ''} |")  # fmt: skip
-    summary = (f"# Tuning {out.name}\n\nbaseline (float) {res.baseline:.6g}, target {res.target:.6g} "
+    lines[0] = lines[0].replace("| metric |", f"| {metric_name} |")
+    summary = (f"# Tuning {out.name}\n\n{metric_name}: baseline (float) {res.baseline:.6g}, target {res.target:.6g} "
                f"({'higher' if config.higher_is_better else 'lower'} is better, tolerable loss {config.tolerable_loss:g})"
                f"\n\n" + "\n".join(lines) + "\n")  # fmt: skip
     write_file_atomic(out / "tune.md", summary)

@@ -161,9 +161,13 @@ def read_register(d: Any, base: Path) -> Registered:
                       (found.get("ori_correct_func") or [None])[0], found["ori_eval_func"][0], where)  # fmt: skip
 
 
-def function_block(d: Any, where: str) -> dict[str, Any]:
-    """A ``{type, config, file_config, metric_name}`` block; returns the keyword arguments for the function."""
+def function_block(d: Any, where: str, registered: str | None = None) -> dict[str, Any]:
+    """A ``{type, config, file_config, metric_name}`` block; returns the keyword arguments for the function.
+    ``type``, when given, must name the registered function (``registered``: its ``module.function``)."""
     b = check_keys(d, FUNCTION_BLOCK_KEYS, where)
+    if "type" in b and (registered is None or str(b["type"]) != registered.rsplit(".", 1)[-1]):
+        raise SlimquantError(f"{where}.type {b['type']!r} is not the registered function "
+                             f"({registered or 'none is registered for it'})")  # fmt: skip
     return {k: b[k] for k in ("config", "file_config") if k in b}
 
 
