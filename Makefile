@@ -42,6 +42,7 @@ bench: venv
 	$(PY) benchmarks/defaults.py
 	$(PY) benchmarks/sensitivity.py
 	$(PY) benchmarks/tune.py
+	$(PY) benchmarks/search.py
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info

@@ -3,6 +3,7 @@
 from slimquant.api import evaluate, kv_cache, load, quantize, save
 from slimquant.errors import NotSupportedYet, SlimquantError
 from slimquant.models.loading import LoadedModel, load_model
+from slimquant.search.bits import SearchConfig, SearchResult, bit_search
 from slimquant.search.sensitivity import Sensitivity, layer_sensitivity
 from slimquant.search.tune import TuningConfig, TuningResult, autotune
 from slimquant.types import AWQ, GPTQ, RTN, GammaMigration, Granularity, LayerOverride, QuantSpec, Recipe, SmoothQuant, SmoothQuantSearch
@@ -19,6 +20,9 @@ __all__ = [
     "evaluate",
     "kv_cache",
     "autotune",
+    "bit_search",
+    "SearchConfig",
+    "SearchResult",
     "TuningConfig",
     "TuningResult",
     "layer_sensitivity",

@@ -7,7 +7,7 @@ import logging
 import signal
 import sys
 
-from slimquant.cli import demo_cmd, eval_cmd, quantize_cmd, sensitivity_cmd, tune_cmd
+from slimquant.cli import demo_cmd, eval_cmd, quantize_cmd, search_cmd, sensitivity_cmd, tune_cmd
 from slimquant.errors import SlimquantError
 
 
@@ -20,6 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo_cmd.add_parser(sub)
     sensitivity_cmd.add_parser(sub)
     tune_cmd.add_parser(sub)
+    search_cmd.add_parser(sub)
     return parser
 
 

@@ -484,6 +484,20 @@ def _fisher(model: nn.Module, items: list[Any], layers: dict[str, nn.Module], lo
     return {n: a / max(denom, 1e-30) for n, a in acc.items()}
 
 
+def fisher_diagonal(model: nn.Module, layers: Mapping[str, nn.Module], calib_data: Any, loss: str = "auto",
+                    show_progress: bool = True) -> dict[str, torch.Tensor]:
+    """The ``fisher`` proxy's diagonal per layer (``{name: float32 tensor shaped like its weight}``): the predicted
+    loss growth of a weight change ``d`` of layer ``name`` is ``(F * d**2).sum()`` (see the module docstring).
+    ``loss``: ``"kl"``, ``"mse"`` or ``"auto"`` (``kl`` when the model returns ``.logits``)."""
+    if loss not in LOSSES:
+        raise SlimquantError(f"unknown loss {loss!r}; valid: {', '.join(LOSSES)}")
+    items = model_inputs(calib_data)
+    lm = callable(getattr(model, "generate", None)) and hasattr(getattr(model, "config", None), "use_cache")
+    ref = _reference(model, items, {}, None, lm, show_progress)
+    kind = ("kl" if ref.logits else "mse") if loss == "auto" else loss
+    return _fisher(model, items, dict(layers), kind, lm, ref, show_progress)
+
+
 # -- candidates and caching ---------------------------------------------------------------------------------------
 def candidate_label(recipe: Recipe) -> str:
     """A short name of what a recipe does to a layer (weights, inputs, weight algorithm)."""

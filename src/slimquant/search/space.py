@@ -103,13 +103,14 @@ class Assembly:
         self.layers: list[LayerPlan] = [planned[n] for n in names]
         self.floats: dict[str, nn.Module] = {n: model.get_submodule(n) for n in names}
         self.modules: dict[tuple[str, str], nn.Module] = {}
+        self.specs: dict[tuple[str, str], QuantSpec] = {}  # the weight spec each (layer, option) was solved with
         self.approximate = bool(base.weight_step.NEEDS)
         step = base.weight_step
         for opt in options:
             if opt.is_float:
                 continue
-            lps = [dataclasses.replace(lp, spec=opt.weight, input=opt.input if lp.kind == "linear" else None, step=step)
-                   for lp in self.layers]  # fmt: skip
+            lps = [dataclasses.replace(lp, spec=self._spec(lp.name, opt), input=opt.input if lp.kind == "linear" else None,
+                                       step=step) for lp in self.layers]  # fmt: skip
             for lp in lps:
                 if opt.input is not None and lp.kind != "linear":
                     raise SlimquantError(f"option {opt.label}: input quantization covers Linear layers, not {lp.name}")
@@ -118,6 +119,20 @@ class Assembly:
                 self._solve_whole(recipe, lps, opt, calib_data, show_progress)
             else:
                 self._solve_each(recipe, lps, opt, calib_data, show_progress)
+
+    def _spec(self, name: str, opt: Option) -> QuantSpec:
+        """``opt``'s weight spec for layer ``name``: per channel where its group size does not divide the layer's
+        input width (``k``; a Conv2d's in_channels x kernel area)."""
+        spec = opt.weight
+        assert spec is not None
+        w = self.floats[name].weight
+        k = w[0].numel()
+        if spec.granularity is Granularity.PER_GROUP and k % int(spec.group_size or 1):
+            log.info("search space: layer %s (k = %d) takes option %s per channel: group size %s does not divide k",
+                     name, k, opt.label, spec.group_size)  # fmt: skip
+            spec = dataclasses.replace(spec, granularity=Granularity.PER_CHANNEL, group_size=None)
+        self.specs[(name, opt.label)] = spec
+        return spec
 
     def _solve_each(self, recipe: Recipe, lps: list[LayerPlan], opt: Option, calib_data: Any, show_progress: bool) -> None:
         static = [lp for lp in lps if lp.input is not None and not lp.input.dynamic]
@@ -189,6 +204,6 @@ class Assembly:
         """A recipe that quantizes the searchable layers as ``choice`` says (one override per layer; layers outside
         the search space as the base recipe plans them), loadable by ``slimquant quantize --recipe``."""
         choice = self.check(choice)
-        overrides = tuple((name, LayerOverride(weight=self.options[label].weight, input=self.options[label].input))
+        overrides = tuple((name, LayerOverride(weight=self.specs.get((name, label)), input=self.options[label].input))
                           for name, label in choice.items())  # fmt: skip
         return dataclasses.replace(self.base, overrides=overrides)
