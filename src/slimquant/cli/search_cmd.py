@@ -25,6 +25,7 @@ The task file is the seed's YAML: ``general`` and ``register`` (:mod:`slimquant.
         latency_threshold: 5       # milliseconds
         compress_threshold: 40     # percent of the float32 bytes saved
         higher_is_better: true     # slimquant: false for KL / perplexity-like metrics
+        sensitivity: auto          # slimquant: the agents' predicted loss: fisher, kfac (sees GPTQ's compensation)
       search_space:
         type: SearchSpace
         base: "--w_method gptq"    # slimquant: msModelSlim flags of the base recipe (weight step, disable_names)
@@ -65,7 +66,7 @@ TOP_KEYS = ("general", "register", "pipeline", "nas")
 NAS_KEYS = ("pipe_step", "model", "search_algorithm", "search_space", "trainer", "evaluator")
 ALGORITHM_KEYS = ("type", "codec", "policy", "objective_keys", "reward_type", "custom_reward", "metric_to_reward",
                   "metric_ratio", "stop_early", "acc_threshold", "latency_threshold", "compress_threshold",
-                  "higher_is_better")  # fmt: skip
+                  "higher_is_better", "sensitivity")  # fmt: skip
 POLICY_KEYS = ("max_episode", "num_warmup")
 SPACE_KEYS = ("type", "base", "hyperparameters")
 HYPER_KEYS = ("key", "type", "range")
@@ -193,7 +194,8 @@ def read_search(nas: Any, reg_where: dict[str, str], timeout: float | None) -> d
                   acc_threshold=a.get("acc_threshold"), latency_threshold=a.get("latency_threshold"),
                   compress_threshold=a.get("compress_threshold"), higher_is_better=a.get("higher_is_better", True),
                   seed=t.get("seed", 0), repeat_times=dev.get("repeat_times", 3),
-                  decode_tokens=dev.get("decode_tokens", 8), timeout=timeout)  # fmt: skip
+                  decode_tokens=dev.get("decode_tokens", 8), timeout=timeout,
+                  sensitivity=a.get("sensitivity", "auto"))  # fmt: skip
     try:
         config = SearchConfig(**kwargs)
     except SlimquantError as e:

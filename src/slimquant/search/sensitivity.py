@@ -498,6 +498,75 @@ def fisher_diagonal(model: nn.Module, layers: Mapping[str, nn.Module], calib_dat
     return _fisher(model, items, dict(layers), kind, lm, ref, show_progress)
 
 
+def kfac_factors(model: nn.Module, layers: Mapping[str, nn.Module], calib_data: Any, loss: str = "auto",
+                 show_progress: bool = True) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Per Linear layer, ``(g, H)``: the predicted loss growth of a weight change ``D`` is
+    ``(g[:, None] * (D @ H) * D).sum()``, i.e. ``sum_i g_i D_i H D_i^T``, with ``H = sum_t x_t x_t^T`` over the
+    layer's calibration inputs and ``g_i`` the mean over positions of the squared output gradient of channel
+    ``i`` (labels sampled from the float model, as for ``fisher``), already divided by what the loss divides by.
+    The Fisher of the weights factored as (diagonal output Fisher) x (input second moment), K-FAC style: unlike the
+    diagonal ``fisher`` it sees input correlations, so it credits weight errors that a calibrated solver such as
+    GPTQ pushed into directions the inputs do not excite. Conv2d layers are not covered (use ``fisher_diagonal``).
+    """
+    if loss not in LOSSES:
+        raise SlimquantError(f"unknown loss {loss!r}; valid: {', '.join(LOSSES)}")
+    lins = {n: m for n, m in layers.items() if isinstance(m, nn.Linear)}
+    items = model_inputs(calib_data)
+    lm = callable(getattr(model, "generate", None)) and hasattr(getattr(model, "config", None), "use_cache")
+    ref = _reference(model, items, {}, None, lm, show_progress)
+    kind = ("kl" if ref.logits else "mse") if loss == "auto" else loss
+    g2 = {n: torch.zeros(m.out_features, dtype=torch.float64) for n, m in lins.items()}
+    hess = {n: torch.zeros(m.in_features, m.in_features, dtype=torch.float32) for n, m in lins.items()}
+    count = {n: 0 for n in lins}
+    captured: dict[str, torch.Tensor] = {}
+    gen = torch.Generator().manual_seed(0)
+
+    def hook(name: str) -> Callable[..., None]:
+        def fn(_m: nn.Module, args: tuple, out: torch.Tensor) -> None:
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).float().cpu()
+            hess[name] += x.T @ x
+            count[name] += x.shape[0]
+            captured[name] = out
+
+        return fn
+
+    params = list(model.parameters())
+    was = [p.requires_grad for p in params]
+    handles = [m.register_forward_hook(hook(n)) for n, m in lins.items()]
+    try:
+        for p in params:
+            p.requires_grad_(False)
+        for m in lins.values():
+            m.weight.requires_grad_(True)
+        with torch.enable_grad():
+            for item in tqdm(items, desc="kfac", disable=not show_progress, unit="item"):
+                captured.clear()
+                out, _ = output_tensor(_call(model, item, lm))
+                if kind == "kl":
+                    logp = torch.log_softmax(out.float().reshape(-1, out.shape[-1]), dim=-1)
+                    y = torch.multinomial(logp.detach().exp(), 1, generator=gen)
+                    objective = logp.gather(1, y).sum()
+                else:
+                    v = torch.randn(out.shape, generator=gen, dtype=torch.float32).to(out.device)
+                    objective = (out.float() * v).sum()
+                names = [n for n in lins if n in captured]
+                grads = torch.autograd.grad(objective, [captured[n] for n in names], allow_unused=True)
+                for n, g in zip(names, grads):
+                    if g is not None:
+                        g2[n] += g.detach().reshape(-1, g.shape[-1]).double().pow(2).sum(0).cpu()
+    finally:
+        for h in handles:
+            h.remove()
+        for p, w in zip(params, was):
+            p.requires_grad_(w)
+        captured.clear()
+    if kind == "kl":
+        denom = 2.0 * ref.positions
+    else:
+        denom = sum(float(o.double().pow(2).sum()) for o in ref.outputs)
+    return {n: ((g2[n] / max(count[n], 1)).float() / max(denom, 1e-30), hess[n]) for n in lins}
+
+
 # -- candidates and caching ---------------------------------------------------------------------------------------
 def candidate_label(recipe: Recipe) -> str:
     """A short name of what a recipe does to a layer (weights, inputs, weight algorithm)."""
