@@ -178,6 +178,32 @@ def part_gptq(lm, ev, calib, eval_ids, ref_path, rows: dict) -> None:
     ROWS.write_text(json.dumps(rows, indent=1))
 
 
+def part_gptq_fine(lm, ev, calib, eval_ids, ref_path, rows: dict) -> None:
+    """GPTQ with finer options: int4 with groups of 32 and 128 besides int3 / int4 g64 / int8 / float (greedy)."""
+    import copy
+    import dataclasses
+
+    import slimquant as sq
+    from slimquant.search.space import Assembly, bit_options
+
+    base = sq.Recipe.from_flags("--w_method gptq")
+    base = dataclasses.replace(base, steps=(base.weight_step,))
+    opts = bit_options(BITS, GROUP) + bit_options([4], 32) + bit_options([4], 128)
+    t0 = time.perf_counter()
+    space = Assembly(lm.model, opts, base=base, calib_data=calib)
+    build_s = time.perf_counter() - t0
+    cfg = sq.SearchConfig(agent="greedy", max_episode=EVALS, compress_threshold=rows["rtn_uniform"]["w4g64"]["compress"],
+                          higher_is_better=False, objective_keys=["accuracy", "compress_ratio"])  # fmt: skip
+    res, secs = run_search(lm.model, ev, space, calib, cfg)
+    best = res.best
+    real = sq.quantize(copy.deepcopy(lm.model), res.recipe, calib_data=calib)
+    rows["gptq_fine"] = {"dev_kl": best.accuracy, "evaluations": len(res.history), "seconds": secs, "build_s": build_s,
+                         "bytes": res.space.bytes(best.choice), "compress": best.compress_ratio, "mix": mix(best.choice),
+                         **held_out(real.model, eval_ids, ref_path)}  # fmt: skip
+    print("gptq_fine", rows["gptq_fine"], flush=True)
+    ROWS.write_text(json.dumps(rows, indent=1))
+
+
 def part_small(lm, ev, space, calib, eval_ids, ref_path, rows: dict) -> None:
     import slimquant as sq
 
@@ -266,6 +292,10 @@ def render(rows: dict, machine: str) -> str:
             if r:
                 lines.append(f"| GPTQ mixed ({agent}), quantized for real | {r['bytes'] / 2**20:.2f} | "
                              f"{r['bytes'] / base_b:.3f} | {r['dev_kl']:.4f} | {ho(r)} | {r['mix']} |")  # fmt: skip
+    f = rows.get("gptq_fine")
+    if f:
+        lines.append(f"| GPTQ mixed (greedy, + int4 g32 / g128 options), quantized for real | {f['bytes'] / 2**20:.2f} | "
+                     f"{f['bytes'] / base_b:.3f} | {f['dev_kl']:.4f} | {ho(f)} | {f['mix']} |")  # fmt: skip
     best_rtn = min((rows[f"rtn_{a}"] for a in AGENTS if f"rtn_{a}" in rows), key=lambda r: r["dev_kl"])
     lines += ["", f"Held-out KL ratio mixed / uniform W4 g64, RTN: {best_rtn['kl'] / u['w4g64']['kl']:.2f} "
               f"(best agent on the search metric: {best_rtn['agent']}; rl: "
@@ -273,7 +303,9 @@ def render(rows: dict, machine: str) -> str:
               + (f"; GPTQ: rl {g['rl']['kl'] / g['uniform']['w4g64']['kl']:.2f}, greedy "
                  f"{g['greedy']['kl'] / g['uniform']['w4g64']['kl']:.2f} (the real mixed-GPTQ checkpoints; assembled "
                  f"from the per-option runs: rl {g['rl']['assembled']['kl']:.4f}, greedy "
-                 f"{g['greedy']['assembled']['kl']:.4f})" if g else "") + "."]  # fmt: skip
+                 f"{g['greedy']['assembled']['kl']:.4f})" if g else "")
+              + (f"; GPTQ with int4 g32 / g128 options too (greedy): {f['kl'] / g['uniform']['w4g64']['kl']:.2f}"
+                 if f and g else "") + "."]  # fmt: skip
     lines += ["", f"### Agents at equal evaluations ({EVALS} configurations each, 10 random warm-up episodes)", "",
               "| agent | best search KL | found at evaluation | held-out KL | search wall s |", "|---|---|---|---|---|"]
     for agent in AGENTS:
@@ -305,9 +337,9 @@ def main() -> None:
     import slimquant as sq
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--part", action="append", choices=("rtn", "agents", "gptq", "small"))
+    p.add_argument("--part", action="append", choices=("rtn", "agents", "gptq", "gptq_fine", "small"))
     args = p.parse_args()
-    parts = set(args.part or ("rtn", "agents", "gptq", "small"))
+    parts = set(args.part or ("rtn", "agents", "gptq", "gptq_fine", "small"))
     torch.set_num_threads(2)
     wo.OUT.mkdir(parents=True, exist_ok=True)
     rows = json.loads(ROWS.read_text()) if ROWS.is_file() else {}
@@ -330,6 +362,8 @@ def main() -> None:
         gc.collect()
     if "gptq" in parts:
         part_gptq(lm, ev, calib, eval_ids, ref_path, rows)
+    if "gptq_fine" in parts:
+        part_gptq_fine(lm, ev, calib, eval_ids, ref_path, rows)
     rows["seconds"] = time.perf_counter() - t0
     ROWS.write_text(json.dumps(rows, indent=1))
     plot(rows)

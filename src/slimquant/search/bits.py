@@ -543,8 +543,9 @@ def _problem(space: Assembly, order: list[str], model: nn.Module, calib: list[An
                 continue
             d = space.modules[(n, label)].dequantized_weight(torch.float32).reshape(w.shape) - w
             if n in kfac:
-                g, h = kfac[n]
-                row_c.append(float((g[:, None] * (d @ h) * d).sum()))
+                g, h = kfac[n]  # on the CPU
+                dc = d.cpu()
+                row_c.append(float((g[:, None] * (dc @ h) * dc).sum()))
             elif fisher is not None:
                 row_c.append(float((fisher[n].double() * d.double().pow(2)).sum()))
             else:
