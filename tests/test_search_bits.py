@@ -223,7 +223,7 @@ def test_causal_lm_latency_is_prefill_plus_decode(llama, tokenizer):
     ({"objective_keys": ["accuracy", "energy"]}, "unknown objective_keys entry 'energy'; valid: accuracy, compress_ratio"),
     ({"reward_type": "size_first"}, "unknown reward_type 'size_first'; valid: acc_first, compress_first"),
     ({"reward_type": "compress_first"}, "compress_first needs acc_threshold"),
-    ({"latency_threshold": 5.0}, "latency_threshold needs latency in objective_keys"),
+    ({"latency_threshold": -5.0}, "latency_threshold is in milliseconds and must be > 0"),
     ({"compress_threshold": 140}, "compress_threshold is the percent of float32 bytes saved"),
     ({"custom_reward": True, "metric_to_reward": "flops"}, "metric_to_reward flops must be one of objective_keys"),
     ({"max_episode": 0}, "max_episode must be a positive integer"),
@@ -351,11 +351,18 @@ def test_cli_search_outputs_and_resume(tmp_path, capsys):
      "unknown key nas.search_algorithm.patience; valid: type, codec, policy"),
     ("network.group_size", "network.width", SlimquantError,
      "hyperparameters[1].key 'network.width'; valid: network.bit_candidates, network.group_size, network.act_bits"),
-    ("type: MsQuantRL", "type: BayesOpt", SlimquantError, "nas.search_algorithm.type 'BayesOpt'; valid: MsQuantRL"),
+    ("type: MsQuantRL", "type: BayesOpt", SlimquantError,
+     "nas.search_algorithm.type: unknown search algorithm 'BayesOpt'; valid: rl, evolutionary, greedy, random"),
+    ("policy: {max_episode: 8,", "policy: {max_episode: 0,", SlimquantError,
+     "nas.search_algorithm.policy.max_episode: max_episode must be a positive integer"),
+    ("seed: 7", "seed: seven", SlimquantError, "nas.trainer.seed: seed must be an integer"),
+    ("repeat_times: 1}", "repeat_times: 0}", SlimquantError, "nas.evaluator.device_evaluator.repeat_times: repeat_times"),
+    ("compress_threshold: 60", "compress_threshold: 99", SlimquantError,
+     "compress_threshold 99 is out of reach: the smallest configuration (every layer w2g32) saves"),
     ("{type: top1, metric_name: top1}", "{type: accuracy}", SlimquantError,
      "nas.trainer.custom_eval.type 'accuracy' is not the registered function (usermod_s.top1)"),
     ("objective_keys: [accuracy, compress_ratio, flops, latency]", "objective_keys: [compress_ratio]", SlimquantError,
-     "nas.search_algorithm: objective_keys must include accuracy"),
+     "nas.search_algorithm.objective_keys: objective_keys must include accuracy"),
     ("callbacks: [OptExportCallback]", "callbacks: [EarlyStop]", SlimquantError, "nas.trainer.callbacks: 'EarlyStop'"),
     ("range: [2, 4, 8, 32]", "range: [5, 8]", SlimquantError, "bit candidate 5: valid are 2, 3, 4, 8 and 16 / 32"),
     ("multiple_inputs: {type: inputs}", "multiple_inputs: {type: data}", SlimquantError,
@@ -419,7 +426,7 @@ def test_kfac_sees_what_gptq_compensates_and_the_diagonal_fisher_does_not(llama,
         ref = torch.log_softmax(llama(input_ids=ids).logits, -1)
     ratios_k, ratios_f = [], []
     for name, mod in space.floats.items():
-        w = mod.weight.float()
+        w = mod.weight.detach().float()
         d = space.modules[(name, "w2g32")].dequantized_weight(torch.float32).reshape(w.shape) - w
         g, h = kfac[name]
         choice = {n: FLOAT for n in space.floats}
@@ -431,3 +438,114 @@ def test_kfac_sees_what_gptq_compensates_and_the_diagonal_fisher_does_not(llama,
         ratios_f.append(float((fisher[name] * d * d).sum()) / exact)
     assert 0.5 < statistics.median(ratios_k) < 1.5
     assert statistics.median(ratios_f) > 2.0
+
+
+def test_cli_search_takes_the_seed_thresholds_and_lowercase_algorithm_names(tmp_path, capsys):
+    """The seed sets latency_threshold with objective_keys [accuracy, compress_ratio, flops]: latency is then
+    measured as a constraint; algorithm names are case-insensitive (msquantrl, ea, knapsack)."""
+    from slimquant.cli.main import main
+
+    nas = (NAS.replace("type: MsQuantRL", "type: knapsack").replace("policy: {max_episode: 8,", "policy: {max_episode: 3,")
+           .replace("objective_keys: [accuracy, compress_ratio, flops, latency]", "objective_keys: [accuracy, compress_ratio, flops]")
+           .replace("    compress_threshold: 60\n", "    compress_threshold: 60\n    latency_threshold: 100000\n"))  # fmt: skip
+    assert main(["search", "--config", _task(tmp_path, nas)]) == 0
+    rows = [json.loads(x) for x in (tmp_path / "tasks" / "s1" / "history.jsonl").read_text().splitlines()[1:]]
+    assert len(rows) == 3 and all(r["latency"] > 0 and r["feasible"] for r in rows)
+
+
+def test_a_latency_threshold_is_enforced_when_latency_is_not_an_objective(mlp):
+    x = torch.randn(32, 64, generator=torch.Generator().manual_seed(0))
+    ev, _ = _kl_eval(mlp, x)
+    cfg = SearchConfig(agent="random", max_episode=3, higher_is_better=False, custom_reward=True,
+                       latency_threshold=1e-9, repeat_times=1)  # nothing runs in a femtosecond  # fmt: skip
+    res = bit_search(mlp, ev, (4, 8, 32), calib_data=[x], config=cfg, show_progress=False)
+    assert all(e.latency is not None and not e.feasible for e in res.history)
+    assert res.unmet and res.unmet[0].startswith("latency threshold 1e-09")
+
+
+def test_a_dict_metric_is_read_and_a_latency_failure_keeps_the_accuracy(mlp, monkeypatch):
+    from slimquant.search import bits
+
+    x = torch.randn(32, 64, generator=torch.Generator().manual_seed(0))
+    ev, _ = _kl_eval(mlp, x)
+    cfg = SearchConfig(agent="random", max_episode=3, higher_is_better=False, custom_reward=True)
+    res = bit_search(mlp, lambda m: {"accuracy": ev(m), "other": 1.0}, (4, 8, 32), calib_data=[x], config=cfg,
+                     show_progress=False)  # fmt: skip
+    assert all(e.accuracy is not None and e.accuracy >= 0 for e in res.history)
+    with pytest.raises(SlimquantError, match=r"a dict with keys \['a', 'b'\]: return a number"):
+        bit_search(mlp, lambda m: {"a": 1.0, "b": 2.0}, (4, 32), calib_data=[x], config=cfg, show_progress=False)
+    calls = []
+
+    def slow(*a, **k):
+        calls.append(1)
+        if len(calls) > 1:  # the float model's measurement works, the next one fails
+            raise RuntimeError("the timer broke")
+        return 1.0, 1.0, 0.0
+
+    monkeypatch.setattr(bits, "measure_latency", slow)
+    lat = SearchConfig(agent="random", max_episode=1, higher_is_better=False, custom_reward=True,
+                       objective_keys=["accuracy", "compress_ratio", "latency"])  # fmt: skip
+    res = bit_search(mlp, ev, (4, 8, 32), calib_data=[x], config=lat, show_progress=False)
+    err = res.history[0].error
+    assert err.startswith("latency measurement: RuntimeError: the timer broke (its accuracy was ") and res.best is None
+
+
+def test_acc_first_without_a_size_or_latency_threshold_warns(mlp, caplog):
+    x = torch.randn(16, 64, generator=torch.Generator().manual_seed(0))
+    ev, _ = _kl_eval(mlp, x)
+    cfg = SearchConfig(agent="random", max_episode=1, higher_is_better=False, acc_threshold=0.5)
+    with caplog.at_level("WARNING", logger="slimquant"):
+        bit_search(mlp, ev, (4, 32), calib_data=[x], config=cfg, show_progress=False)
+    assert "the float configuration wins" in caplog.text
+
+
+def test_resume_cuts_a_half_written_line_retries_failures_and_names_what_differs(mlp, tmp_path):
+    x = torch.randn(32, 64, generator=torch.Generator().manual_seed(0))
+    ev, calls = _kl_eval(mlp, x)
+    fail = {"on": True}
+
+    def flaky(m):
+        v = ev(m)
+        if fail["on"] and len(calls) == 3:
+            raise RuntimeError("transient")
+        return v
+
+    cfg = SearchConfig(agent="rl", max_episode=4, num_warmup=2, higher_is_better=False, compress_threshold=60.0)
+    kw = dict(calib_data=[x], config=cfg, work_dir=tmp_path, show_progress=False)
+    first = bit_search(mlp, flaky, (2, 4, 8, 32), **kw)
+    assert first.history[1].error == "RuntimeError: transient"
+    hist = tmp_path / "history.jsonl"
+    text = hist.read_text()
+    hist.write_text(text[: len(text) - 25])  # the last evaluation was killed mid-write
+    fail["on"] = False
+    calls.clear()
+    kw["config"] = SearchConfig(**{**cfg.__dict__, "max_episode": 5})
+    again = bit_search(mlp, flaky, (2, 4, 8, 32), **kw)
+    lines = hist.read_text().splitlines()
+    assert len(lines) == 6 and all(json.loads(ln) for ln in lines)  # whole lines: nothing joined the cut one
+    # the failed evaluation stays on record and its configuration is evaluated again (it succeeds now)
+    assert [e.error for e in again.history].count("RuntimeError: transient") == 1
+    assert len(again.history) == 5 and len(calls) == 2
+    retried = [e for e in again.history[3:] if e.choice == first.history[1].choice]
+    assert retried and retried[0].error is None
+    # a different setting is named
+    with pytest.raises(SlimquantError, match=r"\(search setting seed differ\)"):
+        bit_search(mlp, flaky, (2, 4, 8, 32), **{**kw, "config": SearchConfig(**{**kw["config"].__dict__, "seed": 5})})
+
+
+def test_a_half_precision_model_counts_its_float_layers_at_their_dtype(mlp):
+    m16 = copy.deepcopy(mlp).to(torch.bfloat16)
+    x = torch.randn(16, 64, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    cfg = SearchConfig(agent="random", max_episode=1, custom_reward=True)
+    res = bit_search(m16, lambda m: float(m(x).detach().float().mean()), (8, 16), calib_data=[x], config=cfg, show_progress=False)
+    total = sum(t.numel() * t.element_size() for t in m16.parameters())
+    assert res.baseline.size_bytes == total  # bf16 parameters: 2 bytes each, not 4
+    assert res.baseline.compress_ratio == pytest.approx(50.0)  # of the float32 bytes
+
+
+def test_a_dataloader_of_input_label_pairs_gets_a_clear_error(cnn):
+    from slimquant.pipeline.calibrate import run_batches
+
+    x = torch.randn(4, 3, 4, 4)
+    with pytest.raises(SlimquantError, match=r"a DataLoader of \(input, label\) pairs: pass \[x for x, _ in loader\]"):
+        run_batches(cnn, [(x, torch.zeros(4, dtype=torch.long))], show_progress=False)

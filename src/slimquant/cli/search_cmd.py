@@ -94,6 +94,26 @@ def _type(d: dict[str, Any], where: str, valid: tuple[str, ...]) -> None:
         raise SlimquantError(f"{where}.type {d['type']!r}; valid: {', '.join(valid)}")
 
 
+# where each SearchConfig field is set in the task file (for error messages)
+FIELD_KEYS = {"agent": "nas.search_algorithm.type", "max_episode": "nas.search_algorithm.policy.max_episode",
+              "num_warmup": "nas.search_algorithm.policy.num_warmup", "seed": "nas.trainer.seed",
+              "repeat_times": "nas.evaluator.device_evaluator.repeat_times",
+              "decode_tokens": "nas.evaluator.device_evaluator.decode_tokens", "timeout": "general.timeout"}
+
+
+def config_key(message: str) -> str:
+    """The task-file key a SearchConfig error ``message`` is about (``nas.search_algorithm`` by default)."""
+    import re
+
+    for field_name, key in FIELD_KEYS.items():
+        if re.search(rf"\b{field_name}\b", message):
+            return key
+    for m in re.finditer(r"\b([a-z_]+)\b", message):
+        if m.group(1) in ALGORITHM_KEYS:
+            return f"nas.search_algorithm.{m.group(1)}"
+    return "nas.search_algorithm"
+
+
 def _number(v: Any, where: str) -> float | None:
     if v is None:
         return None
@@ -122,8 +142,13 @@ def read_search(nas: Any, reg_where: dict[str, str], timeout: float | None) -> d
                                  f"script_network_input ({reg_where.get('script_network_input') or 'none is registered'})")  # fmt: skip
 
     a = check_keys(n["search_algorithm"], ALGORITHM_KEYS, "nas.search_algorithm")
-    _type(a, "nas.search_algorithm", ("MsQuantRL", "QuantRL", "DDPG", "rl", "evolutionary", "QuantEA", "greedy",
-                                      "knapsack", "random"))  # fmt: skip
+    if "type" in a:
+        from slimquant.search.agents import agent_name
+
+        try:
+            agent_name(str(a["type"]))  # case-insensitive: MsQuantRL, msquantrl, DDPG, ea, knapsack, ...
+        except SlimquantError as e:
+            raise type(e)(f"nas.search_algorithm.type: {e}") from None
     if "codec" in a and str(a["codec"]) not in ("QuantRLCodec", "QuantCodec"):
         raise SlimquantError(f"nas.search_algorithm.codec {a['codec']!r}; valid: QuantRLCodec, QuantCodec (one option "
                              "index per layer)")  # fmt: skip
@@ -199,7 +224,7 @@ def read_search(nas: Any, reg_where: dict[str, str], timeout: float | None) -> d
     try:
         config = SearchConfig(**kwargs)
     except SlimquantError as e:
-        raise type(e)(f"nas.search_algorithm: {e}") from None
+        raise type(e)(f"{config_key(str(e))}: {e}") from None
     return {"config": config, "hyper": hyper, "base": space.get("base"), "portion": portion, "net_kw": net_kw,
             "calib_kw": calib_kw, "eval_kw": eval_kw, "metric_name": metric_name, "hardware": hardware}  # fmt: skip
 
@@ -235,7 +260,7 @@ def run(args: argparse.Namespace) -> int:
 
     from slimquant import api
     from slimquant.formats.atomic import write_file_atomic
-    from slimquant.search.bits import bit_search
+    from slimquant.search.bits import _metric, bit_search
     from slimquant.search.config import call, captured_inputs, check_keys, read_general, read_register
     from slimquant.cli.tune_cmd import read_task
     from slimquant.types.flags import recipe_from_flags
@@ -288,8 +313,13 @@ def run(args: argparse.Namespace) -> int:
     evaluate = reg.evaluate
     assert evaluate is not None
 
+    metric_name = s["metric_name"]
+
     def eval_fn(m: nn.Module) -> Any:
-        return call(evaluate, "ori_eval_func", reg.where["ori_eval_func"], m, **s["eval_kw"])
+        value = call(evaluate, "ori_eval_func", reg.where["ori_eval_func"], m, **s["eval_kw"])
+        if isinstance(value, dict) and metric_name in value:  # a dict of metrics: the one metric_name names
+            return value[metric_name]
+        return value
 
     out = general.output
     config = s["config"]
@@ -303,12 +333,16 @@ def run(args: argparse.Namespace) -> int:
     write_file_atomic(out / "best_recipe.yaml", recipe.to_yaml())
     quantized = api.quantize(copy.deepcopy(model), recipe, calib_data=calib if recipe.needs_calibration else None)
     api.save(quantized, out / "best", overwrite=True)
-    real = eval_fn(quantized.model)
-    name = s["metric_name"]
+    try:
+        real_text = f"{_metric(eval_fn(quantized.model)):.6g}"
+    except Exception as ex:  # noqa: BLE001 - the checkpoint is saved; say what failed instead of losing the summary
+        log.error("evaluating the saved checkpoint %s failed: %s: %s", out / "best", type(ex).__name__, ex)
+        real_text = f"its evaluation failed ({type(ex).__name__})"
+    name = metric_name
     counts = {o: sum(1 for v in res.best.choice.values() if v == o) for o in res.options}
     mix = ", ".join(f"{n} x {o}" for o, n in counts.items() if n)
     print(f"best: evaluation #{res.best.index + 1} of {len(res.history)}: {name} {res.best.accuracy:.6g} (float "
-          f"{res.baseline.accuracy:.6g}; the saved checkpoint: {float(real):.6g}), {res.best.compress_ratio:.1f}% of "
+          f"{res.baseline.accuracy:.6g}; the saved checkpoint: {real_text}), {res.best.compress_ratio:.1f}% of "
           f"the float32 bytes saved" + (f", latency {res.best.latency:.1f} ms (float {res.baseline.latency:.1f})"
                                         if res.best.latency is not None and res.baseline.latency is not None else "")
           + f"; layers: {mix}")  # fmt: skip

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -125,16 +125,37 @@ def run_batches(model: nn.Module, batches: Any, show_progress: bool = True, desc
     iterable of model inputs (a tensor: ``model(t)``; a dict: ``model(**d)``; a tuple: ``model(*t)``).
     """
     items = model_inputs(batches)
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
     with torch.no_grad():
         for item in tqdm(items, desc=desc, disable=not show_progress, unit="batch"):
-            if isinstance(item, dict):
-                model(**{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in item.items()})
-            elif isinstance(item, (tuple, list)):
-                model(*[v.to(device) if isinstance(v, torch.Tensor) else v for v in item])
-            else:
-                model(item.to(device))
+            forward_item(model, item)
     return len(items)
+
+
+def forward_item(model: nn.Module, item: Any, **extra: Any) -> Any:
+    """``model`` on one calibration item, moved to the model's device: a dict is keyword arguments (``extra``
+    added where absent), a tuple / list positional arguments, a tensor the one argument. A tuple the model does
+    not take (a DataLoader's ``(input, label)`` pairs) is refused with what to pass instead."""
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    if isinstance(item, dict):
+        kwargs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in item.items()}
+        for k, v in extra.items():
+            kwargs.setdefault(k, v)
+        return model(**kwargs)
+    if isinstance(item, (tuple, list)):
+        args = [v.to(device) if isinstance(v, torch.Tensor) else v for v in item]
+        try:
+            return model(*args)
+        except TypeError as e:
+            if len(args) > 1 and "positional argument" in str(e):
+                raise SlimquantError(
+                    f"a calibration item is a {type(item).__name__} of {len(args)} values, passed as positional "
+                    f"arguments, and {type(model).__name__}.forward does not take them ({e}); a DataLoader of "
+                    "(input, label) pairs: pass [x for x, _ in loader]") from None  # fmt: skip
+            raise
+    if not isinstance(item, torch.Tensor):
+        raise SlimquantError(f"a calibration item is a {type(item).__name__}; give tensors, dicts of keyword "
+                             "arguments or tuples of positional arguments")  # fmt: skip
+    return model(item.to(device))
 
 
 def _candidate_ranges(name: str, st: InputStats) -> list[tuple[str, float, float]]:

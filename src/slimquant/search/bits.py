@@ -21,13 +21,13 @@ model (``(metric - float) / |float|``, sign-flipped for lower-is-better metrics;
 - ``acc_first``: ``acc`` minus the relative violation of each latency / compress threshold. A
   ``compress_threshold`` is enforced as HAQ does (every proposal is lowered to fit the size budget, the layers
   that add the least predicted loss per byte first), so the reward then is accuracy at that size.
-- ``compress_first``: ``m`` (the ``metric_to_reward`` gain in [0, 1): compress_ratio / 100, or the FLOPs or
-  latency saved relative to float) when every threshold is met, else ``m - 1 -`` the relative violations;
+- ``compress_first``: ``m`` (the ``metric_to_reward`` gain: compress_ratio / 100, or the FLOPs or latency saved
+  relative to float; below 1, and negative for a configuration slower than float) when every threshold is met, else ``m - 1 -`` the relative violations;
   needs ``acc_threshold``.
 - ``custom_reward: true``: ``acc + metric_ratio * m`` (thresholds still decide feasibility and the best).
 
-Thresholds: ``acc_threshold`` (the metric's value, absolute), ``latency_threshold`` (ms), ``compress_threshold``
-(percent saved). The best configuration is the highest reward among those meeting every threshold given; when
+Thresholds: ``acc_threshold`` (the metric's value, absolute), ``latency_threshold`` (ms; latency is measured when
+it is given even if it is not an objective), ``compress_threshold`` (percent saved). The best configuration is the highest reward among those meeting every threshold given; when
 none does, the highest reward, and :attr:`SearchResult.unmet` says which thresholds no configuration met.
 ``stop_early`` ends the search at the first configuration meeting every threshold.
 """
@@ -60,7 +60,7 @@ from slimquant.pipeline.convert import refuse_quantized
 from slimquant.pipeline.workdir import tensor_digest, weights_digest
 from slimquant.search.agents import AGENTS, FEATURES, Problem, agent_name, make_agent
 from slimquant.search.pareto import pareto_front
-from slimquant.search.sensitivity import _call, fisher_diagonal, kfac_factors
+from slimquant.search.sensitivity import _call, fisher_diagonal, is_causal_lm, kfac_factors
 from slimquant.search.space import Assembly, Option, bit_options
 from slimquant.search.tune import _time_limit
 from slimquant.types.qtype import qtype as lookup_qtype
@@ -74,7 +74,7 @@ REWARD_TYPES = ("acc_first", "compress_first")
 SENSITIVITIES = ("auto", "fisher", "kfac")
 HISTORY = "history.jsonl"
 FISHER_ITEMS = 8
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -151,8 +151,6 @@ class SearchConfig:
             raise SlimquantError(f"metric_ratio must be >= 0, got {self.metric_ratio}")
         if self.latency_threshold is not None and self.latency_threshold <= 0:
             raise SlimquantError("latency_threshold is in milliseconds and must be > 0")
-        if self.latency_threshold is not None and "latency" not in keys:
-            raise SlimquantError("latency_threshold needs latency in objective_keys (it is measured only then)")
         if self.compress_threshold is not None and not 0 <= self.compress_threshold < 100:
             raise SlimquantError(f"compress_threshold is the percent of float32 bytes saved, in [0, 100); got "
                                  f"{self.compress_threshold}")  # fmt: skip
@@ -161,6 +159,12 @@ class SearchConfig:
         if self.reward_type == "compress_first" and self.acc_threshold is None and not self.custom_reward:
             raise SlimquantError("reward_type compress_first needs acc_threshold: the accuracy compression may not "
                                  "go below (or set custom_reward)")  # fmt: skip
+
+    @property
+    def measures_latency(self) -> bool:
+        """Latency is measured when it is an objective or has a threshold (the seed sets ``latency_threshold``
+        with objective_keys [accuracy, compress_ratio, flops]: the threshold is then a constraint only)."""
+        return "latency" in self.objective_keys or self.latency_threshold is not None
 
     @property
     def thresholds(self) -> dict[str, float]:
@@ -346,10 +350,6 @@ class SearchResult:
 
 
 # -- measurements -----------------------------------------------------------------------------------------------
-def _is_lm(model: nn.Module) -> bool:
-    return callable(getattr(model, "generate", None)) and hasattr(getattr(model, "config", None), "use_cache")
-
-
 def layer_macs(model: nn.Module, layers: Mapping[str, nn.Module], example: Any) -> dict[str, int]:
     """Multiply-accumulates of each Linear / Conv2d layer on one forward of ``example`` (forward hooks)."""
     macs: dict[str, int] = {}
@@ -368,7 +368,7 @@ def layer_macs(model: nn.Module, layers: Mapping[str, nn.Module], example: Any) 
     try:
         handles = [m.register_forward_hook(hook(n)) for n, m in layers.items()]
         with torch.no_grad():
-            _call(model, example, _is_lm(model))
+            _call(model, example, is_causal_lm(model))
     finally:
         for h in handles:
             h.remove()
@@ -378,8 +378,16 @@ def layer_macs(model: nn.Module, layers: Mapping[str, nn.Module], example: Any) 
 def measure_latency(model: nn.Module, example: Any, repeat: int = 3, decode_tokens: int = 8) -> tuple[float, float, float]:
     """(total, prefill, decode) milliseconds, medians of ``repeat`` runs after one warm-up: for causal LMs a
     prefill of ``example`` (its ``input_ids``) and ``decode_tokens`` greedy steps on the KV cache; otherwise one
-    forward pass (decode 0)."""
-    lm = _is_lm(model) and isinstance(example, Mapping) and "input_ids" in example
+    forward pass (decode 0). ``example`` is moved to the model's device; CUDA is synchronized around each timing."""
+    lm = is_causal_lm(model) and isinstance(example, Mapping) and "input_ids" in example
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    if lm:
+        example = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in example.items()}
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
     try:  # transformers >= 5.2x names the KV cache argument ``cache``; earlier versions ``past_key_values``
         kv_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     except (TypeError, ValueError):
@@ -391,16 +399,20 @@ def measure_latency(model: nn.Module, example: Any, repeat: int = 3, decode_toke
 
     def once() -> tuple[float, float]:
         with torch.inference_mode():
+            sync()
             t0 = time.perf_counter()
             if not lm:
                 _call(model, example, False)
+                sync()
                 return (time.perf_counter() - t0) * 1e3, 0.0
             out = model(**example, use_cache=True)
+            sync()
             t1 = time.perf_counter()
             past, tok = _kv(out), out.logits[:, -1:].argmax(-1)
             for _ in range(decode_tokens):
                 out = model(input_ids=tok, use_cache=True, **{kv_arg: past})
                 past, tok = _kv(out), out.logits[:, -1:].argmax(-1)
+            sync()
             t2 = time.perf_counter()
             return (t1 - t0) * 1e3, (t2 - t1) * 1e3
 
@@ -418,6 +430,14 @@ def _bits_of(option: Option) -> tuple[int, int]:
 
 
 def _metric(value: Any) -> float:
+    if isinstance(value, Mapping):  # {"accuracy": ...} or a one-entry dict
+        if "accuracy" in value:
+            value = value["accuracy"]
+        elif len(value) == 1:
+            value = next(iter(value.values()))
+        else:
+            raise SlimquantError(f"the eval function returned a dict with keys {sorted(map(str, value))}: return a number, "
+                                 "or a dict with an 'accuracy' entry")  # fmt: skip
     try:
         v = float(value)
     except (TypeError, ValueError):
@@ -483,36 +503,59 @@ def _neighbour(choice: Sequence[int], k: int, rng: random.Random, steps: int) ->
     return out
 
 
-def _fingerprint(model: nn.Module, space: Assembly, config: SearchConfig, calib: list[Any] | None) -> str:
+def _digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+def _fingerprint(model: nn.Module, space: Assembly, config: SearchConfig, calib: list[Any] | None) -> dict[str, str]:
+    """What a resumed search must share with the first run, one digest per part (so a mismatch names the part)."""
     tensors: list[torch.Tensor] = []
     for item in calib or []:
         values = item.values() if isinstance(item, dict) else item if isinstance(item, (tuple, list)) else [item]
         tensors += [v for v in values if isinstance(v, torch.Tensor)]
-    data = {"version": FORMAT_VERSION, "class": type(model).__name__, "weights": weights_digest(model),
-            "options": {k: dataclasses.asdict(o) for k, o in space.options.items()}, "base": space.base.to_dict(),
-            "layers": [lp.name for lp in space.layers], "config": config.fingerprint_fields(),
-            "calibration": tensor_digest(tensors)}  # fmt: skip
-    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:20]
+    parts = {"format version": FORMAT_VERSION, "model class": type(model).__name__, "model weights": weights_digest(model),
+             "options": {k: dataclasses.asdict(o) for k, o in space.options.items()}, "base recipe": space.base.to_dict(),
+             "layers": [lp.name for lp in space.layers], "calibration data": tensor_digest(tensors)}  # fmt: skip
+    fields = config.fingerprint_fields()
+    out = {k: _digest(v) for k, v in parts.items()}
+    out.update({f"search setting {k}": _digest(v) for k, v in fields.items()})
+    return out
 
 
-def _read_history(path: Path, fingerprint: str) -> tuple[dict[str, Any] | None, list[Evaluation]]:
+def _read_history(path: Path, fingerprint: dict[str, str]) -> tuple[dict[str, Any] | None, list[Evaluation]]:
+    """The head and the complete evaluations of ``path``; a half-written last line (a killed write) is cut off the
+    file so that the next evaluation is appended on a line of its own."""
     if not path.is_file():
         return None, []
-    lines = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    text = path.read_text(encoding="utf-8")
+    lines = text.splitlines(keepends=True)
     try:
         head = json.loads(lines[0]) if lines else {}
     except json.JSONDecodeError as e:
         raise SlimquantError(f"{path}: line 1 is not JSON ({e}); remove it to start over") from None
-    if head.get("fingerprint") != fingerprint:
-        raise SlimquantError(f"{path} holds the history of another search (model, options, layers, calibration or "
-                             "search settings differ); choose another task directory or remove it")  # fmt: skip
-    out = []
+    theirs = head.get("parts") if isinstance(head, dict) else None
+    if not isinstance(theirs, dict) or theirs != fingerprint:
+        if isinstance(theirs, dict):
+            differ = sorted(k for k in set(theirs) | set(fingerprint) if theirs.get(k) != fingerprint.get(k))
+            what = ", ".join(differ)
+        else:
+            what = "it was written by another version of slimquant"
+        raise SlimquantError(f"{path} holds the history of another search ({what} differ); choose another task "
+                             "directory, restore those settings, or remove the file to start over")  # fmt: skip
+    out, good = [], len(lines[0])
     for i, ln in enumerate(lines[1:], 2):
+        if not ln.strip():
+            good += len(ln)
+            continue
         try:
+            if not ln.endswith("\n"):
+                raise ValueError("no line end")
             out.append(Evaluation.from_dict(json.loads(ln)))
         except (json.JSONDecodeError, TypeError, ValueError):
-            log.warning("%s: line %d is incomplete (a killed write); it is evaluated again", path, i)
+            log.warning("%s: line %d is incomplete (a killed write); it is cut off and evaluated again", path, i)
+            write_file_atomic(path, text[:good])
             break
+        good += len(ln)
     return head, out
 
 
@@ -602,7 +645,9 @@ def bit_search(
     ``calib_data``: as for :func:`slimquant.quantize`; it also gives the Fisher sensitivity the agents' state and
     the size budget use, and (its first item, unless ``example_input``) the input FLOPs and latency are measured
     on. ``work_dir``: ``history.jsonl`` (every evaluation, appended as it finishes; a rerun resumes from it
-    without repeating an evaluation). ``space``: an :class:`~slimquant.search.space.Assembly` of ``model`` built
+    without repeating a successful evaluation: the agent is replayed on the recorded rewards, exactly when
+    ``max_episode`` is unchanged (the rl agent's noise schedule depends on it); a failed evaluation stays on record
+    and is tried again when its configuration is proposed again; a half-written last line is cut off). ``space``: an :class:`~slimquant.search.space.Assembly` of ``model`` built
     before (e.g. shared by several searches); ``options``, ``base``, ``layers`` and ``group_size`` are then its.
     """
     t_start = time.perf_counter()
@@ -628,7 +673,7 @@ def bit_search(
             option_list = bit_options(opts, group_size)  # type: ignore[arg-type]
     calib = model_inputs(calib_data) if calib_data is not None else None
     example = example_input if example_input is not None else (calib[0] if calib else None)
-    wants_latency = "latency" in config.objective_keys
+    wants_latency = config.measures_latency
     if example is None and (wants_latency or "flops" in config.objective_keys):
         raise SlimquantError("latency and flops are measured on an input: give calib_data or example_input")
 
@@ -641,8 +686,15 @@ def bit_search(
     problem = _problem(space, order, model, calib, macs, show_progress, config.sensitivity)
     wa = {k: _bits_of(space.options[k]) for k in order}
     float_bytes = space.float_bytes()
-    rest_bytes = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers())) - float_bytes
+    searchable = {id(t): t for m in space.floats.values() for t in m.parameters()}
+    float_actual = sum(t.numel() * t.element_size() for t in searchable.values())  # the model as it is (fp16: 2 B)
+    rest_bytes = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()) if id(t) not in searchable)
     float_flops = sum(2 * macs.get(n, 0) for n in names) / 1e9
+    smallest = problem.size([0] * problem.layers)
+    if config.compress_threshold is not None and smallest > float_bytes * (1 - config.compress_threshold / 100.0):
+        best_ratio = 100.0 * (1 - smallest / float_bytes)
+        raise SlimquantError(f"compress_threshold {config.compress_threshold:g} is out of reach: the smallest "
+                             f"configuration (every layer {order[0]}) saves {best_ratio:.1f}% of the float32 bytes")  # fmt: skip
 
     def describe(choice: list[int], index: int) -> Evaluation:
         labels = {n: order[c] for n, c in zip(names, choice)}
@@ -652,16 +704,20 @@ def bit_search(
 
     def measure(e: Evaluation, m: nn.Module) -> None:
         t0 = time.perf_counter()
+        what = "accuracy"
         try:
             with _time_limit(config.timeout):
                 e.accuracy = _metric(eval_fn(m))
                 if wants_latency:
+                    what = "latency"
                     e.latency, e.prefill_ms, e.decode_ms = measure_latency(m, example, config.repeat_times,
                                                                            config.decode_tokens)  # fmt: skip
         except (KeyboardInterrupt, SystemExit):
             raise
         except Exception as ex:  # noqa: BLE001 - a failed evaluation is recorded and the search goes on
-            e.accuracy, e.error = None, f"{type(ex).__name__}: {ex}"
+            kept = f" (its accuracy was {e.accuracy:.6g})" if what == "latency" and e.accuracy is not None else ""
+            where = "latency measurement: " if what == "latency" else ""
+            e.accuracy, e.error = None, f"{where}{type(ex).__name__}: {ex}{kept}"
             log.warning("evaluation %d failed: %s", e.index + 1, e.error)
         e.seconds = time.perf_counter() - t0
 
@@ -669,7 +725,8 @@ def bit_search(
     fingerprint = _fingerprint(model, space, config, calib)
     head, done = _read_history(work / HISTORY, fingerprint) if work is not None else (None, [])
     if head is None:
-        baseline = Evaluation(-1, "float", {}, None, 0.0, float_bytes + rest_bytes, float_flops)
+        baseline = Evaluation(-1, "float", {}, None, 100.0 * (1 - float_actual / float_bytes), float_actual + rest_bytes,
+                              float_flops)  # fmt: skip
         measure(baseline, model)
         if baseline.accuracy is None:
             raise SlimquantError(f"the float model's evaluation failed: {baseline.error}")
@@ -677,7 +734,7 @@ def bit_search(
                  f", latency {baseline.latency:.1f} ms" if baseline.latency is not None else "")  # fmt: skip
         if work is not None:
             work.mkdir(parents=True, exist_ok=True)
-            write_file_atomic(work / HISTORY, json.dumps({"fingerprint": fingerprint, "layers": names,
+            write_file_atomic(work / HISTORY, json.dumps({"parts": fingerprint, "layers": names,
                                                           "options": order, "baseline": baseline.to_dict()}) + "\n")  # fmt: skip
     else:
         baseline = Evaluation.from_dict(head["baseline"])
@@ -687,8 +744,8 @@ def bit_search(
     budget = None
     if config.compress_threshold is not None and not config.custom_reward and config.reward_type == "acc_first":
         budget = float_bytes * (1 - config.compress_threshold / 100.0)
-    if config.acc_threshold is None and config.compress_threshold is None and config.latency_threshold is None \
-            and not config.custom_reward and config.reward_type == "acc_first":  # fmt: skip
+    if config.compress_threshold is None and config.latency_threshold is None and not config.custom_reward \
+            and config.reward_type == "acc_first":  # fmt: skip
         log.warning("acc_first with no compress or latency threshold and no custom reward rewards accuracy alone: "
                     "the float configuration wins; set compress_threshold (or latency_threshold)")  # fmt: skip
 
@@ -698,10 +755,12 @@ def bit_search(
     evaluated: dict[tuple[int, ...], Evaluation] = {}
     for e in done:
         scorer.score(e)
-        evaluated[tuple(index_of[e.choice[n]] for n in names)] = e
+        if e.accuracy is not None:  # a failed evaluation is tried again when it is proposed again
+            evaluated[tuple(index_of[e.choice[n]] for n in names)] = e
     history = list(done)
+    next_index = [max((e.index for e in done), default=-1) + 1]
     replayed: set[tuple[int, ...]] = set()
-    worst = [min((e.reward for e in history if e.reward is not None), default=0.0)]
+    worst = [0.0]  # the lowest reward so far (a failed evaluation is told one less), replayed in order on resume
 
     def reward_of(e: Evaluation) -> float:
         return e.reward if e.reward is not None else worst[0] - 1.0
@@ -719,7 +778,10 @@ def bit_search(
             if budget is not None:
                 choice = problem.fit(choice, budget)
             key = tuple(choice)
-            if key in replayed:  # proposed before in this run: explore a random neighbour instead
+            proposed = True  # the agent's own proposal (told its reward), not an exploring neighbour
+            if key in replayed:
+                # proposed before: the agent is told what it scored, and a random neighbour is explored instead
+                agent.tell(choice, reward_of(evaluated[key]))
                 repeats += 1
                 if repeats > max(200, 5 * problem.layers):
                     log.warning("the %s agent and its random neighbours gave only evaluated configurations %d times "
@@ -728,13 +790,21 @@ def bit_search(
                 choice = _neighbour(choice, problem.k, explore, 1 + repeats // 10)
                 if budget is not None:
                     choice = problem.fit(choice, budget)
-                key = tuple(choice)
-            if key in evaluated:
+                key, proposed = tuple(choice), False
+                if key in replayed:
+                    continue
+            if key in evaluated:  # evaluated by the run this one resumes: replayed as it happened
+                e = evaluated[key]
                 replayed.add(key)
-                agent.tell(choice, reward_of(evaluated[key]))
+                repeats = 0
+                if e.reward is not None:
+                    worst[0] = min(worst[0], e.reward)
+                if proposed:
+                    agent.tell(choice, reward_of(e))
                 continue
             repeats = 0
-            e = describe(choice, len(history))
+            e = describe(choice, next_index[0])
+            next_index[0] += 1
             with space.configured(e.choice) as m:
                 measure(e, m)
             scorer.score(e)
@@ -745,7 +815,8 @@ def bit_search(
             history.append(e)
             if work is not None:
                 _append(work / HISTORY, e.to_dict())
-            agent.tell(choice, reward_of(e))
+            if proposed:
+                agent.tell(choice, reward_of(e))
             bar.update(1)
             if on_evaluation is not None:
                 on_evaluation(e)

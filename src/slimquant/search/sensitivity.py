@@ -49,7 +49,7 @@ from slimquant.algorithms import outside_blocks
 from slimquant.errors import SlimquantError
 from slimquant.formats.atomic import write_file_atomic
 from slimquant.math.metrics import kl_divergence, spearman
-from slimquant.pipeline.calibrate import model_inputs
+from slimquant.pipeline.calibrate import forward_item, model_inputs
 from slimquant.pipeline.convert import LayerPlan, calibrate_input_ranges, plan, quantized, refuse_quantized
 from slimquant.pipeline.workdir import tensor_digest, weights_digest
 from slimquant.types.spec import Recipe
@@ -281,16 +281,16 @@ def output_tensor(out: Any) -> tuple[torch.Tensor, bool]:
     return first, False
 
 
+def is_causal_lm(model: nn.Module) -> bool:
+    """A transformers-style causal LM (``generate``, ``config.use_cache``, not encoder-decoder): it is called with
+    ``use_cache=False`` on calibration items, and its latency is a prefill plus decode steps."""
+    cfg = getattr(model, "config", None)
+    return (callable(getattr(model, "generate", None)) and hasattr(cfg, "use_cache")
+            and not getattr(cfg, "is_encoder_decoder", False))  # fmt: skip
+
+
 def _call(model: nn.Module, item: Any, lm: bool) -> Any:
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    if isinstance(item, dict):
-        kwargs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in item.items()}
-        if lm:
-            kwargs.setdefault("use_cache", False)
-        return model(**kwargs)
-    if isinstance(item, (tuple, list)):
-        return model(*[v.to(device) if isinstance(v, torch.Tensor) else v for v in item])
-    return model(item.to(device))
+    return forward_item(model, item, use_cache=False) if lm else forward_item(model, item)
 
 
 class _Replay(nn.Module):
@@ -338,6 +338,7 @@ class _Reference:
     inputs: dict[str, _LayerInputs]
     positions: int  # distributions over the last dimension (what KL averages over)
     logits: bool
+    sumsq: float = 0.0  # sum of the squared outputs (what the mse loss divides by)
 
 
 class _Runner:
@@ -382,9 +383,11 @@ class _Runner:
 
 
 def _reference(model: nn.Module, items: list[Any], layers: dict[str, nn.Module], blocks: nn.ModuleList | None,
-               lm: bool, show_progress: bool) -> _Reference:  # fmt: skip
-    """One float pass: the outputs, every block's output (for replay) and the planned layers' input statistics."""
+               lm: bool, show_progress: bool, keep_outputs: bool = True) -> _Reference:  # fmt: skip
+    """One float pass: the outputs (unless ``keep_outputs`` is false: then only their count and sum of squares),
+    every block's output (for replay) and the planned layers' input statistics."""
     outputs: list[torch.Tensor] = []
+    positions, sumsq = 0, 0.0
     block_outputs: list[list[Any]] | None = [[] for _ in blocks] if blocks is not None else None
     inputs = {name: _LayerInputs() for name in layers}
     gen = torch.Generator().manual_seed(0)
@@ -429,11 +432,20 @@ def _reference(model: nn.Module, items: list[Any], layers: dict[str, nn.Module],
         with torch.no_grad():
             for item in tqdm(items, desc="float reference", disable=not show_progress, unit="item"):
                 out, logits = output_tensor(_call(model, item, lm))
-                outputs.append(out.detach().float().clone())
+                positions += out[..., 0].numel()
+                sumsq += float(out.detach().double().pow(2).sum())
+                if keep_outputs:
+                    outputs.append(out.detach().float().clone())
     finally:
         for h in handles:
             h.remove()
-    return _Reference(outputs, block_outputs, inputs, sum(o[..., 0].numel() for o in outputs), logits)
+    return _Reference(outputs, block_outputs, inputs, positions, logits, sumsq)
+
+
+def _sample(logp: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """One label per row of ``logp`` drawn from its distribution with the CPU generator ``gen`` (the same draws
+    whatever device the model runs on), on ``logp``'s device."""
+    return torch.multinomial(logp.detach().float().exp().cpu(), 1, generator=gen).to(logp.device)
 
 
 def _detach(out: Any) -> Any:
@@ -466,7 +478,7 @@ def _fisher(model: nn.Module, items: list[Any], layers: dict[str, nn.Module], lo
                 if loss == "kl":
                     flat = out.float().reshape(-1, out.shape[-1])
                     logp = torch.log_softmax(flat, dim=-1)
-                    y = torch.multinomial(logp.detach().exp(), 1, generator=gen)
+                    y = _sample(logp, gen)
                     objective = logp.gather(1, y).sum()
                 else:
                     v = torch.randn(out.shape, generator=gen, dtype=torch.float32).to(out.device)
@@ -480,8 +492,7 @@ def _fisher(model: nn.Module, items: list[Any], layers: dict[str, nn.Module], lo
             p.requires_grad_(w)
     if loss == "kl":
         return {n: a / (2.0 * ref.positions) for n, a in acc.items()}
-    denom = sum(float(o.double().pow(2).sum()) for o in ref.outputs)
-    return {n: a / max(denom, 1e-30) for n, a in acc.items()}
+    return {n: a / max(ref.sumsq, 1e-30) for n, a in acc.items()}
 
 
 def fisher_diagonal(model: nn.Module, layers: Mapping[str, nn.Module], calib_data: Any, loss: str = "auto",
@@ -492,8 +503,8 @@ def fisher_diagonal(model: nn.Module, layers: Mapping[str, nn.Module], calib_dat
     if loss not in LOSSES:
         raise SlimquantError(f"unknown loss {loss!r}; valid: {', '.join(LOSSES)}")
     items = model_inputs(calib_data)
-    lm = callable(getattr(model, "generate", None)) and hasattr(getattr(model, "config", None), "use_cache")
-    ref = _reference(model, items, {}, None, lm, show_progress)
+    lm = is_causal_lm(model)
+    ref = _reference(model, items, {}, None, lm, show_progress, keep_outputs=False)
     kind = ("kl" if ref.logits else "mse") if loss == "auto" else loss
     return _fisher(model, items, dict(layers), kind, lm, ref, show_progress)
 
@@ -512,8 +523,8 @@ def kfac_factors(model: nn.Module, layers: Mapping[str, nn.Module], calib_data: 
         raise SlimquantError(f"unknown loss {loss!r}; valid: {', '.join(LOSSES)}")
     lins = {n: m for n, m in layers.items() if isinstance(m, nn.Linear)}
     items = model_inputs(calib_data)
-    lm = callable(getattr(model, "generate", None)) and hasattr(getattr(model, "config", None), "use_cache")
-    ref = _reference(model, items, {}, None, lm, show_progress)
+    lm = is_causal_lm(model)
+    ref = _reference(model, items, {}, None, lm, show_progress, keep_outputs=False)
     kind = ("kl" if ref.logits else "mse") if loss == "auto" else loss
     g2 = {n: torch.zeros(m.out_features, dtype=torch.float64) for n, m in lins.items()}
     hess = {n: torch.zeros(m.in_features, m.in_features, dtype=torch.float32) for n, m in lins.items()}
@@ -544,7 +555,7 @@ def kfac_factors(model: nn.Module, layers: Mapping[str, nn.Module], calib_data: 
                 out, _ = output_tensor(_call(model, item, lm))
                 if kind == "kl":
                     logp = torch.log_softmax(out.float().reshape(-1, out.shape[-1]), dim=-1)
-                    y = torch.multinomial(logp.detach().exp(), 1, generator=gen)
+                    y = _sample(logp, gen)
                     objective = logp.gather(1, y).sum()
                 else:
                     v = torch.randn(out.shape, generator=gen, dtype=torch.float32).to(out.device)
@@ -563,7 +574,7 @@ def kfac_factors(model: nn.Module, layers: Mapping[str, nn.Module], calib_data: 
     if kind == "kl":
         denom = 2.0 * ref.positions
     else:
-        denom = sum(float(o.double().pow(2).sum()) for o in ref.outputs)
+        denom = ref.sumsq
     return {n: ((g2[n] / max(count[n], 1)).float() / max(denom, 1e-30), hess[n]) for n in lins}
 
 
@@ -717,7 +728,7 @@ def layer_sensitivity(
     if not modules:
         raise SlimquantError("no layer to measure: the candidates plan no Linear / Conv2d layer")
 
-    lm = callable(getattr(model, "generate", None)) and hasattr(getattr(model, "config", None), "use_cache")
+    lm = is_causal_lm(model)
     blocks, block_path = _blocks(model)
     t_ref = time.perf_counter()
     ref = _reference(model, items, modules, blocks, lm, show_progress)

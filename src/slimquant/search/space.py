@@ -181,10 +181,10 @@ class Assembly:
                 set_module(self.model, name, m)
 
     def layer_bytes(self, name: str, label: str) -> int:
-        """Bytes the layer takes stored under ``label``: float32 for a float layer; for a quantized one its tensors
-        as the module holds them (weights packed at their bit width, as the checkpoint stores them)."""
+        """Bytes the layer takes stored under ``label``: a float layer's parameters in their dtype; a quantized
+        one's tensors as the module holds them (weights packed at their bit width, as the checkpoint stores them)."""
         if self.options[label].is_float:
-            return sum(t.numel() * 4 for t in self.floats[name].parameters())
+            return sum(t.numel() * t.element_size() for t in self.floats[name].parameters())
         mod = self.modules[(name, label)]
         return sum(t.numel() * t.element_size() for t in (*mod.parameters(recurse=False), *mod.buffers(recurse=False)))
 
@@ -194,6 +194,7 @@ class Assembly:
         return sum(self.layer_bytes(n, label) for n, label in choice.items())
 
     def float_bytes(self) -> int:
+        """The searchable layers' parameters counted as float32 (the reference compress ratios are relative to)."""
         return sum(t.numel() * 4 for m in self.floats.values() for t in m.parameters())
 
     def compress_ratio(self, choice: Mapping[str, str]) -> float:
