@@ -2,7 +2,8 @@
 
 Usage:
     python benchmarks/search.py                 # every part; rewrites the search section of BENCHMARKS.md
-    python benchmarks/search.py --part agents   # one part (rtn, agents, gptq, small); finished parts are kept in
+    python benchmarks/search.py --part agents   # one part (rtn, agents, gptq, gptq_fine, gptq_wide, gptq_mix, small);
+                                                # finished parts are kept in
                                                 # benchmarks/out/search-rows.json and reused
 
 The search's metric (what the agents see) is the KL divergence from the float model per token on 4 windows x 256
@@ -17,6 +18,9 @@ after the first 1024 tokens): perplexity, KL from the float model per token, top
   greedy, random) gets the same number of evaluated configurations.
 - gptq: the same search with GPTQ (act-order, static groups) solving each option over the whole model; the
   best configuration is then quantized for real (mixed GPTQ) and that checkpoint is evaluated.
+- gptq_fine / gptq_wide / gptq_mix: the GPTQ search (greedy) with more options: int4 g32 / g128 besides the
+  above; int3-6 g64; int3-6 g64 + int4-6 g128 + asymmetric int3 / int4 g64 with 80 evaluations (ten whole-model
+  GPTQ runs: about 23 minutes to build here).
 - small: ``compress_first`` with ``acc_threshold`` = 2 x uniform W8A16's KL on the search windows: the
   smallest checkpoint the search finds within it.
 """
@@ -178,8 +182,9 @@ def part_gptq(lm, ev, calib, eval_ids, ref_path, rows: dict) -> None:
     ROWS.write_text(json.dumps(rows, indent=1))
 
 
-def part_gptq_fine(lm, ev, calib, eval_ids, ref_path, rows: dict) -> None:
-    """GPTQ with finer options: int4 with groups of 32 and 128 besides int3 / int4 g64 / int8 / float (greedy)."""
+def part_gptq_fine(lm, ev, calib, eval_ids, ref_path, rows: dict, key: str = "gptq_fine") -> None:
+    """GPTQ with finer options (greedy). ``gptq_fine``: int4 with groups of 32 and 128 besides int3 / int4 g64 /
+    int8 / float; ``gptq_wide``: int3 / int4 / int5 / int6 g64, int8, float (one bit steps in the middle)."""
     import copy
     import dataclasses
 
@@ -188,19 +193,34 @@ def part_gptq_fine(lm, ev, calib, eval_ids, ref_path, rows: dict) -> None:
 
     base = sq.Recipe.from_flags("--w_method gptq")
     base = dataclasses.replace(base, steps=(base.weight_step,))
-    opts = bit_options(BITS, GROUP) + bit_options([4], 32) + bit_options([4], 128)
+    evals = EVALS
+    if key == "gptq_fine":
+        opts = bit_options(BITS, GROUP) + bit_options([4], 32) + bit_options([4], 128)
+    elif key == "gptq_wide":
+        opts = bit_options((3, 4, 5, 6, 8, 16), GROUP)
+    else:  # gptq_mix: bits x group sizes, asymmetric int3 / int4 too, twice the evaluations
+        from slimquant.search.space import Option
+        from slimquant.types.spec import Granularity, QuantSpec
+
+        opts = (bit_options((3, 4, 5, 6, 8, 16), GROUP) + bit_options((4, 5, 6), 128)
+                + [Option(f"w{b}g64a", QuantSpec(f"int{b}", Granularity.PER_GROUP, 64, False)) for b in (3, 4)])
+        evals = 2 * EVALS
     t0 = time.perf_counter()
     space = Assembly(lm.model, opts, base=base, calib_data=calib)
     build_s = time.perf_counter() - t0
-    cfg = sq.SearchConfig(agent="greedy", max_episode=EVALS, compress_threshold=rows["rtn_uniform"]["w4g64"]["compress"],
+    cfg = sq.SearchConfig(agent="greedy", max_episode=evals, compress_threshold=rows["rtn_uniform"]["w4g64"]["compress"],
                           higher_is_better=False, objective_keys=["accuracy", "compress_ratio"])  # fmt: skip
     res, secs = run_search(lm.model, ev, space, calib, cfg)
     best = res.best
+    if key == "gptq_mix":  # the asymmetric uniform W4 g64 for reference (a little larger: its zero points)
+        with res.space.configured(res.space.uniform("w4g64a")) as m:
+            rows["gptq_uniform_w4g64a"] = {"dev_kl": ev(m), **held_out(m, eval_ids, ref_path),
+                                           "bytes": res.space.bytes(res.space.uniform("w4g64a"))}  # fmt: skip
     real = sq.quantize(copy.deepcopy(lm.model), res.recipe, calib_data=calib)
-    rows["gptq_fine"] = {"dev_kl": best.accuracy, "evaluations": len(res.history), "seconds": secs, "build_s": build_s,
-                         "bytes": res.space.bytes(best.choice), "compress": best.compress_ratio, "mix": mix(best.choice),
-                         **held_out(real.model, eval_ids, ref_path)}  # fmt: skip
-    print("gptq_fine", rows["gptq_fine"], flush=True)
+    rows[key] = {"dev_kl": best.accuracy, "evaluations": len(res.history), "seconds": secs, "build_s": build_s,
+                 "bytes": res.space.bytes(best.choice), "compress": best.compress_ratio, "mix": mix(best.choice),
+                 "best_at": best.index + 1, **held_out(real.model, eval_ids, ref_path)}  # fmt: skip
+    print(key, rows[key], flush=True)
     ROWS.write_text(json.dumps(rows, indent=1))
 
 
@@ -296,6 +316,17 @@ def render(rows: dict, machine: str) -> str:
     if f:
         lines.append(f"| GPTQ mixed (greedy, + int4 g32 / g128 options), quantized for real | {f['bytes'] / 2**20:.2f} | "
                      f"{f['bytes'] / base_b:.3f} | {f['dev_kl']:.4f} | {ho(f)} | {f['mix']} |")  # fmt: skip
+    wide_labels = {"gptq_wide": "int3 / int4 / int5 / int6 g64, int8, float",
+                   "gptq_mix": f"int3-6 g64, int4-6 g128, asymmetric int3 / int4 g64, int8, float; {2 * EVALS} evaluations"}
+    ua = rows.get("gptq_uniform_w4g64a")
+    if ua:
+        lines.append(f"| GPTQ uniform w4g64 asymmetric | {ua['bytes'] / 2**20:.2f} | {ua['bytes'] / base_b:.3f} | "
+                     f"{ua['dev_kl']:.4f} | {ho(ua)} | |")  # fmt: skip
+    for key, what in wide_labels.items():
+        r = rows.get(key)
+        if r:
+            lines.append(f"| GPTQ mixed (greedy; {what}), quantized for real | {r['bytes'] / 2**20:.2f} | "
+                         f"{r['bytes'] / base_b:.3f} | {r['dev_kl']:.4f} | {ho(r)} | {r['mix']} |")  # fmt: skip
     best_rtn = min((rows[f"rtn_{a}"] for a in AGENTS if f"rtn_{a}" in rows), key=lambda r: r["dev_kl"])
     lines += ["", f"Held-out KL ratio mixed / uniform W4 g64, RTN: {best_rtn['kl'] / u['w4g64']['kl']:.2f} "
               f"(best agent on the search metric: {best_rtn['agent']}; rl: "
@@ -305,7 +336,9 @@ def render(rows: dict, machine: str) -> str:
                  f"from the per-option runs: rl {g['rl']['assembled']['kl']:.4f}, greedy "
                  f"{g['greedy']['assembled']['kl']:.4f})" if g else "")
               + (f"; GPTQ with int4 g32 / g128 options too (greedy): {f['kl'] / g['uniform']['w4g64']['kl']:.2f}"
-                 if f and g else "") + "."]  # fmt: skip
+                 if f and g else "")
+              + "".join(f"; GPTQ, {wide_labels[k]}: {rows[k]['kl'] / g['uniform']['w4g64']['kl']:.2f}"
+                        for k in wide_labels if k in rows and g) + "."]  # fmt: skip
     lines += ["", f"### Agents at equal evaluations ({EVALS} configurations each, 10 random warm-up episodes)", "",
               "| agent | best search KL | found at evaluation | held-out KL | search wall s |", "|---|---|---|---|---|"]
     for agent in AGENTS:
@@ -337,9 +370,9 @@ def main() -> None:
     import slimquant as sq
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--part", action="append", choices=("rtn", "agents", "gptq", "gptq_fine", "small"))
+    p.add_argument("--part", action="append", choices=("rtn", "agents", "gptq", "gptq_fine", "gptq_wide", "gptq_mix", "small"))
     args = p.parse_args()
-    parts = set(args.part or ("rtn", "agents", "gptq", "gptq_fine", "small"))
+    parts = set(args.part or ("rtn", "agents", "gptq", "gptq_fine", "gptq_wide", "gptq_mix", "small"))
     torch.set_num_threads(2)
     wo.OUT.mkdir(parents=True, exist_ok=True)
     rows = json.loads(ROWS.read_text()) if ROWS.is_file() else {}
@@ -364,6 +397,9 @@ def main() -> None:
         part_gptq(lm, ev, calib, eval_ids, ref_path, rows)
     if "gptq_fine" in parts:
         part_gptq_fine(lm, ev, calib, eval_ids, ref_path, rows)
+    for key in ("gptq_wide", "gptq_mix"):
+        if key in parts:
+            part_gptq_fine(lm, ev, calib, eval_ids, ref_path, rows, key=key)
     rows["seconds"] = time.perf_counter() - t0
     ROWS.write_text(json.dumps(rows, indent=1))
     plot(rows)

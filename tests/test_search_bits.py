@@ -364,7 +364,7 @@ def test_cli_search_outputs_and_resume(tmp_path, capsys):
     ("objective_keys: [accuracy, compress_ratio, flops, latency]", "objective_keys: [compress_ratio]", SlimquantError,
      "nas.search_algorithm.objective_keys: objective_keys must include accuracy"),
     ("callbacks: [OptExportCallback]", "callbacks: [EarlyStop]", SlimquantError, "nas.trainer.callbacks: 'EarlyStop'"),
-    ("range: [2, 4, 8, 32]", "range: [5, 8]", SlimquantError, "bit candidate 5: valid are 2, 3, 4, 8 and 16 / 32"),
+    ("range: [2, 4, 8, 32]", "range: [7, 8]", SlimquantError, "bit candidate 7: valid are 2, 3, 4, 5, 6, 8 and 16 / 32"),
     ("multiple_inputs: {type: inputs}", "multiple_inputs: {type: data}", SlimquantError,
      "multiple_inputs.type 'data' is not the registered script_network_input"),
 ])  # fmt: skip

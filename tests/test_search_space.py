@@ -18,8 +18,9 @@ def test_bit_options_follow_the_seed_candidates():
     assert [o.label for o in opts] == ["w4g32", "w8", FLOAT]
     assert opts[0].weight == sq.QuantSpec("int4", "per_group", 32, True) and opts[2].is_float
     assert [o.label for o in bit_options([8, 32])] == ["w8", FLOAT]
-    with pytest.raises(SlimquantError, match="bit candidate 5: valid are 2, 3, 4, 8 and 16 / 32"):
-        bit_options([5])
+    assert [o.label for o in bit_options([5, 6], group_size=64)] == ["w5g64", "w6g64"]
+    with pytest.raises(SlimquantError, match="bit candidate 7: valid are 2, 3, 4, 5, 6, 8 and 16 / 32"):
+        bit_options([7])
     with pytest.raises(SlimquantError, match="bit candidate 32 is given twice"):
         bit_options([16, 32])
 
@@ -44,6 +45,22 @@ def test_an_assembled_configuration_equals_quantizing_it(llama, tokenizer):
     with torch.no_grad():
         assert torch.equal(result.model(input_ids=ids).logits, mixed)
     assert {r.name for r in result.report.layers} == {n for n, v in choice.items() if v != FLOAT}
+
+
+def test_int5_and_int6_layers_save_and_load_bit_identical(llama, tokenizer, tmp_path):
+    from conftest import make_llama
+
+    ids = torch.randint(0, len(tokenizer), (1, 16), generator=torch.Generator().manual_seed(0))
+    space = Assembly(llama, bit_options([5, 6, 4], group_size=32), show_progress=False)
+    names = [lp.name for lp in space.layers]
+    choice = {n: ["w5g32", "w6g32", "w4g32"][i % 3] for i, n in enumerate(names)}
+    result = sq.quantize(make_llama(len(tokenizer)), space.recipe(choice), show_progress=False)
+    sizes = {lab: space.layer_bytes(names[0], lab) for lab in ("w5g32", "w6g32", "w4g32")}
+    assert sizes["w4g32"] < sizes["w5g32"] < sizes["w6g32"]  # packed at their width
+    sq.save(result, tmp_path / "q")
+    back = sq.load(tmp_path / "q")
+    with torch.no_grad():
+        assert torch.equal(back.model(input_ids=ids).logits, result.model(input_ids=ids).logits)
 
 
 def test_sizes_and_ratio(mlp):

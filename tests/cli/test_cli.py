@@ -462,9 +462,9 @@ def test_recipe_file_with_weight_flags_is_refused(capsys, llama_dir, outs, tmp_p
 
 def test_bad_recipe_file_is_refused(capsys, llama_dir, outs, tmp_path):
     path = tmp_path / "recipe.yaml"
-    path.write_text("weight: {qtype: int5}\n")
+    path.write_text("weight: {qtype: int7}\n")
     rc, _, err = run(capsys, "quantize", "--model_path", llama_dir, "--save_directory", outs / "r", "--recipe", path)
-    assert rc == 1 and "int5" in error_line(err)
+    assert rc == 1 and "int7" in error_line(err)
     assert_nothing_written(outs)
 
 

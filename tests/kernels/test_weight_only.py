@@ -55,6 +55,8 @@ SPECS = [
     QuantSpec("uint4", PG, 16, symmetric=False, zero_point="float"),
     QuantSpec("int3", PG, 16),
     QuantSpec("int3", PT, symmetric=False),
+    QuantSpec("int5", PG, 16),
+    QuantSpec("int6", PC, symmetric=False),
     QuantSpec("int2", PG, 16, symmetric=False),
     QuantSpec("fp8_e4m3", PC),
     QuantSpec("fp8_e5m2", PT),

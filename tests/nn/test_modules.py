@@ -23,6 +23,8 @@ LINEAR_SPECS = [
     QuantSpec("int4", PG, 32),
     QuantSpec("uint4", PG, 32, symmetric=False, zero_point="float"),
     QuantSpec("int3", PG, 32, symmetric=False),
+    QuantSpec("int5", PG, 32),
+    QuantSpec("int6", PC, symmetric=False),
     QuantSpec("int2", PC),
     QuantSpec("fp8_e4m3", PC),
 ]

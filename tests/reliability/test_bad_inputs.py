@@ -202,7 +202,7 @@ def test_manifest_files_outside_the_checkpoint_are_refused(cli, w4_ckpt, tmp_pat
     (lambda m: m.pop("recipe"), "'recipe' is missing"),
     (lambda m: m.pop("layers"), "'layers' is missing"),
     (lambda m: [m], "must be a JSON object"),
-    (lambda m: m.update(recipe={"weight": {"qtype": "int5"}}), "'recipe' is invalid"),
+    (lambda m: m.update(recipe={"weight": {"qtype": "int7"}}), "'recipe' is invalid"),
     (lambda m: m.update(recipe=[1]), "'recipe' must be an object"),
     (lambda m: m["model"].update(architecture="BertModel"), "does not match"),
     (lambda m: m["layers"][QW].update(module="QNope"), "unknown module 'QNope'"),

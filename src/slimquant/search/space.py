@@ -47,7 +47,7 @@ class Option:
 
 def bit_options(bits: Sequence[int], group_size: int | None = None, symmetric: bool = True) -> list[Option]:
     """Options from the seed's ``network.bit_candidates`` (e.g. ``[4, 8, 16]``): 16 / 32 keep the layer float,
-    8 is int8 per channel (symmetric), lower widths int<b> per group of ``group_size`` (per channel when None)."""
+    8 is int8 per channel (symmetric), lower widths (2-6) int<b> per group of ``group_size`` (per channel when None)."""
     out: list[Option] = []
     for b in bits:
         if isinstance(b, bool) or not isinstance(b, int):
@@ -56,12 +56,12 @@ def bit_options(bits: Sequence[int], group_size: int | None = None, symmetric: b
             opt = Option(FLOAT, None)
         elif b == 8:
             opt = Option("w8", QuantSpec("int8", Granularity.PER_CHANNEL, None, True))
-        elif b in (2, 3, 4):
+        elif b in (2, 3, 4, 5, 6):
             gran = Granularity.PER_GROUP if group_size else Granularity.PER_CHANNEL
             opt = Option(f"w{b}" + (f"g{group_size}" if group_size else ""),
                          QuantSpec(int_qtype_for_bits(b).name, gran, group_size or None, symmetric))  # fmt: skip
         else:
-            raise SlimquantError(f"bit candidate {b}: valid are 2, 3, 4, 8 and 16 / 32 (float)")
+            raise SlimquantError(f"bit candidate {b}: valid are 2, 3, 4, 5, 6, 8 and 16 / 32 (float)")
         if any(o.label == opt.label for o in out):
             raise SlimquantError(f"bit candidate {b} is given twice")
         out.append(opt)

@@ -52,6 +52,8 @@ QTYPES: dict[str, QType] = {
         _int("int2", 2, True),
         _int("int3", 3, True),
         _int("int4", 4, True),
+        _int("int5", 5, True),
+        _int("int6", 6, True),
         _int("int8", 8, True),
         _int("uint4", 4, False),
         _int("uint8", 8, False),
@@ -72,8 +74,8 @@ def qtype(name: str | QType) -> QType:
 
 
 def int_qtype_for_bits(bits: int) -> QType:
-    """The signed integer qtype of a bit width (2, 3, 4 or 8)."""
-    names = {2: "int2", 3: "int3", 4: "int4", 8: "int8"}
+    """The signed integer qtype of a bit width (2, 3, 4, 5, 6 or 8)."""
+    names = {2: "int2", 3: "int3", 4: "int4", 5: "int5", 6: "int6", 8: "int8"}
     if bits not in names:
-        raise SlimquantError(f"unsupported weight bit width {bits}; valid: 2, 3, 4, 8")
+        raise SlimquantError(f"unsupported weight bit width {bits}; valid: 2, 3, 4, 5, 6, 8")
     return QTYPES[names[bits]]
