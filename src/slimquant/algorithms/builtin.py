@@ -66,8 +66,14 @@ def _clip_record(step: Step, recipe: Recipe) -> dict[str, Any]:
     return {"clip_search": step.clip_search}  # type: ignore[attr-defined]
 
 
+def _gptq_record(step: Step, recipe: Recipe) -> dict[str, Any]:
+    """What a GPTQ layer records: its clipping, and the column order (act_order with static groups keeps the
+    stored columns in order, which the compressed-tensors export states as ``actorder: weight``)."""
+    return {"clip_search": step.clip_search, "act_order": step.act_order, "static_groups": step.static_groups}  # type: ignore[attr-defined]
+
+
 register_algorithm(WeightAlgorithm(RTN, solve=_solve_rtn, record=_clip_record))
-register_algorithm(WeightAlgorithm(GPTQ, solve=_solve_gptq, record=_clip_record))
+register_algorithm(WeightAlgorithm(GPTQ, solve=_solve_gptq, record=_gptq_record))
 
 
 # -- smoothing of the float model (msModelSlim m1 / m4 / m2) ------------------------------------------------

@@ -7,7 +7,7 @@ import logging
 import signal
 import sys
 
-from slimquant.cli import demo_cmd, eval_cmd, quantize_cmd, search_cmd, sensitivity_cmd, tune_cmd
+from slimquant.cli import demo_cmd, eval_cmd, export_cmd, quantize_cmd, search_cmd, sensitivity_cmd, tune_cmd
 from slimquant.errors import SlimquantError
 
 
@@ -16,6 +16,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log_level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
     sub = parser.add_subparsers(dest="command", required=True)
     quantize_cmd.add_parser(sub)
+    export_cmd.add_parser(sub)
     eval_cmd.add_parsers(sub)
     demo_cmd.add_parser(sub)
     sensitivity_cmd.add_parser(sub)

@@ -37,6 +37,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_recipe_flags(p)
     p.add_argument("--device_type", choices=("cpu", "cuda", "npu"), default="cpu")
     p.add_argument("--part_file_size", type=positive_float, default=None, help="shard size in GB (default: one file)")
+    p.add_argument("--save_format", choices=("msmodelslim", "compressed-tensors"), default="msmodelslim",
+                   help="checkpoint layout: msmodelslim (MindIE; default) or compressed-tensors (vLLM, transformers)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing slimquant checkpoint in --save_directory (never another directory)")  # fmt: skip
     p.add_argument("--force_overwrite", action="store_true",
@@ -112,6 +114,10 @@ def _checked_target(args: argparse.Namespace, recipe: Recipe, protect: list[Path
     from slimquant.formats.atomic import check_target
 
     target = check_target(args.save_directory, args.overwrite, protect, args.force_overwrite)
+    if args.save_format == "compressed-tensors":
+        from slimquant.formats.compressed_tensors import check_recipe
+
+        check_recipe(recipe)  # what the format cannot hold is refused before the model is loaded
     if args.max_activation_gb is not None and not (args.stream or recipe.block_by_block):
         raise SlimquantError("--max_activation_gb applies to block-by-block runs (--w_method gptq, --anti_method m3, --stream)")
     if args.device_type == "cuda" and not torch.cuda.is_available():
@@ -186,8 +192,8 @@ def _run(args: argparse.Namespace, recipe: Recipe, protect: list[Path], target: 
         lm.model.to("cpu")
     report = result.report
     assert report is not None
-    api.save(result, target, tokenizer=lm.tokenizer, part_file_size=args.part_file_size,
-         overwrite=args.overwrite, force_overwrite=args.force_overwrite, protect=protect)  # fmt: skip
+    api.save(result, target, tokenizer=lm.tokenizer, part_file_size=args.part_file_size, format=args.save_format,
+             overwrite=args.overwrite, force_overwrite=args.force_overwrite, protect=protect)  # fmt: skip
     if (work_dir / "state.json").is_file():  # ours, and no longer needed: the checkpoint is complete
         import shutil
 

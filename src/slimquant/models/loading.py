@@ -77,7 +77,8 @@ def load_model(name_or_path: str, trust_remote_code: bool = False, dtype: torch.
 
     Args:
         name_or_path: an embedded name (``smollm2-135m``, ``minilm-l6``), a Hugging Face directory
-            (config.json + safetensors), a ``.gguf`` file, or a slimquant checkpoint directory.
+            (config.json + safetensors), a ``.gguf`` file, a slimquant checkpoint directory, or a
+            compressed-tensors checkpoint another tool wrote (llm-compressor: loaded quantized, as slimquant's).
         trust_remote_code: allow custom modeling code shipped in the directory (off by default).
     """
     if name_or_path in EMBEDDED:
@@ -95,6 +96,10 @@ def load_model(name_or_path: str, trust_remote_code: bool = False, dtype: torch.
             return _load_gguf(path, dtype)
         raise SlimquantError(f"model file {path}: only .gguf files or model directories are supported")
     if is_checkpoint(path):
+        return load_checkpoint(path, trust_remote_code=trust_remote_code)
+    from slimquant.formats import compressed_tensors as ct
+
+    if ct.is_compressed_tensors(path):
         return load_checkpoint(path, trust_remote_code=trust_remote_code)
     return _load_hf_dir(path, trust_remote_code, dtype, None)
 
@@ -297,6 +302,10 @@ def load_checkpoint(
     pass ``model``, an instance of the original architecture (its parameters may be on meta).
     """
     directory = Path(directory)
+    from slimquant.formats import compressed_tensors as ct
+
+    if not is_checkpoint(directory) and ct.is_compressed_tensors(directory):
+        return _load_foreign_compressed_tensors(directory, model, trust_remote_code)
     manifest = read_manifest(directory)
     kind = "module"
     tokenizer = None
@@ -312,6 +321,25 @@ def load_checkpoint(
     codec_of_tag(manifest["format"], str(directory)).load_into(model, directory, manifest)
     fuse_w8a8_inputs(model)
     return LoadedModel(model, tokenizer, kind, str(directory), recipe, read_report(directory))
+
+
+def _load_foreign_compressed_tensors(directory: Path, model: nn.Module | None, trust_remote_code: bool) -> LoadedModel:
+    """A compressed-tensors checkpoint without slimquant's manifest (llm-compressor's, say): the manifest is
+    derived from config.json's quantization_config, then it loads as slimquant's own."""
+    from slimquant.formats import compressed_tensors as ct
+
+    config = _read_config(directory)
+    archs = config.get("architectures")
+    kind, tokenizer = "module", None
+    if model is None:
+        if not (isinstance(archs, list) and archs and isinstance(archs[0], str)):
+            raise SlimquantError(f"{directory / 'config.json'}: 'architectures' is missing; cannot build the model")
+        model, kind = _hf_skeleton(directory, archs[0], trust_remote_code)
+        tokenizer = _load_tokenizer(directory)
+    manifest = ct.manifest_from_config(directory, config, model)
+    ct.CODEC.load_into(model, directory, manifest)
+    fuse_w8a8_inputs(model)
+    return LoadedModel(model, tokenizer, kind, str(directory), manifest_recipe(manifest), None)
 
 
 def _hf_skeleton(directory: Path, architecture: str, trust_remote_code: bool) -> tuple[nn.Module, str]:
