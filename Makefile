@@ -38,6 +38,7 @@ bench: venv
 	$(PY) benchmarks/w8a8.py
 	$(PY) benchmarks/speed.py
 	$(PY) benchmarks/gptq.py
+	$(PY) benchmarks/export.py
 	$(PY) benchmarks/scale.py
 	$(PY) benchmarks/defaults.py
 	$(PY) benchmarks/sensitivity.py

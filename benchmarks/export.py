@@ -11,8 +11,8 @@ Night's Dream, after the first 1024 tokens); the table gives the largest absolut
 divergence between the two per token, top-1 agreement between them, and each one's KL from the float model.
 GPTQ calibrates on 64 windows x 256 tokens of The Merchant of Venice and As You Like It.
 W8A8 dynamic: compressed-tensors scales each token by absmax / 127.5, slimquant (as vLLM's int8 kernels) by
-absmax / 127; the row "emulated" runs slimquant's weights with the 127.5 convention to show that this is the
-whole difference.
+absmax / 127; the row "emulated" runs slimquant's weights with the 127.5 convention (per layer that matches
+transformers to float rounding; end to end on smollm2 a difference remains, see the reading in BENCHMARKS.md).
 """
 
 from __future__ import annotations
