@@ -218,6 +218,34 @@ def write_tensor_files(directory: Path, base: str, entries: list[Entry], part_fi
     return files
 
 
+def check_save_options(codec: str, options: dict[str, Any], part_file_size: float | None) -> None:
+    """Refuse options a codec's ``save`` does not know, and a bad ``part_file_size``."""
+    if options:
+        raise SlimquantError(f"the {codec} format has no option {', '.join(sorted(options))}")
+    check_part_file_size(part_file_size)
+
+
+def write_checkpoint(result: QuantizationResult, directory: str | os.PathLike, weights: str, entries: list[Entry],
+                     manifest: dict[str, Any], json_files: dict[str, Any], *, tokenizer: Any, overwrite: bool,
+                     force_overwrite: bool, protect: Any, part_file_size: float | None) -> list[str]:  # fmt: skip
+    """What every codec's ``save`` writes, atomically: the tensor files (``weights``, sharded past
+    ``part_file_size``), the codec's JSON files (``json_files``: name -> data, e.g. config.json), the manifest
+    (its ``files`` filled in), the report and the tokenizer. The model's sources are always protected."""
+    from slimquant.formats.atomic import atomic_directory
+
+    protect = list(protect) + model_sources(result.model, result.tensor_source)
+    with atomic_directory(directory, overwrite, protect, force_overwrite) as tmp:
+        files = write_tensor_files(tmp, weights, entries, part_file_size)
+        manifest["files"] = files
+        for name, data in json_files.items():
+            write_json(tmp / name, data)
+        write_json(tmp / MANIFEST, manifest)
+        write_report(tmp, result.report, manifest["quant_type"])
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+    return files
+
+
 def write_report(directory: Path, report: ConversionReport | None, quant_type: str) -> None:
     """The per-layer quantization report (none for a loaded checkpoint), for people (loading does not read it)."""
     if report is not None:

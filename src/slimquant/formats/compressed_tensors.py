@@ -52,7 +52,6 @@ from torch import nn
 
 from slimquant.errors import SlimquantError
 from slimquant.formats import checkpoint as ck
-from slimquant.formats.atomic import atomic_directory
 from slimquant.formats.codec import Codec, register_codec
 from slimquant.formats.safetensors_io import Entry
 from slimquant.kernels.weight_only import unpacked
@@ -266,7 +265,7 @@ def encode_layer(name: str, module: QModule) -> dict[str, Producer]:
     return out
 
 
-def _check_model(model: nn.Module, layers: dict[str, QModule], recipe: Any) -> None:
+def _check_model(model: nn.Module, layers: dict[str, QModule]) -> None:
     if fa_quant.quantized_attention(model):
         raise SlimquantError(f"the {NAME} format cannot hold quantized attention (--fa_quant): it has no such "
                              "scheme; export without it")  # fmt: skip
@@ -336,7 +335,7 @@ def export_state(result: QuantizationResult) -> tuple[list[Entry], dict[str, Any
     is refused before anything is computed."""
     state = ck.logical_state(result)
     model = result.model
-    _check_model(model, state.layers, state.recipe)
+    _check_model(model, state.layers)
     entries: list[Entry] = []
     aliases: dict[str, str] = {}
     done: set[str] = set()
@@ -377,24 +376,16 @@ class CompressedTensorsCodec(Codec):
         part_file_size: float | None = None,
         **options: Any,
     ) -> Path:
-        if options:
-            raise SlimquantError(f"the {NAME} format has no option {', '.join(sorted(options))}")
-        ck.check_part_file_size(part_file_size)
+        ck.check_save_options(NAME, options, part_file_size)
+        config = ck.config_dict(result.model)
+        if not config:
+            raise SlimquantError(f"the {NAME} format is a Hugging Face layout: {type(result.model).__name__} has no "
+                                 "transformers config (save a plain nn.Module in the msmodelslim format)")  # fmt: skip
         entries, qconfig, manifest = export_state(result)
-        model = result.model
-        protect = list(protect) + ck.model_sources(model, result.tensor_source)
-        with atomic_directory(directory, overwrite, protect, force_overwrite) as tmp:
-            files = ck.write_tensor_files(tmp, WEIGHTS, entries, part_file_size)
-            manifest["files"] = files
-            config = ck.config_dict(model)
-            if not config:
-                raise SlimquantError(f"the {NAME} format is a Hugging Face layout: {type(model).__name__} has no "
-                                     "transformers config (save a plain nn.Module in the msmodelslim format)")  # fmt: skip
-            ck.write_json(tmp / "config.json", {**config, "quantization_config": qconfig})
-            ck.write_json(tmp / ck.MANIFEST, manifest)
-            ck.write_report(tmp, result.report, manifest["quant_type"])
-            if tokenizer is not None:
-                tokenizer.save_pretrained(str(tmp))
+        files = ck.write_checkpoint(result, directory, WEIGHTS, entries, manifest,
+                                    {"config.json": {**config, "quantization_config": qconfig}}, tokenizer=tokenizer,
+                                    overwrite=overwrite, force_overwrite=force_overwrite, protect=protect,
+                                    part_file_size=part_file_size)  # fmt: skip
         log.info("saved %s %s checkpoint to %s (%d file(s))", NAME, qconfig["format"], directory, len(files))
         return Path(directory)
 

@@ -36,7 +36,6 @@ from torch import nn
 
 from slimquant.errors import SlimquantError
 from slimquant.formats import checkpoint as ck
-from slimquant.formats.atomic import atomic_directory
 from slimquant.formats.codec import Codec, register_codec
 from slimquant.formats.safetensors_io import Entry
 from slimquant.kernels import int8 as k8
@@ -279,22 +278,14 @@ class MsModelSlimCodec(Codec):
         part_file_size: float | None = None,
         **options: Any,
     ) -> Path:
-        if options:
-            raise SlimquantError(f"the {NAME} format has no option {', '.join(sorted(options))}")
-        check_part_file_size(part_file_size)
+        ck.check_save_options(NAME, options, part_file_size)
         entries, description, manifest = export_state(result)
-        model = result.model
-        protect = list(protect) + model_sources(model, result.tensor_source)
         quant_type = manifest["quant_type"]
-        with atomic_directory(directory, overwrite, protect, force_overwrite) as tmp:
-            files = ck.write_tensor_files(tmp, weight_file(quant_type), entries, part_file_size)
-            manifest["files"] = files
-            ck.write_json(tmp / description_file(quant_type), description)
-            ck.write_json(tmp / "config.json", {**ck.config_dict(model), "quantize": quant_type})
-            ck.write_json(tmp / MANIFEST, manifest)
-            ck.write_report(tmp, result.report, quant_type)
-            if tokenizer is not None:
-                tokenizer.save_pretrained(str(tmp))
+        json_files = {description_file(quant_type): description,
+                      "config.json": {**ck.config_dict(result.model), "quantize": quant_type}}  # fmt: skip
+        files = ck.write_checkpoint(result, directory, weight_file(quant_type), entries, manifest, json_files,
+                                    tokenizer=tokenizer, overwrite=overwrite, force_overwrite=force_overwrite,
+                                    protect=protect, part_file_size=part_file_size)  # fmt: skip
         log.info("saved %s checkpoint to %s (%d file(s))", quant_type, directory, len(files))
         return Path(directory)
 
