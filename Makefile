@@ -39,6 +39,7 @@ bench: venv
 	$(PY) benchmarks/speed.py
 	$(PY) benchmarks/gptq.py
 	$(PY) benchmarks/export.py
+	$(PY) benchmarks/gguf_llama.py
 	$(PY) benchmarks/scale.py
 	$(PY) benchmarks/defaults.py
 	$(PY) benchmarks/sensitivity.py

@@ -61,25 +61,33 @@ def _substitute(text: str, models: dict[str, str]) -> str:
     return re.sub(pattern, lambda m: models[m.group(0)], text)
 
 
+GGUF_STAND_IN = "<gguf stand-in>"
+
+
 @pytest.fixture
-def tiny_models(make_llama_dir, bert_dir) -> dict[str, str]:
+def tiny_models(make_llama_dir, bert_dir, tmp_path) -> dict[str, str]:
+    from conftest import make_bpe_tokenizer, make_llama, save_hf
+
     llama = make_llama_dir("models/llama")
+    bpe = make_bpe_tokenizer()  # GGUF exports write a byte-level BPE tokenizer: the GGUF examples use this stand-in
+    gguf_llama = save_hf(make_llama(len(bpe)), bpe, tmp_path / "models" / "llama-bpe")
     return {"smollm2-135m": str(llama), "/models/llama-hf": str(llama), "/models/llama": str(llama),
-            "minilm-l6": str(bert_dir)}  # fmt: skip
+            "minilm-l6": str(bert_dir), GGUF_STAND_IN: str(gguf_llama)}  # fmt: skip
 
 
 def _run_cli_examples(capsys, models: dict[str, str]) -> None:
     examples = cli_examples()
     assert len(examples) >= 10
     for cmd in examples:
-        argv = shlex.split(_substitute(cmd, models))[1:]
+        use = {**models, "smollm2-135m": models[GGUF_STAND_IN]} if "gguf" in cmd and GGUF_STAND_IN in models else models
+        argv = shlex.split(_substitute(cmd, {k: v for k, v in use.items() if k != GGUF_STAND_IN}))[1:]
         rc = main(argv)
         err = capsys.readouterr().err
         assert rc == 0, f"README example failed: {cmd}\n{err[-3000:]}"
 
 
 def _run_python_example(models: dict[str, str]) -> None:
-    code = _substitute(python_example(), models)
+    code = _substitute(python_example(), {k: v for k, v in models.items() if k != GGUF_STAND_IN})
     exec(compile(code, "README.md (Python)", "exec"), {"__name__": "__readme__"})  # noqa: S102 - our own README
     assert Path("out/mynet/slimquant_manifest.json").is_file()
     assert Path("out/llama-w4/quant_model_weight_w4a16.safetensors").is_file()

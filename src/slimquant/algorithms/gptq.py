@@ -9,7 +9,8 @@ Quantization parameters come from :func:`slimquant.math.weights.quantize_weight`
 including the optional clipping search): per channel and per tensor from the whole weight up front; per
 group when the sweep reaches the group's first column, from the group's error-updated values; with
 ``static_groups`` (forced by ``act_order`` with groups, so that groups stay contiguous in the checkpoint
-layout and no column permutation has to be stored) all groups up front from the original weight.
+layout and no column permutation has to be stored, and by GGUF grids, whose K-type super-blocks share one
+fp16 scale across 8 or 16 groups) all groups up front from the original weight.
 
 :mod:`slimquant.pipeline.sequential` collects ``H`` per layer block by block and calls this. This solver's keyword
 defaults are the paper's reference variant (natural order, groups from the error-updated weight); the recipe step
@@ -111,7 +112,8 @@ def gptq(
     izp = spec.zero_point == "int"
     per_group = spec.granularity is Granularity.PER_GROUP
     g = int(spec.group_size) if per_group else k  # type: ignore[arg-type]
-    static_groups = static_groups or (act_order and per_group)
+    # GGUF grids fix their fp16 / super-block scales for the whole row up front
+    static_groups = static_groups or (act_order and per_group) or spec.gguf is not None
 
     w = weight.detach().float().clone()
     h = hessian.detach().float()  # not modified below unless copied first

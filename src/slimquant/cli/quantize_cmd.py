@@ -37,8 +37,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_recipe_flags(p)
     p.add_argument("--device_type", choices=("cpu", "cuda", "npu"), default="cpu")
     p.add_argument("--part_file_size", type=positive_float, default=None, help="shard size in GB (default: one file)")
-    p.add_argument("--save_format", choices=("msmodelslim", "compressed-tensors"), default="msmodelslim",
-                   help="checkpoint layout: msmodelslim (MindIE; default) or compressed-tensors (vLLM, transformers)")
+    p.add_argument("--save_format", choices=("msmodelslim", "compressed-tensors", "gguf"), default="msmodelslim",
+                   help="checkpoint layout: msmodelslim (MindIE; default), compressed-tensors (vLLM, transformers) or "
+                   "gguf (llama.cpp; needs --gguf_type)")  # fmt: skip
+    p.add_argument("--gguf_type", default=None,
+                   help="quantize every weight onto the grid llama.cpp gives it in a GGUF file of this type (Q4_0, Q4_1, "
+                   "Q5_0, Q8_0, Q6_K, Q4_K_M): the weight flags' algorithm (--w_method, --anti_method m3...) solves "
+                   "on exactly that grid, so the GGUF export is exact; replaces --w_bit / --group_size / --w_sym")  # fmt: skip
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing slimquant checkpoint in --save_directory (never another directory)")  # fmt: skip
     p.add_argument("--force_overwrite", action="store_true",
@@ -114,6 +119,7 @@ def _checked_target(args: argparse.Namespace, recipe: Recipe, protect: list[Path
     from slimquant.formats.atomic import check_target
 
     target = check_target(args.save_directory, args.overwrite, protect, args.force_overwrite)
+    _check_gguf_flags(args, recipe)
     if args.save_format == "compressed-tensors":
         from slimquant.formats.compressed_tensors import check_recipe
 
@@ -140,6 +146,32 @@ def _checked_target(args: argparse.Namespace, recipe: Recipe, protect: list[Path
     return target
 
 
+_GRID_FLAGS = ("w_bit", "group_size", "w_sym", "w_zero_point", "mm_tensor")
+
+
+def _check_gguf_flags(args: argparse.Namespace, recipe: Recipe) -> None:
+    if args.gguf_type is None:
+        if args.save_format == "gguf":
+            raise SlimquantError("--save_format gguf needs --gguf_type (Q4_0, Q4_K_M, ...): it sets the grid the weights "
+                                 "are solved on")  # fmt: skip
+        return
+    from slimquant.formats.gguf import FILE_TYPES, check_file_type
+
+    ft = check_file_type(args.gguf_type)
+    if ft in ("F16", "F32"):
+        raise SlimquantError(f"--gguf_type {ft} is a float type: write the float model with `slimquant export --model "
+                             f"{args.model_path} --format gguf --gguf_type {ft} --save_directory ...`")  # fmt: skip
+    clash = [f"--{k}" for k in _GRID_FLAGS if getattr(args, k) != flag_default(k)]
+    if args.recipe or clash:
+        raise SlimquantError(f"--gguf_type {ft} sets the weight grid; remove {', '.join(clash) or '--recipe'}")
+    if args.save_format == "gguf" and args.part_file_size is not None:
+        raise SlimquantError("--part_file_size: a GGUF export is one file; remove it")
+    assert ft in FILE_TYPES
+    if recipe.input is not None or recipe.kv is not None or recipe.fa is not None:
+        raise SlimquantError(f"--gguf_type {ft}: GGUF files hold weight-only layers; remove the activation (--a_bit), "
+                             "KV-cache and attention quantization flags")  # fmt: skip
+
+
 def _run(args: argparse.Namespace, recipe: Recipe, protect: list[Path], target: Path) -> int:
     from slimquant import api
     from slimquant.eval.size import model_bytes
@@ -159,6 +191,10 @@ def _run(args: argparse.Namespace, recipe: Recipe, protect: list[Path], target: 
         lm = load_model(args.model_path, trust_remote_code=args.trust_remote_code)
     float_bytes = model_bytes(lm.model)
     log.info("loaded %s in %.1fs", args.model_path, time.perf_counter() - t0)
+    if args.gguf_type is not None:
+        from slimquant.formats.gguf import gguf_recipe
+
+        recipe = gguf_recipe(recipe, lm.model, args.gguf_type)
     if args.device_type == "cuda":
         lm.model.to("cuda")
     calib = None
@@ -192,8 +228,14 @@ def _run(args: argparse.Namespace, recipe: Recipe, protect: list[Path], target: 
         lm.model.to("cpu")
     report = result.report
     assert report is not None
-    api.save(result, target, tokenizer=lm.tokenizer, part_file_size=args.part_file_size, format=args.save_format,
-             overwrite=args.overwrite, force_overwrite=args.force_overwrite, protect=protect)  # fmt: skip
+    if args.save_format == "gguf":
+        from slimquant.formats.gguf import export_gguf
+
+        export_gguf(result.model, target, lm.tokenizer, None, overwrite=args.overwrite,
+                    force_overwrite=args.force_overwrite, protect=protect)  # fmt: skip
+    else:
+        api.save(result, target, tokenizer=lm.tokenizer, part_file_size=args.part_file_size, format=args.save_format,
+                 overwrite=args.overwrite, force_overwrite=args.force_overwrite, protect=protect)  # fmt: skip
     if (work_dir / "state.json").is_file():  # ours, and no longer needed: the checkpoint is complete
         import shutil
 

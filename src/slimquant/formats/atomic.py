@@ -32,6 +32,8 @@ log = logging.getLogger(__name__)
 
 # The file that marks a directory as a slimquant checkpoint (the manifest), so that --overwrite may replace it.
 OWNED_MARKER = "slimquant_manifest.json"
+# Every file that marks a directory as slimquant's own output (a checkpoint, a GGUF export).
+OWNED_MARKERS = (OWNED_MARKER, "gguf_export.json")
 
 # Locks this process holds: path -> [fd, depth]. A process-wide registry because flock locks belong to open
 # file descriptions: the same process locking the same file twice through two descriptors would refuse itself.
@@ -93,7 +95,7 @@ def check_target(
         if not (overwrite or force_overwrite):
             raise SlimquantError(f"output directory {target} is not empty; pass --overwrite (overwrite=True) to replace "
                                  "it")  # fmt: skip
-        if not force_overwrite and not (path / OWNED_MARKER).is_file():
+        if not force_overwrite and not any((path / m).is_file() for m in OWNED_MARKERS):
             raise SlimquantError(f"output directory {target} is not a slimquant checkpoint (no {OWNED_MARKER}): "
                                  "--overwrite only replaces slimquant's own outputs; to delete everything in it and "
                                  "write there anyway pass --force_overwrite (force_overwrite=True)")  # fmt: skip

@@ -11,7 +11,9 @@ from dataclasses import dataclass
 
 import torch
 
+from slimquant.math.gguf_grid import check_superblocks, snap
 from slimquant.math.qparams import grid, qparams_from_minmax
+from slimquant.types.gguf_types import gguf_type
 from slimquant.math.quant import dequantize, quantize
 from slimquant.types.qtype import qtype as lookup_qtype
 from slimquant.types.spec import GROUP_SIZES, Granularity, QuantSpec
@@ -44,6 +46,8 @@ def check_weight_shape(shape: tuple[int, int], spec: QuantSpec) -> None:
         )
     if spec.granularity is Granularity.PER_TOKEN:
         raise ValueError("per_token granularity does not apply to weights")
+    if spec.gguf is not None:
+        check_superblocks(gguf_type(spec.gguf), k)
 
 
 def grouped(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
@@ -93,6 +97,9 @@ def quantize_weight(
     wg = grouped(w.detach().float(), spec)
     rmin = wg.amin(dim=-1)
     rmax = wg.amax(dim=-1)
+    gt = gguf_type(spec.gguf) if spec.gguf is not None else None
+    if gt is not None and gt.is_k and not gt.symmetric:
+        rmin = rmin.clamp(max=0.0)  # Q4_K stores each group's minimum as -dmin * mn, mn >= 0
     izp = spec.zero_point == "int"
     scale, zp = qparams_from_minmax(rmin, rmax, qt, spec.symmetric, integer_zero_point=izp)
     if clip_search:
@@ -100,6 +107,8 @@ def quantize_weight(
         steps = grid_points or steps
         span = max_shrink or span
         scale, zp = _search_clip(wg, rmin, rmax, scale, zp, spec, steps, span)
+    if gt is not None:
+        scale, zp = snap(scale, zp, gt)  # the GGUF type's fp16 / super-block scales (and minima)
     q = quantize(wg, scale.unsqueeze(-1), None if zp is None else zp.unsqueeze(-1), qt, integer_zero_point=izp)
     return QuantizedWeight(q.reshape(w.shape), scale.contiguous(), None if zp is None else zp.contiguous())
 

@@ -11,6 +11,7 @@ from enum import Enum
 from typing import Any
 
 from slimquant.errors import SlimquantError
+from slimquant.types.gguf_types import gguf_type
 from slimquant.types.qtype import QTYPES, qtype as _lookup_qtype
 from slimquant.types.steps import (AWQ, BLOCKWISE_NEEDS, GPTQ, RTN, GammaMigration, SmoothQuant, SmoothQuantSearch, Step,
                                     check_steps, step_from_dict)
@@ -49,6 +50,9 @@ class QuantSpec:
         dynamic: activations only: compute the range at run time instead of calibrating.
         zero_point: ``int`` (seed 003: rounded to an integer) or ``float`` (unrounded, so the range
             ends land exactly on the grid; weight-only, asymmetric only).
+        gguf: weights only: a GGUF block type (``Q4_0``, ``Q4_K``, ... :mod:`slimquant.types.gguf_types`) whose
+            grid the solver keeps to (fp16 scales, 6-bit super-block scales for K-types), so the GGUF export is
+            exact. The other fields must be that type's (:func:`gguf_spec` builds the spec).
     """
 
     qtype: str = "int8"
@@ -57,10 +61,23 @@ class QuantSpec:
     symmetric: bool = True
     dynamic: bool = False
     zero_point: str = "int"
+    gguf: str | None = None
 
     def __post_init__(self) -> None:
         if self.zero_point not in ("int", "float"):
             raise SlimquantError(f"zero_point must be 'int' or 'float', got {self.zero_point!r}")
+        if self.gguf is not None:
+            t = gguf_type(self.gguf)
+            object.__setattr__(self, "gguf", t.name)
+            want = _gguf_grid_spec(t.name)
+            got = (self.qtype, Granularity.parse(self.granularity), self.group_size, self.symmetric, self.dynamic,
+                   self.zero_point)
+            if got != (want.qtype, want.granularity, want.group_size, want.symmetric, False, want.zero_point):
+                raise SlimquantError(f"gguf {t.name} is the grid {want.describe()} (qtype {want.qtype}, per_group, "
+                                     f"group_size {want.group_size}, symmetric {want.symmetric}, zero_point "
+                                     f"{want.zero_point!r}); this spec says {self.qtype} {self.granularity} "
+                                     f"group_size {self.group_size} symmetric {self.symmetric} zero_point "
+                                     f"{self.zero_point!r}")  # fmt: skip
         _lookup_qtype(self.qtype)
         object.__setattr__(self, "granularity", Granularity.parse(self.granularity))
         if self.granularity is Granularity.PER_GROUP:
@@ -76,6 +93,8 @@ class QuantSpec:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["granularity"] = self.granularity.value
+        if d["gguf"] is None:
+            del d["gguf"]  # specs without a GGUF grid keep the layout older checkpoints and recipes have
         return d
 
     @classmethod
@@ -91,7 +110,21 @@ class QuantSpec:
             Granularity.PER_GROUP: f"g{self.group_size}",
         }[self.granularity]
         sym = "sym" if self.symmetric else ("asym" if self.zero_point == "int" else "asym-fzp")
-        return f"{self.qtype} {gran} {sym}"
+        return f"{self.qtype} {gran} {sym}" + (f" gguf:{self.gguf}" if self.gguf else "")
+
+
+def gguf_spec(name: str) -> QuantSpec:
+    """The weight spec of a GGUF block type (``Q4_0``, ``Q4_K``, ...) with ``gguf`` set: its solver keeps to the
+    type's exact grid."""
+    base = _gguf_grid_spec(name)
+    return QuantSpec(base.qtype, base.granularity, base.group_size, base.symmetric, zero_point=base.zero_point,
+                     gguf=gguf_type(name).name)  # fmt: skip
+
+
+def _gguf_grid_spec(name: str) -> QuantSpec:
+    t = gguf_type(name)
+    return QuantSpec(t.qtype, Granularity.PER_GROUP, t.group_size, t.symmetric,
+                     zero_point="int" if t.symmetric else "float")  # fmt: skip
 
 
 # How a static activation range is chosen from calibration data (msModelSlim act_method 1/2/3 =
