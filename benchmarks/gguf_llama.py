@@ -11,14 +11,16 @@ native build on this kind of machine segfaults in llama_decode). Building takes 
 Per GGUF file type (Q4_0, Q4_K_M):
   * llama.cpp: ``llama_model_quantize`` (llama-quantize's function, no importance matrix) of slimquant's F16
     export of the float model;
-  * slimquant RTN: ``slimquant quantize --gguf_type T`` (round-to-nearest + clipping search on T's grid);
+  * slimquant RTN: ``slimquant quantize --gguf_type T`` (round-to-nearest on T's grid), and with
+    ``--w_clip_search True`` (per-group MSE-optimal clipping: llama.cpp's own K-quant rounding searches too);
   * slimquant GPTQ+AWQ: the same with ``--w_method gptq --anti_method m3``, calibrated on 64 windows x 256 tokens
     of The Merchant of Venice and As You Like It.
 Every file runs in llama.cpp on the held-out windows (4 windows x 512 tokens of each of Romeo and Juliet, Julius
 Caesar, A Midsummer Night's Dream, after the first 1024 tokens): KL from the float model (slimquant's float
 logits, per token), perplexity, top-1 agreement with the float model, file size, decode tokens/s (greedy, 64
 tokens after each of 3 prompts of 64 tokens, median; 2 threads). For slimquant's files also: KL between
-llama.cpp's logits and slimquant's own model of the same weights, and whether greedy generation agrees.
+llama.cpp's logits and slimquant's own model of the same weights, and how much of greedy generation agrees
+(the share of equal tokens and, per prompt, the first position where the two differ; 64 = none).
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ LLAMA_CPP_PYTHON = "llama-cpp-python==0.3.36"
 CMAKE_ARGS = ("-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=OFF -DGGML_AMX_INT8=OFF "
               "-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF")  # fmt: skip
 FILE_TYPES = {"Q4_0": 2, "Q4_K_M": 15}
-OURS = {"RTN": "", "GPTQ+AWQ": "--w_method gptq --anti_method m3"}
+OURS = {"RTN": "", "RTN + clip search": "--w_clip_search True", "GPTQ+AWQ": "--w_method gptq --anti_method m3"}
 
 
 def llama_python() -> Path:
@@ -183,13 +185,14 @@ def render(rows: dict, meta: dict) -> str:
              "--save_format gguf`, GPTQ+AWQ calibrated on 64 x 256 tokens of The Merchant of Venice / As You Like It.",
              "",
              "| file | MiB | KL from float | perplexity | top-1 vs float | decode tok/s | KL llama.cpp vs slimquant (same "
-             "weights) | greedy tokens equal |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+             "weights) | greedy tokens equal (first difference per prompt) |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for name, r in rows.items():
         m = r["llama_vs_float"]
         mib = f"{r['bytes'] / 2**20:.1f}" if "bytes" in r else ""
         tok_s = f"{r['decode_tok_s']:.0f}" if "decode_tok_s" in r else ""
         same = f"{r['llama_vs_slimquant']['kl']:.4f}" if "llama_vs_slimquant" in r else ""
-        greedy = f"{r['greedy_token_agreement']:.3f}" if "greedy_token_agreement" in r else ""
+        greedy = (f"{r['greedy_token_agreement']:.3f} ({', '.join(map(str, r['greedy_first_difference']))})"
+                  if "greedy_token_agreement" in r else "")  # fmt: skip
         lines.append(f"| {name} | {mib} | {m['kl']:.4f} | {m['ppl']:.2f} | {m['top1']:.4f} | {tok_s} | {same} | {greedy} |")
     lines.append("")
     for ft in FILE_TYPES:

@@ -286,3 +286,28 @@ def test_cli_refusals(bpe_llama_dir, tmp_path, capsys, argv, match):
     assert main([*argv, "--save_directory", str(tmp_path / "o")]) == 1
     assert re.search(match, capsys.readouterr().err)
     assert not (tmp_path / "o").exists()
+
+
+def test_gguf_is_a_registered_codec(bpe, tmp_path):
+    res = sq.quantize(_llama(len(bpe)), gg.gguf_recipe(sq.Recipe(), _llama(len(bpe)), "Q4_K_M"), show_progress=False)
+    path = sq.save(res, tmp_path / "c", tokenizer=bpe, format="gguf")
+    report = json.loads((path / "gguf_export.json").read_text())
+    assert report["file_type"] == "Q4_K_M"  # found again from the layers' grids
+    assert gguf.GGUFReader(path / "model.gguf").fields["general.file_type"].contents() == 15
+    with pytest.raises(SlimquantError, match="takes no option"):
+        sq.save(res, tmp_path / "d", tokenizer=bpe, format="gguf", part_file_size=1.0)
+    with pytest.raises(SlimquantError, match="stores the tokenizer"):
+        sq.save(res, tmp_path / "d", format="gguf")
+
+
+def test_signed_block_scales_use_the_extra_negative_level():
+    # a group whose largest magnitude is positive: llama.cpp's d = max / -8 (negative) puts it on q = -8 exactly,
+    # where a positive scale could only use q = +7 for it
+    w = torch.tensor([[1.0] + [-0.025 * i for i in range(31)]])
+    qw = quantize_weight(w, gguf_spec("Q4_0"))
+    assert float(qw.scale) == -0.125 and int(qw.q[0, 0]) == -8
+    err_signed = (dequantize_weight(qw, gguf_spec("Q4_0")) - w).abs().max()
+    plain = quantize_weight(w, QuantSpec("int4", "per_group", 32))
+    assert err_signed <= (dequantize_weight(plain, QuantSpec("int4", "per_group", 32)) - w).abs().max() + 1e-3
+    data = gb.pack(qw.q, block_params(qw.scale, None, gguf_type("Q4_0")), gguf_type("Q4_0"))
+    assert np.array_equal(gguf.quants.dequantize(data, gguf.GGMLQuantizationType.Q4_0), gb.dequantize(data, gguf_type("Q4_0"), 32))

@@ -228,14 +228,8 @@ def _run(args: argparse.Namespace, recipe: Recipe, protect: list[Path], target: 
         lm.model.to("cpu")
     report = result.report
     assert report is not None
-    if args.save_format == "gguf":
-        from slimquant.formats.gguf import export_gguf
-
-        export_gguf(result.model, target, lm.tokenizer, None, overwrite=args.overwrite,
-                    force_overwrite=args.force_overwrite, protect=protect)  # fmt: skip
-    else:
-        api.save(result, target, tokenizer=lm.tokenizer, part_file_size=args.part_file_size, format=args.save_format,
-                 overwrite=args.overwrite, force_overwrite=args.force_overwrite, protect=protect)  # fmt: skip
+    api.save(result, target, tokenizer=lm.tokenizer, part_file_size=args.part_file_size, format=args.save_format,
+             overwrite=args.overwrite, force_overwrite=args.force_overwrite, protect=protect)  # fmt: skip
     if (work_dir / "state.json").is_file():  # ours, and no longer needed: the checkpoint is complete
         import shutil
 

@@ -26,4 +26,4 @@ def checkpoint_bytes(path: str | os.PathLike) -> int:
     p = Path(path)
     if p.is_file():
         return p.stat().st_size
-    return sum(f.stat().st_size for f in p.glob("*.safetensors"))
+    return sum(f.stat().st_size for pattern in ("*.safetensors", "*.gguf") for f in p.glob(pattern))

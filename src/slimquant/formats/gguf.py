@@ -39,10 +39,12 @@ from torch import nn
 from slimquant.errors import NotSupportedYet, SlimquantError
 from slimquant.formats import gguf_blocks as gb
 from slimquant.formats.atomic import atomic_directory
+from slimquant.formats.codec import Codec, register_codec
 from slimquant.math.gguf_grid import OffGrid, block_params
 from slimquant.math.weights import QuantizedWeight, quantize_weight
 from slimquant.nn import QModule
 from slimquant.types.gguf_types import FLOAT_TYPES, GGUF_TYPES, GGUFType, gguf_type
+from slimquant.types.result import QuantizationResult
 from slimquant.types.spec import gguf_spec
 
 log = logging.getLogger(__name__)
@@ -439,14 +441,14 @@ def export_gguf(
     state = model.state_dict()
     tensors, tied = _collect(model, state)
     types = _types(tensors, tied, file_type, int(config.num_hidden_layers))
-    ft = file_type or _dominant(types)
+    ft = file_type or _file_type_of(tensors, tied, int(config.num_hidden_layers), types)
     meta = {**model_metadata(config, ft), **tokenizer_metadata(tokenizer, int(config.vocab_size))}
     encoded = []
     from tqdm.auto import tqdm
 
     for tt in tqdm(tensors, desc="GGUF tensors", unit="tensor", leave=False):
         encoded.append((tt, *_encode(tt, types[tt.name], requantize)))
-    export = GGUFExport(Path(directory), ft)
+    export = GGUFExport(Path(directory) / GGUF_FILE, ft)
     with atomic_directory(directory, overwrite, protect, force_overwrite) as tmp:
         writer = gguf.GGUFWriter(str(tmp / GGUF_FILE), "llama")
         for key, value in meta.items():
@@ -465,16 +467,58 @@ def export_gguf(
         writer.close()
         _verify(tmp / GGUF_FILE, {tt.name: (rec.type, expect) for tt, _, rec, expect in encoded})
         (tmp / EXPORT_REPORT).write_text(json.dumps(export.to_dict(), indent=1) + "\n")
-    export.path = Path(directory) / GGUF_FILE
     return export
 
 
-def _dominant(types: dict[str, str]) -> str:
+class GGUFCodec(Codec):
+    """llama.cpp's GGUF (see module doc): ``slimquant.save(result, dir, format="gguf", gguf_type=None,
+    requantize=False)``. Write-only: a GGUF file loads as a float model (:func:`slimquant.load_model`), not as a
+    slimquant checkpoint."""
+
+    name = "gguf"
+    description = "llama.cpp GGUF (model.gguf), weights on the GGUF types' grids"
+
+    def save(
+        self,
+        result: QuantizationResult,
+        directory: str | os.PathLike,
+        *,
+        tokenizer: Any = None,
+        overwrite: bool = False,
+        force_overwrite: bool = False,
+        protect: Iterable[str | os.PathLike] = (),
+        gguf_type: str | None = None,
+        requantize: bool = False,
+        **options: Any,
+    ) -> Path:
+        if options:
+            raise SlimquantError(f"the gguf format takes no option(s) {sorted(options)} (it writes one file; valid: "
+                                 "gguf_type, requantize)")  # fmt: skip
+        if tokenizer is None:
+            raise SlimquantError("the gguf format stores the tokenizer: pass tokenizer= (the model's)")
+        export_gguf(result.model, directory, tokenizer, gguf_type, requantize=requantize, overwrite=overwrite,
+                    force_overwrite=force_overwrite, protect=protect)  # fmt: skip
+        return Path(directory)
+
+    def load_into(self, model: nn.Module, directory: Path, manifest: dict[str, Any]) -> nn.Module:
+        raise SlimquantError(f"{directory}: GGUF exports are not slimquant checkpoints; load {GGUF_FILE} with "
+                             "slimquant.load_model (as a float model)")  # fmt: skip
+
+
+register_codec(GGUFCodec)
+
+
+def _file_type_of(tensors: list[_Tensor], tied: bool, n_layers: int, types: dict[str, str]) -> str:
+    """The llama.cpp file type whose per-tensor types are exactly ``types`` on the quantized layers (a checkpoint
+    made with ``--gguf_type T`` gives T), else the most common quantized type's."""
+    quantized = {tt.name for tt in tensors if tt.module is not None}
+    for ft in FILE_TYPES:
+        planned = _types(tensors, tied, ft, n_layers)
+        if quantized and all(planned[n] == types[n] for n in quantized):
+            return ft
     quant = [t for t in types.values() if t in GGUF_TYPES]
-    if not quant:
-        return "F32"
-    best = max(set(quant), key=quant.count)
-    return best if best in FILE_TYPES else "Q4_K_M" if best == "Q4_K" else best
+    best = max(set(quant), key=quant.count) if quant else "F32"
+    return "Q4_K_M" if best == "Q4_K" else best
 
 
 def _add_kv(writer: Any, key: str, value: Any) -> None:
@@ -488,9 +532,8 @@ def _add_kv(writer: Any, key: str, value: Any) -> None:
         writer.add_float32(key, value)
     elif isinstance(value, str):
         writer.add_string(key, value)
-    elif isinstance(value, list) and value and isinstance(value[0], int):
-        writer.add_array(key, value) if key != "tokenizer.ggml.token_type" else writer.add_key_value(
-            key, value, gguf.GGUFValueType.ARRAY, sub_type=gguf.GGUFValueType.INT32)
+    elif key == "tokenizer.ggml.token_type":  # llama.cpp reads token types as int32
+        writer.add_key_value(key, value, gguf.GGUFValueType.ARRAY, sub_type=gguf.GGUFValueType.INT32)
     else:
         writer.add_array(key, value)
 

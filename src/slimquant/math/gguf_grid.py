@@ -2,7 +2,7 @@
 
 :func:`snap` rounds a weight's per-group scales and zero points (``[n, G]``, from any range rule or clipping
 search) onto what a GGUF type can store (:mod:`slimquant.types.gguf_types`): fp16 scales (and fp16 minima for
-``Q4_1``); for K-types a fp16 super-block scale times a 6-bit (``Q4_K``) or int8 (``Q6_K``) group scale, and
+``Q4_1``; the symmetric 32-blocks keep a negative scale's sign, as llama.cpp's own ``d = max / -8``); for K-types a fp16 super-block scale times a 6-bit (``Q4_K``) or int8 (``Q6_K``) group scale, and
 for ``Q4_K`` a fp16 super-block ``dmin`` times 6-bit group minima, minima never above zero. The snapped scale
 ``s = d * sc`` is exact in float32 (11 + 8 significant bits); the float zero point is ``z = dmin * mn / s``.
 
@@ -32,6 +32,12 @@ def _positive_f16(x: torch.Tensor) -> torch.Tensor:
     return f16(x).clamp_min(_F16_TINY)
 
 
+def _nonzero_f16(x: torch.Tensor) -> torch.Tensor:
+    """fp16-rounded, keeping the sign (llama.cpp's Q4_0 / Q5_0 / Q8_0 scales may be negative); never zero."""
+    d = f16(x)
+    return torch.where(d == 0, torch.full_like(d, _F16_TINY), d)
+
+
 def check_superblocks(t: GGUFType, k: int) -> None:
     """ValueError when ``k`` input columns do not fill whole blocks of ``t``."""
     if k % t.block:
@@ -43,7 +49,7 @@ def snap(scale: torch.Tensor, zero_point: torch.Tensor | None, t: GGUFType) -> t
     """Scales / zero points ``[n, G]`` moved onto the grid of ``t`` (see module doc); float32 results."""
     s = scale.float()
     if not t.is_k:
-        d = _positive_f16(s)
+        d = _nonzero_f16(s) if t.symmetric else _positive_f16(s)
         if t.symmetric:
             return d, None
         assert zero_point is not None
@@ -102,14 +108,14 @@ def block_params(scale: torch.Tensor, zero_point: torch.Tensor | None, t: GGUFTy
     sg = s.reshape(n, groups // per, per)
     smax = 127 if t.symmetric else (1 << t.scale_bits) - 1
     d, sc = _factor(sg, smax, exact=True)
-    _require(d is not None, f"scales are not one float16 times {smax} integers per super-block", None, None, ok=sc)
+    _require_blocks(d, sc, f"scales are not one float16 times integers 0..{smax} per super-block")
     if t.symmetric:
         return BlockParams(d.squeeze(-1), sc=sc.reshape(n, groups))  # type: ignore[union-attr]
     assert zero_point is not None
     mins = (zero_point.float() * s).reshape(n, groups // per, per)
     mmax = (1 << t.min_bits) - 1
     dmin, mn = _factor(mins, mmax, exact=False)
-    _require(dmin is not None, f"minima are not one float16 times {mmax} integers per super-block", None, None, ok=mn)
+    _require_blocks(dmin, mn, f"minima are not one float16 times integers 0..{mmax} per super-block")
     return BlockParams(d.squeeze(-1), m=dmin.squeeze(-1), sc=sc.reshape(n, groups), mn=mn.reshape(n, groups))  # type: ignore[union-attr]
 
 
@@ -145,14 +151,18 @@ def _factor(v: torch.Tensor, vmax: int, exact: bool) -> tuple[torch.Tensor | Non
     return c_best, i_best
 
 
-def _require(cond, what: str, got, want, ok: torch.Tensor | None = None) -> None:
-    if ok is not None:
-        if cond:
-            return
-        bad = (~ok).reshape(ok.shape[0], -1).nonzero()
-        r, b = (int(bad[0, 0]), int(bad[0, 1])) if len(bad) else (0, 0)
-        raise OffGrid(f"{what} (row {r}, super-block {b})")
+def _require(cond: torch.Tensor, what: str, got: torch.Tensor, want: torch.Tensor) -> None:
+    """:class:`OffGrid` naming the first row / group where ``cond`` fails (``got``: nearest on-grid value)."""
     if bool(cond.all()):
         return
     r, g = (int(i) for i in (~cond).nonzero()[0])
     raise OffGrid(f"{what} (row {r}, group {g}: {float(want[r, g])!r}, nearest {float(got[r, g])!r})")
+
+
+def _require_blocks(found: torch.Tensor | None, ok: torch.Tensor, what: str) -> None:
+    """:class:`OffGrid` naming the first row / super-block :func:`_factor` found no parameters for."""
+    if found is not None:
+        return
+    bad = (~ok).reshape(ok.shape[0], -1).nonzero()
+    r, b = (int(bad[0, 0]), int(bad[0, 1])) if len(bad) else (0, 0)
+    raise OffGrid(f"{what} (row {r}, super-block {b})")

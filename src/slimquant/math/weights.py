@@ -109,8 +109,20 @@ def quantize_weight(
         scale, zp = _search_clip(wg, rmin, rmax, scale, zp, spec, steps, span)
     if gt is not None:
         scale, zp = snap(scale, zp, gt)  # the GGUF type's fp16 / super-block scales (and minima)
+        if gt.symmetric and not gt.is_k:
+            scale = _signed_scale(wg, scale, qt, gt)
     q = quantize(wg, scale.unsqueeze(-1), None if zp is None else zp.unsqueeze(-1), qt, integer_zero_point=izp)
     return QuantizedWeight(q.reshape(w.shape), scale.contiguous(), None if zp is None else zp.contiguous())
+
+
+def _signed_scale(wg: torch.Tensor, scale: torch.Tensor, qt, gt) -> torch.Tensor:
+    """Per group, ``scale`` or llama.cpp's ``d = m / qmin`` (``m`` the group's value of largest magnitude, so it
+    lands on the grid's extra negative level: ``max / -8`` for Q4_0), whichever reconstructs the group better.
+    Symmetric GGUF 32-blocks store ``d`` with its sign; a positive scale alone leaves that level to the smaller side."""
+    idx = wg.abs().argmax(dim=-1, keepdim=True)
+    signed = snap(wg.gather(-1, idx).squeeze(-1) / grid(qt)[0], None, gt)[0]
+    better = _group_error(wg, signed, None, qt, True) < _group_error(wg, scale, None, qt, True)
+    return torch.where(better, signed, scale)
 
 
 def _search_clip(
