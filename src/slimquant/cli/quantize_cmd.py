@@ -164,6 +164,9 @@ def _check_gguf_flags(args: argparse.Namespace, recipe: Recipe) -> None:
     clash = [f"--{k}" for k in _GRID_FLAGS if getattr(args, k) != flag_default(k)]
     if args.recipe or clash:
         raise SlimquantError(f"--gguf_type {ft} sets the weight grid; remove {', '.join(clash) or '--recipe'}")
+    if args.save_format == "gguf" and args.stream:
+        raise SlimquantError("--stream with --save_format gguf: write the checkpoint (--save_format msmodelslim), then "
+                             "`slimquant export --model <it> --format gguf`")  # fmt: skip
     if args.save_format == "gguf" and args.part_file_size is not None:
         raise SlimquantError("--part_file_size: a GGUF export is one file; remove it")
     assert ft in FILE_TYPES

@@ -189,6 +189,9 @@ def _collect(model: nn.Module, state: dict[str, torch.Tensor]) -> tuple[list[_Te
                                   "hold weight-only quantized layers; activation quantization is not expressible")  # fmt: skip
         if name.endswith("rotary_emb.inv_freq"):
             continue
+        if t.is_meta:
+            raise SlimquantError(f"GGUF export: tensor {name} is not loaded (meta device; a --stream run): save the "
+                                 "checkpoint first, then `slimquant export --format gguf` it")  # fmt: skip
         gname = gguf_name(name)
         if gname is None:
             raise SlimquantError(f"GGUF export: tensor {name} has no llama.cpp name (Llama layout expected)")
