@@ -1,13 +1,18 @@
-"""Speed benchmark (CPU, batch 1): prefill and greedy decode of smollm2-135m, float32 vs W8A16 vs W8A8.
+"""Speed benchmark (CPU, batch 1): prefill and greedy decode of smollm2-135m, float32 vs W8A16 vs W8A8 vs W4A16,
+with llama.cpp on our own Q4_0 GGUF export as the anchor.
 
 Usage:
     python benchmarks/speed.py            # full run (5 rounds), rewrites the speed section of BENCHMARKS.md
     python benchmarks/speed.py --quick    # 1 round, fewer steps; prints only
 
-One process loads the float model once and builds four copies (``copy.deepcopy`` before quantizing):
+One process loads the float model once and builds quantized copies (``copy.deepcopy`` before quantizing):
 float32, W8A16 (int8 per-channel symmetric RTN weights, float32 activations), W8A8 dynamic (per-token
-int8 inputs) and W8A8 static (per-tensor asymmetric int8 inputs calibrated on 8 windows x 256 tokens of
-the calibration plays). lm_head stays float in every copy (the recipes' default ``disable_last_linear``).
+int8 inputs), W8A8 static (per-tensor asymmetric int8 inputs calibrated on 8 windows x 256 tokens of
+the calibration plays), and W4A16 (int4 RTN weights, packed) at the group sizes and symmetric / asymmetric
+kinds slimquant exports (g64 sym / asym, g32 asym, per-channel sym, g32 sym on the GGUF Q4_0 grid), plus the
+g64 sym model on the torch dequantize path the native 4-bit kernels replace. lm_head stays float in every copy
+(the recipes' default ``disable_last_linear``). After the rounds, the Q4_0-grid model is exported to GGUF and
+llama.cpp (benchmarks/gguf_llama.py's llama-cpp-python environment, built there on first use) times it.
 
 Timing is interleaved: each round runs every model once, in a rotated order, so all of them see the same
 machine load; tables show the median over rounds and ratios are float32 time / model time (>1: faster).
@@ -67,6 +72,10 @@ FUSED_PRODUCERS = {"slimquant::rmsnorm_quant", "slimquant::silu_mul_quant"}  # s
 ATTENTION_OPS = {"aten::_scaled_dot_product_flash_attention_for_cpu", "aten::scaled_dot_product_attention",
                  "aten::_scaled_dot_product_attention_math"}  # fmt: skip
 LINEAR_RANGE = "linear_layer"
+W4_MAIN = "W4A16 g64 sym"
+W4_Q4_0 = "W4A16 g32 sym, Q4_0 grid"
+W4_BEFORE = "W4A16 g64 sym, torch dequant"
+PROFILED = ("float32", "W8A16", "W8A8 dynamic", "W8A8 static", W4_MAIN)  # the decode-step profile's columns
 
 
 # -- models ----------------------------------------------------------------------------------------
@@ -80,10 +89,22 @@ def build_models(lm, quick: bool) -> tuple[dict[str, nn.Module], dict[str, float
 
     weight = QuantSpec("int8", "per_channel")
     calib = calibration_windows(lm.tokenizer, [corpus.read(list(corpus.CALIB_FILES))], CALIB_WINDOWS, CALIB_LEN)
+    from slimquant.formats.gguf import gguf_recipe
+
+    def w4(group: int | None, symmetric: bool = True) -> Recipe:
+        gran = ("per_group", group) if group else ("per_channel", None)
+        return Recipe(weight=QuantSpec("int4", gran[0], group_size=gran[1], symmetric=symmetric))
+
     recipes = {
         "W8A16": (Recipe(weight=weight), None),
         "W8A8 dynamic": (Recipe(weight=weight, input=QuantSpec("int8", "per_token", dynamic=True)), None),
         "W8A8 static": (Recipe(weight=weight, input=QuantSpec("int8", "per_tensor", symmetric=False)), calib),
+        W4_MAIN: (w4(64), None),
+        "W4A16 g64 asym": (w4(64, False), None),
+        "W4A16 g32 asym": (w4(32, False), None),
+        "W4A16 per-channel sym": (w4(None), None),
+        W4_Q4_0: (gguf_recipe(w4(32), lm.model, "Q4_0"), None),
+        W4_BEFORE: (w4(64), None),
     }
     models = {"float32": lm.model.eval()}
     seconds = {}
@@ -92,8 +113,43 @@ def build_models(lm, quick: bool) -> tuple[dict[str, nn.Module], dict[str, float
         t0 = time.perf_counter()
         sq.quantize(m, recipe, calib_data=data, show_progress=False)  # in place
         seconds[name] = time.perf_counter() - t0
+        if name == W4_BEFORE:  # the weight-only path before the native 4-bit kernels: dequantize + F.linear per call
+            for mod in m.modules():
+                if hasattr(mod, "kernel") and hasattr(mod, "weight_zero_point"):
+                    mod.kernel = "torch"
         models[name] = m.eval()
     return models, seconds
+
+
+def llama_anchor(lm, model: nn.Module, window: torch.Tensor, rounds: int) -> dict:
+    """llama.cpp (benchmarks/gguf_llama.py's llama-cpp-python build) on our own GGUF Q4_0 export of ``model``:
+    prefill tokens/s with all logits on ``window`` and the median decode tokens/s of ``rounds`` greedy
+    continuations of its first PROMPT_LEN tokens, 2 threads, run after our rounds (not beside them)."""
+    import json
+    import shutil
+
+    import gguf_llama
+    import numpy as np
+
+    from slimquant.formats.gguf import export_gguf
+
+    py = gguf_llama.llama_python()
+    work = wo.OUT / "speed-gguf"
+    shutil.rmtree(work, ignore_errors=True)
+    ex = export_gguf(model, work / "q4_0", lm.tokenizer, "Q4_0")
+    np.save(work / "ids.npy", window.numpy())
+    np.save(work / "prompts.npy", window[:, :PROMPT_LEN].repeat(max(rounds, 1), 1).numpy())
+    gguf_llama.llama(py, "run", str(work / "q4_0" / "model.gguf"), str(work / "ids.npy"), str(work / "prompts.npy"),
+                     str(work / "run"))  # fmt: skip
+    info = json.loads((work / "run.json").read_text())
+    types: dict[str, int] = {}
+    for r in ex.tensors:
+        types[r.type] = types.get(r.type, 0) + 1
+    info["tensor_types"] = types
+    info["bytes"] = (work / "q4_0" / "model.gguf").stat().st_size
+    info["exact"] = all(r.how in ("exact", "float") for r in ex.tensors)
+    shutil.rmtree(work, ignore_errors=True)
+    return info
 
 
 def token_window(tokenizer) -> torch.Tensor:
@@ -325,7 +381,7 @@ def spread(v: list[float]) -> str:
     return f"{(max(v) - min(v)) / med(v):.0%}" if len(v) > 1 else "-"
 
 
-def speed_table(res: dict, top1: dict[str, float]) -> str:
+def speed_table(res: dict, top1: dict[str, float], anchor: dict | None = None) -> str:
     f = res["float32"]
     head = ("| model | prefill 512 ms | prefill vs fp32 | prefill, all logits ms | vs fp32 | decode tok/s | decode vs fp32 | "
             "bare step ms | step vs fp32 | generate overhead ms/token | top-1 vs fp32 |")  # fmt: skip
@@ -337,6 +393,13 @@ def speed_table(res: dict, top1: dict[str, float]) -> str:
             f"{med(r['prefill_all_s']) * 1e3:.0f} | {med(f['prefill_all_s']) / med(r['prefill_all_s']):.2f}x | "
             f"{dec:.1f} (±{spread(r['decode_tok_s'])}) | {dec / med(f['decode_tok_s']):.2f}x | "
             f"{st * 1e3:.1f} | {med(f['step_s']) / st:.2f}x | {(g - st) * 1e3:.1f} | {top1[name]:.3f} |"
+        )
+    if anchor:
+        pre_all = PREFILL_LEN / anchor["prefill_tok_s"]
+        dec = anchor["decode_tok_s"]
+        lines.append(
+            f"| llama.cpp on our {W4_Q4_0} GGUF | - | - | {pre_all * 1e3:.0f} | {med(f['prefill_all_s']) / pre_all:.2f}x | "
+            f"{dec:.1f} | {dec / med(f['decode_tok_s']):.2f}x | {1e3 / dec:.1f} | {med(f['step_s']) * dec:.2f}x | - | - |"
         )
     return "\n".join(lines)
 
@@ -362,13 +425,23 @@ def split_table(split: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
-def render(res, top1, cats, tops, quant_s, rounds, elapsed, split) -> str:
+def anchor_build() -> str:
+    import gguf_llama
+
+    return f"{gguf_llama.LLAMA_CPP_PYTHON}, CMAKE_ARGS `{gguf_llama.CMAKE_ARGS}`"
+
+
+def anchor_types(anchor: dict) -> str:
+    return ", ".join(f"{n} x {t}" for t, n in sorted(anchor.get("tensor_types", {}).items()))
+
+
+def render(res, top1, cats, tops, quant_s, rounds, elapsed, split, anchor) -> str:
     import transformers
 
     from slimquant.kernels import native
 
     return "\n".join([
-        "## Speed (issue 3): prefill and decode, float32 vs W8A16 vs W8A8 (CPU, batch 1)",
+        "## Speed (issues 3, 14): prefill and decode, float32 vs W8A16 vs W8A8 vs W4A16 (CPU, batch 1)",
         "",
         f"Command: `.venv/bin/python benchmarks/speed.py`. Machine: {os.cpu_count()} CPU cores, "
         f"{platform.machine()}, torch {torch.__version__}, transformers {transformers.__version__}, "
@@ -392,9 +465,24 @@ def render(res, top1, cats, tops, quant_s, rounds, elapsed, split) -> str:
         "in the W8A8 models `slimquant.quantize` has fused each RMSNorm and gated MLP that feed W8A8 layers "
         "with their int8 input quantization (`slimquant.nn.fused`: the norm writes its float output and the "
         "int8 rows q/k/v or gate/up read, so a shared input is quantized once; SiLU * up goes to int8 rows "
-        "without a float copy); W8A16 has no such fusion.",
+        "without a float copy); W8A16 has no such fusion. "
+        "W4A16 = int4 RTN weights packed two per byte (per group of 32 / 64 columns or per channel; smollm2's 576 columns allow no 128; sym: "
+        "no zero point, asym: integer zero point); they run the native 4-bit kernels: a GEMV over the nibbles "
+        f"for up to {native.W4A16_GEMV_MAX_ROWS} rows (decode), and for more rows (prefill) a GEMM over float "
+        f"tiles of the weight ({native.library().w4_tile_bytes() // 1024 if native.available() else '?'} KiB each, "
+        "at::mm per tile; the whole float weight never exists). "
+        f"*{W4_Q4_0}* = the same on llama.cpp's Q4_0 grid (fp16 block scales, `quantize --gguf_type Q4_0`); "
+        f"its GGUF export is exact: {anchor.get('exact')}, {anchor.get('bytes', 0) / 2**20:.1f} MiB; "
+        f"*{W4_BEFORE}* = {W4_MAIN} run as before these kernels (dequantize the whole weight, then F.linear, per call). "
+        f"The last row is llama.cpp ({anchor_build()}) on our own GGUF export of the {W4_Q4_0} model, run after "
+        "our rounds in the same job with 2 threads: the transformer weights are the identical Q4_0 blocks, but "
+        f"llama.cpp also quantizes the tied embedding / output ({anchor_types(anchor)}) and its Q4_0 dot "
+        "products run on int8-quantized activations (W4A8), while every slimquant row keeps lm_head float32 and "
+        "float32 activations. Its *prefill, all logits* is llama.cpp's own batch eval of the 512 tokens with "
+        f"`logits_all`, its decode the median over {anchor.get('decode_rounds', '?')} prompts of 64 `eval([token])` calls "
+        "(no generate loop, so it is also its *bare step*).",
         "",
-        speed_table(res, top1),
+        speed_table(res, top1, anchor),
         "",
         "**Prefill split** (one more prefill per model, median of 3, forward hooks on the outermost timed modules): "
         "*MLP blocks* = gate, up, SiLU * up and down; *attention projections* = q/k/v/o; *norms* = the RMSNorms; "
@@ -446,11 +534,15 @@ def main() -> None:
     res = measure(models, window, rounds, steps, new_tokens)
     split = prefill_split(models, window)
     cats, tops = {}, {}
-    for name, m in models.items():
+    for name in PROFILED:
+        m = models[name]
         cats[name], averages = profile_step(m, DecodeStep(m, window[:, :PROMPT_LEN], HOOKED_MODE))
-        if name in ("float32", "W8A8 dynamic", "W8A16"):
+        if name in ("float32", "W8A8 dynamic", "W8A16", W4_MAIN):
             tops[name] = top_ops(averages, 12)
-    report = render(res, top1, cats, tops, quant_s, rounds, time.perf_counter() - t_start, split)
+    anchor = llama_anchor(lm, models[W4_Q4_0], window, rounds)
+    anchor["decode_rounds"] = rounds
+    print("llama.cpp anchor", anchor, flush=True)
+    report = render(res, top1, cats, tops, quant_s, rounds, time.perf_counter() - t_start, split, anchor)
     print(report)
     if not args.quick:
         wo.write_section(report, "speed")

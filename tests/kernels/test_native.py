@@ -11,6 +11,8 @@ from torch import nn
 from slimquant.errors import SlimquantError
 from slimquant.kernels import int8, native
 from slimquant.kernels.int8 import fold_static_w8a8, get_kernel
+from slimquant.kernels.weight_only import linear_w4a16_reference
+from slimquant.math.packing import pack
 from slimquant.math.weights import quantize_weight
 from slimquant.nn.modules import QLinear
 from slimquant.types.spec import QuantSpec
@@ -25,14 +27,18 @@ def _g(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-@pytest.fixture(params=["avx512", "scalar"])
+@pytest.fixture(params=["avx512", "avx2", "scalar"])
 def isa(request: pytest.FixtureRequest, native_lib):  # noqa: ANN001
-    """Both code paths of the library; "scalar" forces the portable loops (what a CPU without AVX512 runs)."""
-    if request.param == "avx512" and "avx512" not in native_lib.cpu_features():
+    """Every code path of the library this CPU runs; "scalar" forces the portable loops, "avx2" the AVX2 ones
+    (what a CPU without AVX512 runs)."""
+    feats = native_lib.cpu_features()
+    if request.param == "avx512" and "avx512" not in feats:
         pytest.skip("this CPU has no AVX512")
-    native_lib.force_scalar(request.param == "scalar")
+    if request.param == "avx2" and "avx512" not in feats and "avx2" not in feats:
+        pytest.skip("this CPU has no AVX2")
+    native_lib.set_isa(request.param)
     yield request.param
-    native_lib.force_scalar(False)
+    native_lib.set_isa(None)
 
 
 @pytest.fixture(params=[1, 2])
@@ -76,6 +82,67 @@ def test_w8a16_native_matches_reference(m: int, k: int, n: int, isa: str, thread
     ref = get_kernel("linear_w8a16")(x, w, ws)
     out = get_kernel("linear_w8a16", "native")(x, w, ws)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
+
+
+# (k, n, groups): per-channel and groups of 32 / 64 (the vector loops), groups of 8 / 40 / odd k (portable loops)
+W4_SHAPES = [(576, 40, 9), (576, 33, 18), (576, 17, 1), (64, 5, 2), (96, 7, 12), (40, 9, 1), (15, 3, 1), (1536, 9, 24)]
+
+
+def _w4_case(m: int, k: int, n: int, groups: int, asym: bool, qmin: int, seed: int):
+    g = _g(seed)
+    q = torch.randint(qmin, qmin + 16, (n, k), generator=g)
+    q[0] = qmin + 15  # a row at the top of the grid and one at the bottom
+    q[-1] = qmin
+    packed = pack(q, 4, qmin)
+    scale = torch.rand(n, groups, generator=g) * 0.02 + 1e-4
+    zp = torch.randn(n, groups, generator=g) * 4 + 0.3 if asym else None  # float zero points
+    x = torch.randn(m, k, generator=g)
+    return x, packed, scale, zp, torch.randn(n, generator=g)
+
+
+@pytest.mark.parametrize(("k", "n", "groups"), W4_SHAPES)
+@pytest.mark.parametrize("m", [1, 3, 4, 5, native.W4A16_GEMV_MAX_ROWS, native.W4A16_GEMV_MAX_ROWS + 1, 40])
+@pytest.mark.parametrize(("asym", "qmin"), [(False, -8), (True, -8), (True, 0)], ids=["int4-sym", "int4-zp", "uint4-zp"])
+def test_w4a16_native_matches_reference(m: int, k: int, n: int, groups: int, asym: bool, qmin: int, isa: str,
+                                        threads: int) -> None:  # fmt: skip
+    """The GEMV (up to W4A16_GEMV_MAX_ROWS rows) and the tiled GEMM against dequantize + F.linear."""
+    x, packed, scale, zp, bias = _w4_case(m, k, n, groups, asym, qmin, m * 7 + k + n)
+    for b in (bias, None):
+        ref = linear_w4a16_reference(x, packed, scale, zp, qmin, b)
+        out = native.w4a16(x, packed, scale, zp, qmin, b)
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=2e-6 * float(ref.abs().max()))
+
+
+def test_w4a16_gemm_tiles_hold_the_reference_weight(native_lib) -> None:  # noqa: ANN001
+    """Tiles much smaller than the weight (one per 16 rows): the same result as one tile, and as the reference;
+    the GEMM multiplies the reference's float32 weight bits, so a one-hot input reads a weight column exactly."""
+    lib = native_lib.library()
+    x, packed, scale, zp, bias = _w4_case(40, 256, 70, 4, True, -8, 5)
+    ref = linear_w4a16_reference(x, packed, scale, zp, -8, bias)
+    lib.set_w4_tile_bytes(4096)
+    try:
+        small = native.w4a16(x, packed, scale, zp, -8, bias)
+        eye = native.w4a16(torch.eye(256)[:20], packed, scale, zp, -8)
+    finally:
+        lib.set_w4_tile_bytes(1 << 20)
+    torch.testing.assert_close(small, ref, rtol=1e-5, atol=1e-6 * float(ref.abs().max()))
+    w_ref = linear_w4a16_reference(torch.eye(256)[:20], packed, scale, zp, -8)
+    assert torch.equal(eye, w_ref)
+
+
+def test_w4a16_input_shapes_and_errors(native_lib) -> None:  # noqa: ANN001
+    x, packed, scale, zp, bias = _w4_case(6, 64, 8, 2, True, -8, 2)
+    out = native.w4a16(x.reshape(2, 3, 64).double(), packed, scale, zp, -8, bias)
+    assert out.shape == (2, 3, 8) and out.dtype == torch.float64
+    assert native.w4a16(torch.empty(0, 64), packed, scale, zp, -8).shape == (0, 8)
+    with pytest.raises(RuntimeError, match="63 features but the weight has 64"):
+        native.w4a16(torch.randn(2, 63), packed, scale, zp, -8, k=64)
+    with pytest.raises(RuntimeError, match="32 bytes, not 16"):
+        native.w4a16(x, packed[:, :16], scale, zp, -8)
+    with pytest.raises(RuntimeError, match="multiple of the number of groups"):
+        native.w4a16(x, packed, torch.rand(8, 3), None, -8)
+    with pytest.raises(RuntimeError, match="zero_point"):
+        native.w4a16(x, packed, scale, torch.rand(8, 1, 2), -8)
 
 
 @pytest.mark.parametrize(("k", "n"), KN)
@@ -182,6 +249,12 @@ def _qlinear(k: int, n: int, spec: QuantSpec, bias: bool = True) -> QLinear:
     QuantSpec("int8", "per_tensor", symmetric=False),
     QuantSpec("int8", "per_group", group_size=32, symmetric=False),
     QuantSpec("int8", "per_group", group_size=16),
+    QuantSpec("int4", "per_group", group_size=32),
+    QuantSpec("int4", "per_group", group_size=32, symmetric=False),
+    QuantSpec("int4", "per_group", group_size=32, symmetric=False, zero_point="float"),
+    QuantSpec("uint4", "per_group", group_size=48, symmetric=False),
+    QuantSpec("int4", "per_channel"),
+    QuantSpec("int4", "per_tensor", symmetric=False),
 ], ids=lambda s: s.describe())  # fmt: skip
 @pytest.mark.parametrize("rows", [1, 3, 16])
 def test_qlinear_native_matches_reference(spec: QuantSpec, rows: int, isa: str) -> None:
@@ -196,8 +269,9 @@ def test_qlinear_native_matches_reference(spec: QuantSpec, rows: int, isa: str) 
 
 
 def test_qlinear_native_routing(recorder: _Recorder) -> None:
-    """The GEMV runs for int8 weights at up to W8A16_GEMV_MAX_ROWS float32 rows; packed 4-bit, uint8, group
-    sizes that are not multiples of 16, longer inputs, half inputs and kernel "torch" take dequantize + F.linear."""
+    """The int8 GEMV runs for int8 weights at up to W8A16_GEMV_MAX_ROWS float32 rows; packed 2-bit, uint8, group
+    sizes that are not multiples of 16, longer inputs, half inputs and kernel "torch" take dequantize + F.linear;
+    packed 4-bit weights take the native 4-bit kernels for float32 inputs of any length."""
     q8 = _qlinear(96, 8, QuantSpec("int8", "per_channel"))
     q8(torch.randn(1, 96))
     q8(torch.randn(2, 8, 96))  # 16 rows
@@ -206,11 +280,18 @@ def test_qlinear_native_routing(recorder: _Recorder) -> None:
     q8(torch.randn(1, 96))
     assert recorder.calls == [("w8a16", 1), ("w8a16", 16)]
     recorder.calls.clear()
-    for spec in (QuantSpec("int4", "per_group", group_size=32), QuantSpec("uint8", "per_channel", symmetric=False),
+    for spec in (QuantSpec("int2", "per_group", group_size=32), QuantSpec("uint8", "per_channel", symmetric=False),
                  QuantSpec("int8", "per_group", group_size=24)):  # fmt: skip
         _qlinear(96, 8, spec)(torch.randn(1, 96))
     _qlinear(96, 8, QuantSpec("int8", "per_channel")).bfloat16()(torch.randn(1, 96).bfloat16())
     assert recorder.calls == []
+    q4 = _qlinear(96, 8, QuantSpec("int4", "per_group", group_size=32))  # 4-bit: any number of rows
+    q4(torch.randn(1, 96))
+    q4(torch.randn(3, 40, 96))
+    q4.bfloat16()(torch.randn(1, 96).bfloat16())
+    q4.float().kernel = "torch"
+    q4(torch.randn(1, 96))
+    assert recorder.calls == [("w4a16", 1), ("w4a16", 120)]
 
 
 def test_unavailable_library(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -248,7 +329,9 @@ def test_build_name_tracks_source_and_torch(monkeypatch: pytest.MonkeyPatch, tmp
 
 
 def test_cpu_features_string(native_lib) -> None:  # noqa: ANN001
-    assert native_lib.cpu_features() in ("avx512 avx512vnni", "avx512", "scalar")
+    assert native_lib.cpu_features() in ("avx512 avx512vnni", "avx512", "avx2", "scalar")
+    with pytest.raises(ValueError, match="avx512"):
+        native_lib.set_isa("sse9")
     assert int8.get_kernel("linear_w8a16", "native") is int8.linear_w8a16_native
 
 

@@ -1,7 +1,8 @@
 """Native CPU kernels (``csrc/cpu_linear.cpp``), compiled on first use and cached.
 
 Exposes the fused int8 linears of :mod:`slimquant.kernels.int8` as C++ (one call per layer instead of ~20
-aten ops; a VNNI int8 GEMV for one to four rows; an int8-weight x float32 GEMV that reads the weight once).
+aten ops; a VNNI int8 GEMV for one to four rows; an int8-weight x float32 GEMV that reads the weight once) and the
+4-bit-weight x float32 GEMV and tiled GEMM. Vector loops for AVX512 and for AVX2 + FMA are chosen at run time.
 The first call builds the library with ``torch.utils.cpp_extension`` (a C++ compiler and ninja are needed;
 ~30 s on two cores) into ``$SLIMQUANT_CACHE_DIR`` (default ``~/.cache/slimquant``)/``torch_extensions``; later
 processes load the cached build. When the build fails (no compiler, no ninja, unsupported platform) a warning
@@ -35,6 +36,9 @@ SOURCE = Path(__file__).resolve().parent / "csrc" / "cpu_linear.cpp"
 W8A8_GEMV_MAX_ROWS = 4
 # W8A16: up to this many rows use the fused GEMV; more dequantize once and run a float GEMM (crossover 16-32)
 W8A16_GEMV_MAX_ROWS = 16
+# W4A16: up to this many rows use the nibble GEMV, more the tiled GEMM (float tiles of the weight, at::mm each);
+# measured crossover on smollm2's shapes, 2 threads, AVX2: 12-16 rows
+W4A16_GEMV_MAX_ROWS = 12
 CFLAGS = ["-O3", "-ffp-contract=off", "-fopenmp"]  # no fused multiply-add: W8A8 must match the reference bits
 
 _lock = threading.Lock()
@@ -117,14 +121,26 @@ def unavailable_reason() -> str | None:
 
 
 def cpu_features() -> str:
-    """Which code paths the library runs on this CPU: ``"avx512 avx512vnni"``, ``"avx512"`` or ``"scalar"``."""
+    """Which code paths the library runs on this CPU: ``"avx512 avx512vnni"``, ``"avx512"``, ``"avx2"`` or
+    ``"scalar"``."""
     lib = library()
     return "unavailable" if lib is None else lib.cpu_features()
 
 
+ISAS = ("scalar", "avx2", "avx512")
+
+
+def set_isa(name: str | None) -> None:
+    """Tests and benchmarks: the widest code path the kernels may take (``"scalar"``: the portable loops,
+    ``"avx2"``, ``"avx512"``; None: the widest this CPU runs). The CPU's own support still applies."""
+    if name is not None and name not in ISAS:
+        raise ValueError(f"unknown instruction set {name!r}; valid: {', '.join(ISAS)}")
+    _lib().set_max_isa(len(ISAS) - 1 if name is None else ISAS.index(name))
+
+
 def force_scalar(enabled: bool) -> None:
-    """Tests: make the library run its portable (non-AVX512) loops, as on a CPU without AVX512."""
-    _lib().set_force_scalar(bool(enabled))
+    """Tests: make the library run its portable loops, as on a CPU without AVX2 or AVX512."""
+    set_isa("scalar" if enabled else None)
 
 
 def _lib() -> ModuleType:
@@ -195,3 +211,16 @@ def w8a16(
     broadcast; ``k % G == 0``; W = (w + offset) * scale per group of k / G columns), ``bias`` ``[n]`` ->
     ``[..., n]`` in ``x.dtype``. Any number of rows works; it pays off up to ``W8A16_GEMV_MAX_ROWS``."""
     return _lib().w8a16(x, w, scale, offset, bias)
+
+
+def w4a16(
+    x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, qmin: float,
+    bias: torch.Tensor | None = None, k: int | None = None,
+) -> torch.Tensor:  # fmt: skip
+    """4-bit weights packed as :mod:`slimquant.math.packing` writes them: ``w`` uint8 ``[n, >= ceil(k/2)]`` holding
+    ``u = q - qmin`` (two per byte, low nibble first), ``scale`` / ``zero_point`` ``[n, G]`` (or broadcast like
+    :func:`w8a16`; W = (u + qmin - zero_point) * scale per group of k / G columns, k = ``x.shape[-1]``), ``bias``
+    ``[n]`` -> ``[..., n]`` in ``x.dtype``. Up to ``W4A16_GEMV_MAX_ROWS`` rows take the nibble GEMV (vector loops
+    when a group is a multiple of 32 columns), more the tiled GEMM, which never holds the whole float weight."""
+    k = x.shape[-1] if k is None else int(k)
+    return _lib().w4a16(x, w, scale, zero_point, float(qmin), k, bias, W4A16_GEMV_MAX_ROWS)

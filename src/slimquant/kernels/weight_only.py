@@ -86,3 +86,24 @@ def dequantize_weight_tensors(
     if zero_point is not None:
         w = w - zero_point.unsqueeze(-1)
     return (w * scale.unsqueeze(-1)).reshape(n, k).to(dtype)
+
+
+def linear_w4a16_reference(
+    x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, qmin: float,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:  # fmt: skip
+    """The reference of :func:`slimquant.kernels.native.w4a16`: ``F.linear`` with the float weight
+    ``(unpack(packed) - zero_point) * scale`` (per group of ``k / G`` columns; ``scale`` / ``zero_point``
+    ``[n, G]``), computed in ``x``'s dtype from the float32 dequantization."""
+    k, n = x.shape[-1], packed.shape[0]
+
+    def rows(t: torch.Tensor) -> torch.Tensor:  # [n, G], [1, G], [n] or [1] -> [n, G, 1]
+        t = t if t.dim() == 2 else t.reshape(-1, 1)
+        return t.float().expand(n, t.shape[1]).unsqueeze(-1)
+
+    s = rows(scale)
+    q = unpack(packed, 4, int(qmin), k).float().reshape(n, s.shape[1], -1)
+    if zero_point is not None:
+        q = q - rows(zero_point)
+    w = (q * s).reshape(n, k)
+    return torch.nn.functional.linear(x, w.to(x.dtype), bias)

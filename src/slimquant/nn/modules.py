@@ -9,7 +9,9 @@ float op. ``QLinear.kernel`` picks how: ``"reference"`` dequantizes with :func:`
 float32 operations as the reference, so the same bits); ``"native"`` runs int8 weights (per-channel, per-tensor, or per-group of a
 multiple of 16 columns) on float32 inputs through the C++ GEMV of :mod:`slimquant.kernels.native` for up to
 ``native.W8A16_GEMV_MAX_ROWS`` rows (decode), reading the int8 weight once instead of writing a float copy
-(equal to the reference up to float32 summation order), and takes ``"torch"`` otherwise; ``"fast"`` (the
+(equal to the reference up to float32 summation order), and takes ``"torch"`` otherwise; packed 4-bit weights
+(int4 / uint4, any granularity) on float32 inputs go to the native 4-bit kernels for any number of rows (a GEMV
+over the nibbles, or a GEMM over float tiles of the weight that never holds it whole); ``"fast"`` (the
 default) is ``"native"`` when the native library builds, else ``"torch"``.
 """
 
@@ -176,16 +178,29 @@ class QLinear(_QWeight):
         return F.linear(x, self._fused_dequantized_weight(x.dtype), self.bias)
 
     def _native_fits(self, x: torch.Tensor) -> bool:
-        """int8 weight, CPU float32 input of at most ``native.W8A16_GEMV_MAX_ROWS`` rows, groups the GEMV takes."""
-        # float32 only: for half inputs the module computes in the input's dtype (module doc), the GEMV in float32
-        if self.weight.dtype != torch.int8 or x.device.type != "cpu" or x.dtype != torch.float32:
+        """CPU float32 input and either a packed 4-bit weight (any number of rows: GEMV or tiled GEMM) or an int8
+        weight with at most ``native.W8A16_GEMV_MAX_ROWS`` rows and groups the GEMV takes."""
+        # float32 only: for half inputs the module computes in the input's dtype (module doc), the kernels in float32
+        if x.device.type != "cpu" or x.dtype != torch.float32:
             return False
         k, groups = self.weight_cols, self.weight_scale.shape[1]
+        if self._packed4:
+            return k > 0 and k % groups == 0
+        if self.weight.dtype != torch.int8:
+            return False
         if k == 0 or x.numel() > native.W8A16_GEMV_MAX_ROWS * k:
             return False
         return groups == 1 or (k % groups == 0 and (k // groups) % 16 == 0)
 
+    @property
+    def _packed4(self) -> bool:
+        qt = lookup_qtype(self.spec.qtype)
+        return qt.packed and qt.bits == 4
+
     def _native_forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._packed4:
+            return native.w4a16(x, self.weight, self.weight_scale, self.weight_zero_point,
+                                lookup_qtype(self.spec.qtype).qmin, self.bias, self.weight_cols)  # fmt: skip
         # the GEMV adds an offset: q + (0 - zp) is q - zp bit for bit (0 - zp: no negative zeros)
         offset = None if self.weight_zero_point is None else 0.0 - self.weight_zero_point
         return native.w8a16(x, self.weight, self.weight_scale, offset, self.bias)
