@@ -91,6 +91,7 @@ def _run_python_example(models: dict[str, str]) -> None:
     exec(compile(code, "README.md (Python)", "exec"), {"__name__": "__readme__"})  # noqa: S102 - our own README
     assert Path("out/mynet/slimquant_manifest.json").is_file()
     assert Path("out/llama-w4/quant_model_weight_w4a16.safetensors").is_file()
+    assert Path("out/smollm2-w4a16-hf2/model.safetensors").is_file()  # from_pretrained -> save_pretrained
 
 
 def test_readme_cli_examples_run_from_an_empty_directory(capsys, tiny_models, tmp_path, monkeypatch, eval_text):

@@ -1,6 +1,6 @@
 """slimquant: quantize trained PyTorch models so they deploy smaller and faster."""
 
-from slimquant.api import evaluate, kv_cache, load, quantize, save
+from slimquant.api import evaluate, kv_cache, load, quantize, register_transformers, save
 from slimquant.errors import NotSupportedYet, SlimquantError
 from slimquant.models.loading import LoadedModel, load_model
 from slimquant.search.bits import SearchConfig, SearchResult, bit_search
@@ -19,6 +19,7 @@ __all__ = [
     "load_model",
     "evaluate",
     "kv_cache",
+    "register_transformers",
     "autotune",
     "bit_search",
     "SearchConfig",

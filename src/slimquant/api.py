@@ -108,6 +108,16 @@ def load(directory: str | os.PathLike, model: nn.Module | None = None,
     return load_checkpoint(directory, model=model, trust_remote_code=trust_remote_code).as_result()
 
 
+def register_transformers() -> None:
+    """Teach transformers to load slimquant checkpoints saved in the ``transformers`` format (``quant_method:
+    slimquant`` in config.json): afterwards ``AutoModelForCausalLM.from_pretrained(d)`` returns the quantized
+    model with slimquant's modules (deploy mode) and ``save_pretrained`` writes the same layout. Idempotent; call
+    it once per process before ``from_pretrained``."""
+    from slimquant.models.hf_quantizer import register
+
+    register()
+
+
 def kv_cache(result: QuantizationResult | LoadedModel) -> Any:
     """A fresh int8 KV cache for the quantized model if its recipe quantizes the KV cache, else None.
 

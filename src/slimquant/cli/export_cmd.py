@@ -1,4 +1,5 @@
-"""``slimquant export``: write a quantized checkpoint in another format (msmodelslim, compressed-tensors, gguf).
+"""``slimquant export``: write a quantized checkpoint in another format (msmodelslim, compressed-tensors, gguf,
+transformers).
 
 ``--model`` is a slimquant checkpoint (any format slimquant writes) or a compressed-tensors checkpoint another
 tool wrote (llm-compressor's); the output holds the same integer values, scales and zero points, so the model
@@ -9,6 +10,10 @@ anything is written, naming the layer.
 (each layer on its own GGUF grid), or with ``--gguf_type T`` to llama.cpp's tensor types for file type T
 (layers on another grid are refused unless ``--requantize``); from a float model (embedded name, HF directory,
 .gguf) as ``--gguf_type F16`` or ``F32``.
+
+``--format transformers`` writes slimquant's own tensors with config.json's ``quantization_config``
+(``quant_method: slimquant``): after ``slimquant.register_transformers()``, ``AutoModelForCausalLM.from_pretrained``
+loads it with slimquant's quantized modules and ``save_pretrained`` writes it again.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from slimquant.errors import SlimquantError
 
 log = logging.getLogger("slimquant.cli")
 
-FORMATS = ("msmodelslim", "compressed-tensors", "gguf")
+FORMATS = ("msmodelslim", "compressed-tensors", "gguf", "transformers")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

@@ -37,9 +37,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_recipe_flags(p)
     p.add_argument("--device_type", choices=("cpu", "cuda", "npu"), default="cpu")
     p.add_argument("--part_file_size", type=positive_float, default=None, help="shard size in GB (default: one file)")
-    p.add_argument("--save_format", choices=("msmodelslim", "compressed-tensors", "gguf"), default="msmodelslim",
-                   help="checkpoint layout: msmodelslim (MindIE; default), compressed-tensors (vLLM, transformers) or "
-                   "gguf (llama.cpp; needs --gguf_type)")  # fmt: skip
+    p.add_argument("--save_format", choices=("msmodelslim", "compressed-tensors", "gguf", "transformers"),
+                   default="msmodelslim",
+                   help="checkpoint layout: msmodelslim (MindIE; default), compressed-tensors (vLLM, transformers), "
+                   "gguf (llama.cpp; needs --gguf_type) or transformers (slimquant's modules through "
+                   "from_pretrained after slimquant.register_transformers())")  # fmt: skip
     p.add_argument("--gguf_type", default=None,
                    help="quantize every weight onto the grid llama.cpp gives it in a GGUF file of this type (Q4_0, Q4_1, "
                    "Q5_0, Q8_0, Q6_K, Q4_K_M): the weight flags' algorithm (--w_method, --anti_method m3...) solves "

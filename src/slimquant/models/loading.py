@@ -98,8 +98,9 @@ def load_model(name_or_path: str, trust_remote_code: bool = False, dtype: torch.
     if is_checkpoint(path):
         return load_checkpoint(path, trust_remote_code=trust_remote_code)
     from slimquant.formats import compressed_tensors as ct
+    from slimquant.formats import transformers_layout as tl
 
-    if ct.is_compressed_tensors(path):
+    if ct.is_compressed_tensors(path) or tl.is_layout(path):
         return load_checkpoint(path, trust_remote_code=trust_remote_code)
     return _load_hf_dir(path, trust_remote_code, dtype, None)
 
@@ -306,6 +307,10 @@ def load_checkpoint(
 
     if not is_checkpoint(directory) and ct.is_compressed_tensors(directory):
         return _load_foreign_compressed_tensors(directory, model, trust_remote_code)
+    from slimquant.formats import transformers_layout as tl
+
+    if not is_checkpoint(directory) and tl.is_layout(directory):
+        return _load_transformers_layout(directory, model, trust_remote_code)
     manifest = read_manifest(directory)
     kind = "module"
     tokenizer = None
@@ -338,6 +343,25 @@ def _load_foreign_compressed_tensors(directory: Path, model: nn.Module | None, t
         tokenizer = _load_tokenizer(directory)
     manifest = ct.manifest_from_config(directory, config, model)
     ct.CODEC.load_into(model, directory, manifest)
+    fuse_w8a8_inputs(model)
+    return LoadedModel(model, tokenizer, kind, str(directory), manifest_recipe(manifest), None)
+
+
+def _load_transformers_layout(directory: Path, model: nn.Module | None, trust_remote_code: bool) -> LoadedModel:
+    """A transformers-layout checkpoint without slimquant's manifest (``save_pretrained``'s output): the manifest
+    comes from config.json's quantization_config and the safetensors files."""
+    from slimquant.formats import transformers_layout as tl
+
+    config = _read_config(directory)
+    kind, tokenizer = "module", None
+    if model is None:
+        archs = config.get("architectures")
+        if not (isinstance(archs, list) and archs and isinstance(archs[0], str)):
+            raise SlimquantError(f"{directory / 'config.json'}: 'architectures' is missing; cannot build the model")
+        model, kind = _hf_skeleton(directory, archs[0], trust_remote_code)
+        tokenizer = _load_tokenizer(directory)
+    manifest = tl.manifest_from_directory(directory, config, model)
+    tl.CODEC.load_into(model, directory, manifest)
     fuse_w8a8_inputs(model)
     return LoadedModel(model, tokenizer, kind, str(directory), manifest_recipe(manifest), None)
 
