@@ -21,7 +21,7 @@
 //
 // Small M (decode): our own GEMV over int8 rows; with AVX512-VNNI the u8 x s8 dot product runs on
 // (q + 128) and subtracts 128 * sum(w) (exact in int32). Large M (prefill): one quantize pass, at::_int_mm
-// (oneDNN), one rescale pass. AVX512 code is compiled with target attributes and chosen at run time, so the
+// (oneDNN; without VNNI exact float32 GEMMs instead, int8_mm_via_float), one rescale pass. AVX512 code is compiled with target attributes and chosen at run time, so the
 // library also runs (scalar loops) on CPUs without it; AVX512 without VNNI takes the scalar int8 dot product.
 
 #include <torch/extension.h>
@@ -290,6 +290,31 @@ bool small_rows(int64_t M, int64_t k, int64_t n, int64_t small_m) {
   return M <= small_m || k < 2 || n < 2;  // _int_mm mis-reads size-1 dims with odd strides
 }
 
+// acc [M, n] int32 = q [M, k] int8 x w [n, k]^T through float32 GEMMs, exactly: every product is at most 2^14 in
+// magnitude, so over at most 1024 columns every partial sum is an integer of at most 2^24, which float32 holds
+// exactly in any summation order; longer rows add their 1024-column chunks in int32. Used where the CPU has no
+// VNNI, on which at::_int_mm (oneDNN) measured 40x slower than a float GEMM of the same shape. The weight is
+// converted one tile (1 MiB of float32) at a time.
+void int8_mm_via_float(const at::Tensor& q, const at::Tensor& w, at::Tensor& acc) {
+  const int64_t M = q.size(0), k = q.size(1), n = w.size(0);
+  constexpr int64_t kChunk = 1024;
+  const at::Tensor qf = q.to(at::kFloat);
+  const int64_t tile = std::max<int64_t>(16, std::min<int64_t>(n, (1 << 20) / (4 * k) / 16 * 16));
+  for (int64_t j0 = 0; j0 < n; j0 += tile) {
+    const int64_t j1 = std::min(n, j0 + tile);
+    const at::Tensor wf = w.narrow(0, j0, j1 - j0).to(at::kFloat);
+    at::Tensor out = acc.narrow(1, j0, j1 - j0);
+    for (int64_t c0 = 0; c0 < k; c0 += kChunk) {
+      const int64_t c = std::min(kChunk, k - c0);
+      const at::Tensor part = at::mm(qf.narrow(1, c0, c), wf.narrow(1, c0, c).t()).to(at::kInt);
+      if (c0 == 0)
+        out.copy_(part);
+      else
+        out.add_(part);
+    }
+  }
+}
+
 // quantized rows q [M, k] (and u = q + 128, or nullptr: made here when the VNNI GEMV needs it) -> y [M, n]
 at::Tensor w8a8_gemm(const at::Tensor& q, const uint8_t* up, const at::Tensor& w, const Rescale& rs,
                      int64_t small_m) {
@@ -309,7 +334,10 @@ at::Tensor w8a8_gemm(const at::Tensor& q, const uint8_t* up, const at::Tensor& w
     return y;
   }
   at::Tensor acc = scratch(2, {M, n}, at::kInt);
-  at::_int_mm_out(acc, q, w.t());
+  if (cpu_has_vnni())
+    at::_int_mm_out(acc, q, w.t());
+  else
+    int8_mm_via_float(q, w, acc);
   const int32_t* ap = acc.data_ptr<int32_t>();
   const bool vec = cpu_has_avx512();
   at::parallel_for(0, M, 1, [&](int64_t m0, int64_t m1) {
