@@ -40,6 +40,7 @@ bench: venv
 	$(PY) benchmarks/gptq.py
 	$(PY) benchmarks/export.py
 	$(PY) benchmarks/gguf_llama.py
+	$(PY) benchmarks/llmc_import.py
 	$(PY) benchmarks/scale.py
 	$(PY) benchmarks/defaults.py
 	$(PY) benchmarks/sensitivity.py

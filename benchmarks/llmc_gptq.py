@@ -4,11 +4,13 @@ Runs inside its own virtual environment (benchmarks/gptq.py creates it: llm-comp
 transformers), so it imports neither slimquant nor the other benchmark modules.
 
     llmc-venv/bin/python benchmarks/llmc_gptq.py --model DIR --calib windows.safetensors --out DIR [--actorder]
+        [--compressed_out DIR]
 
 Calibrates on exactly the given token windows (``input_ids`` [N, L] in a safetensors file, no shuffling), then
 writes the quantized-dequantized weights (each quantized Linear's weight passed through compressed-tensors'
 own fake quantization with the scales GPTQ chose) as a plain float checkpoint that the caller evaluates with
-its own code. Prints one JSON line: quantize seconds (``oneshot`` only), peak RSS, versions.
+its own code (and with ``--compressed_out`` llm-compressor's own compressed checkpoint, for
+benchmarks/llmc_import.py). Prints one JSON line: quantize seconds (``oneshot`` only), peak RSS, versions.
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ def main() -> None:
     ap.add_argument("--group", type=int, default=64)
     ap.add_argument("--actorder", action="store_true", help="static activation ordering (else none)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--compressed_out", default=None,
+                    help="also write llm-compressor's own compressed checkpoint (save_compressed=True) here")
     a = ap.parse_args()
 
     import compressed_tensors
@@ -73,6 +77,9 @@ def main() -> None:
             if scheme is None or scheme.weights is None or not hasattr(m, "weight_scale"):
                 continue
             deq[f"{name}.weight"] = forward_quantize(m, m.weight, "weight", scheme.weights).detach().clone()
+    if a.compressed_out:  # what llm-compressor users ship: compressed-tensors pack-quantized
+        model.save_pretrained(a.compressed_out, save_compressed=True)
+        tok.save_pretrained(a.compressed_out)
     float_model = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32)
     missing = [k for k in deq if k not in float_model.state_dict()]
     if missing or not deq:

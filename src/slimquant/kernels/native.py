@@ -217,10 +217,12 @@ def w4a16(
     x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, qmin: float,
     bias: torch.Tensor | None = None, k: int | None = None,
 ) -> torch.Tensor:  # fmt: skip
-    """4-bit weights packed as :mod:`slimquant.math.packing` writes them: ``w`` uint8 ``[n, >= ceil(k/2)]`` holding
+    """4-bit weights packed as :mod:`slimquant.math.packing` writes them: ``w`` uint8 ``[n, ceil(k/8)*4]`` holding
     ``u = q - qmin`` (two per byte, low nibble first), ``scale`` / ``zero_point`` ``[n, G]`` (or broadcast like
-    :func:`w8a16`; W = (u + qmin - zero_point) * scale per group of k / G columns, k = ``x.shape[-1]``), ``bias``
-    ``[n]`` -> ``[..., n]`` in ``x.dtype``. Up to ``W4A16_GEMV_MAX_ROWS`` rows take the nibble GEMV (vector loops
+    :func:`w8a16`; W = (u + qmin - zero_point) * scale per group of k / G columns), ``k`` the weight's columns
+    (default ``x.shape[-1]``; checked against ``x`` and the packed row length), ``bias`` ``[n]`` -> ``[..., n]`` in
+    ``x.dtype`` (computed in float32; the reference is
+    :func:`slimquant.kernels.weight_only.linear_w4a16_reference`, equal up to float32 summation order). Up to ``W4A16_GEMV_MAX_ROWS`` rows take the nibble GEMV (vector loops
     when a group is a multiple of 32 columns), more the tiled GEMM, which never holds the whole float weight."""
     k = x.shape[-1] if k is None else int(k)
     return _lib().w4a16(x, w, scale, zero_point, float(qmin), k, bias, W4A16_GEMV_MAX_ROWS)
