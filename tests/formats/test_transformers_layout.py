@@ -122,6 +122,10 @@ def test_bad_input_is_refused_by_name(tokenizer, tmp_path):
     cfg_path.write_text(json.dumps(bad))
     with pytest.raises(SlimquantError, match="lists no quantized layers"):
         AutoModelForCausalLM.from_pretrained(tmp_path / "ck")
+    bad["quantization_config"]["layers"] = ["model.layers.0.mlp.up_proj"]
+    cfg_path.write_text(json.dumps(bad))
+    with pytest.raises(SlimquantError, match="'layers' must map layer names"):
+        AutoModelForCausalLM.from_pretrained(tmp_path / "ck")
 
     # a tensor missing from the file
     from safetensors.torch import load_file, save_file

@@ -37,7 +37,7 @@ class SlimquantConfig(QuantizationConfigMixin):
 
     def __init__(self, layers: dict[str, Any] | None = None, **kwargs: Any) -> None:
         self.quant_method = QUANT_METHOD
-        self.layers = dict(layers or {})
+        self.layers = dict(layers) if isinstance(layers, dict) else ({} if layers is None else layers)  # checked on load
         for key in REBUILD_KEYS:
             if key != "layers" and key in kwargs:
                 setattr(self, key, kwargs.pop(key))
@@ -64,11 +64,15 @@ class SlimquantHfQuantizer(HfQuantizer):
         from slimquant.formats.checkpoint import rebuild
 
         manifest = self.quantization_config.rebuild_manifest(model)
-        if not manifest["layers"]:
-            raise SlimquantError("config.json quantization_config (quant_method slimquant) lists no quantized layers")
+        if not isinstance(manifest["layers"], dict) or not manifest["layers"]:
+            raise SlimquantError("config.json quantization_config (quant_method slimquant): 'layers' must map layer "
+                                 "names to their entries, and lists no quantized layers here")  # fmt: skip
+        files = [str(f) for f in kwargs.get("checkpoint_files") or []]
+        pickled = [f for f in files if not f.endswith(".safetensors")]
+        if pickled:  # never unpickled: slimquant checkpoints are safetensors
+            raise SlimquantError(f"{pickled[0]}: slimquant checkpoints load from .safetensors files only")
         rebuild(model, manifest)  # quantized modules on meta; transformers fills their tensors by name
-        files = kwargs.get("checkpoint_files") or []
-        if files and all(str(f).endswith(".safetensors") for f in files):
+        if files:
             _check_stored(model, manifest, files)
         return model
 

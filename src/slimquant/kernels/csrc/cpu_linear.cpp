@@ -21,8 +21,9 @@
 //
 // Small M (decode): our own GEMV over int8 rows; with AVX512-VNNI the u8 x s8 dot product runs on
 // (q + 128) and subtracts 128 * sum(w) (exact in int32). Large M (prefill): one quantize pass, at::_int_mm
-// (oneDNN; without VNNI exact float32 GEMMs instead, int8_mm_via_float), one rescale pass. AVX512 code is compiled with target attributes and chosen at run time, so the
-// library also runs (scalar loops) on CPUs without it; AVX512 without VNNI takes the scalar int8 dot product.
+// (oneDNN; without VNNI exact float32 GEMMs instead: int8_mm_via_float), one rescale pass. AVX512 and AVX2 code
+// is compiled with target attributes and chosen at run time, so the library also runs (portable loops) on CPUs
+// without them; AVX512 without VNNI takes the scalar int8 dot product.
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -293,8 +294,9 @@ bool small_rows(int64_t M, int64_t k, int64_t n, int64_t small_m) {
 // acc [M, n] int32 = q [M, k] int8 x w [n, k]^T through float32 GEMMs, exactly: every product is at most 2^14 in
 // magnitude, so over at most 1024 columns every partial sum is an integer of at most 2^24, which float32 holds
 // exactly in any summation order; longer rows add their 1024-column chunks in int32. Used where the CPU has no
-// VNNI, on which at::_int_mm (oneDNN) measured 40x slower than a float GEMM of the same shape. The weight is
-// converted one tile (1 MiB of float32) at a time.
+// VNNI, on which at::_int_mm (oneDNN) measured 40x slower than a float GEMM of the same shape (such CPUs have no
+// bf16 matmul units either, so the float32 GEMM computes in float32). The weight is converted one tile (1 MiB of
+// float32) at a time.
 void int8_mm_via_float(const at::Tensor& q, const at::Tensor& w, at::Tensor& acc) {
   const int64_t M = q.size(0), k = q.size(1), n = w.size(0);
   constexpr int64_t kChunk = 1024;
