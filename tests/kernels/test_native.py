@@ -294,6 +294,21 @@ def test_qlinear_native_routing(recorder: _Recorder) -> None:
     assert recorder.calls == [("w4a16", 1), ("w4a16", 120)]
 
 
+@pytest.mark.parametrize("spec", [QuantSpec("int4", "per_group", group_size=32), QuantSpec("int8", "per_channel")],
+                         ids=lambda s: s.describe())  # fmt: skip
+def test_inputs_that_need_a_gradient_take_the_differentiable_path(recorder: _Recorder, spec: QuantSpec) -> None:
+    """The native kernels have no backward: an input that requires grad (under grad mode) gets dequantize +
+    F.linear, and its gradient is x's through the dequantized weight."""
+    q = _qlinear(96, 8, spec)
+    x = torch.randn(2, 96, requires_grad=True)
+    q(x).sum().backward()
+    assert recorder.calls == []
+    torch.testing.assert_close(x.grad, q.dequantized_weight().sum(0).expand(2, 96))
+    with torch.no_grad():
+        q(x)
+    assert [c[0] for c in recorder.calls] == ["w4a16" if spec.qtype == "int4" else "w8a16"]
+
+
 def test_unavailable_library(monkeypatch: pytest.MonkeyPatch) -> None:
     """A failed build: "native" says why, "fast" and the modules' default quietly take the torch kernels."""
     monkeypatch.setitem(native._state, "module", None)

@@ -180,8 +180,9 @@ class QLinear(_QWeight):
     def _native_fits(self, x: torch.Tensor) -> bool:
         """CPU float32 input and either a packed 4-bit weight (any number of rows: GEMV or tiled GEMM) or an int8
         weight with at most ``native.W8A16_GEMV_MAX_ROWS`` rows and groups the GEMV takes."""
-        # float32 only: for half inputs the module computes in the input's dtype (module doc), the kernels in float32
-        if x.device.type != "cpu" or x.dtype != torch.float32:
+        # float32 only: for half inputs the module computes in the input's dtype (module doc), the kernels in float32;
+        # the native kernels have no backward, so an input that needs a gradient takes dequantize + F.linear
+        if x.device.type != "cpu" or x.dtype != torch.float32 or (x.requires_grad and torch.is_grad_enabled()):
             return False
         k, groups = self.weight_cols, self.weight_scale.shape[1]
         if self._packed4:
