@@ -95,6 +95,7 @@ def _w4_case(m: int, k: int, n: int, groups: int, asym: bool, qmin: int, seed: i
     q[-1] = qmin
     packed = pack(q, 4, qmin)
     scale = torch.rand(n, groups, generator=g) * 0.02 + 1e-4
+    scale[::3] *= -1  # GGUF's symmetric block types keep llama.cpp's signed scale d = max / qmin
     zp = torch.randn(n, groups, generator=g) * 4 + 0.3 if asym else None  # float zero points
     x = torch.randn(m, k, generator=g)
     return x, packed, scale, zp, torch.randn(n, generator=g)
