@@ -159,3 +159,23 @@ def test_layout_detection(tmp_path, llama_dir):
     assert not tl.is_layout(llama_dir) and not tl.is_layout(tmp_path)
     (tmp_path / "config.json").write_text("{not json")
     assert not tl.is_layout(tmp_path)
+
+
+def test_save_pretrained_output_inspects_and_exports(tokenizer, ids, tmp_path, capsys):
+    """save_pretrained's directory (no slimquant manifest) works with inspect (headers + config only) and export."""
+    from transformers import AutoModelForCausalLM
+
+    from slimquant.cli.main import main
+    from slimquant.formats.checkpoint import describe_checkpoint
+
+    res = _quantized(tokenizer, "w4a16_g32_asym")
+    sq.save(res, tmp_path / "ck", format="transformers")
+    AutoModelForCausalLM.from_pretrained(tmp_path / "ck").save_pretrained(tmp_path / "again")
+    info = describe_checkpoint(tmp_path / "again")
+    assert info["format"] == "transformers" and info["quant_type"] == "w4a16" and len(info["layers"]) == 14
+    assert info["quantized_bytes"] == describe_checkpoint(tmp_path / "ck")["quantized_bytes"]
+    assert main(["inspect", str(tmp_path / "again")]) == 0
+    assert "layer types: W4A16 x 14" in capsys.readouterr().out
+    assert main(["export", "--model", str(tmp_path / "again"), "--format", "msmodelslim",
+                 "--save_directory", str(tmp_path / "ms")]) == 0  # fmt: skip
+    assert torch.equal(_logits(sq.load(tmp_path / "ms").model, ids), _logits(res.model, ids))

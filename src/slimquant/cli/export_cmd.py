@@ -67,7 +67,9 @@ def run(args: argparse.Namespace) -> int:
     source = Path(args.model)
     if not source.is_dir():
         raise SlimquantError(f"--model {args.model}: not a directory (a slimquant or compressed-tensors checkpoint)")
-    if not (is_checkpoint(source) or ct.is_compressed_tensors(source)):
+    from slimquant.formats import transformers_layout as tl
+
+    if not (is_checkpoint(source) or ct.is_compressed_tensors(source) or tl.is_layout(source)):
         raise SlimquantError(f"--model {args.model} is neither a slimquant checkpoint (no slimquant_manifest.json) nor a "
                              "compressed-tensors one: quantize a float model first (slimquant quantize ... "
                              "--save_format ...)")  # fmt: skip
@@ -93,7 +95,9 @@ def _run_gguf(args: argparse.Namespace) -> int:
         raise SlimquantError("--part_file_size: a GGUF export is one file; remove it")
     ft = check_file_type(args.gguf_type) if args.gguf_type is not None else None
     source = Path(args.model)
-    quantized = source.is_dir() and (is_checkpoint(source) or ct.is_compressed_tensors(source))
+    from slimquant.formats import transformers_layout as tl
+
+    quantized = source.is_dir() and (is_checkpoint(source) or ct.is_compressed_tensors(source) or tl.is_layout(source))
     if not quantized and ft not in ("F16", "F32"):
         raise SlimquantError(f"--model {args.model} is a float model: export it as --gguf_type F16 or F32, or quantize it "
                              f"onto a GGUF grid first (slimquant quantize --model_path {args.model} --gguf_type "

@@ -535,7 +535,12 @@ def describe_checkpoint(directory: str | os.PathLike) -> dict[str, Any]:
     bytes}], "float_layers": {name: why}, "float_bytes", "quantized_bytes", "total_bytes", "files"}``.
     """
     directory = Path(directory)
-    manifest = read_manifest(directory)
+    from slimquant.formats import transformers_layout as tl  # imports this module: here, not at the top
+
+    if not is_checkpoint(directory) and tl.is_layout(directory):
+        manifest = tl.header_manifest(directory)  # save_pretrained's output: no slimquant manifest
+    else:
+        manifest = read_manifest(directory)
     sizes: dict[str, int] = {}
     for fname in manifest["files"]:
         for name, v in read_header(directory / fname).items():

@@ -125,18 +125,7 @@ def manifest_from_directory(directory: Path, config: dict[str, Any], model: nn.M
         raise SlimquantError(f"{directory / 'config.json'}: quantization_config.layers is missing or not an object")
     manifest = manifest_of_config(qconfig, model)
     manifest.setdefault("recipe", {})
-    index = directory / f"{WEIGHTS}.index.json"
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-            files = sorted(set(weight_map.values()))
-        except (OSError, json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
-            raise SlimquantError(f"{index}: not a safetensors index ({type(e).__name__}: {e})") from None
-    elif (directory / WEIGHTS).is_file():
-        files = [WEIGHTS]
-    else:
-        raise SlimquantError(f"{directory} has no {WEIGHTS} (nor {WEIGHTS}.index.json)")
-    manifest["files"] = files
+    files = manifest["files"] = weight_files(directory)
     from slimquant.formats.checkpoint import rebuild
 
     rebuild(model, manifest)
@@ -160,3 +149,34 @@ def manifest_from_directory(directory: Path, config: dict[str, Any], model: nn.M
             aliases[name] = first[id(t)]
     manifest["aliases"] = aliases
     return manifest
+
+
+def weight_files(directory: Path) -> list[str]:
+    """The safetensors files of a directory in this layout: those ``model.safetensors.index.json`` maps to, or
+    ``model.safetensors``."""
+    index = directory / f"{WEIGHTS}.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            return sorted(set(weight_map.values()))
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
+            raise SlimquantError(f"{index}: not a safetensors index ({type(e).__name__}: {e})") from None
+    if (directory / WEIGHTS).is_file():
+        return [WEIGHTS]
+    raise SlimquantError(f"{directory} has no {WEIGHTS} (nor {WEIGHTS}.index.json)")
+
+
+def header_manifest(directory: Path) -> dict[str, Any]:
+    """What :func:`slimquant.formats.checkpoint.describe_checkpoint` reads, for a directory in this layout without
+    slimquant's manifest (``save_pretrained``'s output): from config.json and the file list, no model needed
+    (tied tensors are not resolved: the files hold them once)."""
+    cfg = directory / "config.json"
+    try:
+        qconfig = json.loads(cfg.read_text(encoding="utf-8"))["quantization_config"]
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+        raise SlimquantError(f"{cfg}: no readable quantization_config ({type(e).__name__}: {e})") from None
+    layers = qconfig.get("layers") if isinstance(qconfig, dict) else None
+    if not isinstance(layers, dict):
+        raise SlimquantError(f"{cfg}: quantization_config.layers is missing or not an object")
+    return {"format": format_tag(NAME), "quant_type": qconfig.get("quant_type") or ck.dominant_quant_type(layers, "?"),
+            "recipe": qconfig.get("recipe", {}), "layers": layers, "files": weight_files(directory), "aliases": {}}
