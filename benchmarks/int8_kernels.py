@@ -1,4 +1,5 @@
-"""Int8 kernel micro-benchmark: native, torch and reference kernels of :mod:`slimquant.kernels.int8` vs ``F.linear``.
+"""Int8 / int4 kernel micro-benchmark: native, torch and reference kernels of :mod:`slimquant.kernels.int8` and
+the native W4A16 kernels (:func:`slimquant.kernels.native.w4a16`, g64 symmetric) vs ``F.linear``.
 
 Usage:
     python benchmarks/int8_kernels.py                 # smollm2-135m linear shapes, M = 1 and 512, 1 thread
@@ -6,7 +7,10 @@ Usage:
 
 Within one (shape, M) every candidate runs once per round, round-robin, so all of them see the same
 machine load; the table shows medians over the rounds. Baseline: ``F.linear`` with a float weight
-of the activation dtype (float32, or bfloat16 for the ``bf16`` row). Prints only.
+of the activation dtype (float32, or bfloat16 for the ``bf16`` row). W4A16 rows: the native kernel (GEMV up to
+``W4A16_GEMV_MAX_ROWS`` rows, else the GEMM over float weight tiles) at its default 1 MiB tile and at 256 KiB / 4 MiB,
+the pure-torch reference, and float32 ``F.linear`` cut into the same column tiles as the 1 MiB GEMM (what splitting
+the GEMM costs by itself). Prints only.
 """
 
 from __future__ import annotations
@@ -55,6 +59,26 @@ def candidates(m: int, k: int, n: int) -> dict[str, tuple[str, Callable[[], obje
         out[f"w8a8_static {impl}"] = ("fp32 F.linear", lambda f=sta: f(x, s, off, w, dq, qb))
         out[f"w8a16 fp32 {impl}"] = ("fp32 F.linear", lambda f=w16: f(x, w, ws))
         out[f"w8a16 bf16 {impl}"] = ("bf16 F.linear", lambda f=w16: f(xb, w, ws))
+    from slimquant.kernels.weight_only import linear_w4a16_reference
+    from slimquant.math.packing import pack
+
+    q4 = torch.randint(-8, 8, (n, k), generator=g)
+    w4, s4 = pack(q4, 4, -8), torch.rand(n, k // 64, generator=g) * 0.01 + 1e-3
+    if native.available():
+        lib = native.library()
+        for tile in (1 << 20, 1 << 18, 1 << 22):
+            label = "w4a16 native" + ("" if tile == 1 << 20 else f" {tile >> 10}K tiles")
+            out[label] = ("fp32 F.linear", lambda t=tile: (lib.set_w4_tile_bytes(t), native.w4a16(x, w4, s4, None, -8)))
+        lib.set_w4_tile_bytes(1 << 20)
+    out["w4a16 reference"] = ("fp32 F.linear", lambda: linear_w4a16_reference(x, w4, s4, None, -8))
+    rows = max(16, (1 << 20) // (4 * k) // 16 * 16)  # the 1 MiB GEMM's tile
+
+    def tiled() -> None:
+        y = torch.empty(m, n)
+        for j in range(0, n, rows):
+            torch.mm(x, w_fp32[j : j + rows].t(), out=y[:, j : j + rows])
+
+    out["fp32 in W4 tiles"] = ("fp32 F.linear", tiled)
     return out
 
 

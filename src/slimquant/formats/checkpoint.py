@@ -96,7 +96,8 @@ def logical_state(result: QuantizationResult) -> LogicalState:
     return LogicalState(tensors, aliases, layers, result.recipe, lazy, result.report)
 
 
-def _model_entry(model: nn.Module) -> dict[str, Any]:
+def model_entry(model: nn.Module) -> dict[str, Any]:
+    """The manifest's ``model`` entry: a transformers architecture name, or a plain module's class path."""
     config = getattr(model, "config", None)
     if config is not None and hasattr(config, "to_dict") and type(model).__module__.startswith("transformers."):
         return {"kind": "transformers", "architecture": type(model).__name__}
@@ -114,7 +115,7 @@ def manifest_for(model: nn.Module, codec_name: str, state: LogicalState, aliases
         "format_version": FORMAT_VERSION,
         "quant_type": dominant_quant_type(entries, state.recipe.quant_type),
         "recipe": state.recipe.to_dict(),
-        "model": _model_entry(model),
+        "model": model_entry(model),
         "layers": entries,
         "aliases": aliases,
     }
@@ -284,7 +285,7 @@ def config_dict(model: nn.Module) -> dict[str, Any]:
         out.pop("_name_or_path", None)
         # As save_pretrained does: a model built from a config has no architectures yet, and
         # runtimes reading config.json need it to pick the model class.
-        if not out.get("architectures") and _model_entry(model)["kind"] == "transformers":
+        if not out.get("architectures") and model_entry(model)["kind"] == "transformers":
             out["architectures"] = [type(model).__name__]
     return out
 

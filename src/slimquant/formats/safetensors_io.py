@@ -24,6 +24,11 @@ _DTYPES = {
     torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
 }  # fmt: skip
 
+def dtype_name(dtype: torch.dtype) -> str:
+    """The safetensors name of a torch dtype (``F32``, ``U8``, ...); ``str(dtype)`` for one it cannot store."""
+    return _DTYPES.get(dtype, str(dtype))
+
+
 DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
                "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}  # fmt: skip
 FLOAT_DTYPES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}

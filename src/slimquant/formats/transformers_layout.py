@@ -53,7 +53,7 @@ def manifest_of_config(qconfig: dict[str, Any], model: nn.Module) -> dict[str, A
     manifest = {k: qconfig[k] for k in REBUILD_KEYS if k in qconfig}
     manifest.setdefault("layers", {})
     manifest["format"] = format_tag(NAME)
-    manifest["model"] = ck._model_entry(model)
+    manifest["model"] = ck.model_entry(model)
     return manifest
 
 

@@ -138,11 +138,6 @@ def set_isa(name: str | None) -> None:
     _lib().set_max_isa(len(ISAS) - 1 if name is None else ISAS.index(name))
 
 
-def force_scalar(enabled: bool) -> None:
-    """Tests: make the library run its portable loops, as on a CPU without AVX2 or AVX512."""
-    set_isa("scalar" if enabled else None)
-
-
 def _lib() -> ModuleType:
     lib = library()
     if lib is None:

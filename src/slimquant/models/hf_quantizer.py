@@ -105,7 +105,7 @@ def _check_stored(model: torch.nn.Module, manifest: dict[str, Any], files: list[
     from pathlib import Path
 
     from slimquant.formats.checkpoint import strict_dtype_prefixes
-    from slimquant.formats.safetensors_io import _DTYPES, read_header
+    from slimquant.formats.safetensors_io import dtype_name, read_header
 
     stored: dict[str, dict] = {}
     for f in files:
@@ -118,9 +118,9 @@ def _check_stored(model: torch.nn.Module, manifest: dict[str, Any], files: list[
         if name not in stored:
             raise SlimquantError(f"{where} is missing from the checkpoint's safetensors files")
         shape, dtype = tuple(stored[name]["shape"]), stored[name]["dtype"]
-        if shape != tuple(t.shape) or dtype != _DTYPES.get(t.dtype):
+        if shape != tuple(t.shape) or dtype != dtype_name(t.dtype):
             raise SlimquantError(f"{where} is {dtype} {list(shape)}; the quantized layer holds "
-                                 f"{_DTYPES.get(t.dtype, t.dtype)} {list(t.shape)}")  # fmt: skip
+                                 f"{dtype_name(t.dtype)} {list(t.shape)}")  # fmt: skip
 
 
 def register() -> None:

@@ -294,7 +294,7 @@ bool small_rows(int64_t M, int64_t k, int64_t n, int64_t small_m) {
 // acc [M, n] int32 = q [M, k] int8 x w [n, k]^T through float32 GEMMs, exactly: every product is at most 2^14 in
 // magnitude, so over at most 1024 columns every partial sum is an integer of at most 2^24, which float32 holds
 // exactly in any summation order; longer rows add their 1024-column chunks in int32. Used where the CPU has no
-// VNNI, on which at::_int_mm (oneDNN) measured 40x slower than a float GEMM of the same shape (such CPUs have no
+// VNNI, on which at::_int_mm (oneDNN) measured 25-35x slower than a float GEMM of the same shape (such CPUs have no
 // bf16 matmul units either, so the float32 GEMM computes in float32). The weight is converted one tile (1 MiB of
 // float32) at a time.
 void int8_mm_via_float(const at::Tensor& q, const at::Tensor& w, at::Tensor& acc) {
@@ -981,7 +981,8 @@ void w4_dequant_rows(const W4Args& a, int64_t j0, int64_t j1, float* out) {
     w4_dequant_rows_scalar(a, j0, j1, out);
 }
 
-// the float weight tile of the GEMM path (256 KiB to 4 MiB measured within +-10% of each other on smollm2's shapes)
+// the float weight tile of the GEMM path: at 512 rows on smollm2's shapes (benchmarks/int8_kernels.py) 1 MiB runs
+// 0.87-0.92x of F.linear, 4 MiB 0.97x but holds most of those weights whole, 256 KiB 0.68-0.84x
 int64_t g_w4_tile_bytes = 1024 * 1024;
 
 at::Tensor w4a16_2d(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale,
