@@ -10,7 +10,10 @@ machine load; the table shows medians over the rounds. Baseline: ``F.linear`` wi
 of the activation dtype (float32, or bfloat16 for the ``bf16`` row). W4A16 rows: the native kernel (GEMV up to
 ``W4A16_GEMV_MAX_ROWS`` rows, else the GEMM over float weight tiles) at its default 1 MiB tile and at 256 KiB / 4 MiB,
 the pure-torch reference, and float32 ``F.linear`` cut into the same column tiles as the 1 MiB GEMM (what splitting
-the GEMM costs by itself). Prints only.
+the GEMM costs by itself). For the gate/up shape, a gated MLP's ``silu(gate(x)) * up(x)`` three ways: float32
+(``fp32 silu(gate)*up``, the baseline of the next two), the two native W4A16 linears then torch's silu and
+multiply, and :func:`slimquant.kernels.native.w4a16_gated` (one tiled GEMM for both weights, silu * up per tile).
+Prints only.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from slimquant.kernels.int8 import fast_available, fold_static_w8a8, get_kernel
 SHAPES = {"q/o 576->576": (576, 576), "k/v 576->192": (576, 192), "gate/up 576->1536": (576, 1536),
           "down 1536->576": (1536, 576)}
 MS = (1, 512)
+GATED = "gate/up 576->1536"
 
 
 def candidates(m: int, k: int, n: int) -> dict[str, tuple[str, Callable[[], object]]]:
@@ -71,7 +75,7 @@ def candidates(m: int, k: int, n: int) -> dict[str, tuple[str, Callable[[], obje
             out[label] = ("fp32 F.linear", lambda t=tile: (lib.set_w4_tile_bytes(t), native.w4a16(x, w4, s4, None, -8)))
         lib.set_w4_tile_bytes(1 << 20)
     out["w4a16 reference"] = ("fp32 F.linear", lambda: linear_w4a16_reference(x, w4, s4, None, -8))
-    rows = max(16, (1 << 20) // (4 * k) // 16 * 16)  # the 1 MiB GEMM's tile
+    rows = tile_cols(n, k, 1)  # the 1 MiB GEMM's tile
 
     def tiled() -> None:
         y = torch.empty(m, n)
@@ -79,7 +83,25 @@ def candidates(m: int, k: int, n: int) -> dict[str, tuple[str, Callable[[], obje
             torch.mm(x, w_fp32[j : j + rows].t(), out=y[:, j : j + rows])
 
     out["fp32 in W4 tiles"] = ("fp32 F.linear", tiled)
+    if (k, n) == SHAPES[GATED] and native.available():  # a gated MLP's gate and up: two weights of this shape
+        q4u = torch.randint(-8, 8, (n, k), generator=g)
+        w4u, s4u = pack(q4u, 4, -8), torch.rand(n, k // 64, generator=g) * 0.01 + 1e-3
+        w_up = (q4u.float().view(n, -1, 64) * s4u[:, :, None]).view(n, k)
+        w_gate = (q4.float().view(n, -1, 64) * s4[:, :, None]).view(n, k)
+        gate, up = native.Packed4(w4, s4, None, -8), native.Packed4(w4u, s4u, None, -8)
+        base = "fp32 silu(gate)*up"
+        out[base] = ("", lambda: F.silu(F.linear(x, w_gate)) * F.linear(x, w_up))
+        out["w4a16 silu(gate)*up"] = (base, lambda: F.silu(native.w4a16(x, w4, s4, None, -8)) * native.w4a16(x, w4u, s4u, None, -8))
+        out["w4a16 gated"] = (base, lambda: native.w4a16_gated(x, gate, up))
     return out
+
+
+def tile_cols(n: int, k: int, parts: int, budget: int = 1 << 20) -> int:
+    """The native W4A16 GEMM's columns per tile (cpu_linear.cpp's w4_tile_cols): equal tiles, multiples of 16,
+    at most ``budget`` bytes of float weight for ``parts`` weights side by side."""
+    cap = max(16, budget // (4 * max(k, 1) * parts) // 16 * 16)
+    tiles = -(-n // cap)
+    return min(n, (-(-n // tiles) + 15) // 16 * 16)
 
 
 def measure(

@@ -10,7 +10,7 @@ float32, W8A16 (int8 per-channel symmetric RTN weights, float32 activations), W8
 int8 inputs), W8A8 static (per-tensor asymmetric int8 inputs calibrated on 8 windows x 256 tokens of
 the calibration plays), and W4A16 (int4 RTN weights, packed) at the group sizes and symmetric / asymmetric
 kinds slimquant exports (g64 sym / asym, g32 asym, per-channel sym, g32 sym on the GGUF Q4_0 grid), plus the
-g64 sym model on the torch dequantize path the native 4-bit kernels replace. lm_head stays float in every copy
+g64 sym model with its gated MLPs unfused and on the torch dequantize path the native 4-bit kernels replace. lm_head stays float in every copy
 (the recipes' default ``disable_last_linear``). After the rounds, the Q4_0-grid model is exported to GGUF and
 llama.cpp (benchmarks/gguf_llama.py's llama-cpp-python environment, built there on first use) times it.
 
@@ -75,6 +75,7 @@ LINEAR_RANGE = "linear_layer"
 W4_MAIN = "W4A16 g64 sym"
 W4_Q4_0 = "W4A16 g32 sym, Q4_0 grid"
 W4_BEFORE = "W4A16 g64 sym, torch dequant"
+W4_UNFUSED = "W4A16 g64 sym, MLP unfused"
 PROFILED = ("float32", "W8A16", "W8A8 dynamic", "W8A8 static", W4_MAIN)  # the decode-step profile's columns
 
 
@@ -90,6 +91,7 @@ def build_models(lm, quick: bool) -> tuple[dict[str, nn.Module], dict[str, float
     weight = QuantSpec("int8", "per_channel")
     calib = calibration_windows(lm.tokenizer, [corpus.read(list(corpus.CALIB_FILES))], CALIB_WINDOWS, CALIB_LEN)
     from slimquant.formats.gguf import gguf_recipe
+    from slimquant.nn.fused import FusedW4A16GatedMLP
 
     def w4(group: int | None, symmetric: bool = True) -> Recipe:
         gran = ("per_group", group) if group else ("per_channel", None)
@@ -104,6 +106,7 @@ def build_models(lm, quick: bool) -> tuple[dict[str, nn.Module], dict[str, float
         "W4A16 g32 asym": (w4(32, False), None),
         "W4A16 per-channel sym": (w4(None), None),
         W4_Q4_0: (gguf_recipe(w4(32), lm.model, "Q4_0"), None),
+        W4_UNFUSED: (w4(64), None),
         W4_BEFORE: (w4(64), None),
     }
     models = {"float32": lm.model.eval()}
@@ -113,6 +116,11 @@ def build_models(lm, quick: bool) -> tuple[dict[str, nn.Module], dict[str, float
         t0 = time.perf_counter()
         sq.quantize(m, recipe, calib_data=data, show_progress=False)  # in place
         seconds[name] = time.perf_counter() - t0
+        if name == W4_UNFUSED:  # the gated MLPs back to gate(x), up(x), silu * up: the 4-bit linears alone
+            for mlp_name, mod in list(m.named_modules()):
+                if isinstance(mod, FusedW4A16GatedMLP):
+                    parent, _, child = mlp_name.rpartition(".")
+                    setattr(m.get_submodule(parent), child, mod.original)
         if name == W4_BEFORE:  # the weight-only path before the native 4-bit kernels: dequantize + F.linear per call
             for mod in m.modules():
                 if hasattr(mod, "kernel") and hasattr(mod, "weight_zero_point"):
@@ -266,10 +274,13 @@ def prefill_split(models: dict[str, nn.Module], window: torch.Tensor, reps: int 
                 spent[mod._sq_part] += time.perf_counter() - t0
 
         handles = []
-        for mod in m.modules():
+        blocks: list[str] = []  # MLP blocks are timed whole: no hooks inside them (hooks on a 4-bit MLP's
+        for mod_name, mod in m.named_modules():  # gate / up would make it run unfused, slimquant.nn.fused)
             part = split_part(mod)
-            if part is None or mod is lm_head:
+            if part is None or mod is lm_head or any(mod_name.startswith(b + ".") for b in blocks):
                 continue
+            if part == "MLP blocks":
+                blocks.append(mod_name)
             mod._sq_part = part
             handles += [mod.register_forward_pre_hook(pre), mod.register_forward_hook(post)]
         runs: dict[str, list[float]] = defaultdict(list)
@@ -470,7 +481,11 @@ def render(res, top1, cats, tops, quant_s, rounds, elapsed, split, anchor) -> st
         "no zero point, asym: integer zero point); they run the native 4-bit kernels: a GEMV over the nibbles "
         f"for up to {native.W4A16_GEMV_MAX_ROWS} rows (decode), and for more rows (prefill) a GEMM over float "
         f"tiles of the weight ({native.library().w4_tile_bytes() // 1024 if native.available() else '?'} KiB each, "
-        "at::mm per tile; the whole float weight never exists). "
+        "at::mm per tile; the whole float weight never exists), and `slimquant.quantize` has swapped each gated "
+        "MLP for `slimquant.nn.fused.FusedW4A16GatedMLP`: one native call computes silu(gate(x)) * up(x) from both "
+        "packed weights (at prefill one tiled GEMM for the two weights, silu * up applied to each tile's products "
+        "in cache, so neither product is written whole; at decode the two nibble GEMVs and silu * up in one call). "
+        f"*{W4_UNFUSED}* = {W4_MAIN} with those MLPs put back (gate, up, silu, *, down as separate calls). "
         f"*{W4_Q4_0}* = the same on llama.cpp's Q4_0 grid (fp16 block scales, `quantize --gguf_type Q4_0`); "
         f"its GGUF export is exact: {anchor.get('exact')}, {anchor.get('bytes', 0) / 2**20:.1f} MiB; "
         f"*{W4_BEFORE}* = {W4_MAIN} run as before these kernels (dequantize the whole weight, then F.linear, per call). "
@@ -501,6 +516,7 @@ def render(res, top1, cats, tops, quant_s, rounds, elapsed, split, anchor) -> st
         "the C++ kernels' own time (quantize, GEMV, rescale; a `_int_mm` they call counts as matmul); "
         "*fused norm / SiLU*up + int8 rows* = the native RMSNorm and SiLU * up kernels that also write the "
         "next W8A8 layers' int8 input (W8A8 models only; ops outside the linear layers); "
+        "The hooks on every linear layer make the 4-bit models' gated MLPs run unfused in this profile. "
         "*linear: python* = interpreter "
         "time inside the layers' forwards (hooks included); *model: python* = the rest of the step not inside any "
         "aten op. The profiler adds a few us per op, so the shares of small ops are inflated.",

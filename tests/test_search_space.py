@@ -86,7 +86,11 @@ def test_gptq_options_come_from_whole_model_runs(llama, tokenizer):
     ref = sq.quantize(make_llama(len(tokenizer)), sq.Recipe(weight=sq.QuantSpec("int4", "per_group", 32, True),
                                                             steps=(sq.GPTQ(),)), calib_data=calib, show_progress=False)  # fmt: skip
     with torch.no_grad(), space.configured(uniform) as m:
-        assert torch.equal(m(input_ids=calib).logits, ref.model(input_ids=calib).logits)
+        mine, theirs = m.state_dict(), ref.model.state_dict()
+        assert list(mine) == list(theirs) and all(torch.equal(mine[k], theirs[k]) for k in mine)
+        # quantize() fused ref's 4-bit gated MLPs (slimquant.nn.fused): float32 rounding apart
+        a, b = m(input_ids=calib).logits, ref.model(input_ids=calib).logits
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * float(b.abs().max()))
     with pytest.raises(SlimquantError, match="needs calib_data"):
         Assembly(llama, bit_options([4], group_size=32), base=base, show_progress=False)
 

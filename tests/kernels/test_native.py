@@ -146,6 +146,56 @@ def test_w4a16_input_shapes_and_errors(native_lib) -> None:  # noqa: ANN001
         native.w4a16(x, packed, scale, torch.rand(8, 1, 2), -8)
 
 
+def _gated_reference(x: torch.Tensor, gate: native.Packed4, up: native.Packed4) -> torch.Tensor:
+    g = linear_w4a16_reference(x, gate.w, gate.scale, gate.zero_point, gate.qmin, gate.bias)
+    return F.silu(g) * linear_w4a16_reference(x, up.w, up.scale, up.zero_point, up.qmin, up.bias)
+
+
+def _gated_case(m: int, k: int, n: int, groups: int, asym: bool, qmin: int, seed: int, bias: bool):
+    x, wg, sg, zg, bg = _w4_case(m, k, n, groups, asym, qmin, seed)
+    _, wu, su, zu, bu = _w4_case(m, k, n, groups, asym, qmin, seed + 1)
+    x = x * 4  # gate values well into both tails of silu
+    return x, native.Packed4(wg, sg, zg, qmin, bg if bias else None), native.Packed4(wu, su, zu, qmin, bu if bias else None)
+
+
+@pytest.mark.parametrize(("k", "n", "groups"), [(576, 40, 9), (96, 70, 12), (40, 9, 1), (1536, 9, 24)])
+@pytest.mark.parametrize("m", [1, 5, native.W4A16_GEMV_MAX_ROWS, native.W4A16_GEMV_MAX_ROWS + 1, 40])
+@pytest.mark.parametrize(("asym", "qmin"), [(False, -8), (True, 0)], ids=["int4-sym", "uint4-zp"])
+def test_w4a16_gated_matches_reference(m: int, k: int, n: int, groups: int, asym: bool, qmin: int, isa: str,
+                                       threads: int) -> None:  # fmt: skip
+    """silu(gate) * up from both packed weights (two GEMVs, or one tiled GEMM with the epilogue) against the
+    reference linears and torch's silu; with and without biases."""
+    for bias in (True, False):
+        x, gate, up = _gated_case(m, k, n, groups, asym, qmin, m + k + n, bias)
+        ref = _gated_reference(x, gate, up)
+        out = native.w4a16_gated(x, gate, up)
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=2e-6 * float(ref.abs().max()))
+
+
+def test_w4a16_gated_tiles_and_shapes(native_lib) -> None:  # noqa: ANN001
+    """Tiles of one column block each (the two weights side by side in one buffer), leading dims, other dtypes,
+    empty inputs and mismatched weights."""
+    lib = native_lib.library()
+    x, gate, up = _gated_case(40, 256, 70, 4, True, -8, 9, True)
+    ref = _gated_reference(x, gate, up)
+    lib.set_w4_tile_bytes(4096)
+    try:
+        small = native.w4a16_gated(x, gate, up)
+    finally:
+        lib.set_w4_tile_bytes(1 << 20)
+    torch.testing.assert_close(small, ref, rtol=1e-5, atol=2e-6 * float(ref.abs().max()))
+    out = native.w4a16_gated(x.reshape(4, 10, 256).double(), gate, up)
+    assert out.shape == (4, 10, 70) and out.dtype == torch.float64
+    torch.testing.assert_close(out.reshape(40, 70).float(), ref, rtol=1e-5, atol=2e-6 * float(ref.abs().max()))
+    assert native.w4a16_gated(torch.empty(0, 256), gate, up).shape == (0, 70)
+    with pytest.raises(RuntimeError, match="same rows"):
+        native.w4a16_gated(x, gate, up._replace(w=up.w[:60], scale=up.scale[:60], zero_point=up.zero_point[:60]))
+    with pytest.raises(RuntimeError, match="255 features but the weights have 256"):
+        native.w4a16_gated(torch.randn(20, 255), gate, up, k=256)
+    with pytest.raises(RuntimeError, match="128 bytes, not 64"):
+        native.w4a16_gated(x, gate, up._replace(w=up.w[:, :64]))
+
+
 @pytest.mark.parametrize(("k", "n"), KN)
 @pytest.mark.parametrize("m", ROWS)
 def test_w8a8_native_on_quantized_rows_bits_equal_reference(m: int, k: int, n: int, isa: str, threads: int) -> None:

@@ -1,6 +1,6 @@
-"""Norms and gated MLPs fused with the int8 input quantization of their W8A8 readers (slimquant.nn.fused,
-slimquant.surgery.fuse): which modules are swapped, same state dict, the exact float path whenever the fused
-one does not apply, outputs within float32 rounding of the unfused model, and save/load."""
+"""Norms and gated MLPs fused with the int8 input quantization of their W8A8 readers, and 4-bit gated MLPs
+(slimquant.nn.fused, slimquant.surgery.fuse): which modules are swapped, same state dict, the exact float path
+whenever the fused one does not apply, outputs within float32 rounding of the unfused model, and save/load."""
 
 from __future__ import annotations
 
@@ -13,9 +13,10 @@ from conftest import make_llama
 
 import slimquant as sq
 from slimquant.nn import QLinearW8A8
-from slimquant.nn.fused import FusedGatedMLP, FusedRMSNorm
-from slimquant.surgery.fuse import fuse_w8a8_inputs
-from slimquant.types.spec import QuantSpec, Recipe
+from slimquant.kernels import native
+from slimquant.nn.fused import FusedGatedMLP, FusedW4A16GatedMLP, FusedRMSNorm
+from slimquant.surgery.fuse import fuse_for_inference
+from slimquant.types.spec import LayerOverride, QuantSpec, Recipe
 
 W8 = QuantSpec("int8", "per_channel")
 DYNAMIC = QuantSpec("int8", "per_token", dynamic=True)
@@ -57,7 +58,7 @@ def test_quantize_fuses_norms_and_mlps_of_w8a8_llama(llama, input_spec: QuantSpe
         assert layer.input_layernorm.input_key == layer.self_attn.q_proj.input_key()
     assert type(fused.model.norm).__name__ == "LlamaRMSNorm"  # the final norm feeds the float lm_head
     assert list(fused.state_dict()) == list(unfused.state_dict())
-    assert fuse_w8a8_inputs(fused) == 0  # already fused
+    assert fuse_for_inference(fused) == 0  # already fused
     ids = _ids(llama.config.vocab_size)
     a, b = _logits(unfused, ids), _logits(fused, ids)
     # only float32 rounding in the norm and in exp separates them; a value on a rounding edge may land one
@@ -175,7 +176,7 @@ def test_static_readers_with_different_ranges_keep_their_own_quantization(llama)
     attn = unfused.model.layers[0].self_attn
     attn.k_proj.input_scale.mul_(2)  # k now quantizes the shared input differently from q and v
     # per layer two norms and the MLP, less layer 0's input_layernorm
-    assert fuse_w8a8_inputs(unfused) == 3 * len(unfused.model.layers) - 1
+    assert fuse_for_inference(unfused) == 3 * len(unfused.model.layers) - 1
     assert type(unfused.model.layers[0].input_layernorm).__name__ == "LlamaRMSNorm"
     assert attn.q_proj.rows_from is None
 
@@ -185,8 +186,8 @@ def test_no_fusion_without_w8a8_or_a_known_architecture(llama, bert, mlp) -> Non
     assert not any(isinstance(m, (FusedRMSNorm, FusedGatedMLP)) for m in w8a16.modules())
     ids = _ids(bert.config.vocab_size, 4)
     b = sq.quantize(copy.deepcopy(bert), Recipe(weight=W8, input=DYNAMIC), calib_data=ids, show_progress=False).model
-    assert fuse_w8a8_inputs(b) == 0  # BERT: LayerNorm, post-norm; not fused
-    assert fuse_w8a8_inputs(mlp) == 0  # no architecture description
+    assert fuse_for_inference(b) == 0  # BERT: LayerNorm, post-norm; not fused
+    assert fuse_for_inference(mlp) == 0  # no architecture description
 
 
 def test_save_load_round_trip_of_a_fused_model(llama, tokenizer, tmp_path) -> None:  # noqa: ANN001
@@ -234,3 +235,94 @@ def test_other_llama_family_models_fuse(arch: str) -> None:
             m.kernel = "torch"  # the unfused float path, same integer arithmetic
     a, b = _logits(reference, _ids(64)), _logits(fused, _ids(64))
     assert float((a - b).abs().max()) < 0.05 * float(a.abs().max())
+
+
+# -- 4-bit gated MLPs ---------------------------------------------------------------------------------------
+
+W4 = QuantSpec("int4", "per_group", group_size=32)
+U4 = QuantSpec("uint4", "per_group", group_size=32, symmetric=False)
+
+
+def _w4_pair(llama, spec: QuantSpec = W4):  # noqa: ANN001
+    """(unfused, fused) copies of ``llama`` quantized to 4-bit weights with ``spec``."""
+    fused = sq.quantize(copy.deepcopy(llama), Recipe(weight=spec), show_progress=False).model
+    unfused = copy.deepcopy(fused)
+    for layer in unfused.model.layers:
+        layer.mlp = layer.mlp.original
+    return unfused, fused
+
+
+def _count_gated(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
+    calls = {"gated": 0}
+    gated = native.w4a16_gated
+
+    def counted(*a, **kw):  # noqa: ANN002, ANN003, ANN202
+        calls["gated"] += 1
+        return gated(*a, **kw)
+
+    monkeypatch.setattr(native, "w4a16_gated", counted)
+    return calls
+
+
+@pytest.mark.parametrize("spec", [W4, U4], ids=["int4-sym", "uint4-zp"])
+@pytest.mark.parametrize("length", [3, 24], ids=["gemv", "gemm"])
+def test_quantize_fuses_4bit_gated_mlps(llama, native_lib, spec: QuantSpec, length: int,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    unfused, fused = _w4_pair(llama, spec)
+    assert all(isinstance(layer.mlp, FusedW4A16GatedMLP) for layer in fused.model.layers)
+    assert not any(isinstance(m, (FusedRMSNorm, FusedGatedMLP)) for m in fused.modules())  # no W8A8 producers
+    assert list(fused.state_dict()) == list(unfused.state_dict())
+    assert fuse_for_inference(fused) == 0  # already fused
+    calls = _count_gated(monkeypatch)
+    ids = _ids(llama.config.vocab_size, 2, length)  # 6 rows: the GEMVs; 48: the tiled GEMM
+    a, b = _logits(unfused, ids), _logits(fused, ids)
+    assert calls["gated"] == len(fused.model.layers)
+    torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5 * float(a.abs().max()))
+
+
+def test_4bit_mlp_takes_the_unfused_path_when_the_fused_one_does_not_apply(llama, native_lib,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """Hooks on gate / up (and global ones) see their calls; other kernels, gradients and other dtypes run the
+    original module."""
+    unfused, fused = _w4_pair(llama)
+    calls = _count_gated(monkeypatch)
+    ids = _ids(llama.config.vocab_size)
+    expected = _logits(unfused, ids)
+    mlp = fused.model.layers[0].mlp
+    seen = []
+    handle = mlp.up_proj.register_forward_hook(lambda mod, args, out: seen.append(out.shape))
+    torch.testing.assert_close(_logits(fused, ids), expected, rtol=1e-4, atol=1e-5 * float(expected.abs().max()))
+    handle.remove()
+    assert seen == [(2, 24, 128)] and calls["gated"] == len(fused.model.layers) - 1
+    calls["gated"] = 0
+    with torch.nn.modules.module.register_module_forward_hook(lambda *a: None):
+        _logits(fused, ids)
+    assert calls["gated"] == 0
+    mlp.gate_proj.kernel = "reference"
+    x = torch.randn(2, 24, 64)
+    assert torch.equal(mlp(x), mlp.original(x)) and calls["gated"] == 0
+    mlp.gate_proj.kernel = "fast"
+    xg = x.clone().requires_grad_(True)
+    out = mlp(xg)
+    out.sum().backward()
+    assert calls["gated"] == 0 and xg.grad is not None and xg.grad.abs().sum() > 0
+    assert mlp(x.double()).dtype == torch.float64 and calls["gated"] == 0
+
+
+def test_save_load_round_trip_of_a_4bit_fused_model(llama, tokenizer, tmp_path) -> None:  # noqa: ANN001
+    result = sq.quantize(llama, Recipe(weight=W4), show_progress=False)
+    assert isinstance(result.model.model.layers[0].mlp, FusedW4A16GatedMLP)
+    sq.save(result, tmp_path / "q", tokenizer=tokenizer)
+    loaded = sq.load(tmp_path / "q").model
+    assert all(isinstance(layer.mlp, FusedW4A16GatedMLP) for layer in loaded.model.layers)
+    ids = _ids(llama.config.vocab_size)
+    assert torch.equal(_logits(loaded, ids), _logits(result.model, ids))
+
+
+def test_no_4bit_fusion_for_other_weights(llama) -> None:  # noqa: ANN001
+    """int8 / 3-bit gate and up, or a gate and an up of different kinds, keep the original MLP."""
+    for spec in (W8, QuantSpec("int3", "per_group", group_size=32)):
+        model = sq.quantize(copy.deepcopy(llama), Recipe(weight=spec), show_progress=False).model
+        assert not any(isinstance(m, FusedW4A16GatedMLP) for m in model.modules())
+    model = sq.quantize(copy.deepcopy(llama), Recipe(weight=W4, overrides=(("*.up_proj", LayerOverride(weight=W8)),)), show_progress=False).model
+    assert not any(isinstance(m, FusedW4A16GatedMLP) for m in model.modules())

@@ -25,6 +25,7 @@ import sys
 import threading
 from pathlib import Path
 from types import ModuleType
+from typing import NamedTuple
 
 import torch
 
@@ -221,3 +222,28 @@ def w4a16(
     when a group is a multiple of 32 columns), more the tiled GEMM, which never holds the whole float weight."""
     k = x.shape[-1] if k is None else int(k)
     return _lib().w4a16(x, w, scale, zero_point, float(qmin), k, bias, W4A16_GEMV_MAX_ROWS)
+
+
+class Packed4(NamedTuple):
+    """One packed 4-bit weight as :func:`w4a16` takes it (``bias`` optional)."""
+
+    w: torch.Tensor
+    scale: torch.Tensor
+    zero_point: torch.Tensor | None
+    qmin: float
+    bias: torch.Tensor | None = None
+
+
+def w4a16_gated(x: torch.Tensor, gate: Packed4, up: Packed4, k: int | None = None) -> torch.Tensor:
+    """A gated MLP's hidden rows ``silu(x Wg^T + bg) * (x Wu^T + bu)`` from packed 4-bit ``gate`` and ``up``
+    weights of the same shape (each as :func:`w4a16` takes it) -> ``[..., n]`` in ``x.dtype``. The reference is
+    ``F.silu(linear_w4a16_reference(x, gate...)) * linear_w4a16_reference(x, up...)``, equal up to float32
+    rounding (summation order, a Cephes-style ``exp``). Past ``W4A16_GEMV_MAX_ROWS`` rows one tiled GEMM serves
+    both weights: per tile of columns, the gate's and the up's float rows side by side, one ``at::mm``, then
+    ``silu * up`` while the products are in cache, so neither product is written whole; fewer rows run the two
+    nibble GEMVs."""
+    k = x.shape[-1] if k is None else int(k)
+    return _lib().w4a16_gated(
+        x, gate.w, gate.scale, gate.zero_point, float(gate.qmin), gate.bias,
+        up.w, up.scale, up.zero_point, float(up.qmin), up.bias, k, W4A16_GEMV_MAX_ROWS,
+    )  # fmt: skip

@@ -78,7 +78,7 @@ class SlimquantHfQuantizer(HfQuantizer):
 
     def _process_model_after_weight_loading(self, model: torch.nn.Module, **kwargs: Any) -> torch.nn.Module:
         from slimquant.nn import QModule
-        from slimquant.surgery.fuse import fuse_w8a8_inputs
+        from slimquant.surgery.fuse import fuse_for_inference
 
         for name, module in model.named_modules():
             if isinstance(module, QModule):
@@ -87,7 +87,7 @@ class SlimquantHfQuantizer(HfQuantizer):
                         raise SlimquantError(f"{name}.{leaf} is missing from the checkpoint's safetensors files")
                 for p in module.parameters(recurse=False):
                     p.requires_grad_(False)
-        fuse_w8a8_inputs(model)
+        fuse_for_inference(model)
         return model
 
     def is_serializable(self, *args: Any, **kwargs: Any) -> bool:

@@ -17,7 +17,7 @@ from slimquant.errors import SlimquantError
 from slimquant.formats.checkpoint import is_checkpoint, manifest_recipe, read_manifest, read_report
 from slimquant.formats.codec import codec_of_tag
 from slimquant.formats.safetensors_io import FLOAT_DTYPES, read_header
-from slimquant.surgery.fuse import fuse_w8a8_inputs
+from slimquant.surgery.fuse import fuse_for_inference
 from slimquant.types.report import ConversionReport
 from slimquant.types.result import QuantizationResult
 from slimquant.types.spec import Recipe
@@ -299,7 +299,7 @@ def load_checkpoint(
     """Deploy-mode load of a slimquant checkpoint: rebuild the quantized structure, load tensors.
 
     No float weights are materialised and no calibration runs. W8A8 layers get their fused producers
-    (:func:`slimquant.surgery.fuse.fuse_w8a8_inputs`). For a plain ``nn.Module`` checkpoint
+    (:func:`slimquant.surgery.fuse.fuse_for_inference`). For a plain ``nn.Module`` checkpoint
     pass ``model``, an instance of the original architecture (its parameters may be on meta).
     """
     directory = Path(directory)
@@ -324,7 +324,7 @@ def load_checkpoint(
         tokenizer = _load_tokenizer(directory)
     recipe = manifest_recipe(manifest)
     codec_of_tag(manifest["format"], str(directory)).load_into(model, directory, manifest)
-    fuse_w8a8_inputs(model)
+    fuse_for_inference(model)
     return LoadedModel(model, tokenizer, kind, str(directory), recipe, read_report(directory))
 
 
@@ -343,7 +343,7 @@ def _load_foreign_compressed_tensors(directory: Path, model: nn.Module | None, t
         tokenizer = _load_tokenizer(directory)
     manifest = ct.manifest_from_config(directory, config, model)
     ct.CODEC.load_into(model, directory, manifest)
-    fuse_w8a8_inputs(model)
+    fuse_for_inference(model)
     return LoadedModel(model, tokenizer, kind, str(directory), manifest_recipe(manifest), None)
 
 
@@ -362,7 +362,7 @@ def _load_transformers_layout(directory: Path, model: nn.Module | None, trust_re
         tokenizer = _load_tokenizer(directory)
     manifest = tl.manifest_from_directory(directory, config, model)
     tl.CODEC.load_into(model, directory, manifest)
-    fuse_w8a8_inputs(model)
+    fuse_for_inference(model)
     return LoadedModel(model, tokenizer, kind, str(directory), manifest_recipe(manifest), None)
 
 

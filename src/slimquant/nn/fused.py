@@ -1,4 +1,5 @@
-"""Float ops fused with the int8 input quantization of the W8A8 layers they feed (inference only).
+"""Float ops fused with the int8 input quantization of the W8A8 layers they feed, and 4-bit gated MLPs
+(inference only).
 
 A W8A8 layer quantizes its float input before its int8 GEMM. Where a Llama-style RMSNorm feeds W8A8 layers
 (``input_layernorm -> q/k/v_proj``, ``post_attention_layernorm -> gate/up_proj``) or the gated MLP's
@@ -14,12 +15,16 @@ A W8A8 layer quantizes its float input before its int8 GEMM. Where a Llama-style
   three times.
 * :class:`FusedGatedMLP` never writes ``silu(gate) * up`` in float: ``down_proj`` reads the int8 rows.
 
+Gated MLPs whose ``gate`` and ``up`` are packed 4-bit (W4A16) layers get :class:`FusedW4A16GatedMLP`: one native
+call computes ``silu(gate(x)) * up(x)`` from both packed weights (at prefill one tiled GEMM for the two, the
+products never written whole).
+
 Both keep the state-dict keys of the modules they replace and hold the original module (unregistered) for
 everything else: the fused path runs only when every W8A8 layer involved uses the default ``"fast"`` kernel,
 the native library is built and the tensors are float32 on the CPU (and need no gradient); otherwise the original module computes
 exactly as before. The fused path differs from the unfused one only by float32 rounding in the norm's sum of
 squares and in ``exp`` (the int8 rows are those of the float values it computes). Built by
-:func:`slimquant.surgery.fuse.fuse_w8a8_inputs`.
+:func:`slimquant.surgery.fuse.fuse_for_inference`.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from torch.nn.modules import module as _module
 
 from slimquant.kernels import int8 as k8
 from slimquant.kernels import native
+from slimquant.nn.modules import QLinear
 from slimquant.nn.w8a8 import QLinearW8A8
 
 
@@ -117,8 +123,9 @@ class FusedRMSNorm(nn.Module):
         return f"{self.weight.shape[0]}, eps={self.variance_epsilon}, int8 rows for {len(self.readers)} W8A8 layer(s)"
 
 
-class FusedGatedMLP(nn.Module):
-    """``down(silu(gate(x)) * up(x))`` where ``down`` is W8A8: ``silu(g) * u`` goes straight to int8 rows."""
+class _GatedMLP(nn.Module):
+    """A gated SiLU MLP ``down(act(gate(x)) * up(x))`` with the original's children under their names (same
+    state-dict keys) and the original module (unregistered) for the unfused path."""
 
     def __init__(self, mlp: nn.Module, gate: str, up: str, down: str, act: str) -> None:
         super().__init__()
@@ -127,6 +134,10 @@ class FusedGatedMLP(nn.Module):
         self.names = (gate, up, down)
         self.act_name = act  # a child like the others
         object.__setattr__(self, "original", mlp)
+
+
+class FusedGatedMLP(_GatedMLP):
+    """``down(silu(gate(x)) * up(x))`` where ``down`` is W8A8: ``silu(g) * u`` goes straight to int8 rows."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up, down = (getattr(self, n) for n in self.names)
@@ -141,6 +152,49 @@ class FusedGatedMLP(nn.Module):
 
     def extra_repr(self) -> str:
         return "silu(gate) * up quantized to int8 for {} in one pass".format(self.names[2])
+
+
+class FusedW4A16GatedMLP(_GatedMLP):
+    """``down(silu(gate(x)) * up(x))`` where ``gate`` and ``up`` are packed 4-bit :class:`QLinear` layers: one
+    native call (:func:`slimquant.kernels.native.w4a16_gated`) computes ``silu(gate(x)) * up(x)``. Past
+    ``W4A16_GEMV_MAX_ROWS`` rows (prefill) it runs one tiled GEMM for both weights and applies ``silu * up`` to
+    each tile's products while they are in cache, so neither ``gate(x)`` nor ``up(x)`` is written whole; fewer
+    rows run the two nibble GEMVs and ``silu * up`` in one call. ``down`` runs as it is. Outputs equal the
+    unfused module's up to float32 rounding (summation order, a Cephes-style ``exp``).
+
+    The original module computes instead when the input is not float32 on the CPU or needs a gradient, when
+    ``gate`` or ``up`` use a kernel other than ``"fast"`` / ``"native"``, when the native library is not built,
+    or when a forward hook (the layers' own or a global one) is registered, so hooks see the calls they
+    expect."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up, down = (getattr(self, n) for n in self.names)
+        parts = self._packed(x, gate, up)
+        if parts is None:
+            return self.original(x)
+        return down(native.w4a16_gated(x, parts[0], parts[1], gate.weight_cols))
+
+    @staticmethod
+    def _packed(x: torch.Tensor, gate: nn.Module, up: nn.Module) -> tuple[native.Packed4, native.Packed4] | None:
+        if x.dtype != torch.float32 or x.device.type != "cpu" or (x.requires_grad and torch.is_grad_enabled()):
+            return None
+        if not (isinstance(gate, QLinear) and isinstance(up, QLinear)):
+            return None
+        if {gate.kernel, up.kernel} - {"fast", "native"} or native.library() is None:
+            return None
+        if _module._global_forward_hooks or _module._global_forward_pre_hooks:
+            return None
+        if gate._forward_hooks or gate._forward_pre_hooks or up._forward_hooks or up._forward_pre_hooks:
+            return None
+        pg, pu = gate.packed4(), up.packed4()
+        if pg is None or pu is None or gate.weight_cols != x.shape[-1] or up.weight_cols != x.shape[-1]:
+            return None
+        if gate.weight_rows != up.weight_rows or pg.scale.device.type != "cpu" or pu.scale.device.type != "cpu":
+            return None
+        return pg, pu
+
+    def extra_repr(self) -> str:
+        return "silu({}) * {} from their packed 4-bit weights in one native call".format(*self.names[:2])
 
 
 def is_silu(act: Any) -> bool:

@@ -198,10 +198,20 @@ class QLinear(_QWeight):
         qt = lookup_qtype(self.spec.qtype)
         return qt.packed and qt.bits == 4
 
+    def packed4(self) -> native.Packed4 | None:
+        """This layer's weight as the native 4-bit kernels take it, or None when it is not packed 4-bit (or its
+        groups do not divide its columns)."""
+        k, groups = self.weight_cols, self.weight_scale.shape[1]
+        if not self._packed4 or k == 0 or k % groups:
+            return None
+        qmin = lookup_qtype(self.spec.qtype).qmin
+        return native.Packed4(self.weight, self.weight_scale, self.weight_zero_point, qmin, self.bias)
+
     def _native_forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._packed4:
-            return native.w4a16(x, self.weight, self.weight_scale, self.weight_zero_point,
-                                lookup_qtype(self.spec.qtype).qmin, self.bias, self.weight_cols)  # fmt: skip
+            p = self.packed4()
+            assert p is not None  # _native_fits checked the groups
+            return native.w4a16(x, p.w, p.scale, p.zero_point, p.qmin, p.bias, self.weight_cols)
         # the GEMV adds an offset: q + (0 - zp) is q - zp bit for bit (0 - zp: no negative zeros)
         offset = None if self.weight_zero_point is None else 0.0 - self.weight_zero_point
         return native.w8a16(x, self.weight, self.weight_scale, offset, self.bias)

@@ -18,7 +18,7 @@ from slimquant.errors import SlimquantError
 from slimquant.pipeline.calibrate import model_inputs
 from slimquant.pipeline.convert import LayerPlan, convert, refuse_quantized
 from slimquant.search.sensitivity import EXACT, Sensitivity, layer_sensitivity
-from slimquant.surgery.fuse import fuse_w8a8_inputs
+from slimquant.surgery.fuse import fuse_for_inference
 from slimquant.types.result import QuantizationResult
 from slimquant.types.spec import Recipe
 
@@ -105,7 +105,7 @@ def quantize_model(
         raise SlimquantError("sensitivity= ranks layers for recipe.disable_level, which is 0")
     result = convert(model, recipe, show_progress=show_progress, calib_data=calib_data, stream=stream,
                      work_dir=work_dir, max_activation_gb=max_activation_gb, fallback=fallback)  # fmt: skip
-    fuse_w8a8_inputs(model)
+    fuse_for_inference(model)
     n = len(result.report.layers) if result.report is not None else 0
     log.info("quantized %d layer(s) with %s (%s)", n, recipe.algorithm, recipe.quant_type)
     return result

@@ -1,4 +1,5 @@
-"""Swap float ops that feed W8A8 layers for their fused versions (:mod:`slimquant.nn.fused`), by architecture."""
+"""Swap modules for their fused inference versions (:mod:`slimquant.nn.fused`), by architecture: float ops that
+feed W8A8 layers, and gated MLPs whose gate and up are packed 4-bit layers."""
 
 from __future__ import annotations
 
@@ -8,18 +9,21 @@ from torch import nn
 
 from slimquant.adapters.architectures import Architecture, architecture_for, block_names
 from slimquant.errors import SlimquantError
-from slimquant.nn.fused import FusedGatedMLP, FusedRMSNorm, is_silu
+from slimquant.nn.fused import FusedGatedMLP, FusedW4A16GatedMLP, FusedRMSNorm, is_silu
+from slimquant.nn.modules import QLinear
 from slimquant.nn.w8a8 import QLinearW8A8
 from slimquant.surgery.select import set_module
 
 log = logging.getLogger(__name__)
 
 
-def fuse_w8a8_inputs(model: nn.Module) -> int:
+def fuse_for_inference(model: nn.Module) -> int:
     """Replace, in every block, each RMSNorm whose readers are all W8A8 layers quantizing their input the same
-    way by :class:`FusedRMSNorm`, and each gated SiLU MLP whose ``down`` is W8A8 by :class:`FusedGatedMLP`.
+    way by :class:`FusedRMSNorm`, each gated SiLU MLP whose ``down`` is W8A8 by :class:`FusedGatedMLP`, and each
+    other gated SiLU MLP whose ``gate`` and ``up`` are packed 4-bit layers of one shape by
+    :class:`FusedW4A16GatedMLP`.
 
-    Returns how many modules were replaced (0 for an architecture without a description, or without W8A8
+    Returns how many modules were replaced (0 for an architecture without a description, or without such
     layers). State-dict keys and outputs up to float32 rounding are unchanged; running it twice is harmless.
     """
     try:
@@ -31,7 +35,7 @@ def fuse_w8a8_inputs(model: nn.Module) -> int:
     for block in blocks:
         count += _fuse_norms(model, arch, block) + _fuse_mlp(model, arch, block)
     if count:
-        log.info("fused %d norm / MLP module(s) with the int8 input quantization of their W8A8 layers", count)
+        log.info("fused %d norm / MLP module(s) for inference (W8A8 int8 inputs, 4-bit gate / up)", count)
     return count
 
 
@@ -69,9 +73,17 @@ def _fuse_mlp(model: nn.Module, arch: Architecture, block: str) -> int:
         return 0
     name = f"{block}.{spec.path}"
     mlp = model.get_submodule(name)
-    if isinstance(mlp, FusedGatedMLP) or not is_silu(getattr(mlp, spec.act, None)):
+    if isinstance(mlp, (FusedGatedMLP, FusedW4A16GatedMLP)) or not is_silu(getattr(mlp, spec.act, None)):
         return 0
-    if not isinstance(getattr(mlp, spec.down, None), QLinearW8A8):
+    if isinstance(getattr(mlp, spec.down, None), QLinearW8A8):
+        set_module(model, name, FusedGatedMLP(mlp, spec.gate, spec.up, spec.down, spec.act))
+        return 1
+    gate, up = getattr(mlp, spec.gate, None), getattr(mlp, spec.up, None)
+    if not (isinstance(gate, QLinear) and isinstance(up, QLinear)):
         return 0
-    set_module(model, name, FusedGatedMLP(mlp, spec.gate, spec.up, spec.down, spec.act))
+    if gate.packed4() is None or up.packed4() is None:
+        return 0
+    if (gate.weight_rows, gate.weight_cols) != (up.weight_rows, up.weight_cols):
+        return 0
+    set_module(model, name, FusedW4A16GatedMLP(mlp, spec.gate, spec.up, spec.down, spec.act))
     return 1

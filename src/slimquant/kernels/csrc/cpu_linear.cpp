@@ -560,6 +560,47 @@ void silu_mul_row_scalar(const float* g, const float* u, int64_t k, float* h) {
   for (int64_t i = 0; i < k; ++i) h[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
 }
 
+// exp_avx512's steps in AVX2 + FMA; 2^n built in the exponent field as 2^(n - 1) * 2 (n reaches 128 at the top
+// of the clamp, one past the largest exponent; at the bottom, n = -126, it gives 0 instead of ~1.2e-38)
+__attribute__((target("avx2,fma"))) inline __m256 exp_avx2(__m256 x) {
+  x = _mm256_min_ps(_mm256_set1_ps(88.3762626647949f), _mm256_max_ps(_mm256_set1_ps(-87.3365447504f), x));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(126)), 23);
+  return _mm256_mul_ps(_mm256_mul_ps(p, _mm256_castsi256_ps(e)), _mm256_set1_ps(2.0f));
+}
+
+__attribute__((target("avx2,fma"))) void silu_mul_row_avx2(const float* g, const float* u, int64_t k, float* h) {
+  const __m256 one = _mm256_set1_ps(1.0f);
+  int64_t i = 0;
+  for (; i + 8 <= k; i += 8) {
+    const __m256 vg = _mm256_loadu_ps(g + i);
+    const __m256 e = exp_avx2(_mm256_sub_ps(_mm256_setzero_ps(), vg));
+    const __m256 s = _mm256_div_ps(vg, _mm256_add_ps(one, e));
+    _mm256_storeu_ps(h + i, _mm256_mul_ps(s, _mm256_loadu_ps(u + i)));
+  }
+  if (i < k) silu_mul_row_scalar(g + i, u + i, k - i, h + i);
+}
+
+// h[0:k] = silu(g) * u on the widest loops the CPU has
+void silu_mul_row(const float* g, const float* u, int64_t k, float* h) {
+  if (cpu_has_avx512())
+    silu_mul_row_avx512(g, u, k, h);
+  else if (cpu_has_avx2())
+    silu_mul_row_avx2(g, u, k, h);
+  else
+    silu_mul_row_scalar(g, u, k, h);
+}
+
 std::vector<at::Tensor> silu_mul_quant(const at::Tensor& g, const at::Tensor& u,
                                        const c10::optional<at::Tensor>& input_scale,
                                        const c10::optional<at::Tensor>& input_offset) {
@@ -569,13 +610,7 @@ std::vector<at::Tensor> silu_mul_quant(const at::Tensor& g, const at::Tensor& u,
   const int64_t k = g.size(-1);
   at::Tensor g2 = g.reshape({-1, k}).contiguous(), u2 = u.reshape({-1, k}).contiguous();
   const float *gp = g2.data_ptr<float>(), *upp = u2.data_ptr<float>();
-  const bool vec = cpu_has_avx512();
-  auto fill = [&](int64_t m, float* row) {
-    if (vec)
-      silu_mul_row_avx512(gp + m * k, upp + m * k, k, row);
-    else
-      silu_mul_row_scalar(gp + m * k, upp + m * k, k, row);
-  };
+  auto fill = [&](int64_t m, float* row) { silu_mul_row(gp + m * k, upp + m * k, k, row); };
   return quantize_produced(g2.size(0), k, input_scale, input_offset, fill, nullptr);
 }
 
@@ -985,14 +1020,23 @@ void w4_dequant_rows(const W4Args& a, int64_t j0, int64_t j1, float* out) {
 // 0.87-0.92x of F.linear, 4 MiB 0.97x but holds most of those weights whole, 256 KiB 0.68-0.84x
 int64_t g_w4_tile_bytes = 1024 * 1024;
 
-at::Tensor w4a16_2d(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale,
-                    const c10::optional<at::Tensor>& zero_point, double qmin, int64_t k,
-                    const c10::optional<at::Tensor>& bias, int64_t gemv_max_rows) {
+// columns per tile of the GEMM path: equal tiles, multiples of 16 columns, each holding at most g_w4_tile_bytes
+// of float weight for `parts` weights side by side (a short last tile ran up to 1.6x slower per column)
+int64_t w4_tile_cols(int64_t n, int64_t k, int64_t parts) {
+  const int64_t cap = std::max<int64_t>(16, g_w4_tile_bytes / (4 * std::max<int64_t>(k, 1) * parts) / 16 * 16);
+  const int64_t tiles = (n + cap - 1) / cap;
+  return std::min(n, ((n + tiles - 1) / tiles + 15) / 16 * 16);
+}
+
+// the checked arguments of one packed weight (y, xr, xg filled in by the caller)
+W4Args w4_args(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale,
+               const c10::optional<at::Tensor>& zero_point, double qmin, int64_t k,
+               const c10::optional<at::Tensor>& bias) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x must be contiguous float32 [M, k]");
   TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kByte && w.is_contiguous(), "w must be contiguous uint8 [n, kb]");
   TORCH_CHECK(!x.is_cuda() && !w.is_cuda(), "CPU tensors only");
   TORCH_CHECK(x.size(1) == k && w.size(1) * 2 >= k, "x and w disagree on k");
-  const int64_t M = x.size(0), n = w.size(0);
+  const int64_t n = w.size(0);
   TORCH_CHECK(scale.dim() == 2 && scale.size(0) == n && scale.scalar_type() == at::kFloat && scale.is_contiguous(),
               "scale must be contiguous float32 [n, G]");
   const int64_t G = scale.size(1);
@@ -1011,25 +1055,47 @@ at::Tensor w4a16_2d(const at::Tensor& x, const at::Tensor& w, const at::Tensor& 
                 "bias must be contiguous float32 [n]");
     bp = bias->data_ptr<float>();
   }
-  at::Tensor y = at::empty({M, n}, x.options());
-  if (M == 0 || n == 0) return y;
   const float* xp = x.data_ptr<float>();
   const int isa = gs % 32 ? 0 : cpu_has_avx512() ? 2 : cpu_has_avx2() ? 1 : 0;
-  W4Args a{xp, xp, w.data_ptr<uint8_t>(), scale.data_ptr<float>(), zp, nullptr, bp, y.data_ptr<float>(),
-           static_cast<float>(qmin), n, k, w.size(1), gs, G, isa};
+  return W4Args{xp, xp, w.data_ptr<uint8_t>(), scale.data_ptr<float>(), zp, nullptr, bp, nullptr,
+                static_cast<float>(qmin), n, k, w.size(1), gs, G, isa};
+}
+
+// the float weight rows of tile [j0, j0 + t) of each weight in `parts`, stacked into buf [parts * t, k]; rows
+// dequantized in parallel
+void w4_dequant_tile(const std::vector<const W4Args*>& parts, int64_t j0, int64_t t, float* buf) {
+  const int64_t k = parts[0]->k, P = static_cast<int64_t>(parts.size());
+  at::parallel_for(0, P * t, 8, [&](int64_t r0, int64_t r1) {
+    for (int64_t p = r0 / t; p < P && p * t < r1; ++p) {
+      const int64_t s0 = std::max(r0, p * t), s1 = std::min(r1, (p + 1) * t);
+      w4_dequant_rows(*parts[p], j0 + s0 - p * t, j0 + s1 - p * t, buf + s0 * k);
+    }
+  });
+}
+
+at::Tensor w4a16_2d(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale,
+                    const c10::optional<at::Tensor>& zero_point, double qmin, int64_t k,
+                    const c10::optional<at::Tensor>& bias, int64_t gemv_max_rows) {
+  W4Args a = w4_args(x, w, scale, zero_point, qmin, k, bias);
+  const int64_t M = x.size(0), n = a.n, G = a.G, gs = a.gs;
+  const int isa = a.isa;
+  const float* xp = a.x;
+  at::Tensor y = at::empty({M, n}, x.options());
+  if (M == 0 || n == 0) return y;
+  a.y = y.data_ptr<float>();
   if (M > gemv_max_rows) {  // GEMM: float tiles of the weight, at::mm each
-    const int64_t tile = std::max<int64_t>(16, std::min<int64_t>(n, g_w4_tile_bytes / (4 * k) / 16 * 16));
+    const int64_t tile = w4_tile_cols(n, k, 1);
     // one tile at a time: its rows dequantized in parallel, then at::mm on all threads (one tile per thread with
     // single-threaded at::mm measured up to 1.3x slower on two cores)
     at::Tensor buf = at::empty({tile, k}, x.options());
     float* tp = buf.data_ptr<float>();
     for (int64_t j0 = 0; j0 < n; j0 += tile) {
       const int64_t j1 = std::min(n, j0 + tile);
-      at::parallel_for(j0, j1, 8, [&](int64_t r0, int64_t r1) { w4_dequant_rows(a, r0, r1, tp + (r0 - j0) * k); });
+      w4_dequant_tile({&a}, j0, j1 - j0, tp);
       at::Tensor out = y.narrow(1, j0, j1 - j0);  // [M, tile] with row stride n: BLAS writes it in place
       at::mm_out(out, x, buf.narrow(0, 0, j1 - j0).t());
     }
-    if (bp) y.add_(*bias);
+    if (a.b) y.add_(*bias);
     return y;
   }
   // GEMV: per-group sums of x, and x reordered per 32-column chunk for the vector loops
@@ -1061,6 +1127,50 @@ at::Tensor w4a16_2d(const at::Tensor& x, const at::Tensor& w, const at::Tensor& 
     }
   });
   return y;
+}
+
+// h = silu(x Wg^T + bg) * (x Wu^T + bu), a gated MLP's hidden rows from its packed 4-bit gate and up weights
+// (same n and k). GEMM: per tile of columns the gate's and the up's float weight rows side by side in one buffer,
+// one at::mm for both, then silu * up into h while the tile's products are in cache (neither product is ever
+// written whole, and the whole float weights never exist); GEMV: the two nibble GEMVs, then silu * up.
+at::Tensor w4a16_gated_2d(const at::Tensor& x, const at::Tensor& wg, const at::Tensor& sg,
+                          const c10::optional<at::Tensor>& zg, double qg, const c10::optional<at::Tensor>& bg,
+                          const at::Tensor& wu, const at::Tensor& su, const c10::optional<at::Tensor>& zu, double qu,
+                          const c10::optional<at::Tensor>& bu, int64_t k, int64_t gemv_max_rows) {
+  TORCH_CHECK(wg.dim() == 2 && wu.dim() == 2 && wg.size(0) == wu.size(0), "gate and up must have the same rows, not ",
+              wg.sizes(), " and ", wu.sizes());
+  const int64_t M = x.size(0), n = wg.size(0);
+  at::Tensor h = at::empty({M, n}, x.options());
+  float* hp = h.data_ptr<float>();
+  if (M <= gemv_max_rows) {
+    const at::Tensor g = w4a16_2d(x, wg, sg, zg, qg, k, bg, gemv_max_rows);
+    const at::Tensor u = w4a16_2d(x, wu, su, zu, qu, k, bu, gemv_max_rows);
+    const float *gp = g.data_ptr<float>(), *upp = u.data_ptr<float>();
+    for (int64_t m = 0; m < M; ++m) silu_mul_row(gp + m * n, upp + m * n, n, hp + m * n);
+    return h;
+  }
+  const W4Args ag = w4_args(x, wg, sg, zg, qg, k, bg), au = w4_args(x, wu, su, zu, qu, k, bu);
+  if (n == 0) return h;
+  const int64_t tile = w4_tile_cols(n, k, 2);
+  at::Tensor buf = at::empty({2 * tile, k}, x.options()), prod = at::empty({M, 2 * tile}, x.options());
+  float *tp = buf.data_ptr<float>(), *pp = prod.data_ptr<float>();
+  for (int64_t j0 = 0; j0 < n; j0 += tile) {
+    const int64_t t = std::min(n, j0 + tile) - j0;
+    w4_dequant_tile({&ag, &au}, j0, t, tp);
+    at::Tensor out = prod.narrow(1, 0, 2 * t);  // [M, 2t], row stride 2 * tile: gate columns, then up columns
+    at::mm_out(out, x, buf.narrow(0, 0, 2 * t).t());
+    at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
+      for (int64_t m = m0; m < m1; ++m) {
+        float *g = pp + m * 2 * tile, *u = g + t;
+        if (ag.b)
+          for (int64_t i = 0; i < t; ++i) g[i] += ag.b[j0 + i];
+        if (au.b)
+          for (int64_t i = 0; i < t; ++i) u[i] += au.b[j0 + i];
+        silu_mul_row(g, u, t, hp + m * n + j0);
+      }
+    });
+  }
+  return h;
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -1152,6 +1262,33 @@ at::Tensor w4a16(const at::Tensor& x, const at::Tensor& w, const at::Tensor& sca
                 r);
 }
 
+at::Tensor w4a16_gated(const at::Tensor& x, const at::Tensor& wg, const at::Tensor& sg,
+                       const c10::optional<at::Tensor>& zg, double qg, const c10::optional<at::Tensor>& bg,
+                       const at::Tensor& wu, const at::Tensor& su, const c10::optional<at::Tensor>& zu, double qu,
+                       const c10::optional<at::Tensor>& bu, int64_t k, int64_t gemv_max_rows) {
+  RECORD_FUNCTION("slimquant::w4a16_gated", std::vector<c10::IValue>());
+  TORCH_CHECK(x.dim() >= 1 && wg.dim() == 2 && wu.dim() == 2, "x must be [..., k] and the weights [n, kb]");
+  TORCH_CHECK(x.is_floating_point(), "x must be a float tensor");
+  TORCH_CHECK(x.size(-1) == k, "x has ", x.size(-1), " features but the weights have ", k);
+  for (const at::Tensor* w : {&wg, &wu})
+    TORCH_CHECK(w->size(1) == (k + 7) / 8 * 4, "a packed 4-bit row of ", k, " values has ", (k + 7) / 8 * 4,
+                " bytes, not ", w->size(1));
+  const int64_t n = wg.size(0);
+  int64_t M = 1;
+  for (int64_t d = 0; d + 1 < x.dim(); ++d) M *= x.size(d);
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = n;
+  Rows r{x.reshape({M, k}).to(at::kFloat).contiguous(), shape, x.scalar_type()};
+  auto zp = [&](const c10::optional<at::Tensor>& z, int64_t rows) -> c10::optional<at::Tensor> {
+    if (z.has_value() && z->defined()) return groups_of(*z, rows);
+    return c10::nullopt;
+  };
+  return finish(w4a16_gated_2d(r.x2, wg.contiguous(), groups_of(sg, n), zp(zg, n), qg, f32_optional(bg),
+                               wu.contiguous(), groups_of(su, wu.size(0)), zp(zu, wu.size(0)), qu, f32_optional(bu), k,
+                               gemv_max_rows),
+                r);
+}
+
 std::string cpu_features() {
   std::string s;
   if (cpu_has_avx512()) s += "avx512 ";
@@ -1171,6 +1308,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("silu_mul_quant", &silu_mul_quant, "int8 quantization of silu(g) * u: [q, xs]");
   m.def("w8a16", &w8a16, "int8-weight x float32 GEMV (per-channel or per-group scale/offset)");
   m.def("w4a16", &w4a16, "packed 4-bit weight x float32: GEMV for up to gemv_max_rows rows, tiled GEMM beyond");
+  m.def("w4a16_gated", &w4a16_gated,
+        "silu(x Wg^T + bg) * (x Wu^T + bu) from packed 4-bit gate / up weights: one tiled GEMM for both");
   m.def("set_w4_tile_bytes", [](int64_t v) { g_w4_tile_bytes = std::max<int64_t>(v, 4096); },
         "the float weight tile of the W4A16 GEMM path, in bytes");
   m.def("w4_tile_bytes", []() { return g_w4_tile_bytes; }, "the float weight tile of the W4A16 GEMM path, in bytes");
