@@ -8,8 +8,8 @@ Usage:
 Within one (shape, M) every candidate runs once per round, round-robin, so all of them see the same
 machine load; the table shows medians over the rounds. Baseline: ``F.linear`` with a float weight
 of the activation dtype (float32, or bfloat16 for the ``bf16`` row). W4A16 rows: the native kernel (GEMV up to
-``W4A16_GEMV_MAX_ROWS`` rows, else the GEMM over float weight tiles) at its default 1 MiB tile and at 256 KiB / 4 MiB,
-the pure-torch reference, and float32 ``F.linear`` cut into the same column tiles as the 1 MiB GEMM (what splitting
+``W4A16_GEMV_MAX_ROWS`` rows, else the GEMM over float weight tiles) at its default tile (2 MiB) and at 1 / 4 MiB,
+the pure-torch reference, and float32 ``F.linear`` cut into the same column tiles as the default GEMM (what splitting
 the GEMM costs by itself). For the gate/up shape, a gated MLP's ``silu(gate(x)) * up(x)`` three ways: float32
 (``fp32 silu(gate)*up``, the baseline of the next two), the two native W4A16 linears then torch's silu and
 multiply, and :func:`slimquant.kernels.native.w4a16_gated` (one tiled GEMM for both weights, silu * up per tile).
@@ -70,12 +70,13 @@ def candidates(m: int, k: int, n: int) -> dict[str, tuple[str, Callable[[], obje
     w4, s4 = pack(q4, 4, -8), torch.rand(n, k // 64, generator=g) * 0.01 + 1e-3
     if native.available():
         lib = native.library()
-        for tile in (1 << 20, 1 << 18, 1 << 22):
-            label = "w4a16 native" + ("" if tile == 1 << 20 else f" {tile >> 10}K tiles")
+        default = lib.w4_tile_bytes()
+        for tile in (default, 1 << 20, 1 << 22):
+            label = "w4a16 native" + ("" if tile == default else f" {tile >> 10}K tiles")
             out[label] = ("fp32 F.linear", lambda t=tile: (lib.set_w4_tile_bytes(t), native.w4a16(x, w4, s4, None, -8)))
-        lib.set_w4_tile_bytes(1 << 20)
+        lib.set_w4_tile_bytes(default)
     out["w4a16 reference"] = ("fp32 F.linear", lambda: linear_w4a16_reference(x, w4, s4, None, -8))
-    rows = tile_cols(n, k, 1)  # the 1 MiB GEMM's tile
+    rows = tile_cols(n, k, 1, native.library().w4_tile_bytes() if native.available() else 2 << 20)  # the GEMM's tile
 
     def tiled() -> None:
         y = torch.empty(m, n)
@@ -96,7 +97,7 @@ def candidates(m: int, k: int, n: int) -> dict[str, tuple[str, Callable[[], obje
     return out
 
 
-def tile_cols(n: int, k: int, parts: int, budget: int = 1 << 20) -> int:
+def tile_cols(n: int, k: int, parts: int, budget: int) -> int:
     """The native W4A16 GEMM's columns per tile (cpu_linear.cpp's w4_tile_cols): equal tiles, multiples of 16,
     at most ``budget`` bytes of float weight for ``parts`` weights side by side."""
     cap = max(16, budget // (4 * max(k, 1) * parts) // 16 * 16)

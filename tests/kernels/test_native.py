@@ -118,6 +118,7 @@ def test_w4a16_gemm_tiles_hold_the_reference_weight(native_lib) -> None:  # noqa
     """Tiles much smaller than the weight (one per 16 rows): the same result as one tile, and as the reference;
     the GEMM multiplies the reference's float32 weight bits, so a one-hot input reads a weight column exactly."""
     lib = native_lib.library()
+    default = lib.w4_tile_bytes()
     x, packed, scale, zp, bias = _w4_case(40, 256, 70, 4, True, -8, 5)
     ref = linear_w4a16_reference(x, packed, scale, zp, -8, bias)
     lib.set_w4_tile_bytes(4096)
@@ -125,7 +126,7 @@ def test_w4a16_gemm_tiles_hold_the_reference_weight(native_lib) -> None:  # noqa
         small = native.w4a16(x, packed, scale, zp, -8, bias)
         eye = native.w4a16(torch.eye(256)[:20], packed, scale, zp, -8)
     finally:
-        lib.set_w4_tile_bytes(1 << 20)
+        lib.set_w4_tile_bytes(default)
     torch.testing.assert_close(small, ref, rtol=1e-5, atol=1e-6 * float(ref.abs().max()))
     w_ref = linear_w4a16_reference(torch.eye(256)[:20], packed, scale, zp, -8)
     assert torch.equal(eye, w_ref)
@@ -176,13 +177,14 @@ def test_w4a16_gated_tiles_and_shapes(native_lib) -> None:  # noqa: ANN001
     """Tiles of one column block each (the two weights side by side in one buffer), leading dims, other dtypes,
     empty inputs and mismatched weights."""
     lib = native_lib.library()
+    default = lib.w4_tile_bytes()
     x, gate, up = _gated_case(40, 256, 70, 4, True, -8, 9, True)
     ref = _gated_reference(x, gate, up)
     lib.set_w4_tile_bytes(4096)
     try:
         small = native.w4a16_gated(x, gate, up)
     finally:
-        lib.set_w4_tile_bytes(1 << 20)
+        lib.set_w4_tile_bytes(default)
     torch.testing.assert_close(small, ref, rtol=1e-5, atol=2e-6 * float(ref.abs().max()))
     out = native.w4a16_gated(x.reshape(4, 10, 256).double(), gate, up)
     assert out.shape == (4, 10, 70) and out.dtype == torch.float64

@@ -217,9 +217,10 @@ def w4a16(
     ``u = q - qmin`` (two per byte, low nibble first), ``scale`` / ``zero_point`` ``[n, G]`` (or broadcast like
     :func:`w8a16`; W = (u + qmin - zero_point) * scale per group of k / G columns), ``k`` the weight's columns
     (default ``x.shape[-1]``; checked against ``x`` and the packed row length), ``bias`` ``[n]`` -> ``[..., n]`` in
-    ``x.dtype`` (computed in float32; the reference is
-    :func:`slimquant.kernels.weight_only.linear_w4a16_reference`, equal up to float32 summation order). Up to ``W4A16_GEMV_MAX_ROWS`` rows take the nibble GEMV (vector loops
-    when a group is a multiple of 32 columns), more the tiled GEMM, which never holds the whole float weight."""
+    ``x.dtype`` (computed in float32; the reference is :func:`slimquant.kernels.weight_only.linear_w4a16_reference`,
+    equal up to float32 summation order). Up to ``W4A16_GEMV_MAX_ROWS`` rows take the nibble GEMV (vector loops
+    when a group is a multiple of 32 columns), more the tiled GEMM, which holds at most the library's
+    ``w4_tile_bytes()`` (2 MiB) of float weight at a time."""
     k = x.shape[-1] if k is None else int(k)
     return _lib().w4a16(x, w, scale, zero_point, float(qmin), k, bias, W4A16_GEMV_MAX_ROWS)
 

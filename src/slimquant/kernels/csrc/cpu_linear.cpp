@@ -1016,9 +1016,10 @@ void w4_dequant_rows(const W4Args& a, int64_t j0, int64_t j1, float* out) {
     w4_dequant_rows_scalar(a, j0, j1, out);
 }
 
-// the float weight tile of the GEMM path: at 512 rows on smollm2's shapes (benchmarks/int8_kernels.py) 1 MiB runs
-// 0.87-0.92x of F.linear, 4 MiB 0.97x but holds most of those weights whole, 256 KiB 0.68-0.84x
-int64_t g_w4_tile_bytes = 1024 * 1024;
+// the float weight tile of the GEMM path (the most float weight that exists at a time; a smaller layer is one
+// tile): at 512 rows on smollm2's shapes, 2 threads, A/B over 120 alternations, 2 MiB ran 0-3% faster than 1 MiB
+// and 4 MiB no faster than 2 MiB (benchmarks/int8_kernels.py prints the tile sizes side by side)
+int64_t g_w4_tile_bytes = 2 * 1024 * 1024;
 
 // columns per tile of the GEMM path: equal tiles, multiples of 16 columns, each holding at most g_w4_tile_bytes
 // of float weight for `parts` weights side by side (a short last tile ran up to 1.6x slower per column)
