@@ -1,12 +1,12 @@
 """slimquant: quantize trained PyTorch models so they deploy smaller and faster."""
 
-from slimquant.api import evaluate, kv_cache, load, quantize, register_transformers, save
+from slimquant.api import convert, evaluate, kv_cache, load, prepare_qat, quantize, register_transformers, save
 from slimquant.errors import NotSupportedYet, SlimquantError
 from slimquant.models.loading import LoadedModel, load_model
 from slimquant.search.bits import SearchConfig, SearchResult, bit_search
 from slimquant.search.sensitivity import Sensitivity, layer_sensitivity
 from slimquant.search.tune import TuningConfig, TuningResult, autotune
-from slimquant.types import AWQ, GPTQ, RTN, GammaMigration, Granularity, LayerOverride, QuantSpec, Recipe, SmoothQuant, SmoothQuantSearch
+from slimquant.types import AWQ, GPTQ, QAT, RTN, GammaMigration, Granularity, LayerOverride, QuantSpec, Recipe, SmoothQuant, SmoothQuantSearch
 from slimquant.types.report import ConversionReport, LayerRow, StepRow
 from slimquant.types.result import QuantizationResult
 
@@ -14,6 +14,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "quantize",
+    "prepare_qat",
+    "convert",
     "save",
     "load",
     "load_model",
@@ -34,6 +36,7 @@ __all__ = [
     "LayerOverride",
     "RTN",
     "GPTQ",
+    "QAT",
     "AWQ",
     "SmoothQuant",
     "SmoothQuantSearch",

@@ -53,6 +53,32 @@ def quantize(model: nn.Module, recipe: Recipe | None = None, calib_data: Any = N
                           sensitivity_cache=sensitivity_cache)  # fmt: skip
 
 
+def prepare_qat(model: nn.Module, recipe: Recipe | None = None, calib_data: Any = None,
+                show_progress: bool = True) -> nn.Module:  # fmt: skip
+    """Quantization-aware training, step 1: swap ``model``'s Linear / Conv2d layers (in place) for fake-quantized
+    ones (:mod:`slimquant.nn.qat`; Conv2d -> BatchNorm2d pairs trained folded) and return ``model``.
+
+    ``recipe``: the weight / input specs, overrides and layer selection as for :func:`quantize`, with a
+    :class:`slimquant.QAT` weight step (``ranges`` "observer" = SimQAT, "lsq", "lsq+"; BN folding and freezing);
+    ``Recipe.from_flags("--w_bit 4 --a_bit 8")`` works too. Default: W8A8 (int8 per-channel weights, int8
+    per-tensor static inputs). ``calib_data``: batches that start the static input ranges (else the first training
+    batch does). Then train with any optimizer and loop, and call :func:`convert`."""
+    from slimquant.pipeline.qat import prepare_qat as _prepare
+
+    return _prepare(model, recipe, calib_data, show_progress)
+
+
+def convert(model: nn.Module, recipe: Recipe | None = None) -> QuantizationResult:
+    """Quantization-aware training, step 3 (optimum-quanto's ``freeze``): swap the fake-quantized layers of a model
+    from :func:`prepare_qat` (in place) for the real quantized modules post-training quantization makes, with the
+    trained ranges; returns the :class:`QuantizationResult` that :func:`save` writes in any format that holds its
+    layers. Outputs equal the trained fake-quantized model's up to float32 rounding. The converted layers refuse
+    further training (train before converting)."""
+    from slimquant.pipeline.qat import convert_qat
+
+    return convert_qat(model, recipe)
+
+
 def as_result(obj: Any, what: str) -> QuantizationResult:
     """``obj`` as a :class:`QuantizationResult`: a result as it is, a loaded slimquant checkpoint
     (:class:`LoadedModel`) with its recipe; anything else (a bare module) refused saying what to pass."""

@@ -12,7 +12,8 @@ from torch import nn
 import slimquant.nn.modules as modules_mod
 from slimquant.kernels import weight_layout
 from slimquant.math import dequantize_weight, quantize_weight, sqnr_db
-from slimquant.nn import QMODULES, QConv2d, QEmbedding, QLinear, QLinearFP8, QLinearW8A8, tied_linear
+from slimquant.nn import (QMODULES, QConv2d, QConv2dInputQuant, QEmbedding, QLinear, QLinearFP8, QLinearInputQuant,
+                          QLinearW8A8, tied_linear)
 from slimquant.types import Granularity, QuantSpec
 
 PT, PC, PG = Granularity.PER_TENSOR, Granularity.PER_CHANNEL, Granularity.PER_GROUP
@@ -124,7 +125,8 @@ def test_extra_repr_and_registry() -> None:
     _, q, _ = _qlinear(QuantSpec("int4", PG, 32))
     assert repr(q) == "QLinear(64, 24, spec=int4 g32 sym, bias=True)"
     assert QMODULES == {"QLinear": QLinear, "QConv2d": QConv2d, "QEmbedding": QEmbedding, "QLinearW8A8": QLinearW8A8,
-                        "QLinearFP8": QLinearFP8}  # fmt: skip
+                        "QLinearFP8": QLinearFP8, "QLinearInputQuant": QLinearInputQuant,
+                        "QConv2dInputQuant": QConv2dInputQuant}  # fmt: skip
 
 
 # -- QConv2d --------------------------------------------------------------------------------------

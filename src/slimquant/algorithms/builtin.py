@@ -32,11 +32,12 @@ from slimquant.algorithms.smoothquant import (
     smoothed_output_error,
     weight_absmax_per_input,
 )
+from slimquant.errors import SlimquantError
 from slimquant.math.smooth import gamma_migration_scales, smoothquant_scales
 from slimquant.math.weights import QuantizedWeight, quantize_weight
 from slimquant.observers import make_observer
 from slimquant.types.spec import QuantSpec, Recipe
-from slimquant.types.steps import AWQ, GPTQ, HESSIAN, RTN, GammaMigration, SmoothQuant, SmoothQuantSearch, Step
+from slimquant.types.steps import AWQ, GPTQ, HESSIAN, QAT, RTN, GammaMigration, SmoothQuant, SmoothQuantSearch, Step
 
 log = logging.getLogger("slimquant.algorithms")
 
@@ -74,6 +75,16 @@ def _gptq_record(step: Step, recipe: Recipe) -> dict[str, Any]:
 
 register_algorithm(WeightAlgorithm(RTN, solve=_solve_rtn, record=_clip_record))
 register_algorithm(WeightAlgorithm(GPTQ, solve=_solve_gptq, record=_gptq_record))
+
+
+def _solve_qat(layer: str, w: torch.Tensor, h: torch.Tensor | None, spec: QuantSpec,
+               step: Step) -> tuple[QuantizedWeight, dict[str, Any]]:  # fmt: skip
+    # QAT layers are trained, not solved: slimquant.convert refuses a qat recipe before any layer gets here
+    raise SlimquantError(f"{layer}: the qat step trains the layer (slimquant.prepare_qat -> train -> "
+                         "slimquant.convert); post-training quantization runs rtn or gptq")  # fmt: skip
+
+
+register_algorithm(WeightAlgorithm(QAT, solve=_solve_qat))
 
 
 # -- smoothing of the float model (msModelSlim m1 / m4 / m2) ------------------------------------------------

@@ -139,7 +139,11 @@ def layer_type(entry: dict[str, Any]) -> str:
     inp = args.get("input_spec")
     if isinstance(inp, dict):
         input_spec = QuantSpec.from_dict(inp)
-        base = "WFP8AFP8" if lookup_qtype(input_spec.qtype).is_float else "W8A8"
+        iq = lookup_qtype(input_spec.qtype)
+        if entry.get("module") in ("QLinearInputQuant", "QConv2dInputQuant"):  # any int pair: W4A8, W4A4, ...
+            base = f"W{lookup_qtype(spec.qtype).bits}A{iq.bits}"
+        else:
+            base = "WFP8AFP8" if iq.is_float else "W8A8"
         return base + ("_DYNAMIC" if input_spec.dynamic else "")
     qt = lookup_qtype(spec.qtype)
     return "WFP8A16" if qt.is_float else f"W{qt.bits}A16"
@@ -433,6 +437,12 @@ def rebuild(model: nn.Module, manifest: dict[str, Any]) -> None:
         if name not in names:
             raise SlimquantError(f"checkpoint layer {name} does not exist in the model skeleton")
         set_module(model, name, build_qmodule(name, entry))
+        folded = (entry.get("method") or {}).get("bn_folded")  # a BatchNorm2d trained into this layer (QAT)
+        if folded is not None:
+            if not isinstance(folded, str) or folded not in names:
+                raise SlimquantError(f"manifest entry for layer {name}: its folded BatchNorm {folded!r} does not exist "
+                                     "in the model skeleton")  # fmt: skip
+            set_module(model, folded, nn.Identity())
     fa_modules = manifest.get("attention", {}).get("modules", [])
     if fa_modules:
         missing = [n for n in fa_modules if n not in names]

@@ -140,10 +140,12 @@ def layout(module: QModule) -> dict[str, str | Derived]:
     elif cls == "QLinearFP8":
         if not module.input_spec.dynamic:  # type: ignore[attr-defined]
             out["input_scale"] = "input_scale"
-    elif not lookup_qtype(module.spec.qtype).is_float:  # weight-only integer layers
+    elif not lookup_qtype(module.spec.qtype).is_float:  # weight-only integer layers (and their input-quantized kin)
         zp = getattr(module, "weight_zero_point", None) is not None
         out["weight_offset"] = (Derived(_offset_of_zero_point, ("weight_zero_point",), torch.float32) if zp
                                 else Derived(_zeros, ("weight_scale",), torch.float32))  # fmt: skip
+    if cls in ("QLinearInputQuant", "QConv2dInputQuant") and not module.input_spec.dynamic:  # type: ignore[attr-defined]
+        out.update(input_scale="input_scale", input_offset="input_zero_point")  # W8A8's names for the same values
     return out
 
 

@@ -66,3 +66,66 @@ def fake_quantize(
     # Forward is exactly y (x - x == 0); x + (y - x).detach() would round y off the grid by an ulp
     # wherever y - x is inexact (e.g. float zero points).
     return y.detach() + (x - x.detach())
+
+
+class _RoundSTE(torch.autograd.Function):
+    """``round(x)`` forward, identity gradient (the straight-through estimator)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+        return torch.round(x)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+        return g
+
+
+class _ScaleGrad(torch.autograd.Function):
+    """``x`` forward (bit for bit), gradient times ``factor``."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, factor: float) -> torch.Tensor:  # noqa: ANN001
+        ctx.factor = factor
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor) -> tuple[torch.Tensor, None]:  # noqa: ANN001
+        return g * ctx.factor, None
+
+
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    """``torch.round(x)`` with a straight-through (identity) gradient."""
+    return _RoundSTE.apply(x)
+
+
+def scale_grad(x: torch.Tensor, factor: float) -> torch.Tensor:
+    """``x`` unchanged, its gradient multiplied by ``factor`` (LSQ's step-size gradient scale)."""
+    return _ScaleGrad.apply(x, float(factor))
+
+
+def learned_fake_quantize(
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor | None,
+    qmin: float,
+    qmax: float,
+    grad_factor: float = 1.0,
+) -> torch.Tensor:
+    """Fake quantization with learnable ``scale`` (LSQ, Esser et al. 2020) and ``zero_point`` (LSQ+'s learned
+    offset, Bhalgat et al. 2020, kept on the integer grid).
+
+    Forward: ``(clamp(round(x / scale) + round(zero_point), qmin, qmax) - round(zero_point)) * scale``, the same
+    float32 operations as :func:`quantize` then :func:`dequantize` with those parameters (so a module converted
+    with them computes the same values). Gradients: ``x`` straight through inside the grid and zero outside;
+    ``scale`` LSQ's ``round(v) - v`` inside and the clamped level minus the zero point outside, times
+    ``grad_factor`` (LSQ: ``1 / sqrt(numel per scale * qmax)``); ``zero_point`` through the rounding (STE), i.e.
+    ``-scale`` where the value was clamped, 0 inside. ``scale`` / ``zero_point`` broadcast against ``x``.
+    """
+    s = scale_grad(scale, grad_factor)
+    v = x / s
+    q = round_ste(v)
+    if zero_point is not None:
+        z = round_ste(scale_grad(zero_point, grad_factor))
+        q = torch.clamp(q + z, qmin, qmax)
+        return (q - z) * s
+    return torch.clamp(q, qmin, qmax) * s

@@ -81,6 +81,14 @@ class QModule(nn.Module):
         m.method = dict(method)
         return m
 
+    def _refuse_training(self) -> None:
+        """A layer :func:`slimquant.convert` made from a fake-quantized one holds frozen integer weights: a training
+        forward (training mode, gradients on) is refused instead of training the rest of the model around it."""
+        if self.training and torch.is_grad_enabled() and self.method.get("algorithm") == "qat":
+            raise SlimquantError(f"{type(self).__name__}({self.extra_repr()}) was converted by slimquant.convert from "
+                                 "a fake-quantized layer and cannot be trained further: train the model from "
+                                 "prepare_qat before converting, or run this one under model.eval() / torch.no_grad()")  # fmt: skip
+
     @staticmethod
     def _entry_basics(entry: dict[str, Any]) -> tuple[QuantSpec, torch.dtype, bool, dict[str, Any]]:
         return QuantSpec.from_dict(entry["spec"]), _DTYPES[entry["dtype"]], bool(entry["bias"]), dict(entry["args"])
@@ -167,6 +175,7 @@ class QLinear(_QWeight):
     KERNELS = ("fast", "native", "reference", "torch")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._refuse_training()
         if self.kernel == "reference":
             return F.linear(x, self.dequantized_weight(x.dtype), self.bias)
         if self.kernel not in self.KERNELS:
@@ -304,6 +313,7 @@ class QConv2d(_QWeight):
         return [p for p in reversed(self.padding) for _ in range(2)]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._refuse_training()
         w = self.dequantized_weight(x.dtype).reshape(
             self.out_channels, self.in_channels // self.groups, *self.kernel_size
         )

@@ -178,6 +178,7 @@ class QLinearW8A8(QuantizedInputLinear):
         return y.view(*lead_shape, self.out_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._refuse_training()
         if self.rows_from is not None and self.kernel == "fast":
             rows = self.rows_from.rows_for(x)
             if rows is not None:

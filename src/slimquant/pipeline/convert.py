@@ -54,10 +54,11 @@ class LayerPlan:
                 "step": self.step.to_dict()}  # fmt: skip
 
 
-def plan(model: nn.Module, recipe: Recipe) -> tuple[list[LayerPlan], ConversionReport]:
+def plan(model: nn.Module, recipe: Recipe, conv_inputs: bool = False) -> tuple[list[LayerPlan], ConversionReport]:
     """Decide what every module becomes (weight spec, input spec, weight step), from the recipe and its overrides
     (the first matching pattern wins; overrides apply to Linear and Conv2d layers). Pure inspection: the model is
-    not changed."""
+    not changed. ``conv_inputs``: Conv2d layers keep their input spec (quantization-aware training quantizes
+    convolution inputs; post-training W8A8 leaves such a convolution float)."""
     names = [n for n, _ in model.named_modules() if n]
     sel = select(names, recipe.disable_names)
     report = ConversionReport(unmatched_patterns=sel.unmatched_patterns)
@@ -80,7 +81,7 @@ def plan(model: nn.Module, recipe: Recipe) -> tuple[list[LayerPlan], ConversionR
             kind, spec = "linear", weight
         elif isinstance(m, nn.Conv2d):
             kind, spec = "conv2d", weight if recipe.include_conv else None
-            if spec is not None and inp is not None:
+            if spec is not None and inp is not None and not conv_inputs:
                 report.skipped[name] = "W8A8 covers Linear layers; Conv2d stays float"
                 continue
         elif isinstance(m, nn.Embedding):
@@ -182,6 +183,10 @@ def convert(
     model steps (smoothing) with the planned Linear layers and returns ``{layer: reason}`` of those to keep float
     (:func:`slimquant.quantize` passes :func:`slimquant.search.fallback.fallback_chooser`'s).
     """
+    if recipe.weight_step.TYPE == "qat":
+        raise SlimquantError("the recipe's weight step is qat (quantization-aware training): run "
+                             "slimquant.prepare_qat(model, recipe), train the model, then slimquant.convert(model); "
+                             "post-training quantization runs rtn or gptq")  # fmt: skip
     if recipe.disable_level:
         if fallback is None:
             raise SlimquantError(f"disable_level {recipe.disable_level} needs a fallback chooser (fallback=); "

@@ -16,7 +16,7 @@ from typing import Any, Mapping, Sequence
 
 from slimquant.errors import NotSupportedYet, SlimquantError
 from slimquant.types.qtype import int_qtype_for_bits
-from slimquant.types.steps import AWQ, GPTQ, RTN, GammaMigration, SmoothQuant, SmoothQuantSearch, Step
+from slimquant.types.steps import AWQ, GPTQ, QAT, RTN, GammaMigration, SmoothQuant, SmoothQuantSearch, Step
 from slimquant.types.spec import (FA_INT8_PER_HEAD, GROUP_SIZES, KV_INT8_DYNAMIC, KV_INT8_STATIC, Granularity, QuantSpec,
                                   Recipe)  # fmt: skip
 
@@ -79,16 +79,19 @@ _LATER = {
 def add_recipe_flags(parser: argparse.ArgumentParser) -> None:
     """Add msModelSlim's recipe flags (weights, activations, smoothing, KV cache, attention) to ``parser``."""
     parser.add_argument("--w_bit", type=int, choices=(2, 3, 4, 8), default=8, help="weight bits (default 8)")
-    parser.add_argument("--a_bit", type=int, choices=(8, 16), default=16,
-                   help="activation bits: 16 = weight-only (default), 8 = W8A8 (int8 inputs; needs --w_bit 8)")  # fmt: skip
+    parser.add_argument("--a_bit", type=int, choices=(4, 8, 16), default=16,
+                   help="activation bits: 16 = weight-only (default), 8 = W8A8 (int8 inputs; post-training with "
+                   "--w_bit 8), 4 or 8 with other weights = trained (--w_method qat: slimquant.prepare_qat)")  # fmt: skip
     parser.add_argument("--group_size", type=int, default=0,
                    help="per-group size (32, 64, 128, 256); 0 = per-channel (default)")  # fmt: skip
     parser.add_argument("--w_sym", type=str2bool, default=True, help="symmetric weights (default True)")
     parser.add_argument("--w_zero_point", choices=("int", "float"), default="int",
                    help="asymmetric weights: integer zero point (seed 003, default) or float (as quanto; "
                    "fits the float32 weight_offset and is often more accurate)")  # fmt: skip
-    parser.add_argument("--w_method", choices=("rtn", "gptq"), default="rtn",
-                   help="weight algorithm: rtn (round to nearest, default) or gptq (calibrated, block by block)")  # fmt: skip
+    parser.add_argument("--w_method", choices=("rtn", "gptq", "qat"), default="rtn",
+                   help="weight algorithm: rtn (round to nearest, default), gptq (calibrated, block by block) or qat "
+                   "(quantization-aware training: slimquant.prepare_qat -> train -> slimquant.convert; chosen by "
+                   "itself for the --w_bit / --a_bit pairs only training produces, e.g. --w_bit 4 --a_bit 8)")  # fmt: skip
     parser.add_argument("--percdamp", type=float, default=0.01, help="gptq: Hessian dampening, fraction of its mean diagonal")
     parser.add_argument("--desc_act", type=str2bool, default=None,
                    help="gptq: quantize columns by decreasing Hessian diagonal (act-order; static groups). Default "
@@ -228,6 +231,13 @@ def _recipe(args: argparse.Namespace) -> Recipe:
     if args.w_method == "gptq":
         act_order = GPTQ.act_order if args.desc_act is None else args.desc_act
         solve: Step = GPTQ(percdamp=args.percdamp, act_order=act_order, clip_search=args.w_clip_search)
+    elif args.w_method == "qat" or _trained_only(args):
+        if args.w_method != "qat":
+            log.info("--w_bit %d --a_bit %d: only quantization-aware training produces this pair; the recipe's weight "
+                     "step is qat (slimquant.prepare_qat -> train -> slimquant.convert)", args.w_bit, args.a_bit)
+        if args.w_clip_search:
+            raise SlimquantError("--w_clip_search tunes post-training rounding; QAT (--w_method qat) trains the ranges")
+        solve = QAT()
     else:
         solve = RTN(clip_search=args.w_clip_search)
     return Recipe(
@@ -277,13 +287,30 @@ def _activation_flags(args: argparse.Namespace) -> tuple[QuantSpec | None, str, 
             if getattr(args, flag) != default:
                 raise SlimquantError(f"--{flag} applies to activation quantization; add --a_bit 8")
         return None, "minmax", None
-    if args.w_bit != 8 or args.group_size or not args.w_sym:
-        raise SlimquantError("--a_bit 8 needs symmetric 8-bit weights per channel or per tensor: "
-                             "--w_bit 8 --w_sym True and no --group_size")  # fmt: skip
+    if _trained_only(args) and args.w_method == "gptq":
+        raise SlimquantError(f"--a_bit {args.a_bit} needs symmetric 8-bit weights per channel or per tensor "
+                             "(--a_bit 8 --w_bit 8 --w_sym True and no --group_size) for post-training quantization; "
+                             "other pairs are trained (--w_method qat)")  # fmt: skip
+    qat = _trained_only(args) or args.w_method == "qat"
+    if qat and (args.act_method is not None or args.use_sigma):
+        raise SlimquantError("--act_method / --use_sigma choose calibrated activation ranges; QAT observes or learns "
+                             "them while training")  # fmt: skip
+    if args.is_dynamic and args.a_bit != 8:
+        raise SlimquantError("--is_dynamic quantizes inputs to int8 per token; it needs --a_bit 8")
     if args.is_dynamic:
         for flag, default in (("act_method", None), ("use_sigma", False)):
             if getattr(args, flag) != default:
                 raise SlimquantError(f"--{flag} chooses static activation ranges; it does not apply with --is_dynamic True")
         return QuantSpec("int8", Granularity.PER_TOKEN, None, True, dynamic=True), "minmax", None
     sigma = (args.sigma_factor or 3.0) if args.use_sigma else None
-    return QuantSpec("int8", Granularity.PER_TENSOR, None, False), _ACT_METHODS[args.act_method or 1], sigma
+    bits = "int8" if args.a_bit == 8 else "int4"
+    return QuantSpec(bits, Granularity.PER_TENSOR, None, False), _ACT_METHODS[args.act_method or 1], sigma
+
+
+def _trained_only(args: argparse.Namespace) -> bool:
+    """Whether --w_bit / --a_bit / --group_size / --w_sym ask for a pair post-training quantization cannot
+    produce (activations quantized with anything but symmetric int8 weights per channel or per tensor, or to 4
+    bits)."""
+    if args.a_bit == 16:
+        return False
+    return args.a_bit != 8 or args.w_bit != 8 or bool(args.group_size) or not args.w_sym

@@ -315,7 +315,7 @@ class Recipe:
                 "scales (QuantSpec('int8', 'per_channel'))"
             )
         if self.input is not None:
-            self._check_layer_specs(self.weight, self.input, "")
+            self._check_layer_specs(self.weight, self.input, "", self.weight_step)
         if self.fa is not None and self.fa != FA_INT8_PER_HEAD:
             raise NotSupportedYet(f"fa {self.fa.describe()} is not supported yet; attention inputs are quantized int8 "
                                   "symmetric per head (QuantSpec('int8', 'per_channel'))")  # fmt: skip
@@ -326,7 +326,7 @@ class Recipe:
                 if weight.granularity is Granularity.PER_TOKEN:
                     raise SlimquantError(f"override {where}: per_token granularity applies to activations, not weights")
                 if inp is not None:
-                    self._check_layer_specs(weight, inp, where)
+                    self._check_layer_specs(weight, inp, where, ws)
             overridden = any(w is not None for p, w, _, _ in self.layer_combinations() if p)
             if weight is None and (where or overridden):
                 continue  # float layers run no weight step
@@ -355,10 +355,22 @@ class Recipe:
             raise SlimquantError("embedding quantization must be per_channel (per row) or per_group")
 
     @staticmethod
-    def _check_layer_specs(w: QuantSpec | None, inp: QuantSpec, where: str) -> None:
-        """A (weight, input) pair W8A8 layers can run; ``where``: the override it comes from ('' = the recipe)."""
+    def _check_layer_specs(w: QuantSpec | None, inp: QuantSpec, where: str, step: Step | None = None) -> None:
+        """A (weight, input) pair W8A8 layers can run (under a QAT weight step: any integer pair the fake-quantized
+        layers train, int2-8 weights with int2-8 inputs); ``where``: the override it comes from ('' = the
+        recipe)."""
         at = f"override {where}: " if where else ""
         qt = _lookup_qtype(inp.qtype)
+        if step is not None and step.TYPE == "qat":
+            if qt.is_float or not 2 <= qt.bits <= 8:
+                raise SlimquantError(f"{at}input qtype {inp.qtype}: QAT quantizes inputs to 2-8 bit integers")
+            if inp.dynamic and (inp.granularity is not Granularity.PER_TOKEN or not inp.symmetric or qt.bits != 8):
+                raise SlimquantError(f"{at}dynamic inputs are quantized int8 per_token and symmetric")
+            if not inp.dynamic and inp.granularity is not Granularity.PER_TENSOR:
+                raise SlimquantError(f"{at}static inputs are quantized per_tensor, not {inp.granularity.value}")
+            if w is None:
+                raise SlimquantError(f"{at}activation quantization needs quantized weights (weight spec is None)")
+            return
         if qt.bits != 8 or not qt.signed:
             raise SlimquantError(f"{at}input qtype {inp.qtype}: activations are quantized to int8 or fp8 only")
         if inp.dynamic:

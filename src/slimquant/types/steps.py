@@ -233,6 +233,77 @@ class GPTQ(Step):
         return RTN(clip_search=self.clip_search)
 
 
+@register_step_type
+@dataclass(frozen=True)
+class QAT(Step):
+    """Quantization-aware training: the layers are trained through fake quantization
+    (:func:`slimquant.prepare_qat` -> any training loop -> :func:`slimquant.convert`), not solved here; a recipe
+    holding it is refused by :func:`slimquant.quantize`. With it the recipe also admits the weight / input pairs
+    only training produces (int2-8 weights of any granularity with int2-8 inputs: W4A8, W4A4; convolutions with
+    quantized inputs).
+
+    ``ranges``: ``"observer"`` (SimQAT: weight ranges from the current weights, input ranges an exponential
+    moving average of the training batches' min / max with ``momentum``), ``"lsq"`` (learned step sizes) or
+    ``"lsq+"`` (learned step sizes and zero points; asymmetric specs) or ``"slb"`` (SLB: each weight a learned
+    distribution over the levels of an int2-int4 symmetric grid, or over ``{-1, +1}`` with ``slb_binary``,
+    annealed from temperature ``slb_temperature[0]`` to ``[1]`` over ``slb_anneal_steps`` training steps; inputs
+    observed; trains with ``fold_bn=False``) (:mod:`slimquant.nn.qat`); ``fold_bn``:
+    train each Conv2d -> BatchNorm2d pair with the BN folded into the quantized weight (Krishnamoorthi 2018);
+    ``freeze_bn_after`` / ``freeze_observers_after``: training steps after which the BN statistics / the observed
+    input ranges stop moving (0: never)."""
+
+    TYPE: ClassVar[str] = "qat"
+    STAGE: ClassVar[str] = "weight"
+    ranges: str = "observer"
+    fold_bn: bool = True
+    freeze_bn_after: int = 0
+    freeze_observers_after: int = 0
+    momentum: float = 0.9
+    slb_binary: bool = False
+    slb_temperature: tuple[float, float] = (1.0, 0.01)
+    slb_anneal_steps: int = 1000
+
+    def __post_init__(self) -> None:
+        _check_bool(self, "fold_bn", "slb_binary")
+        if self.ranges not in ("observer", "lsq", "lsq+", "slb"):
+            raise SlimquantError(f"qat: unknown ranges {self.ranges!r}; valid: observer, lsq, lsq+, slb")
+        if isinstance(self.slb_temperature, list):
+            object.__setattr__(self, "slb_temperature", tuple(self.slb_temperature))
+        t = self.slb_temperature
+        if not (isinstance(t, tuple) and len(t) == 2 and all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                              and v > 0 for v in t)):  # fmt: skip
+            raise SlimquantError(f"qat: slb_temperature must be two positive numbers (start, end), got {t!r}")
+        if not isinstance(self.slb_anneal_steps, int) or isinstance(self.slb_anneal_steps, bool) or self.slb_anneal_steps < 1:
+            raise SlimquantError(f"qat: slb_anneal_steps must be a positive number of training steps, got {self.slb_anneal_steps!r}")
+        if self.ranges != "slb" and (self.slb_binary or t != (1.0, 0.01) or self.slb_anneal_steps != 1000):
+            raise SlimquantError("qat: the slb_* knobs tune ranges='slb'")
+        if self.ranges == "slb" and self.fold_bn:
+            raise SlimquantError("qat ranges 'slb' learn the weights' levels directly and train with the BatchNorm "
+                                 "after the convolution: set fold_bn=False")  # fmt: skip
+        for knob in ("freeze_bn_after", "freeze_observers_after"):
+            v = getattr(self, knob)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                raise SlimquantError(f"qat: {knob} must be a non-negative number of training steps (0: never), got {v!r}")
+        if not isinstance(self.momentum, (int, float)) or isinstance(self.momentum, bool) or not 0.0 <= self.momentum < 1.0:
+            raise SlimquantError(f"qat: momentum must be in [0, 1), got {self.momentum!r}")
+
+    def check(self, weight: "QuantSpec | None", input: "QuantSpec | None") -> None:  # noqa: A002
+        _needs_weight(self, weight)
+        for role, spec in (("weight", weight), ("input", input)):
+            if spec is not None and _lookup_qtype(spec.qtype).is_float:
+                raise NotSupportedYet(f"qat with {spec.qtype} {role}s is not supported yet; QAT trains integer grids")
+        if self.ranges == "slb" and weight is not None:
+            wq = _lookup_qtype(weight.qtype)
+            if not (wq.signed and weight.symmetric and 2 <= wq.bits <= 4) or (self.slb_binary and wq.bits != 2):
+                raise SlimquantError(f"qat ranges 'slb' search signed symmetric int2-int4 weights (binary: int2), got "
+                                     f"{weight.describe()}")  # fmt: skip
+        if self.ranges == "lsq+":
+            for role, spec in (("weight", weight), ("input", input)):
+                if spec is not None and spec.symmetric and not spec.dynamic:
+                    raise SlimquantError(f"qat ranges 'lsq+' learn zero points: the {role} spec must be asymmetric, "
+                                         f"got {spec.describe()}")  # fmt: skip
+
+
 # -- transforms of the float model (msModelSlim anti_method m1 / m2 / m4) -------------------------------------
 @register_step_type
 @dataclass(frozen=True)
@@ -337,6 +408,6 @@ def check_steps(steps: tuple[Step, ...]) -> None:
         seen.add(s.TYPE)
 
 
-__all__ = ["Step", "RTN", "GPTQ", "SmoothQuant", "SmoothQuantSearch", "GammaMigration", "AWQ", "register_step_type",
+__all__ = ["Step", "RTN", "GPTQ", "QAT", "SmoothQuant", "SmoothQuantSearch", "GammaMigration", "AWQ", "register_step_type",
            "step_types", "step_from_dict", "check_steps", "STAGES", "NEEDS", "LAYER_INPUTS", "BLOCK_INPUTS", "HESSIAN",
            "BLOCKWISE_NEEDS"]
