@@ -304,3 +304,33 @@ def test_slb_bad_knobs() -> None:
         sq.QAT(ranges="slb", fold_bn=False, slb_temperature=(1.0, 0.0))
     r = _recipe(QuantSpec("int2", "per_channel"), A8, ranges="slb", fold_bn=False, slb_temperature=(2.0, 0.1))
     assert Recipe.from_json(r.to_json()) == r
+
+
+def test_llm_qat_exports_like_post_training_quantization(llama, tokenizer, tmp_path) -> None:  # noqa: ANN001
+    """A tiny Llama trained W4A16 (g32, LSQ) converts to the same QLinear modules PTQ makes: its msmodelslim and
+    compressed-tensors checkpoints load back with the converted model's logits."""
+    recipe = Recipe(weight=QuantSpec("int4", "per_group", 32, symmetric=False), steps=(sq.QAT(ranges="lsq"),))
+    model = sq.prepare_qat(llama, recipe)
+    assert isinstance(model.model.layers[0].mlp.down_proj, QATLinear) and isinstance(model.lm_head, nn.Linear)
+    ids = torch.randint(0, llama.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    model.train()
+    for _ in range(3):
+        opt.zero_grad()
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+    result = sq.convert(model)
+    assert type(model.model.layers[0].self_attn.q_proj) is QLinear
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits
+    for fmt in ("msmodelslim", "compressed-tensors"):
+        sq.save(result, tmp_path / fmt, format=fmt, tokenizer=tokenizer)
+        with torch.no_grad():
+            torch.testing.assert_close(sq.load(tmp_path / fmt).model(input_ids=ids).logits, ref, rtol=1e-5, atol=1e-5)
+    q4_0 = QuantSpec("int4", "per_group", 32, gguf="Q4_0")
+    with pytest.raises(SlimquantError, match="learned QAT ranges leave the Q4_0 grid"):
+        sq.prepare_qat(nn.Sequential(nn.Linear(64, 8)), Recipe(weight=q4_0, steps=(sq.QAT(ranges="lsq"),),
+                                                               disable_last_linear=False))  # fmt: skip
+    observed = sq.prepare_qat(nn.Sequential(nn.Linear(64, 8)), Recipe(weight=q4_0, steps=(sq.QAT(),),
+                                                                      disable_last_linear=False))  # fmt: skip
+    assert sq.convert(observed).model[0].spec.gguf == "Q4_0"  # observer ranges stay on the GGUF grid

@@ -71,6 +71,9 @@ class FakeQuantizer(nn.Module):
         if ranges == "lsq+" and spec.symmetric:
             raise SlimquantError(f"QAT ranges 'lsq+' learn a zero point: the {role} spec must be asymmetric "
                                  f"(symmetric=False), got {spec.describe()}")  # fmt: skip
+        if spec.gguf is not None and ranges != "observer":
+            raise SlimquantError(f"learned QAT ranges leave the {spec.gguf} grid (GGUF's fp16 block scales); train "
+                                 "for a GGUF type with ranges='observer'")  # fmt: skip
         if spec.zero_point == "float" and not spec.symmetric and ranges != "observer":
             raise SlimquantError("learned QAT ranges keep integer zero points; use zero_point='int'")
         self.spec, self.role, self.ranges = spec, role, ranges
