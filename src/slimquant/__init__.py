@@ -1,6 +1,6 @@
 """slimquant: quantize trained PyTorch models so they deploy smaller and faster."""
 
-from slimquant.api import convert, evaluate, kv_cache, load, prepare_qat, quantize, register_transformers, save
+from slimquant.api import convert, distill, evaluate, kv_cache, load, prepare_qat, quantize, register_transformers, save
 from slimquant.errors import NotSupportedYet, SlimquantError
 from slimquant.models.loading import LoadedModel, load_model
 from slimquant.search.bits import SearchConfig, SearchResult, bit_search
@@ -16,6 +16,7 @@ __all__ = [
     "quantize",
     "prepare_qat",
     "convert",
+    "distill",
     "save",
     "load",
     "load_model",

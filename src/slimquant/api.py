@@ -79,6 +79,17 @@ def convert(model: nn.Module, recipe: Recipe | None = None) -> QuantizationResul
     return convert_qat(model, recipe)
 
 
+def distill(result: QuantizationResult, teacher: nn.Module, calib_data: Any, steps: int = 100, lr: float = 1e-3,
+            holdout: int = 2, eval_every: int = 10, show_progress: bool = True) -> Any:  # fmt: skip
+    """After :func:`quantize`: tune the scales of ``result``'s weight-only integer layers (in place, integers
+    frozen) against ``teacher``'s (the float model's) outputs, KL per token on ``calib_data``; returns a
+    :class:`slimquant.pipeline.distill.DistillReport` (held-out KL before / after, steps, time). The model stays a
+    plain quantized model: save and export it as before."""
+    from slimquant.pipeline.distill import distill as _distill
+
+    return _distill(result, teacher, calib_data, steps, lr, holdout, eval_every, show_progress)
+
+
 def as_result(obj: Any, what: str) -> QuantizationResult:
     """``obj`` as a :class:`QuantizationResult`: a result as it is, a loaded slimquant checkpoint
     (:class:`LoadedModel`) with its recipe; anything else (a bare module) refused saying what to pass."""
