@@ -298,6 +298,12 @@ def test_4bit_mlp_takes_the_unfused_path_when_the_fused_one_does_not_apply(llama
     with torch.nn.modules.module.register_module_forward_hook(lambda *a: None):
         _logits(fused, ids)
     assert calls["gated"] == 0
+    acts = []
+    handle = mlp.act_fn.register_forward_hook(lambda mod, args, out: acts.append(out.shape))
+    _logits(fused, ids)
+    handle.remove()
+    assert acts == [(2, 24, 128)] and calls["gated"] == len(fused.model.layers) - 1  # the hooked MLP ran unfused
+    calls["gated"] = 0
     mlp.gate_proj.kernel = "reference"
     x = torch.randn(2, 24, 64)
     assert torch.equal(mlp(x), mlp.original(x)) and calls["gated"] == 0

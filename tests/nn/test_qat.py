@@ -334,3 +334,50 @@ def test_llm_qat_exports_like_post_training_quantization(llama, tokenizer, tmp_p
     observed = sq.prepare_qat(nn.Sequential(nn.Linear(64, 8)), Recipe(weight=q4_0, steps=(sq.QAT(),),
                                                                       disable_last_linear=False))  # fmt: skip
     assert sq.convert(observed).model[0].spec.gguf == "Q4_0"  # observer ranges stay on the GGUF grid
+
+
+def test_w4a8_llama_reloads_with_its_input_quantization(llama, tokenizer, tmp_path) -> None:  # noqa: ANN001
+    """Loading fuses 4-bit gated MLPs for inference; an MLP whose gate / up also quantize their input (W4A8) must
+    stay unfused, or the input quantization would be skipped."""
+    from slimquant.nn.fused import FusedW4A16GatedMLP
+
+    ids = torch.randint(0, llama.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    recipe = Recipe(weight=QuantSpec("int4", "per_group", 32), input=A8, steps=(sq.QAT(),))
+    model = sq.prepare_qat(llama, recipe, calib_data=ids, show_progress=False)
+    result = sq.convert(model)
+    assert type(model.model.layers[0].mlp.gate_proj) is QLinearInputQuant
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits
+    sq.save(result, tmp_path / "q", tokenizer=tokenizer)
+    loaded = sq.load(tmp_path / "q").model
+    assert not any(isinstance(m, FusedW4A16GatedMLP) for m in loaded.modules())
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=ids).logits, ref)
+
+
+def test_review_edge_cases() -> None:
+    # LSQ's gradient scale reaches the step size
+    x = torch.tensor([0.26, -0.74, 5.0])
+    grads = []
+    for factor in (1.0, 0.25):
+        s = torch.tensor(0.5, requires_grad=True)
+        learned_fake_quantize(x, s, None, -8.0, 7.0, factor).sum().backward()
+        grads.append(float(s.grad))
+    assert abs(grads[1] - 0.25 * grads[0]) < 1e-6
+    # half-precision models are refused, naming the layer
+    with pytest.raises(sq.NotSupportedYet, match="layer features.0: QAT trains float32 weights"):
+        sq.prepare_qat(_net().half(), _recipe())
+    # lsq+ with dynamic (symmetric) inputs: the learned zero points are the weights'
+    uw = QuantSpec("uint4", "per_channel", symmetric=False)
+    sq.prepare_qat(nn.Sequential(nn.Linear(16, 8)), Recipe(weight=uw, input=A8_DYN, steps=(sq.QAT(ranges="lsq+"),),
+                                                           disable_last_linear=False))  # fmt: skip
+    # a BN with gamma == 0 (zero-initialised residual branches) trains without NaN
+    net = _net()
+    with torch.no_grad():
+        net.bn2.weight[:4] = 0.0
+    sq.prepare_qat(net, _recipe())
+    assert all(torch.isfinite(torch.tensor(_train(net, steps=2))))
+    # errors raised while training name the layer
+    fresh = sq.prepare_qat(_net(), _recipe())
+    with pytest.raises(SlimquantError, match="layer features.0"):
+        fresh.eval()(torch.randn(2, 1, 8, 8))

@@ -164,21 +164,24 @@ class FusedW4A16GatedMLP(_GatedMLP):
 
     The original module computes instead when the input is not float32 on the CPU or needs a gradient, when
     ``gate`` or ``up`` use a kernel other than ``"fast"`` / ``"native"``, when the native library is not built,
-    or when a forward hook (the layers' own or a global one) is registered, so hooks see the calls they
-    expect."""
+    or when a forward hook (gate's, up's, the activation's or a global one) is registered, so hooks see the calls
+    they expect."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up, down = (getattr(self, n) for n in self.names)
-        parts = self._packed(x, gate, up)
+        parts = self._packed(x, gate, up, getattr(self, self.act_name))
         if parts is None:
             return self.original(x)
         return down(native.w4a16_gated(x, parts[0], parts[1], gate.weight_cols))
 
     @staticmethod
-    def _packed(x: torch.Tensor, gate: nn.Module, up: nn.Module) -> tuple[native.Packed4, native.Packed4] | None:
+    def _packed(x: torch.Tensor, gate: nn.Module, up: nn.Module,
+                act: nn.Module) -> tuple[native.Packed4, native.Packed4] | None:  # fmt: skip
         if x.dtype != torch.float32 or x.device.type != "cpu" or (x.requires_grad and torch.is_grad_enabled()):
             return None
-        if not (isinstance(gate, QLinear) and isinstance(up, QLinear)):
+        if type(gate) is not QLinear or type(up) is not QLinear:  # weight-only layers (not input-quantizing ones)
+            return None
+        if act._forward_hooks or act._forward_pre_hooks:
             return None
         if {gate.kernel, up.kernel} - {"fast", "native"} or native.library() is None:
             return None

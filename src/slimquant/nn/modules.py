@@ -11,7 +11,7 @@ multiple of 16 columns) on float32 inputs through the C++ GEMV of :mod:`slimquan
 ``native.W8A16_GEMV_MAX_ROWS`` rows (decode), reading the int8 weight once instead of writing a float copy
 (equal to the reference up to float32 summation order), and takes ``"torch"`` otherwise; packed 4-bit weights
 (int4 / uint4, any granularity) on float32 inputs go to the native 4-bit kernels for any number of rows (a GEMV
-over the nibbles, or a GEMM over float tiles of the weight that never holds it whole); ``"fast"`` (the
+over the nibbles, or a GEMM over float tiles of at most 2 MiB of the weight); ``"fast"`` (the
 default) is ``"native"`` when the native library builds, else ``"torch"``.
 """
 

@@ -19,14 +19,17 @@ state. Every fake quantization computes the same float32 operations as the conve
 dequantize (:mod:`slimquant.math.quant`), so :func:`slimquant.convert` keeps the outputs up to float32 rounding.
 
 :class:`QATLinear` / :class:`QATConv2d` hold the original layer's ``weight`` / ``bias`` Parameters (an optimizer
-built before :func:`slimquant.prepare_qat` keeps training them); :class:`QATConvBn2d` also holds the BatchNorm
+built before :func:`slimquant.prepare_qat` keeps training them, but not the quantizers' new Parameters: LSQ / LSQ+
+scales and zero points, SLB's logits; build the optimizer after ``prepare_qat``); :class:`QATConvBn2d` also holds the BatchNorm
 that followed the convolution and trains with it folded in (Krishnamoorthi 2018, as Golden Stick's SimQAT): the
 weight is scaled by ``gamma / sqrt(running_var + eps)`` before fake quantization; while the BN statistics are
 live, the convolution's output is scaled back and the BN normalises it with the batch statistics (updating its
 running ones); once frozen (``freeze_bn_after`` steps, or :func:`freeze_bn`) or in eval mode it computes
 ``conv(x, fq(W_folded)) + b_folded``: what the converted layer computes.
 
-Training steps are counted per module (forward calls in training mode with gradients enabled).
+Training steps are counted per module (forward calls in training mode with gradients enabled). Under gradient
+checkpointing a recomputed forward counts (and observes) again: count freezing steps accordingly. Weights must be
+float32 (half-precision QAT is refused); the quantizers' state lives on the weights' device.
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from slimquant.errors import SlimquantError
+from slimquant.errors import NotSupportedYet, SlimquantError
 from slimquant.math.qparams import grid, qparams_from_minmax
 from slimquant.math.quant import dequantize, fake_quantize, learned_fake_quantize, quantize, round_ste
 from slimquant.math.weights import QuantizedWeight, check_weight_shape, dequantize_weight, grouped, quantize_weight
@@ -59,8 +62,10 @@ class FakeQuantizer(nn.Module):
     """
 
     def __init__(self, spec: QuantSpec, role: str, ranges: str = "observer", momentum: float = 0.9,
-                 freeze_after: int | None = None, weight: torch.Tensor | None = None) -> None:  # fmt: skip
+                 freeze_after: int | None = None, weight: torch.Tensor | None = None,
+                 device: Any = None) -> None:  # fmt: skip
         super().__init__()
+        self.where = ""  # " (layer <name>)", set by prepare_qat for error messages
         if ranges not in RANGES:
             raise SlimquantError(f"unknown QAT ranges {ranges!r}; valid: {', '.join(RANGES)}")
         if role not in ("weight", "input"):
@@ -68,7 +73,7 @@ class FakeQuantizer(nn.Module):
         qt = lookup_qtype(spec.qtype)
         if qt.is_float:
             raise SlimquantError(f"QAT fake-quantizes integer types; {spec.qtype} is a float type")
-        if ranges == "lsq+" and spec.symmetric:
+        if ranges == "lsq+" and spec.symmetric and not spec.dynamic:
             raise SlimquantError(f"QAT ranges 'lsq+' learn a zero point: the {role} spec must be asymmetric "
                                  f"(symmetric=False), got {spec.describe()}")  # fmt: skip
         if spec.gguf is not None and ranges != "observer":
@@ -82,8 +87,8 @@ class FakeQuantizer(nn.Module):
         self.qmin, self.qmax = grid(qt)
         self.calibrating = False  # set by prepare_qat while its calibration data runs
         self._calib_range: tuple[torch.Tensor, torch.Tensor] | None = None
-        self.register_buffer("steps", torch.zeros((), dtype=torch.int64))
-        self.register_buffer("observing", torch.ones((), dtype=torch.bool))
+        self.register_buffer("steps", torch.zeros((), dtype=torch.int64, device=device))
+        self.register_buffer("observing", torch.ones((), dtype=torch.bool, device=device))
         if role == "weight":
             if weight is None:
                 raise SlimquantError("a weight FakeQuantizer needs the weight it starts from")
@@ -104,18 +109,18 @@ class FakeQuantizer(nn.Module):
             return
         if spec.granularity is not Granularity.PER_TENSOR:
             raise SlimquantError(f"static inputs are quantized per_tensor, not {spec.granularity.value}")
-        self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
+        self.register_buffer("initialized", torch.zeros((), dtype=torch.bool, device=device))
         if ranges == "observer":
-            self.register_buffer("rmin", torch.zeros(1))
-            self.register_buffer("rmax", torch.zeros(1))
+            self.register_buffer("rmin", torch.zeros(1, device=device))
+            self.register_buffer("rmax", torch.zeros(1, device=device))
         else:
-            self.log_scale = nn.Parameter(torch.zeros(1))
+            self.log_scale = nn.Parameter(torch.zeros(1, device=device))
             if spec.symmetric:
                 self.zero_point = None
             elif ranges == "lsq+":
-                self.zero_point = nn.Parameter(torch.zeros(1))
+                self.zero_point = nn.Parameter(torch.zeros(1, device=device))
             else:
-                self.register_buffer("zero_point", torch.zeros(1))
+                self.register_buffer("zero_point", torch.zeros(1, device=device))
             self.grad_factor = 1.0
 
     @property
@@ -157,7 +162,7 @@ class FakeQuantizer(nn.Module):
         first batch sets the starting scale / zero point)."""
         lo, hi = x.detach().float().amin().reshape(1), x.detach().float().amax().reshape(1)
         if not bool(torch.isfinite(lo).all() and torch.isfinite(hi).all()):
-            raise SlimquantError("QAT: a layer input holds NaN or inf; its quantization range cannot be observed")
+            raise SlimquantError(f"QAT{self.where}: the input holds NaN or inf; its quantization range cannot be observed")
         if self.ranges == "observer":
             if bool(self.initialized):
                 self.rmin.mul_(self.momentum).add_(lo, alpha=1.0 - self.momentum)
@@ -178,7 +183,7 @@ class FakeQuantizer(nn.Module):
         batches, :func:`slimquant.prepare_qat`'s ``calib_data``) and start the range there."""
         lo, hi = x.detach().float().amin().reshape(1), x.detach().float().amax().reshape(1)
         if not bool(torch.isfinite(lo).all() and torch.isfinite(hi).all()):
-            raise SlimquantError("QAT: a layer input holds NaN or inf; its quantization range cannot be observed")
+            raise SlimquantError(f"QAT{self.where}: the input holds NaN or inf; its quantization range cannot be observed")
         if self._calib_range is not None:
             lo, hi = torch.minimum(lo, self._calib_range[0]), torch.maximum(hi, self._calib_range[1])
         self._calib_range = (lo, hi)
@@ -200,12 +205,13 @@ class FakeQuantizer(nn.Module):
         elif learning and (not bool(self.initialized) or (self.ranges == "observer" and bool(self.observing))):
             self.observe(x)
         elif not bool(self.initialized):
-            raise SlimquantError("QAT: a layer's input range has not been observed yet: run training steps (or pass "
-                                 "calib_data to prepare_qat) before evaluating")  # fmt: skip
+            raise SlimquantError(f"QAT{self.where}: the input range has not been observed yet: run training steps (or "
+                                 "pass calib_data to prepare_qat) before evaluating")  # fmt: skip
         scale, zp = self.input_params()
         if self.ranges == "observer":
             return fake_quantize(x, scale, zp, lookup_qtype(self.spec.qtype))
-        return learned_fake_quantize(x, self.scale, self.zero_point, self.qmin, self.qmax, self._input_grad_factor(x))
+        y = learned_fake_quantize(x, self.scale, self.zero_point, self.qmin, self.qmax, self._input_grad_factor(x))
+        return y.to(x.dtype)
 
     def _input_grad_factor(self, x: torch.Tensor) -> float:
         return 1.0 / math.sqrt(max(x.numel(), 1) * max(abs(self.qmax), 1.0))
@@ -228,8 +234,8 @@ class FakeQuantizer(nn.Module):
         scale = self.scale.detach().float().clone()
         zp = None if self.zero_point is None else torch.round(self.zero_point.detach().float())
         if not bool(torch.isfinite(scale).all()) or bool((scale <= 0).any()):
-            raise SlimquantError("QAT: a learned weight scale is 0 or not finite (the training diverged); lower the "
-                                 "learning rate of the quantizer scales")  # fmt: skip
+            raise SlimquantError(f"QAT{self.where}: a learned weight scale is 0 or not finite (the training diverged); "
+                                 "lower the learning rate of the quantizer scales")  # fmt: skip
         q = quantize(grouped(w, self.spec), scale.unsqueeze(-1), None if zp is None else zp.unsqueeze(-1), qt)
         return QuantizedWeight(q.reshape(w.shape), scale.contiguous(), None if zp is None else zp.contiguous())
 
@@ -256,6 +262,7 @@ class SLBWeightQuantizer(nn.Module):
     def __init__(self, spec: QuantSpec, weight: torch.Tensor, binary: bool, temperature: tuple[float, float],
                  anneal_steps: int) -> None:  # fmt: skip
         super().__init__()
+        self.where = ""
         qt = lookup_qtype(spec.qtype)
         if qt.is_float or not qt.signed or not spec.symmetric or not 2 <= qt.bits <= 4 or spec.gguf is not None:
             raise SlimquantError(f"SLB searches signed symmetric 2-4 bit integer weights (int2 .. int4; binary: int2), "
@@ -266,10 +273,10 @@ class SLBWeightQuantizer(nn.Module):
         self.t_start, self.t_end = float(temperature[0]), float(temperature[1])
         self.anneal_steps = int(anneal_steps)
         qmin, qmax = grid(qt)
-        levels = torch.tensor([-1.0, 1.0]) if binary else torch.arange(qmin, qmax + 1.0)
-        self.register_buffer("levels", levels)
-        self.register_buffer("steps", torch.zeros((), dtype=torch.int64))
         w = weight.detach().float()
+        levels = torch.tensor([-1.0, 1.0]) if binary else torch.arange(qmin, qmax + 1.0)
+        self.register_buffer("levels", levels.to(w.device))
+        self.register_buffer("steps", torch.zeros((), dtype=torch.int64, device=w.device))
         wg = grouped(w, spec)
         if binary:
             scale = wg.abs().mean(-1).clamp_min(1e-12)
@@ -319,6 +326,9 @@ class _QATLayer(nn.Module):
 
     def _init_quant(self, weight_spec: QuantSpec, input_spec: QuantSpec | None, ranges: str, momentum: float,
                     freeze_observers_after: int | None, slb: dict[str, Any] | None = None) -> None:  # fmt: skip
+        if self.weight.dtype != torch.float32:
+            raise NotSupportedYet(f"QAT trains float32 weights; this layer's are {self.weight.dtype} (cast the model "
+                                  "with .float() before prepare_qat; half-precision QAT is not supported yet)")  # fmt: skip
         check_weight_shape(tuple(self.weight_2d().shape), weight_spec)  # type: ignore[arg-type]
         if isinstance(self, QATConv2d) and input_spec is not None and input_spec.dynamic:
             raise SlimquantError("a convolution's input is quantized statically (per_tensor); dynamic per-token "
@@ -332,7 +342,8 @@ class _QATLayer(nn.Module):
         else:
             self.weight_quant = FakeQuantizer(weight_spec, "weight", ranges, weight=self.weight_2d())
         self.input_quant = (None if input_spec is None else
-                            FakeQuantizer(input_spec, "input", ranges, momentum, freeze_observers_after))  # fmt: skip
+                            FakeQuantizer(input_spec, "input", ranges, momentum, freeze_observers_after,
+                                          device=self.weight.device))  # fmt: skip
 
     def weight_2d(self) -> torch.Tensor:
         """The (folded) weight as the quantizer sees it, ``[n, k]``."""
@@ -348,9 +359,10 @@ class _QATLayer(nn.Module):
             return bias
         s_in, _ = self.input_quant.input_params()
         w_scale = self.weight_quant.quantized_weight(self.weight_2d()).scale.reshape(-1)
-        acc = (s_in.float().reshape(1) * w_scale).to(bias.dtype)
+        # as kernels.int8.quantize_bias: the float32 accumulator scale, the division in float64
+        acc = (s_in.double().reshape(1) * w_scale.double()).float()
         _check_bias_scale(acc)
-        return round_ste(bias / acc) * acc
+        return (round_ste(bias.double() / acc.double()).float() * acc).to(bias.dtype)
 
     def _input(self, x: torch.Tensor) -> torch.Tensor:
         return x if self.input_quant is None else self.input_quant(x)
@@ -470,7 +482,9 @@ class QATConvBn2d(QATConv2d):
         if not (learning and not bool(self.bn_frozen)):  # running statistics: what the converted layer computes
             return self._conv(x, w, self._folded_bias())
         factor = self._factor().reshape(1, -1, 1, 1)
-        y = self._conv(x, w, None) / factor  # the convolution with the unscaled (but quantized) weight
+        # channels with gamma == 0 have a zero folded weight; any finite value works there (the BN outputs beta)
+        safe = torch.where(factor.abs() > 0, factor, torch.ones_like(factor))
+        y = self._conv(x, w, None) / safe  # the convolution with the unscaled (but quantized) weight
         if self.bias is not None:
             y = y + self.bias.reshape(1, -1, 1, 1)
         self.bn.train()

@@ -103,8 +103,13 @@ def prepare_qat(model: nn.Module, recipe: Recipe | None = None, calib_data: Any 
                 set_module(model, bn_name, nn.Identity())
             else:
                 new = QATConv2d(module, lp.spec, lp.input, **kw)  # type: ignore[arg-type]
-        except (SlimquantError, ValueError) as e:
+        except SlimquantError as e:
+            raise type(e)(f"layer {lp.name}: {e}") from None
+        except ValueError as e:
             raise SlimquantError(f"layer {lp.name}: {e}") from None
+        for q in (new.weight_quant, new.input_quant):
+            if q is not None:
+                q.where = f" (layer {lp.name})"
         set_module(model, lp.name, new)
     state = describe_state(model)
     log.info("prepare_qat: %d layer(s) fake-quantized (%d with BN folded, %d with quantized inputs), ranges %s",

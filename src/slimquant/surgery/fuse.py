@@ -79,7 +79,7 @@ def _fuse_mlp(model: nn.Module, arch: Architecture, block: str) -> int:
         set_module(model, name, FusedGatedMLP(mlp, spec.gate, spec.up, spec.down, spec.act))
         return 1
     gate, up = getattr(mlp, spec.gate, None), getattr(mlp, spec.up, None)
-    if not (isinstance(gate, QLinear) and isinstance(up, QLinear)):
+    if type(gate) is not QLinear or type(up) is not QLinear:  # weight-only: not a subclass that quantizes its input
         return 0
     if gate.packed4() is None or up.packed4() is None:
         return 0

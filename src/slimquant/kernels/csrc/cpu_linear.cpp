@@ -805,8 +805,8 @@ at::Tensor w8a16_2d(const at::Tensor& x, const at::Tensor& w, const at::Tensor& 
 //     then its 16 odd columns (done once per call), so a chunk's low nibbles meet x[0:16] and its high ones
 //     x[16:32] without shuffling the weight
 //   GEMM (more rows): per tile of weight rows, the tile's float weight (the reference's float32 operations, so the
-//     same bits) goes to a buffer the size of a few hundred KiB, and at::mm multiplies it; the full float weight
-//     never exists
+//     same bits) goes to a buffer of at most g_w4_tile_bytes (2 MiB; a smaller layer is one tile, and a row of
+//     more than 32768 columns still makes 16-row tiles), and at::mm multiplies it
 
 struct W4Args {
   const float* x;   // [M, k] as given
@@ -1022,7 +1022,8 @@ void w4_dequant_rows(const W4Args& a, int64_t j0, int64_t j1, float* out) {
 int64_t g_w4_tile_bytes = 2 * 1024 * 1024;
 
 // columns per tile of the GEMM path: equal tiles, multiples of 16 columns, each holding at most g_w4_tile_bytes
-// of float weight for `parts` weights side by side (a short last tile ran up to 1.6x slower per column)
+// of float weight for `parts` weights side by side (a short last tile ran up to 1.6x slower per column); rows so
+// long that 16 of them exceed the budget still get 16-row tiles
 int64_t w4_tile_cols(int64_t n, int64_t k, int64_t parts) {
   const int64_t cap = std::max<int64_t>(16, g_w4_tile_bytes / (4 * std::max<int64_t>(k, 1) * parts) / 16 * 16);
   const int64_t tiles = (n + cap - 1) / cap;
@@ -1133,7 +1134,7 @@ at::Tensor w4a16_2d(const at::Tensor& x, const at::Tensor& w, const at::Tensor& 
 // h = silu(x Wg^T + bg) * (x Wu^T + bu), a gated MLP's hidden rows from its packed 4-bit gate and up weights
 // (same n and k). GEMM: per tile of columns the gate's and the up's float weight rows side by side in one buffer,
 // one at::mm for both, then silu * up into h while the tile's products are in cache (neither product is ever
-// written whole, and the whole float weights never exist); GEMV: the two nibble GEMVs, then silu * up.
+// written whole, and at most a tile of float weight exists at a time); GEMV: the two nibble GEMVs, then silu * up.
 at::Tensor w4a16_gated_2d(const at::Tensor& x, const at::Tensor& wg, const at::Tensor& sg,
                           const c10::optional<at::Tensor>& zg, double qg, const c10::optional<at::Tensor>& bg,
                           const at::Tensor& wu, const at::Tensor& su, const c10::optional<at::Tensor>& zu, double qu,
