@@ -262,8 +262,11 @@ def test_bad_input() -> None:
     with pytest.raises(SlimquantError, match="dynamic per-token"):
         sq.prepare_qat(_net(), Recipe(weight=W8, input=A8_DYN, steps=(sq.QAT(),), disable_last_linear=False))
     x = torch.full((2, 1, 8, 8), float("nan"))
-    with pytest.raises(SlimquantError, match="layer features.0: in_features 9 is not divisible by group_size 32"):
-        sq.prepare_qat(_net(), Recipe(weight=QuantSpec("int4", "per_group", 32), steps=(sq.QAT(),)))
+    untouched = _net()
+    with pytest.raises(SlimquantError, match="layer conv2: in_features 72 is not divisible by group_size 32"):
+        sq.prepare_qat(untouched, Recipe(weight=QuantSpec("int4", "per_group", 32), steps=(sq.QAT(),),
+                                         overrides=(("features.0", LayerOverride(weight=W4)),)))  # fmt: skip
+    assert type(untouched.features[0]) is nn.Conv2d and type(untouched.features[1]) is nn.BatchNorm2d  # nothing swapped
     with pytest.raises(SlimquantError, match="NaN or inf"):
         sq.prepare_qat(_net(), _recipe(), calib_data=[x])
 

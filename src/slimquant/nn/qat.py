@@ -284,7 +284,7 @@ class SLBWeightQuantizer(nn.Module):
             scale = quantize_weight(w, spec).scale
         self.register_buffer("scale", scale.clone())
         v = (wg / scale.unsqueeze(-1)).reshape(w.shape)
-        self.logits = nn.Parameter(-((v.unsqueeze(-1) - levels) ** 2) / 0.5)
+        self.logits = nn.Parameter(-((v.unsqueeze(-1) - self.levels) ** 2) / 0.5)
         self.shape = tuple(w.shape)
 
     def temperature(self) -> float:

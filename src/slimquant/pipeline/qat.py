@@ -91,7 +91,8 @@ def prepare_qat(model: nn.Module, recipe: Recipe | None = None, calib_data: Any 
                               freeze_observers_after=step.freeze_observers_after or None)  # fmt: skip
     if step.ranges == "slb":
         kw["slb"] = dict(binary=step.slb_binary, temperature=step.slb_temperature, anneal_steps=step.slb_anneal_steps)
-    for lp in layers:
+    swaps: list[tuple[str, nn.Module]] = []  # built first, swapped in only when every layer built: a refused
+    for lp in layers:                        # layer leaves the model untouched
         module = model.get_submodule(lp.name)
         try:
             if lp.kind == "linear":
@@ -100,7 +101,7 @@ def prepare_qat(model: nn.Module, recipe: Recipe | None = None, calib_data: Any 
                 bn_name = pairs[lp.name]
                 new = QATConvBn2d(module, model.get_submodule(bn_name), lp.spec, lp.input,  # type: ignore[arg-type]
                                   freeze_bn_after=step.freeze_bn_after or None, bn_name=bn_name, **kw)  # fmt: skip
-                set_module(model, bn_name, nn.Identity())
+                swaps.append((bn_name, nn.Identity()))
             else:
                 new = QATConv2d(module, lp.spec, lp.input, **kw)  # type: ignore[arg-type]
         except SlimquantError as e:
@@ -110,7 +111,9 @@ def prepare_qat(model: nn.Module, recipe: Recipe | None = None, calib_data: Any 
         for q in (new.weight_quant, new.input_quant):
             if q is not None:
                 q.where = f" (layer {lp.name})"
-        set_module(model, lp.name, new)
+        swaps.append((lp.name, new))
+    for name, new in swaps:
+        set_module(model, name, new)
     state = describe_state(model)
     log.info("prepare_qat: %d layer(s) fake-quantized (%d with BN folded, %d with quantized inputs), ranges %s",
              state["layers"], state["bn_folded"], state["input_quantized"], step.ranges)
