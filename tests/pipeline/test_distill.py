@@ -65,3 +65,23 @@ def test_distill_bad_input(llama) -> None:  # noqa: ANN001
     r = sq.quantize(copy.deepcopy(llama), Recipe(weight=QuantSpec("int4", "per_group", 32)), show_progress=False)
     with pytest.raises(SlimquantError, match="give more items"):
         sq.distill(r, teacher, _windows(llama.config.vocab_size, n=2))
+
+
+def test_distill_stops_on_a_non_finite_loss_keeping_the_best(llama) -> None:  # noqa: ANN001
+    teacher = copy.deepcopy(llama)
+
+    class Poisoned(torch.nn.Module):  # the teacher's logits turn NaN on the training items
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner, self.calls = teacher, 0
+
+        def forward(self, input_ids: torch.Tensor):  # noqa: ANN201
+            self.calls += 1
+            out = self.inner(input_ids=input_ids).logits
+            return out if self.calls <= 2 else out * float("nan")  # the 2 held-out targets come first
+
+    result = sq.quantize(llama, Recipe(weight=QuantSpec("int4", "per_group", 32)), show_progress=False)
+    scales = {n: m.weight_scale.clone() for n, m in result.model.named_modules() if isinstance(m, QLinear)}
+    rep = sq.distill(result, Poisoned(), _windows(llama.config.vocab_size), steps=5, show_progress=False)
+    assert rep.stopped == "non-finite loss at step 1" and rep.best_step == 0 and rep.steps == 0
+    assert all(torch.equal(m.weight_scale, scales[n]) for n, m in result.model.named_modules() if n in scales)

@@ -2,7 +2,8 @@
 
 Exposes the fused int8 linears of :mod:`slimquant.kernels.int8` as C++ (one call per layer instead of ~20
 aten ops; a VNNI int8 GEMV for one to four rows; an int8-weight x float32 GEMV that reads the weight once) and the
-4-bit-weight x float32 GEMV and tiled GEMM. Vector loops for AVX512 and for AVX2 + FMA are chosen at run time.
+4-bit-weight x float32 GEMV and tiled GEMM (and a gated MLP's ``silu(gate) * up`` from two 4-bit weights in one
+tiled GEMM). Vector loops for AVX512 and for AVX2 + FMA are chosen at run time.
 The first call builds the library with ``torch.utils.cpp_extension`` (a C++ compiler and ninja are needed;
 ~30 s on two cores) into ``$SLIMQUANT_CACHE_DIR`` (default ``~/.cache/slimquant``)/``torch_extensions``; later
 processes load the cached build. When the build fails (no compiler, no ninja, unsupported platform) a warning
