@@ -157,36 +157,14 @@ class FakeQuantizer(nn.Module):
                                    lookup_qtype(self.spec.qtype), True)  # fmt: skip
         return fake_quantize(x, s, None, lookup_qtype(self.spec.qtype))
 
-    def observe(self, x: torch.Tensor) -> None:
-        """Fold ``x``'s range into the static input's range (observer: its moving average; learned ranges: the
-        first batch sets the starting scale / zero point)."""
+    def _range_of(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         lo, hi = x.detach().float().amin().reshape(1), x.detach().float().amax().reshape(1)
         if not bool(torch.isfinite(lo).all() and torch.isfinite(hi).all()):
             raise SlimquantError(f"QAT{self.where}: the input holds NaN or inf; its quantization range cannot be observed")
-        if self.ranges == "observer":
-            if bool(self.initialized):
-                self.rmin.mul_(self.momentum).add_(lo, alpha=1.0 - self.momentum)
-                self.rmax.mul_(self.momentum).add_(hi, alpha=1.0 - self.momentum)
-            else:
-                self.rmin.copy_(lo)
-                self.rmax.copy_(hi)
-        elif not bool(self.initialized):
-            s, zp = qparams_from_minmax(lo, hi, lookup_qtype(self.spec.qtype), self.spec.symmetric)
-            with torch.no_grad():
-                self.log_scale.copy_(torch.log(s))
-                if self.zero_point is not None and zp is not None:
-                    self.zero_point.copy_(zp)
-        self.initialized.fill_(True)
+        return lo, hi
 
-    def calibrate(self, x: torch.Tensor) -> None:
-        """Widen the static input's range to include ``x`` (min of minima, max of maxima over the calibration
-        batches, :func:`slimquant.prepare_qat`'s ``calib_data``) and start the range there."""
-        lo, hi = x.detach().float().amin().reshape(1), x.detach().float().amax().reshape(1)
-        if not bool(torch.isfinite(lo).all() and torch.isfinite(hi).all()):
-            raise SlimquantError(f"QAT{self.where}: the input holds NaN or inf; its quantization range cannot be observed")
-        if self._calib_range is not None:
-            lo, hi = torch.minimum(lo, self._calib_range[0]), torch.maximum(hi, self._calib_range[1])
-        self._calib_range = (lo, hi)
+    def _start_at(self, lo: torch.Tensor, hi: torch.Tensor) -> None:
+        """Set the range (observer) or the learned scale / zero point to what ``[lo, hi]`` gives."""
         if self.ranges == "observer":
             self.rmin.copy_(lo)
             self.rmax.copy_(hi)
@@ -197,6 +175,25 @@ class FakeQuantizer(nn.Module):
                 if self.zero_point is not None and zp is not None:
                     self.zero_point.copy_(zp)
         self.initialized.fill_(True)
+
+    def observe(self, x: torch.Tensor) -> None:
+        """Fold ``x``'s range into the static input's range (observer: its moving average; learned ranges: the
+        first batch sets the starting scale / zero point)."""
+        lo, hi = self._range_of(x)
+        if self.ranges == "observer" and bool(self.initialized):
+            self.rmin.mul_(self.momentum).add_(lo, alpha=1.0 - self.momentum)
+            self.rmax.mul_(self.momentum).add_(hi, alpha=1.0 - self.momentum)
+        elif not bool(self.initialized):
+            self._start_at(lo, hi)
+
+    def calibrate(self, x: torch.Tensor) -> None:
+        """Widen the static input's range to include ``x`` (min of minima, max of maxima over the calibration
+        batches, :func:`slimquant.prepare_qat`'s ``calib_data``) and start the range there."""
+        lo, hi = self._range_of(x)
+        if self._calib_range is not None:
+            lo, hi = torch.minimum(lo, self._calib_range[0]), torch.maximum(hi, self._calib_range[1])
+        self._calib_range = (lo, hi)
+        self._start_at(lo, hi)
 
     def _static(self, x: torch.Tensor) -> torch.Tensor:
         learning = self.training and torch.is_grad_enabled()
