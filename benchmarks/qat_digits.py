@@ -131,9 +131,10 @@ def recipe(scheme: str, method: str, steps: int):  # noqa: ANN201
     else:
         weight = QuantSpec(wq, "per_channel")
     inp = QuantSpec(iq, "per_tensor", symmetric=False)
-    if ranges == "slb":  # BN stays after its convolution; the temperature anneals over all the training steps
-        step = sq.QAT(ranges="slb", fold_bn=False, slb_binary="binary" in method, slb_anneal_steps=max(steps, 1),
-                      freeze_observers_after=max(3 * steps // 4, 1))  # fmt: skip
+    if ranges == "slb":  # BN stays after its convolution; the temperature reaches its end at 3/4 of the steps, so
+        # the last quarter trains at the final temperature while the learning rate is still nonzero
+        step = sq.QAT(ranges="slb", fold_bn=False, slb_binary="binary" in method,
+                      slb_anneal_steps=max(3 * steps // 4, 1), freeze_observers_after=max(3 * steps // 4, 1))  # fmt: skip
     else:
         step = sq.QAT(ranges=ranges, freeze_bn_after=max(steps // 2, 1), freeze_observers_after=max(3 * steps // 4, 1))
     return Recipe(weight=weight, input=inp, steps=(step,), disable_last_linear=False)
@@ -267,7 +268,7 @@ def render(float_acc: float, control_acc: float, res: dict, ntr: int, nte: int, 
         f"QAT trains {qe} epochs from it (SGD momentum 0.9, lr {QAT_LR}, cosine to 0, BN frozen after half the "
         "steps, observed ranges after 3/4). Every layer is quantized, inputs included (the image into the first "
         "convolution too), BN folded into its convolution (SLB: BN kept after it, float; the temperature anneals "
-        "1 -> 0.01 over all the steps). PTQ = the same quantizers calibrated on 8 training batches (min / max) "
+        "1 -> 0.01 over the first 3/4 of the steps). PTQ = the same quantizers calibrated on 8 training batches (min / max) "
         "without training (*PTQ binary*: SLB's starting point, sign(w) times the channel's mean |w|, no training). *deploy* = after `slimquant.convert` (integer weights, stored input "
         "scales / zero points); *reloaded* = that model saved (`slimquant.save`, msmodelslim layout) and "
         "loaded into a fresh `DigitsCNN()` (`slimquant.load(dir, model=...)`). Plot: `benchmarks/out/qat_digits.png`.",
