@@ -351,11 +351,17 @@ def test_w4a8_llama_reloads_with_its_input_quantization(llama, tokenizer, tmp_pa
     assert type(model.model.layers[0].mlp.gate_proj) is QLinearInputQuant
     with torch.no_grad():
         ref = model(input_ids=ids).logits
-    sq.save(result, tmp_path / "q", tokenizer=tokenizer)
-    loaded = sq.load(tmp_path / "q").model
-    assert not any(isinstance(m, FusedW4A16GatedMLP) for m in loaded.modules())
-    with torch.no_grad():
-        assert torch.equal(loaded(input_ids=ids).logits, ref)
+    for fmt in ("msmodelslim", "transformers"):
+        sq.save(result, tmp_path / fmt, format=fmt, tokenizer=tokenizer)
+        loaded = sq.load(tmp_path / fmt).model
+        assert not any(isinstance(m, FusedW4A16GatedMLP) for m in loaded.modules())
+        with torch.no_grad():
+            assert torch.equal(loaded(input_ids=ids).logits, ref)
+    with pytest.raises(SlimquantError, match="int4 g32 sym layer with int8 per-tensor asym inputs"):
+        sq.save(result, tmp_path / "ct", format="compressed-tensors", tokenizer=tokenizer)
+    with pytest.raises(sq.NotSupportedYet, match="activation quantization is not expressible"):
+        sq.save(result, tmp_path / "gguf", format="gguf", tokenizer=tokenizer)
+    assert not (tmp_path / "ct").exists() and not (tmp_path / "gguf").exists()  # refused before anything is written
 
 
 def test_review_edge_cases() -> None:

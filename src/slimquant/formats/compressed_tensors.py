@@ -157,8 +157,13 @@ def layer_scheme(name: str, module: QModule) -> tuple[str, dict[str, Any], dict[
             iargs = _args(8, "float" if iqt.is_float else "int", bool(inp.symmetric or iqt.is_float), "tensor",
                           None, False)  # fmt: skip
         return ("float-quantized" if cls == "QLinearFP8" else "int-quantized"), _weight_args(name, module), iargs
+    inp = getattr(module, "input_spec", None)
     what = {"QConv2d": "a quantized Conv2d (compressed-tensors quantizes Linear layers)",
-            "QEmbedding": "a quantized embedding (compressed-tensors quantizes Linear layers)"}.get(cls, f"a {cls}")  # fmt: skip
+            "QConv2dInputQuant": "a quantized Conv2d (compressed-tensors quantizes Linear layers)",
+            "QEmbedding": "a quantized embedding (compressed-tensors quantizes Linear layers)",
+            "QLinearInputQuant": f"a {module.spec.describe()} layer with {inp.describe() if inp else '?'} inputs "
+                                 "(a pair only training produces; here compressed-tensors holds weight-only layers "
+                                 "and int8 / fp8 W8A8)"}.get(cls, f"a {cls}")  # fmt: skip
     raise _refuse(name, what)
 
 
