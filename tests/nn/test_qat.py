@@ -227,6 +227,7 @@ def test_weight_only_and_dynamic_inputs_convert_to_the_ptq_modules() -> None:
 def test_recipe_from_flags_builds_the_qat_recipe() -> None:
     r = Recipe.from_flags("--w_bit 4 --a_bit 8")
     assert r.weight_step.TYPE == "qat" and r.input is not None and r.input.qtype == "int8"
+    assert r.weight.granularity is Granularity.PER_CHANNEL  # msModelSlim's per-tensor default is post-training W8A8's
     assert Recipe.from_flags("--w_bit 4 --a_bit 4").input.qtype == "int4"
     r8 = Recipe.from_flags("--w_bit 8 --a_bit 8 --w_method qat --mm_tensor False")
     assert r8.weight_step.TYPE == "qat"

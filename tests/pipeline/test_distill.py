@@ -40,14 +40,15 @@ def test_distill_lowers_held_out_kl_and_changes_only_scales(llama, tokenizer, tm
 
 
 def test_distill_keeps_the_start_when_nothing_helps(llama) -> None:  # noqa: ANN001
-    teacher = copy.deepcopy(llama)
+    """With the quantized model as its own teacher the start is optimal (held-out KL 0): any step can only tie or
+    lose, so the starting scales are kept bit for bit."""
     result = sq.quantize(llama, Recipe(weight=QuantSpec("int8", "per_channel")), show_progress=False)
+    teacher = copy.deepcopy(result.model)
     scales = {n: m.weight_scale.clone() for n, m in result.model.named_modules() if isinstance(m, QLinear)}
-    rep = sq.distill(result, teacher, _windows(llama.config.vocab_size), steps=4, lr=10.0, eval_every=1,
+    rep = sq.distill(result, teacher, _windows(llama.config.vocab_size), steps=4, lr=0.5, eval_every=1,
                      show_progress=False)  # fmt: skip
-    if rep.best_step == 0:  # a huge learning rate only made it worse: the starting scales are kept
-        assert all(torch.equal(m.weight_scale, scales[n]) for n, m in result.model.named_modules() if n in scales)
-    assert rep.kl_after <= rep.kl_before
+    assert rep.best_step == 0 and rep.steps == 4 and rep.kl_before < 1e-6
+    assert all(torch.equal(m.weight_scale, scales[n]) for n, m in result.model.named_modules() if n in scales)
 
 
 def test_distill_bad_input(llama) -> None:  # noqa: ANN001

@@ -333,18 +333,7 @@ def _load_foreign_compressed_tensors(directory: Path, model: nn.Module | None, t
     derived from config.json's quantization_config, then it loads as slimquant's own."""
     from slimquant.formats import compressed_tensors as ct
 
-    config = _read_config(directory)
-    archs = config.get("architectures")
-    kind, tokenizer = "module", None
-    if model is None:
-        if not (isinstance(archs, list) and archs and isinstance(archs[0], str)):
-            raise SlimquantError(f"{directory / 'config.json'}: 'architectures' is missing; cannot build the model")
-        model, kind = _hf_skeleton(directory, archs[0], trust_remote_code)
-        tokenizer = _load_tokenizer(directory)
-    manifest = ct.manifest_from_config(directory, config, model)
-    ct.CODEC.load_into(model, directory, manifest)
-    fuse_for_inference(model)
-    return LoadedModel(model, tokenizer, kind, str(directory), manifest_recipe(manifest), None)
+    return _load_from_config(directory, model, trust_remote_code, ct.manifest_from_config, ct.CODEC)
 
 
 def _load_transformers_layout(directory: Path, model: nn.Module | None, trust_remote_code: bool) -> LoadedModel:
@@ -352,6 +341,13 @@ def _load_transformers_layout(directory: Path, model: nn.Module | None, trust_re
     comes from config.json's quantization_config and the safetensors files."""
     from slimquant.formats import transformers_layout as tl
 
+    return _load_from_config(directory, model, trust_remote_code, tl.manifest_from_directory, tl.CODEC)
+
+
+def _load_from_config(directory: Path, model: nn.Module | None, trust_remote_code: bool,
+                      derive: Any, codec: Any) -> LoadedModel:  # fmt: skip
+    """A checkpoint whose manifest ``derive(directory, config, model)`` makes from its config.json (the skeleton
+    from ``architectures`` unless ``model`` is given), loaded by ``codec``."""
     config = _read_config(directory)
     kind, tokenizer = "module", None
     if model is None:
@@ -360,8 +356,8 @@ def _load_transformers_layout(directory: Path, model: nn.Module | None, trust_re
             raise SlimquantError(f"{directory / 'config.json'}: 'architectures' is missing; cannot build the model")
         model, kind = _hf_skeleton(directory, archs[0], trust_remote_code)
         tokenizer = _load_tokenizer(directory)
-    manifest = tl.manifest_from_directory(directory, config, model)
-    tl.CODEC.load_into(model, directory, manifest)
+    manifest = derive(directory, config, model)
+    codec.load_into(model, directory, manifest)
     fuse_for_inference(model)
     return LoadedModel(model, tokenizer, kind, str(directory), manifest_recipe(manifest), None)
 

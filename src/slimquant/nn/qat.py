@@ -406,13 +406,17 @@ class QATConv2d(_QATLayer):
                  ranges: str = "observer", momentum: float = 0.9, freeze_observers_after: int | None = None,
                  slb: dict[str, Any] | None = None) -> None:  # fmt: skip
         super().__init__()
+        self._take_conv(conv)
+        self._init_quant(weight_spec, input_spec, ranges, momentum, freeze_observers_after, slb)
+
+    def _take_conv(self, conv: nn.Conv2d) -> None:
+        """The convolution's hyperparameters and its ``weight`` / ``bias`` Parameters (the same objects)."""
         for attr in ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups",
                      "padding_mode"):  # fmt: skip
             setattr(self, attr, getattr(conv, attr))
         self._padding_twice = list(conv._reversed_padding_repeated_twice)
         self.weight = conv.weight
         self.bias = conv.bias
-        self._init_quant(weight_spec, input_spec, ranges, momentum, freeze_observers_after, slb)
 
     def _conv(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
         if self.padding_mode != "zeros":  # as nn.Conv2d: pad first, then convolve without padding
@@ -444,17 +448,12 @@ class QATConvBn2d(QATConv2d):
             raise SlimquantError("BN folding needs an affine BatchNorm2d tracking running statistics over the "
                                  f"convolution's {conv.out_channels} output channels")  # fmt: skip
         nn.Module.__init__(self)
-        for attr in ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups",
-                     "padding_mode"):  # fmt: skip
-            setattr(self, attr, getattr(conv, attr))
-        self._padding_twice = list(conv._reversed_padding_repeated_twice)
-        self.weight = conv.weight
-        self.bias = conv.bias
+        self._take_conv(conv)
         self.bn = bn
         self.bn_name = bn_name  # where the BN was in the model (now nn.Identity there), for the converted layer
         self.freeze_bn_after = freeze_bn_after
-        self.register_buffer("bn_steps", torch.zeros((), dtype=torch.int64))
-        self.register_buffer("bn_frozen", torch.zeros((), dtype=torch.bool))
+        self.register_buffer("bn_steps", torch.zeros((), dtype=torch.int64, device=conv.weight.device))
+        self.register_buffer("bn_frozen", torch.zeros((), dtype=torch.bool, device=conv.weight.device))
         self._init_quant(weight_spec, input_spec, ranges, momentum, freeze_observers_after)
 
     def _factor(self) -> torch.Tensor:

@@ -219,8 +219,10 @@ def _recipe(args: argparse.Namespace) -> Recipe:
     smooth = _smooth_step(args, input_spec)
     if isinstance(smooth, GammaMigration) and input_spec is not None and not input_spec.dynamic and args.act_method is None:
         act_observer = "token_clip"  # Outlier Suppression = gamma migration + token-wise clipping
-    per_tensor = args.mm_tensor if args.mm_tensor is not None else input_spec is not None  # seed: W8A8 default True
-    if args.mm_tensor is None and input_spec is not None:
+    # seed: post-training W8A8 weights default to per-tensor (--mm_tensor True); trained pairs (QAT) per channel
+    qat = args.w_method == "qat" or _trained_only(args)
+    per_tensor = args.mm_tensor if args.mm_tensor is not None else (input_spec is not None and not qat)
+    if args.mm_tensor is None and input_spec is not None and not qat:
         log.warning("W8A8 weights are per-tensor by default (msModelSlim's --mm_tensor True), which is known to cost "
                     "accuracy: one int8 scale for a whole matrix (on smollm2-135m, W8A8 dynamic + m1 has 12x "
                     "the KL of per-channel weights; BENCHMARKS.md). Add --mm_tensor False for per-channel weights "
