@@ -6,7 +6,7 @@ from slimquant.models.loading import LoadedModel, load_model
 from slimquant.search.bits import SearchConfig, SearchResult, bit_search
 from slimquant.search.sensitivity import Sensitivity, layer_sensitivity
 from slimquant.search.tune import TuningConfig, TuningResult, autotune
-from slimquant.types import AWQ, GPTQ, QAT, RTN, GammaMigration, Granularity, LayerOverride, QuantSpec, Recipe, SmoothQuant, SmoothQuantSearch
+from slimquant.types import AWQ, GPTQ, QAT, RTN, AutoRound, GammaMigration, Granularity, LayerOverride, QuantSpec, Recipe, SmoothQuant, SmoothQuantSearch
 from slimquant.types.report import ConversionReport, LayerRow, StepRow
 from slimquant.types.result import QuantizationResult
 
@@ -37,6 +37,7 @@ __all__ = [
     "LayerOverride",
     "RTN",
     "GPTQ",
+    "AutoRound",
     "QAT",
     "AWQ",
     "SmoothQuant",

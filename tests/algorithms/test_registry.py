@@ -10,6 +10,7 @@ import torch
 
 from slimquant.algorithms import (
     BlockTransform,
+    BlockWeightAlgorithm,
     ModelTransform,
     WeightAlgorithm,
     _REGISTRY,
@@ -30,7 +31,7 @@ W4 = QuantSpec("int4", "per_group", 32, symmetric=False)
 
 def test_every_built_in_step_type_has_an_implementation_of_its_stage():
     assert set(_REGISTRY) == set(st.step_types())
-    kinds = {"weight": WeightAlgorithm, "model": ModelTransform, "block": BlockTransform}
+    kinds = {"weight": (WeightAlgorithm, BlockWeightAlgorithm), "model": ModelTransform, "block": BlockTransform}
     for tag, cls in st.step_types().items():
         assert isinstance(_REGISTRY[tag], kinds[cls.STAGE])
 
@@ -73,7 +74,7 @@ def test_registration_is_checked(monkeypatch):
 
     with pytest.raises(SlimquantError, match="has no registered implementation"):
         implementation(Toy())
-    with pytest.raises(SlimquantError, match="its implementation must be a WeightAlgorithm, not ModelTransform"):
+    with pytest.raises(SlimquantError, match="its implementation must be a WeightAlgorithm or BlockWeightAlgorithm, not ModelTransform"):
         register_algorithm(ModelTransform(Toy, observe=lambda *a: None, apply=lambda *a: []))
     with pytest.raises(SlimquantError, match="lacks solve"):
         register_algorithm(WeightAlgorithm(Toy))

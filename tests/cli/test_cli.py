@@ -338,6 +338,21 @@ def test_w_method_gptq(capsys, llama_dir, outs, text_file):
     assert manifest["layers"]["model.layers.0.self_attn.q_proj"]["method"]["algorithm"] == "gptq"
 
 
+def test_w_method_autoround(capsys, llama_dir, outs, text_file):
+    rc, stdout, _ = run(capsys, "quantize", "--model_path", llama_dir, "--save_directory", outs / "ar", "--w_bit", "4",
+                        "--group_size", "32", "--w_sym", "False", "--w_method", "autoround-light", "--iters", "3",
+                        "--batch_size", "2", "--calib_file", text_file, "--nsamples", "4", "--seqlen", "16")  # fmt: skip
+    assert rc == 0 and "w4a16" in stdout
+    manifest = read_manifest(outs / "ar")
+    step = Recipe.from_dict(manifest["recipe"]).weight_step
+    assert (step.iters, step.lr, step.batch_size) == (3, 5e-3, 2)
+    method = manifest["layers"]["model.layers.0.mlp.down_proj"]["method"]
+    assert method["algorithm"] == "autoround" and method["iters"] == 3
+    report = json.loads((outs / "ar" / "quantize_report.json").read_text())
+    row = next(r for r in report["layers"] if r["name"] == "model.layers.0.mlp.down_proj")
+    assert row["samples"] == 4 * 16 and row["autoround"]["steps"] == 3
+
+
 def test_stream_and_resume_after_a_crash(capsys, llama_dir, outs, text_file, monkeypatch, caplog):
     from slimquant.pipeline import workdir
 

@@ -16,7 +16,7 @@ from slimquant.formats.msmodelslim import read_manifest
 from slimquant.models.loading import load_model
 from slimquant.models.streaming import open_streaming
 from slimquant.pipeline import workdir as workdir_mod
-from slimquant.types.steps import AWQ, GPTQ, RTN
+from slimquant.types.steps import AWQ, GPTQ, RTN, AutoRound
 
 W4 = QuantSpec("int4", Granularity.PER_GROUP, 32, symmetric=False)
 
@@ -48,6 +48,7 @@ RECIPES = {
     "gptq": Recipe(weight=W4, steps=(GPTQ(),)),
     "awq": Recipe(weight=W4, steps=(AWQ(grid=5), RTN())),
     "rtn": Recipe(weight=W4),
+    "autoround": Recipe(weight=W4, steps=(AutoRound(iters=4, batch_size=2),)),
 }
 
 
@@ -84,10 +85,12 @@ class _Kill(Exception):
     pass
 
 
-@pytest.mark.parametrize("stream", [True, False])
-def test_resume_after_a_kill_gives_the_same_checkpoint(make_llama_dir, calib, tmp_path, monkeypatch, stream):
+@pytest.mark.parametrize("stream, weight_step", [(True, GPTQ()), (False, GPTQ()), (False, AutoRound(iters=4, batch_size=2))],
+                         ids=["stream-gptq", "gptq", "autoround"])  # fmt: skip
+def test_resume_after_a_kill_gives_the_same_checkpoint(make_llama_dir, calib, tmp_path, monkeypatch, stream, weight_step):
+    """Also AutoRound's: its targets come from the float model's hidden states, persisted beside the quantized ones."""
     src = make_llama_dir("m", layers=4)
-    recipe = Recipe(weight=W4, steps=(AWQ(grid=4), GPTQ()))
+    recipe = Recipe(weight=W4, steps=(AWQ(grid=4), weight_step))
 
     def run(out, work):
         if stream:
@@ -111,6 +114,8 @@ def test_resume_after_a_kill_gives_the_same_checkpoint(make_llama_dir, calib, tm
     with pytest.raises(_Kill):
         run(tmp_path / "twice", tmp_path / "w")
     assert json.loads((tmp_path / "w" / "state.json").read_text())["done"] == 2
+    kept = sorted(p.name for p in (tmp_path / "w").glob("*inputs_*"))
+    assert kept == (["float_inputs_00002.safetensors"] if isinstance(weight_step, AutoRound) else []) + ["inputs_00002.safetensors"]
     monkeypatch.setattr(workdir_mod.WorkDir, "save_block", real_save)
     solved = []
     real_solve = __import__("slimquant.pipeline.sequential", fromlist=["_solve_layer"])._solve_layer

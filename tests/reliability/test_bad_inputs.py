@@ -250,12 +250,12 @@ def test_a_corrupt_work_directory_gets_one_line(cli, model_dir, calib_file, tmp_
         elif what == "missing block":
             (work / "block_00000.safetensors").unlink()
         elif what == "truncated inputs":
-            f = work / "inputs.safetensors"
+            f = work / "inputs_00001.safetensors"
             f.write_bytes(f.read_bytes()[:50])
 
     for what, culprit in [("truncated block", "block_00000.safetensors"), ("block json", "block_00000.json"),
                           ("state json", "state.json"), ("state type", "state.json"),
-                          ("missing block", "block_00000.safetensors"), ("truncated inputs", "inputs.safetensors")]:  # fmt: skip
+                          ("missing block", "block_00000.safetensors"), ("truncated inputs", "inputs_00001.safetensors")]:  # fmt: skip
         damage(what)
         r = cli(*gptq)
         assert r.rc == 1 and culprit in r.error and "remove" in r.error, (what, r.err)

@@ -6,6 +6,12 @@ holding what the pipeline calls for that step's stage. The pipeline provides wha
   ``solve(layer, w, h, spec, step) -> (QuantizedWeight, report fields)``; ``h`` is the layer's input Hessian
   ``2/N X^T X`` ``[k, k]`` when the step needs ``hessian``, else None. The report fields name the algorithm
   that ran (``{"algorithm": ...}``, e.g. a fallback).
+* :class:`BlockWeightAlgorithm` (``weight`` stage) solves all of one block's planned linears together:
+  ``solve_block(block, layers, data, step, show_progress) -> {name: (QuantizedWeight, report fields)}``;
+  ``layers`` maps each layer's name relative to the block to ``(nn.Linear, QuantSpec)``; ``data`` is a
+  :class:`BlockData` (the block's calibration arguments as the quantized blocks before it produce them and,
+  when the step needs ``block_targets``, the float block's outputs on the float model's inputs). The solver
+  leaves the block's modules as it found them; the pipeline swaps the quantized modules in.
 * :class:`ModelTransform` (``model`` stage) changes the float model before any layer is quantized:
   ``observe(model, step, recipe)`` names the layers whose inputs it wants observed on calibration data
   (an :class:`InputRequest`, or None), then ``apply(model, step, recipe, stats, show_progress)`` transforms the
@@ -71,6 +77,27 @@ class WeightAlgorithm(Algorithm):
     STAGE = "weight"
 
 
+class BlockData(Protocol):
+    """What a block solver gets: ``len(data)`` calibration items; ``data.item(j)`` the ``(args, kwargs)`` of the
+    block's forward for item ``j``; ``data.target(j)`` the float block's output hidden states for item ``j``
+    (``block_targets``; else an error); ``data.tokens`` the calibration rows (tokens) in all items."""
+
+    tokens: int
+
+    def __len__(self) -> int: ...
+
+    def item(self, j: int) -> tuple[tuple, dict]: ...
+
+    def target(self, j: int) -> torch.Tensor: ...
+
+
+@dataclass(frozen=True)
+class BlockWeightAlgorithm(Algorithm):
+    solve_block: Callable[[Any, dict[str, tuple[Any, QuantSpec]], BlockData, Step, bool],
+                          "dict[str, tuple[QuantizedWeight, dict[str, Any]]]"] | None = None  # fmt: skip
+    STAGE = "weight"
+
+
 @dataclass(frozen=True)
 class ModelTransform(Algorithm):
     observe: Callable[[Any, Step, Recipe], "InputRequest | None"] | None = None
@@ -100,9 +127,9 @@ def register_algorithm(impl: Algorithm) -> Algorithm:
                              "slimquant.types.register_step_type")  # fmt: skip
     if st.STAGE != impl.STAGE:
         raise SlimquantError(f"step {st.TYPE!r} is a {st.STAGE} step; its implementation must be a "
-                             f"{ {'weight': 'WeightAlgorithm', 'model': 'ModelTransform', 'block': 'BlockTransform'}[st.STAGE]}, "
+                             f"{ {'weight': 'WeightAlgorithm or BlockWeightAlgorithm', 'model': 'ModelTransform', 'block': 'BlockTransform'}[st.STAGE]}, "
                              f"not {type(impl).__name__}")  # fmt: skip
-    missing = [f for f in ("solve", "observe", "apply", "collectors") if hasattr(impl, f) and getattr(impl, f) is None]
+    missing = [f for f in ("solve", "solve_block", "observe", "apply", "collectors") if hasattr(impl, f) and getattr(impl, f) is None]
     if missing:
         raise SlimquantError(f"implementation of {st.TYPE!r} lacks {', '.join(missing)}")
     if st.TYPE in _REGISTRY:
@@ -156,9 +183,9 @@ def method_record(recipe: Recipe, info: dict[str, Any], weight_step: Step, block
     return out
 
 
-from slimquant.algorithms import builtin as _builtin  # noqa: E402,F401  (registers rtn, gptq, smoothing, awq)
+from slimquant.algorithms import builtin as _builtin  # noqa: E402,F401  (registers rtn, gptq, smoothing, awq, autoround)
 from slimquant.algorithms.rtn import rtn  # noqa: E402
 
-__all__ = ["Algorithm", "WeightAlgorithm", "ModelTransform", "BlockTransform", "InputRequest", "Collector",
+__all__ = ["Algorithm", "WeightAlgorithm", "BlockWeightAlgorithm", "BlockData", "ModelTransform", "BlockTransform", "InputRequest", "Collector",
            "register_algorithm", "implementation", "outside_blocks", "solve_weight", "data_free_solver",
            "method_record", "rtn"]

@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from slimquant.adapters import smooth_groups
 from slimquant.algorithms import (
     BlockTransform,
+    BlockWeightAlgorithm,
     InputRequest,
     ModelTransform,
     WeightAlgorithm,
@@ -37,7 +38,8 @@ from slimquant.math.smooth import gamma_migration_scales, smoothquant_scales
 from slimquant.math.weights import QuantizedWeight, quantize_weight
 from slimquant.observers import make_observer
 from slimquant.types.spec import QuantSpec, Recipe
-from slimquant.types.steps import AWQ, GPTQ, HESSIAN, QAT, RTN, GammaMigration, SmoothQuant, SmoothQuantSearch, Step
+from slimquant.types.steps import (AWQ, GPTQ, QAT, RTN, AutoRound, GammaMigration, SmoothQuant, SmoothQuantSearch,
+                                   Step)
 
 log = logging.getLogger("slimquant.algorithms")
 
@@ -75,6 +77,41 @@ def _gptq_record(step: Step, recipe: Recipe) -> dict[str, Any]:
 
 register_algorithm(WeightAlgorithm(RTN, solve=_solve_rtn, record=_clip_record))
 register_algorithm(WeightAlgorithm(GPTQ, solve=_solve_gptq, record=_gptq_record))
+
+
+def _solve_autoround(block: nn.Module, layers: dict[str, tuple[nn.Module, QuantSpec]], data: Any, step: Step,
+                     show_progress: bool = False) -> dict[str, tuple[QuantizedWeight, dict[str, Any]]]:  # fmt: skip
+    """AutoRound on one block: each layer's weight fake-quantized through a parametrization (removed afterwards,
+    leaving the float weights untouched), all tuned together."""
+    from torch.nn.utils import parametrize
+
+    from slimquant.algorithms.autoround import SignRoundWeight, tune_block
+
+    assert isinstance(step, AutoRound)
+    for name, (module, _) in layers.items():
+        if not isinstance(module, nn.Linear) or parametrize.is_parametrized(module):
+            raise SlimquantError(f"{name}: autoround tunes plain nn.Linear layers, got {type(module).__name__}")
+    wrapped = {name: SignRoundWeight(module.weight, spec, step.minmax) for name, (module, spec) in layers.items()}
+    try:
+        for name, (module, _) in layers.items():
+            parametrize.register_parametrization(module, "weight", wrapped[name])
+        tuning = tune_block(block, wrapped, data, step.iters, step.step_size, step.batch_size, step.seed,
+                            show_progress)  # fmt: skip
+    finally:
+        for module, _ in layers.values():
+            if parametrize.is_parametrized(module, "weight"):
+                parametrize.remove_parametrizations(module, "weight", leave_parametrized=False)
+    info = tuning.to_dict()
+    if tuning.stopped:
+        log.warning("autoround stopped early: %s", tuning.stopped)
+    return {name: (wrapped[name].result(module.weight), {"autoround": info}) for name, (module, _) in layers.items()}
+
+
+def _autoround_record(step: Step, recipe: Recipe) -> dict[str, Any]:
+    return {"iters": step.iters, "minmax": step.minmax}  # type: ignore[attr-defined]
+
+
+register_algorithm(BlockWeightAlgorithm(AutoRound, solve_block=_solve_autoround, record=_autoround_record))
 
 
 def _solve_qat(layer: str, w: torch.Tensor, h: torch.Tensor | None, spec: QuantSpec,
@@ -189,9 +226,9 @@ def _awq_collectors(model: nn.Module, step: Step, recipe: Recipe, prefix: str, p
 
 
 def _awq_clips(step: Step, recipe: Recipe) -> bool:
-    """AWQ's clipping search runs before a data-free weight step; a calibrated one (GPTQ) solves on the unclipped
-    (scaled) weights."""
-    return step.clip and HESSIAN not in recipe.weight_step.NEEDS  # type: ignore[attr-defined]
+    """AWQ's clipping search runs before a data-free weight step; a calibrated one (GPTQ, AutoRound's range
+    tuning) solves on the unclipped (scaled) weights."""
+    return step.clip and not recipe.weight_step.needs_calibration  # type: ignore[attr-defined]
 
 
 def _awq_apply(model: nn.Module, step: Step, recipe: Recipe, prefix: str, plans: dict[str, Any],

@@ -11,10 +11,13 @@ __all__ = ["add_calibration_args", "positive_float", "positive_int", "str2bool"]
 
 
 def add_calibration_args(p: argparse.ArgumentParser, windows: int, windows_help: str) -> None:
-    """``--calib_texts``, ``--calib_file``, ``--calib_size`` (default ``windows``) and ``--calib_seq_len``."""
+    """``--calib_texts``, ``--calib_file``, ``--calib_size`` / ``--nsamples`` (default ``windows``) and
+    ``--calib_seq_len`` / ``--seqlen``."""
     p.add_argument("--calib_texts", nargs="*", default=None, help="calibration texts")
     p.add_argument("--calib_file", default=None,
                    help="calibration file: .jsonl/.json (a 'text' field per line) or plain text (default: slimquant's "
                    "own general-purpose set, shipped with the package; an empty value means the same)")  # fmt: skip
-    p.add_argument("--calib_size", type=positive_int, default=windows, help=f"calibration windows ({windows_help})")
-    p.add_argument("--calib_seq_len", type=positive_int, default=256, help="tokens per calibration window (default 256)")
+    p.add_argument("--calib_size", "--nsamples", type=positive_int, default=windows,
+                   help=f"calibration windows ({windows_help}); --nsamples is AutoRound's name for it")  # fmt: skip
+    p.add_argument("--calib_seq_len", "--seqlen", type=positive_int, default=256,
+                   help="tokens per calibration window (default 256); --seqlen is AutoRound's name for it")  # fmt: skip

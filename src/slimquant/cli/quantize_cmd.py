@@ -127,7 +127,7 @@ def _checked_target(args: argparse.Namespace, recipe: Recipe, protect: list[Path
 
         check_recipe(recipe)  # what the format cannot hold is refused before the model is loaded
     if args.max_activation_gb is not None and not (args.stream or recipe.block_by_block):
-        raise SlimquantError("--max_activation_gb applies to block-by-block runs (--w_method gptq, --anti_method m3, --stream)")
+        raise SlimquantError("--max_activation_gb applies to block-by-block runs (--w_method gptq or autoround, --anti_method m3, --stream)")
     if args.device_type == "cuda" and not torch.cuda.is_available():
         raise SlimquantError("--device_type cuda: no CUDA device is available")
     if args.stream and recipe.disable_level:

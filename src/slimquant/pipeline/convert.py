@@ -415,7 +415,7 @@ def _run_sequential(model: nn.Module, recipe: Recipe, sequential: list[LayerPlan
             if work is not None and work.done == 0:
                 work.remove()  # nothing finished: nothing to resume from
             raise
-        finally:  # spilled activations are scratch: a resume reads the work directory's inputs.safetensors
+        finally:  # spilled activations are scratch: a resume reads the work directory's inputs files
             if work_dir is not None:
                 import shutil
 

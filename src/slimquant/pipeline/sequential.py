@@ -8,8 +8,11 @@ One explicit loop over the model's repeated blocks, no graph tracing:
    its implementation asks for (one per layer input it wants), and let it transform the block; then hook the
    planned linear layers to accumulate their input Hessians, run the block, solve every layer with the
    recipe's weight step (GPTQ, RTN), swap the quantized modules in, then run the *quantized* block again so the
-   next block calibrates on what the deployed model will feed it (not after the last block). A recipe whose
-   steps need no data (RTN, only when streaming) skips the passes.
+   next block calibrates on what the deployed model will feed it (not after the last block). A weight step
+   that solves whole blocks (AutoRound) gets the block's items instead of Hessians and, when it needs
+   ``block_targets``, the float block's outputs on the *float* model's inputs: the pipeline then carries a second
+   stream of hidden states, advanced through each block before anything changes it. A recipe whose steps need
+   no data (RTN, only when streaming) skips the passes.
 
 With a work directory (:class:`slimquant.pipeline.workdir.WorkDir`) every finished block, its report rows and
 the next block's input hidden states are persisted, and a rerun restores finished blocks instead of
@@ -23,6 +26,7 @@ runs (:class:`BlockInputs`).
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +35,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from slimquant.adapters import block_list
-from slimquant.algorithms import BlockTransform, implementation, method_record, solve_weight
+from slimquant.algorithms import BlockTransform, BlockWeightAlgorithm, implementation, method_record, solve_weight
 from slimquant.algorithms.gptq import HessianAccumulator
 from slimquant.errors import SlimquantError
 from slimquant.formats.checkpoint import build_qmodule
@@ -44,7 +48,7 @@ from slimquant.pipeline.workdir import WorkDir
 from slimquant.surgery import set_module
 from slimquant.types.report import LayerRow, StepRow
 from slimquant.types.spec import Recipe
-from slimquant.types.steps import BLOCKWISE_NEEDS, HESSIAN
+from slimquant.types.steps import BLOCK_TARGETS, BLOCKWISE_NEEDS, HESSIAN
 
 log = logging.getLogger(__name__)
 
@@ -71,14 +75,16 @@ def capture_block_inputs(model: nn.Module, block: nn.Module, calib_data: Any) ->
     try:
         with torch.no_grad():
             for item in model_inputs(calib_data):
+                # no KV cache: a transformers model would otherwise hand each block a cache that grows with every
+                # item run through it (later items attending to earlier ones' keys)
+                extra = {"use_cache": False} if hf else {}
                 try:
                     if isinstance(item, dict):
-                        extra = {"use_cache": False} if hf else {}
-                        model(**{k: _to(v, device) for k, v in item.items()}, **extra)
+                        model(**{**{k: _to(v, device) for k, v in item.items()}, **extra})
                     elif isinstance(item, (tuple, list)):
-                        model(*[_to(v, device) for v in item])
+                        model(*[_to(v, device) for v in item], **extra)
                     else:
-                        model(_to(item, device))
+                        model(_to(item, device), **extra)
                 except _Stop:
                     continue
                 raise SlimquantError(f"calibration item ran through the model without reaching {type(block).__name__}")
@@ -109,6 +115,27 @@ def _strip(args: tuple, kwargs: dict) -> tuple[tuple[tuple, dict], torch.Tensor]
         return (args, {**kwargs, "hidden_states": None}), kwargs["hidden_states"]
     raise SlimquantError("cannot tell which block argument holds the hidden states (no positional argument, "
                          "no hidden_states keyword)")  # fmt: skip
+
+
+class _BlockData:
+    """A block solver's view of the block's calibration items (:class:`slimquant.algorithms.BlockData`)."""
+
+    def __init__(self, inputs: "BlockInputs", targets: "BlockInputs | None") -> None:
+        self.inputs, self.targets = inputs, targets
+        self.tokens = sum(math.prod(shape[:-1]) for shape, _ in inputs.shapes)
+
+    def __len__(self) -> int:
+        return len(self.inputs)
+
+    def item(self, j: int) -> tuple[tuple, dict]:
+        args, kwargs = self.inputs.templates[j]
+        return _next_inputs(self.inputs.hidden(j), args, kwargs)
+
+    def target(self, j: int) -> torch.Tensor:
+        if self.targets is None:
+            raise SlimquantError("this weight step did not declare the block_targets need; the float block outputs "
+                                 "were not kept")  # fmt: skip
+        return self.targets.hidden(j)
 
 
 class BlockInputs:
@@ -224,11 +251,19 @@ def quantize_sequential(model: nn.Module, recipe: Recipe, plans: list[Any], cali
             continue
         by_block.setdefault(int(lp.name[len(path) + 1 :].split(".")[0]), []).append(lp)
     inputs = BlockInputs([], None, None)
+    # the float model's hidden states, for steps fitting each block to the float block's outputs
+    float_inputs: BlockInputs | None = None
+    wants_targets = any(BLOCK_TARGETS in s.NEEDS for s in (*block_steps, *weight_steps))
     if needs_data:
         captured = capture_block_inputs(model, blocks[0], calib_data)
-        saved = work.inputs(len(captured)) if work is not None and 0 < work.done < len(blocks) else None
+        resuming = work is not None and 0 < work.done < len(blocks)
+        saved = work.inputs(len(captured)) if resuming else None  # type: ignore[union-attr]
         inputs = BlockInputs(captured, activation_budget, spill_dir, hidden=saved)
-        del captured
+        if wants_targets:
+            saved = work.inputs(len(captured), float_model=True) if resuming else None  # type: ignore[union-attr]
+            float_inputs = BlockInputs(captured, activation_budget, None if spill_dir is None else spill_dir / "float",
+                                       hidden=saved)  # fmt: skip
+        del captured, saved
     what = " + ".join([s.TYPE for s in block_steps] + ["/".join(s.TYPE for s in weight_steps)])
     log.info("%s: %d block(s) under %s, %d calibration item(s)", what, len(blocks), path, len(inputs))
     rows: list[LayerRow] = []
@@ -247,6 +282,9 @@ def quantize_sequential(model: nn.Module, recipe: Recipe, plans: list[Any], cali
         block = stream.load_block(bi) if stream is not None else blocks[bi]
         block_rows: list[LayerRow] = []
         block_step_rows: list[StepRow] = []
+        if float_inputs is not None:  # the float block on the float inputs, before any step changes it
+            with torch.no_grad():
+                float_inputs.advance(lambda args, kwargs: _hidden(block(*args, **kwargs)))
         for step in block_steps:
             block_step_rows += [StepRow.from_dict(r, step.TYPE)
                                 for r in _block_step(model, block, inputs, step, recipe, f"{path}.{bi}.",
@@ -257,7 +295,11 @@ def quantize_sequential(model: nn.Module, recipe: Recipe, plans: list[Any], cali
         owner: dict[str, str] = {}
         seen: dict[tuple, tuple[str, torch.Tensor]] = {}  # holding the tensor keeps its memory from reuse
         handles = []
+        block_solved = [lp for lp in layer_plans if isinstance(implementation(lp.step), BlockWeightAlgorithm)]
         for lp in layer_plans if needs_data else []:
+            if lp in block_solved:
+                continue
+
             def hook(_m: nn.Module, args: tuple, name: str = lp.name) -> None:
                 x = args[0]
                 key = (x.data_ptr(), tuple(x.shape), tuple(x.stride()))
@@ -272,16 +314,17 @@ def quantize_sequential(model: nn.Module, recipe: Recipe, plans: list[Any], cali
             handles.append(model.get_submodule(lp.name).register_forward_pre_hook(hook))
         try:
             with torch.no_grad():
-                for args, kwargs in inputs:
+                for args, kwargs in inputs if handles else ():
                     seen.clear()
                     block(*args, **kwargs)
         finally:
             for h in handles:
                 h.remove()
+        solved = _solve_block(block, f"{path}.{bi}.", block_solved, _BlockData(inputs, float_inputs), show_progress)
         errors = []
         for lp in layer_plans:
             acc = accs.get(owner.get(lp.name, lp.name)) or HessianAccumulator(model.get_submodule(lp.name).in_features)
-            row = _solve_layer(model, lp, acc, recipe, make_module)
+            row = _solve_layer(model, lp, acc, recipe, make_module, solved.get(lp.name))
             if lp.name in owner:
                 row.details["hessian_shared_with"] = owner[lp.name]
             if row.output_error is not None:
@@ -298,7 +341,8 @@ def quantize_sequential(model: nn.Module, recipe: Recipe, plans: list[Any], cali
                     "modules": {n: m.manifest_entry() for n, m in model.named_modules()
                                 if n.startswith(prefix) and isinstance(m, QModule)}}  # fmt: skip
             tensors = {prefix + n: t for n, t in block.state_dict().items()}
-            work.save_block(bi, tensors, info, None if last or not len(inputs) else inputs.entries())
+            work.save_block(bi, tensors, info, None if last or not len(inputs) else inputs.entries(),
+                            None if last or float_inputs is None else float_inputs.entries())  # fmt: skip
             if stream is not None:
                 stream.release_block(bi)
                 on_disk.update({n: work.block_file(bi) for n in tensors})
@@ -370,18 +414,44 @@ def _block_step(model: nn.Module, block: nn.Module, inputs: Any, step: Any, reci
     return impl.apply(model, step, recipe, prefix, plans, collectors)  # type: ignore[misc]
 
 
+def _solve_block(block: nn.Module, prefix: str, plans: list[Any], data: _BlockData,
+                 show_progress: bool) -> dict[str, tuple[Any, dict[str, Any], int]]:  # fmt: skip
+    """The layers of ``plans`` (all solved by block solvers) solved together per step: full name ->
+    ``(QuantizedWeight, report fields, calibration rows)``."""
+    out: dict[str, tuple[Any, dict[str, Any], int]] = {}
+    for step in sorted({lp.step for lp in plans}, key=lambda s: s.TYPE):
+        impl = implementation(step)
+        assert isinstance(impl, BlockWeightAlgorithm)
+        mine = [lp for lp in plans if lp.step == step]
+        layers = {lp.name[len(prefix) :]: (block.get_submodule(lp.name[len(prefix) :]), lp.spec) for lp in mine}
+        log.debug("%s: %s solves %d layer(s) of %s together", step.TYPE, step.TYPE, len(layers), prefix.rstrip("."))
+        solved = impl.solve_block(block, layers, data, step, show_progress)  # type: ignore[misc]
+        missing = sorted(set(layers) - set(solved))
+        if missing:
+            raise SlimquantError(f"step {step.TYPE!r} did not solve {prefix}{missing[0]} (of {len(missing)} layer(s))")
+        for name, (qw, info) in solved.items():
+            out[prefix + name] = (qw, {"algorithm": step.TYPE, **info}, data.tokens)
+    return out
+
+
 def _solve_layer(model: nn.Module, lp: Any, acc: HessianAccumulator, recipe: Recipe,
-                 make_module: Any = None) -> LayerRow:  # fmt: skip
+                 make_module: Any = None, solved: tuple[Any, dict[str, Any], int] | None = None) -> LayerRow:  # fmt: skip
+    """Solve one layer with its weight step (or take the block solver's ``solved`` result) and swap the quantized
+    module in; the report row measures the output error on the Hessian's rows when there is one."""
     module = model.get_submodule(lp.name)
     w = module.weight.detach().float()
     h = acc.hessian(copy=False)  # read only here and in gptq (which copies before changing it)
-    row: dict[str, Any] = {"name": lp.name, "kind": lp.kind, "spec": lp.spec.describe(), "samples": acc.n}
+    row: dict[str, Any] = {"name": lp.name, "kind": lp.kind, "spec": lp.spec.describe(),
+                           "samples": acc.n if solved is None else solved[2]}  # fmt: skip
     step = lp.step
     needs_hessian = HESSIAN in step.NEEDS
     if acc.n < w.shape[1] and needs_hessian:
         log.warning("%s: %d calibration rows for %d input channels; the Hessian is rank-deficient (dampened)",
                     lp.name, acc.n, w.shape[1])  # fmt: skip
-    qw, info = solve_weight(lp.name, w, h if needs_hessian else None, lp.spec, step)
+    if solved is not None:
+        qw, info = solved[0], solved[1]
+    else:
+        qw, info = solve_weight(lp.name, w, h if needs_hessian else None, lp.spec, step)
     row.update(info)
     w_hat = dequantize_weight(qw, lp.spec)
     row["sqnr_db"] = round(sqnr_db(w, w_hat), 2)

@@ -5,9 +5,12 @@ Layout (``<save_directory>.partial`` for the CLI)::
     state.json                    {"fingerprint": {...}, "done": N}   written last, atomically (rename)
     block_00000.safetensors       every tensor of finished block 0 (quantized layers and the rest)
     block_00000.json              its quantized layers' manifest entries and report rows
-    inputs.safetensors            the hidden states entering block N, one tensor per calibration item
+    inputs_0000N.safetensors      the hidden states entering block N, one tensor per calibration item
+    float_inputs_0000N.safetensors  the float model's hidden states entering block N (steps that fit block
+                                  outputs to the float model's: AutoRound)
 
-``done`` moves only after the block's files and the next inputs are complete, so after a kill at any point a
+``done`` moves only after the block's files and the next inputs are complete (the inputs files are named by the
+block they enter, so a kill between writing them and moving ``done`` cannot feed a block the next one's inputs), so after a kill at any point a
 rerun continues from block ``done`` and, the arithmetic being deterministic, writes the same checkpoint as an
 uninterrupted run. A work directory from a different run (recipe, model, calibration data or layer plan) is
 refused with the difference.
@@ -32,7 +35,6 @@ from slimquant.formats.safetensors_io import TensorSource, read_header, write_sa
 log = logging.getLogger(__name__)
 
 STATE = "state.json"
-INPUTS = "inputs.safetensors"
 
 
 def _atomic_json(path: Path, data: Any) -> None:
@@ -139,8 +141,7 @@ class WorkDir:
     def _check_files(self) -> None:
         """Every finished block's files (and the saved inputs) readable and complete, or an error naming the file."""
         files = [self.block_file(i) for i in range(self.done)]
-        if (self.path / INPUTS).exists():
-            files.append(self.path / INPUTS)
+        files += [f for f in (self.inputs_file(self.done), self.inputs_file(self.done, True)) if f.exists()]
         for f in files:
             if not f.is_file():
                 raise SlimquantError(f"work directory {self.path} is damaged: {f.name} is missing; remove it to start over")
@@ -154,19 +155,29 @@ class WorkDir:
     def block_file(self, i: int) -> Path:
         return self.path / f"block_{i:05d}.safetensors"
 
+    def inputs_file(self, i: int, float_model: bool = False) -> Path:
+        """The hidden states entering block ``i`` (``float_model``: the float model's)."""
+        return self.path / f"{'float_' if float_model else ''}inputs_{i:05d}.safetensors"
+
     def save_block(self, i: int, tensors: dict[str, torch.Tensor], info: dict[str, Any],
-                   next_inputs: list | None) -> None:  # fmt: skip
-        """Persist finished block ``i`` (its tensors by full name, its report) and the next block's inputs."""
+                   next_inputs: list | None, next_float_inputs: list | None = None) -> None:  # fmt: skip
+        """Persist finished block ``i`` (its tensors by full name, its report), the next block's inputs and, when
+        the run carries them, the float model's inputs to the next block."""
         if i != self.done:
             raise SlimquantError(f"work directory {self.path}: block {i} finished out of order (next is {self.done})")
         _write_tensors(self.block_file(i), tensors)
         _atomic_json(self.path / f"block_{i:05d}.json", info)
-        if next_inputs is not None:  # write_safetensors entries (name, shape, dtype, producer), one tensor at a time
-            tmp = self.path / (INPUTS + ".tmp")
-            write_safetensors(tmp, next_inputs, fsync=True)
-            os.replace(tmp, self.path / INPUTS)
+        # write_safetensors entries (name, shape, dtype, producer), one tensor at a time
+        for float_model, entries in ((False, next_inputs), (True, next_float_inputs)):
+            if entries is not None:
+                target = self.inputs_file(i + 1, float_model)
+                tmp = target.with_name(target.name + ".tmp")
+                write_safetensors(tmp, entries, fsync=True)
+                os.replace(tmp, target)
         self.done = i + 1
         _atomic_json(self.path / STATE, {"fingerprint": self.fingerprint, "done": self.done})
+        for float_model in (False, True):  # this block's inputs are no longer needed
+            self.inputs_file(i, float_model).unlink(missing_ok=True)
 
     def block_info(self, i: int) -> dict[str, Any]:
         f = self.path / f"block_{i:05d}.json"
@@ -187,11 +198,13 @@ class WorkDir:
         with safe_open(str(self.block_file(i)), framework="pt") as f:
             return list(f.keys())
 
-    def inputs(self, count: int):  # noqa: ANN201
-        """The saved hidden states entering block ``done``, read one at a time (a generator)."""
-        if not (self.path / INPUTS).is_file():
-            raise SlimquantError(f"work directory {self.path} is damaged: {INPUTS} is missing; remove it to start over")
-        src = TensorSource({f"item_{j:06d}": self.path / INPUTS for j in range(count)})
+    def inputs(self, count: int, float_model: bool = False):  # noqa: ANN201
+        """The saved hidden states entering block ``done`` (``float_model``: the float model's), read one at a time
+        (a generator)."""
+        path = self.inputs_file(self.done, float_model)
+        if not path.is_file():
+            raise SlimquantError(f"work directory {self.path} is damaged: {path.name} is missing; remove it to start over")
+        src = TensorSource({f"item_{j:06d}": path for j in range(count)})
         for j in range(count):
             try:
                 yield src.get(f"item_{j:06d}").clone()  # a copy: the file's map is not kept alive

@@ -16,7 +16,7 @@ from typing import Any, Mapping, Sequence
 
 from slimquant.errors import NotSupportedYet, SlimquantError
 from slimquant.types.qtype import int_qtype_for_bits
-from slimquant.types.steps import AWQ, GPTQ, QAT, RTN, GammaMigration, SmoothQuant, SmoothQuantSearch, Step
+from slimquant.types.steps import AWQ, GPTQ, QAT, RTN, AutoRound, GammaMigration, SmoothQuant, SmoothQuantSearch, Step
 from slimquant.types.spec import (FA_INT8_PER_HEAD, GROUP_SIZES, KV_INT8_DYNAMIC, KV_INT8_STATIC, Granularity, QuantSpec,
                                   Recipe)  # fmt: skip
 
@@ -88,10 +88,19 @@ def add_recipe_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--w_zero_point", choices=("int", "float"), default="int",
                    help="asymmetric weights: integer zero point (seed 003, default) or float (as quanto; "
                    "fits the float32 weight_offset and is often more accurate)")  # fmt: skip
-    parser.add_argument("--w_method", choices=("rtn", "gptq", "qat"), default="rtn",
-                   help="weight algorithm: rtn (round to nearest, default), gptq (calibrated, block by block) or qat "
-                   "(quantization-aware training: slimquant.prepare_qat -> train -> slimquant.convert; chosen by "
-                   "itself for the --w_bit / --a_bit pairs only training produces, e.g. --w_bit 4 --a_bit 8)")  # fmt: skip
+    parser.add_argument("--w_method", choices=("rtn", "gptq", "autoround", "autoround-light", "qat"), default="rtn",
+                   help="weight algorithm: rtn (round to nearest, default), gptq (calibrated, block by block), "
+                   "autoround (rounding and ranges tuned per block by signed gradient descent; autoround-light: 50 "
+                   "steps at lr 5e-3) or qat (quantization-aware training: slimquant.prepare_qat -> train -> "
+                   "slimquant.convert; chosen by itself for the --w_bit / --a_bit pairs only training produces, e.g. "
+                   "--w_bit 4 --a_bit 8)")  # fmt: skip
+    parser.add_argument("--iters", type=positive_int, default=None,
+                   help="autoround: tuning steps per block (default 200; autoround-light 50)")  # fmt: skip
+    parser.add_argument("--lr", type=positive_float, default=None,
+                   help="autoround: step size of the signed updates, decayed linearly to 0 (default 1 / iters; "
+                   "autoround-light 5e-3)")  # fmt: skip
+    parser.add_argument("--batch_size", type=positive_int, default=None,
+                   help=f"autoround: calibration windows per tuning step (default {AutoRound.batch_size})")  # fmt: skip
     parser.add_argument("--percdamp", type=float, default=0.01, help="gptq: Hessian dampening, fraction of its mean diagonal")
     parser.add_argument("--desc_act", type=str2bool, default=None,
                    help="gptq: quantize columns by decreasing Hessian diagonal (act-order; static groups). Default "
@@ -230,9 +239,18 @@ def _recipe(args: argparse.Namespace) -> Recipe:
     gran = Granularity.PER_GROUP if args.group_size else (Granularity.PER_TENSOR if per_tensor else Granularity.PER_CHANNEL)
     weight = QuantSpec(qt, gran, args.group_size or None, args.w_sym, zero_point=args.w_zero_point)
     embedding = QuantSpec("int8", Granularity.PER_CHANNEL, None, True) if args.embedding_bit == 8 else None
+    autoround = {"iters": args.iters, "lr": args.lr, "batch_size": args.batch_size}
+    if not args.w_method.startswith("autoround") and any(v is not None for v in autoround.values()):
+        flag = next(k for k, v in autoround.items() if v is not None)
+        raise SlimquantError(f"--{flag} tunes AutoRound; add --w_method autoround")
     if args.w_method == "gptq":
         act_order = GPTQ.act_order if args.desc_act is None else args.desc_act
         solve: Step = GPTQ(percdamp=args.percdamp, act_order=act_order, clip_search=args.w_clip_search)
+    elif args.w_method.startswith("autoround"):
+        if args.w_clip_search:
+            raise SlimquantError("--w_clip_search: AutoRound tunes each group's range itself")
+        knobs = {k: v for k, v in autoround.items() if v is not None}
+        solve = AutoRound.light(**knobs) if args.w_method == "autoround-light" else AutoRound(**knobs)
     elif args.w_method == "qat" or _trained_only(args):
         if args.w_method != "qat":
             log.info("--w_bit %d --a_bit %d: only quantization-aware training produces this pair; the recipe's weight "

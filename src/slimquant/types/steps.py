@@ -9,13 +9,16 @@ Stages, in the order a recipe lists them:
   gamma migration), optionally observing the layers' inputs on calibration data first;
 * ``block``: transforms one repeated block at a time, on the block's inputs as the already quantized blocks
   before it produce them (AWQ scales and clipping);
-* ``weight``: solves each layer's weight (RTN, GPTQ); a recipe has exactly one, last.
+* ``weight``: solves each layer's weight (RTN, GPTQ), or all of one block's layers together (AutoRound); a recipe
+  has exactly one, last.
 
 What a step needs (:data:`NEEDS`) decides how the pipeline runs it, and whether a run goes block by block:
 
 * ``layer_inputs``: statistics of named layers' inputs on the float model (one pass over the calibration data);
 * ``block_inputs``: each block's inputs, from the quantized blocks before it (the run goes block by block);
-* ``hessian``: each layer's input Hessian ``2/N X^T X``, accumulated on those block inputs.
+* ``hessian``: each layer's input Hessian ``2/N X^T X``, accumulated on those block inputs;
+* ``block_targets``: each block's float outputs on the float model's own inputs to it (the pipeline carries the
+  float model's hidden states beside the quantized ones), the targets a block-wise reconstruction fits.
 
 New step types register with :func:`register_step_type`, so recipes holding them round-trip JSON and YAML.
 """
@@ -32,10 +35,10 @@ if TYPE_CHECKING:
     from slimquant.types.spec import QuantSpec
 
 STAGES = ("model", "block", "weight")
-LAYER_INPUTS, BLOCK_INPUTS, HESSIAN = "layer_inputs", "block_inputs", "hessian"
-NEEDS = (LAYER_INPUTS, BLOCK_INPUTS, HESSIAN)
+LAYER_INPUTS, BLOCK_INPUTS, HESSIAN, BLOCK_TARGETS = "layer_inputs", "block_inputs", "hessian", "block_targets"
+NEEDS = (LAYER_INPUTS, BLOCK_INPUTS, HESSIAN, BLOCK_TARGETS)
 # What makes a run go block by block (each block calibrated on the quantized blocks before it).
-BLOCKWISE_NEEDS = frozenset({BLOCK_INPUTS, HESSIAN})
+BLOCKWISE_NEEDS = frozenset({BLOCK_INPUTS, HESSIAN, BLOCK_TARGETS})
 
 
 @dataclass(frozen=True)
@@ -235,6 +238,66 @@ class GPTQ(Step):
 
 @register_step_type
 @dataclass(frozen=True)
+class AutoRound(Step):
+    """AutoRound (SignRound, Cheng et al. 2023), block by block: every planned linear of a block gets a rounding
+    offset per weight (``v`` in [-0.5, 0.5], added before rounding) and, with ``minmax``, a factor in [0, 1] on
+    each group's minimum and maximum (the range the scale and zero point come from), all trained together by
+    signed gradient descent to minimise the MSE between the quantized block's output on the quantized model's
+    inputs and the float block's output on the float model's inputs; the iteration with the lowest loss is kept.
+
+    ``iters``: steps per block (the paper's 200; :meth:`light`: 50); ``lr``: step size of the signed updates,
+    decayed linearly to 0 (None: ``1 / iters``, so the offsets can travel at most half a level: the paper's
+    default); ``batch_size``: calibration items per step (their gradients summed); ``seed``: which items each
+    step draws. The calibration set itself (the paper's ``nsamples`` x ``seqlen``) is the quantize call's.
+    Layers outside the blocks are rounded to nearest."""
+
+    TYPE: ClassVar[str] = "autoround"
+    STAGE: ClassVar[str] = "weight"
+    NEEDS: ClassVar[frozenset[str]] = frozenset({BLOCK_INPUTS, BLOCK_TARGETS})
+    iters: int = 200
+    lr: float | None = None
+    batch_size: int = 4
+    minmax: bool = True
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check_bool(self, "minmax")
+        for knob in ("iters", "batch_size"):
+            v = getattr(self, knob)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise SlimquantError(f"autoround: {knob} must be a positive integer, got {v!r}")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+            raise SlimquantError(f"autoround: seed must be an integer, got {self.seed!r}")
+        if self.lr is not None and (not isinstance(self.lr, (int, float)) or isinstance(self.lr, bool)
+                                    or not 0.0 < self.lr <= 1.0):  # fmt: skip
+            raise SlimquantError(f"autoround: lr must be in (0, 1] (or None: 1 / iters), got {self.lr!r}")
+
+    @classmethod
+    def light(cls, **knobs: Any) -> "AutoRound":
+        """AutoRound's light recipe: 50 steps per block at lr 5e-3 (about 4x faster, a little less accurate)."""
+        return cls(**{"iters": 50, "lr": 5e-3, **knobs})
+
+    @property
+    def step_size(self) -> float:
+        """The initial step size (``lr``, or ``1 / iters``)."""
+        return float(self.lr) if self.lr is not None else 1.0 / self.iters
+
+    def check(self, weight: "QuantSpec | None", input: "QuantSpec | None") -> None:  # noqa: A002
+        _needs_weight(self, weight)
+        assert weight is not None
+        if _lookup_qtype(weight.qtype).is_float:
+            raise NotSupportedYet(f"autoround with {weight.qtype} weights is not supported yet; it tunes integer grids")
+        if input is not None:
+            raise NotSupportedYet("autoround with activation quantization (W8A8) is not supported yet; it tunes "
+                                  "weight-only recipes (--a_bit 16)")  # fmt: skip
+
+    def outside_blocks(self) -> RTN:
+        """The data-free step for layers outside the repeated blocks (no calibrated inputs there)."""
+        return RTN()
+
+
+@register_step_type
+@dataclass(frozen=True)
 class QAT(Step):
     """Quantization-aware training: the layers are trained through fake quantization
     (:func:`slimquant.prepare_qat` -> any training loop -> :func:`slimquant.convert`), not solved here; a recipe
@@ -408,6 +471,6 @@ def check_steps(steps: tuple[Step, ...]) -> None:
         seen.add(s.TYPE)
 
 
-__all__ = ["Step", "RTN", "GPTQ", "QAT", "SmoothQuant", "SmoothQuantSearch", "GammaMigration", "AWQ", "register_step_type",
+__all__ = ["Step", "RTN", "GPTQ", "AutoRound", "QAT", "SmoothQuant", "SmoothQuantSearch", "GammaMigration", "AWQ", "register_step_type",
            "step_types", "step_from_dict", "check_steps", "STAGES", "NEEDS", "LAYER_INPUTS", "BLOCK_INPUTS", "HESSIAN",
-           "BLOCKWISE_NEEDS"]
+           "BLOCK_TARGETS", "BLOCKWISE_NEEDS"]
