@@ -1,6 +1,7 @@
 """slimquant: quantize trained PyTorch models so they deploy smaller and faster."""
 
-from slimquant.api import convert, distill, evaluate, kv_cache, load, prepare_qat, quantize, register_transformers, save
+from slimquant.api import (apply_pruning, convert, distill, evaluate, kv_cache, load, load_pruned, prepare_qat,
+                           prepare_scop, prune_mlp, prune_scop, quantize, register_transformers, save)
 from slimquant.errors import NotSupportedYet, SlimquantError
 from slimquant.models.loading import LoadedModel, load_model
 from slimquant.search.bits import SearchConfig, SearchResult, bit_search
@@ -17,6 +18,11 @@ __all__ = [
     "prepare_qat",
     "convert",
     "distill",
+    "prepare_scop",
+    "prune_scop",
+    "prune_mlp",
+    "load_pruned",
+    "apply_pruning",
     "save",
     "load",
     "load_model",

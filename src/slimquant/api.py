@@ -90,6 +90,52 @@ def distill(result: QuantizationResult, teacher: nn.Module, calib_data: Any, ste
     return _distill(result, teacher, calib_data, steps, lr, holdout, eval_every, show_progress)
 
 
+def prepare_scop(model: nn.Module, example: Any, layers: list[str] | tuple[str, ...] | None = None,
+                 knockoff: Any = None) -> Any:  # fmt: skip
+    """SCOP structured pruning, step 1: knockoff mixes on every prunable Conv2d -> BatchNorm2d of ``model`` (in
+    place; ``example``: one input batch; ``layers``: names / globs to limit it to; ``knockoff(x)``: the knockoff
+    batch, default the batch shuffled). Returns a :class:`slimquant.pipeline.prune.ScopModel`: train its
+    ``kf_parameters()`` with any loop and the task's loss, then call :func:`prune_scop`."""
+    from slimquant.pipeline.prune import prepare_scop as _prepare
+
+    return _prepare(model, example, layers, knockoff)
+
+
+def prune_scop(scop: nn.Module, rate: float | dict[str, float]) -> Any:
+    """SCOP, step 2: remove each knockoff layer's ``rate`` (in (0, 1)) lowest-scoring output channels physically
+    and return a :class:`slimquant.pipeline.prune.PruneResult` (``.model`` pruned and trainable: fine-tune it;
+    ``.plan``; ``.save(dir)`` / :func:`load_pruned`). Quantize or train with quantization afterwards."""
+    from slimquant.pipeline.prune import prune_scop as _prune
+
+    return _prune(scop, rate)  # type: ignore[arg-type]
+
+
+def prune_mlp(model: nn.Module, calib_data: Any, rate: float, show_progress: bool = True) -> Any:
+    """Structured pruning of an LLM's gated-MLP intermediate channels (in place): the ``rate`` (in (0, 1)) of each
+    layer's channels with the lowest activation-norm x output-weight-norm on ``calib_data`` go; the model stays a
+    transformers model (``config.intermediate_size`` updated). Returns a
+    :class:`slimquant.pipeline.prune.PruneResult`."""
+    from slimquant.pipeline.prune import prune_mlp as _prune
+
+    return _prune(model, calib_data, rate, show_progress)
+
+
+def load_pruned(directory: str | os.PathLike, model: nn.Module, example: Any = None) -> nn.Module:
+    """A pruned model saved with ``PruneResult.save``: ``model`` (a fresh instance of the original architecture) is
+    shrunk by the saved plan (``example``: an input batch, for convolution plans) and loaded with its tensors."""
+    from slimquant.pipeline.prune import load_pruned as _load
+
+    return _load(directory, model, example)
+
+
+def apply_pruning(model: nn.Module, plan: dict, example: Any = None) -> nn.Module:
+    """Shrink ``model`` (a fresh instance of the original architecture) by a pruning ``plan`` (``PruneResult.plan``),
+    in place: the skeleton to :func:`load` a checkpoint of a pruned, then quantized plain ``nn.Module`` into."""
+    from slimquant.surgery.prune import apply_plan
+
+    return apply_plan(model, plan, example)
+
+
 def as_result(obj: Any, what: str) -> QuantizationResult:
     """``obj`` as a :class:`QuantizationResult`: a result as it is, a loaded slimquant checkpoint
     (:class:`LoadedModel`) with its recipe; anything else (a bare module) refused saying what to pass."""

@@ -32,8 +32,8 @@ log = logging.getLogger(__name__)
 
 # The file that marks a directory as a slimquant checkpoint (the manifest), so that --overwrite may replace it.
 OWNED_MARKER = "slimquant_manifest.json"
-# Every file that marks a directory as slimquant's own output (a checkpoint, a GGUF export).
-OWNED_MARKERS = (OWNED_MARKER, "gguf_export.json")
+# Every file that marks a directory as slimquant's own output (a checkpoint, a GGUF export, a pruned model).
+OWNED_MARKERS = (OWNED_MARKER, "gguf_export.json", "pruning.json")
 
 # Locks this process holds: path -> [fd, depth]. A process-wide registry because flock locks belong to open
 # file descriptions: the same process locking the same file twice through two descriptors would refuse itself.
