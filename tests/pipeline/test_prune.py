@@ -191,3 +191,55 @@ def test_mlp_pruning_removes_the_channels_that_do_nothing_first(llama, tmp_path)
     slimquant.save(q, tmp_path / "q")
     with torch.no_grad():
         torch.testing.assert_close(slimquant.load(tmp_path / "q").model(ids).logits, q.model(ids).logits, rtol=0, atol=1e-5)
+
+
+def test_sequential_cnns_with_flatten_modules_and_a_dropout_classifier() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(), nn.MaxPool2d(2),
+                          nn.Flatten(), nn.Dropout(0.1), nn.Linear(6 * 16, 10)).eval()  # fmt: skip
+    model[1].train()  # a mixed mode survives the tracing
+    groups, refused = channel_groups(model, X[:2])
+    assert groups["0"].linears == {"6": 16} and groups["0"].bn == "1" and not refused
+    assert model[1].training and not model[0].training
+    with torch.no_grad():
+        model[1].weight[[2, 3]] = 0.0
+        model[1].bias[[2, 3]] = 0.0
+        model.eval()
+        ref = model(X)
+    shrink_channels(model, groups["0"], torch.tensor([0, 1, 4, 5]))
+    assert model[6].in_features == 4 * 16
+    with torch.no_grad():
+        torch.testing.assert_close(model(X), ref, rtol=1e-5, atol=1e-6)
+    partial = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.Flatten(1, 2), nn.Flatten(), nn.Linear(4 * 64, 2))
+    assert "flattened" in channel_groups(partial, X[:2])[1]["0"]
+    with pytest.raises(SlimquantError, match="distinct"):
+        shrink_channels(model, groups["0"], torch.tensor([0, 0, 1]))
+
+
+def test_scop_details(tmp_path, llama) -> None:
+    with pytest.raises(SlimquantError, match=r"conv2 cannot be pruned \(no affine"):
+        m = _cnn()
+        m.bn2 = nn.BatchNorm2d(8, affine=False)
+        slimquant.prepare_scop(m, X[:2], layers=["conv2"])
+    scop = slimquant.prepare_scop(_cnn(), X[:2])
+    scop.train()
+    y = torch.randint(0, 10, (16,))
+    loss = F.cross_entropy(scop(X), y) + F.cross_entropy(scop(X), y)  # two forwards, then one backward
+    loss.backward()
+    assert all(p.grad is not None for p in scop.kf_parameters())
+    res = slimquant.prune_scop(scop, 0.29)
+    assert [r["kept"] for r in res.layers] == [5, 6, 6]  # floor(0.29 * 6) = 1, floor(0.29 * 8) = 2
+    assert all(m.training for m in res.model.modules())  # the BNs follow the model's mode again
+    with pytest.raises(SlimquantError, match="already pruned"):
+        slimquant.prune_scop(scop, 0.5)
+    # MLP pruning of a tied-embedding LLM saves and reloads (the tied tensors stored once)
+    model = copy.deepcopy(llama)
+    pruned = slimquant.prune_mlp(model, torch.randint(0, 30, (2, 16)), 0.5, show_progress=False)
+    pruned.save(tmp_path / "mlp")
+    from tests.conftest import make_llama
+
+    fresh = make_llama(llama.config.vocab_size, seed=3)
+    back = slimquant.load_pruned(tmp_path / "mlp", fresh)
+    ids = torch.randint(0, 30, (2, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(back(ids).logits, model(ids).logits, rtol=0, atol=0)

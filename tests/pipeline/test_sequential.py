@@ -203,3 +203,20 @@ def test_awq_refusals(mlp, llama):
         slimquant.quantize(llama, Recipe(weight=W3G, steps=(AWQ(), RTN())), show_progress=False)
     with pytest.raises(SlimquantError, match="architecture|model_type"):
         slimquant.quantize(mlp, Recipe(weight=W3G, steps=(AWQ(), RTN())), calib_data=[torch.randn(2, 16)], show_progress=False)
+
+
+def test_tensor_and_tuple_items_run_without_a_kv_cache(llama, calib):
+    """Items given as tensors (or tuples) used to run with transformers' default use_cache: every block got a
+    cache that grew with each item, so later items attended to earlier items' keys."""
+    blocks = llama.get_submodule(block_list(llama))
+    as_dicts = capture_block_inputs(llama, blocks[0], calib)
+    for items in ([row[None] for row in calib], [(row[None],) for row in calib]):
+        captured = capture_block_inputs(llama, blocks[0], items)
+        for (a, k), (ad, kd) in zip(captured, as_dicts):
+            assert k.get("cache") is None and k.get("past_key_values") is None
+            assert torch.equal(a[0], ad[0])
+    spec = QuantSpec("int4", Granularity.PER_GROUP, 32, symmetric=False)
+    runs = [slimquant.quantize(copy.deepcopy(llama), Recipe(weight=spec, steps=(GPTQ(),)), calib_data=d,
+                               show_progress=False) for d in (calib, [row[None] for row in calib])]  # fmt: skip
+    for (n, a), (_, b) in zip(runs[0].model.state_dict().items(), runs[1].model.state_dict().items()):
+        assert torch.equal(a, b), n  # the same checkpoint either way

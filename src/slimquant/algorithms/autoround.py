@@ -78,7 +78,7 @@ def signround_qdq(
     scale, zp = qparams_from_minmax(rmin, rmax, qt, spec.symmetric, integer_zero_point=False)
     izp = spec.zero_point == "int"
     if zp is not None and izp:
-        zp = round_ste(zp)  # qmin - round(rmin / scale), as qparams_from_minmax's integer zero point
+        zp = qmin - round_ste(rmin / scale)  # rounded before the shift, exactly as qparams_from_minmax's integer zero point
     if gt is not None:
         s_snap, z_snap = snap(scale.detach(), None if zp is None else zp.detach(), gt)
         scale = _ste(scale, s_snap)

@@ -108,7 +108,8 @@ def _solve_autoround(block: nn.Module, layers: dict[str, tuple[nn.Module, QuantS
 
 
 def _autoround_record(step: Step, recipe: Recipe) -> dict[str, Any]:
-    return {"iters": step.iters, "minmax": step.minmax}  # type: ignore[attr-defined]
+    return {"iters": step.iters, "lr": step.step_size, "batch_size": step.batch_size, "minmax": step.minmax,  # type: ignore[attr-defined]
+            "seed": step.seed}  # type: ignore[attr-defined]
 
 
 register_algorithm(BlockWeightAlgorithm(AutoRound, solve_block=_solve_autoround, record=_autoround_record))

@@ -4,7 +4,7 @@ NeurIPS 2020; MindSpore Golden Stick's ``PrunerKfCompressAlgo``).
 In training the batch holds real inputs in its first half and their knockoffs (inputs with the same distribution
 but no relation to the first half's labels) in the second. The convolution's output channels are mixed per
 channel: ``[beta * y_real + (1 - beta) * y_knockoff, y_knockoff]`` with a learned ``beta`` (``kf_scale``, from 0.5,
-kept in [0, 1]); a channel the task needs leans towards its real features (``beta -> 1``), a redundant one does
+used clamped to [0, 1]); a channel the task needs leans towards its real features (``beta -> 1``), a redundant one does
 not care. In eval mode it is the plain convolution."""
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ class KnockoffConv2d(nn.Module):
         if y.shape[0] % 2:
             raise ValueError("KnockoffConv2d trains on batches of real inputs followed by as many knockoffs; got an "
                              f"odd batch of {y.shape[0]}")  # fmt: skip
-        with torch.no_grad():
-            self.kf_scale.clamp_(0.0, 1.0)  # the projection after each optimizer step, applied before the next use
         h = y.shape[0] // 2
-        s = self.kf_scale.view(1, -1, 1, 1).to(y.dtype)
+        # kept in [0, 1] functionally (an in-place projection here would break a second forward before backward);
+        # the mix the pruning scores read is clamped the same way
+        s = self.kf_scale.clamp(0.0, 1.0).view(1, -1, 1, 1).to(y.dtype)
         return torch.cat((s * y[:h] + (1 - s) * y[h:], y[h:]), dim=0)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,6 +54,12 @@ def _params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def pruned_count(rate: float, channels: int) -> int:
+    """Channels ``rate`` removes from ``channels``: rounded down (``0.29 * 100`` is 29, not float's 28.999...),
+    always leaving one."""
+    return min(math.floor(rate * channels + 1e-9), channels - 1)
+
+
 @dataclass
 class PruneResult:
     """``model``: the pruned model (physically smaller); ``plan``: ``{"conv" | "mlp": {layer: kept channels}}``
@@ -71,15 +78,14 @@ class PruneResult:
         """Write ``model.safetensors`` (the pruned model's state) and ``pruning.json`` (plan and rows) into
         ``directory``, atomically (a temporary directory renamed into place); an existing one only with
         ``overwrite``. Reload with :func:`load_pruned`."""
-        from safetensors.torch import save_file
+        from safetensors.torch import save_model
 
         from slimquant.formats.atomic import atomic_directory
 
-        state = {k: v.detach().contiguous() for k, v in self.model.state_dict().items()}
         meta = {"plan": self.plan, "layers": self.layers, "skipped": self.skipped, "params_before": self.params_before,
                 "params_after": self.params_after}  # fmt: skip
         with atomic_directory(directory, overwrite=overwrite) as tmp:
-            save_file(state, str(tmp / WEIGHTS_FILE))
+            save_model(self.model, str(tmp / WEIGHTS_FILE))  # tied tensors (embeddings / lm_head) stored once
             (tmp / PLAN_FILE).write_text(json.dumps(meta, indent=1), encoding="utf-8")
         return Path(directory)
 
@@ -88,7 +94,7 @@ def load_pruned(directory: str | os.PathLike, model: nn.Module, example: Any = N
     """The pruned model saved by :meth:`PruneResult.save`: ``model`` (a fresh instance of the original
     architecture) is shrunk by the saved plan (``example``: one input batch, needed for convolution plans) and
     loaded with the saved tensors (safetensors; every key must match)."""
-    from safetensors.torch import load_file
+    from safetensors.torch import load_model
 
     d = Path(directory)
     plan_file, weights = d / PLAN_FILE, d / WEIGHTS_FILE
@@ -101,11 +107,10 @@ def load_pruned(directory: str | os.PathLike, model: nn.Module, example: Any = N
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
         raise SlimquantError(f"{plan_file}: not a pruning record ({type(e).__name__}: {e})") from None
     apply_plan(model, plan, example)
-    state = load_file(str(weights))
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing, unexpected = load_model(model, str(weights), strict=False)
     if missing or unexpected:
         raise SlimquantError(f"{weights}: does not match the pruned {type(model).__name__} (missing "
-                             f"{missing[:3]}, unexpected {unexpected[:3]})")  # fmt: skip
+                             f"{sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})")  # fmt: skip
     return model
 
 
@@ -163,8 +168,8 @@ def prepare_scop(model: nn.Module, example: Any, layers: list[str] | tuple[str, 
         raise SlimquantError("the model already has knockoff layers (prepare_scop ran); train it, then prune_scop")
     groups, skipped = channel_groups(model, example)
     for name, g in list(groups.items()):
-        if g.bn is None:
-            skipped[name] = "no BatchNorm2d right after it (SCOP scores channels by the BN scale)"
+        if g.bn is None or not model.get_submodule(g.bn).affine:
+            skipped[name] = "no affine BatchNorm2d right after it (SCOP scores channels by the BN scale)"
             del groups[name]
     if layers is not None:
         sel = select(list(groups) + list(skipped), tuple(layers))
@@ -172,6 +177,9 @@ def prepare_scop(model: nn.Module, example: Any, layers: list[str] | tuple[str, 
             raise SlimquantError(f"prepare_scop layers: {list(sel.unmatched_patterns)} match no convolution; prunable: "
                                  f"{sorted(groups)}")  # fmt: skip
         chosen = set(sel.matched)
+        named = [p for p in layers if p in skipped]  # named exactly, but not prunable: say why
+        if named:
+            raise SlimquantError(f"prepare_scop layers: {named[0]} cannot be pruned ({skipped[named[0]]})")
         for name in list(groups):
             if name not in chosen:
                 skipped[name] = "not selected"
@@ -195,6 +203,8 @@ def prune_scop(scop: ScopModel, rate: float | dict[str, float]) -> PruneResult:
     object, pruned)."""
     if not isinstance(scop, ScopModel):
         raise SlimquantError("prune_scop takes the model prepare_scop returned (after training its knockoff mixes)")
+    if not scop.knockoffs():
+        raise SlimquantError("this ScopModel was already pruned (prune_scop ran on it); prepare_scop a model again")
     rates = ({n: check_rate(r, f"rate of {n}") for n, r in rate.items()} if isinstance(rate, dict)
              else {n: check_rate(rate) for n in scop.groups})  # fmt: skip
     unknown = sorted(set(rates) - set(scop.groups))
@@ -205,10 +215,10 @@ def prune_scop(scop: ScopModel, rate: float | dict[str, float]) -> PruneResult:
     keeps: dict[str, torch.Tensor] = {}
     rows = []
     for name, g in scop.groups.items():
-        kf = knock[name].kf_scale.detach().clamp(0, 1)
-        gamma = model.get_submodule(g.bn).weight.detach().abs()  # type: ignore[arg-type]
+        kf = knock[name].kf_scale.detach().clamp(0, 1).cpu()
+        gamma = model.get_submodule(g.bn).weight.detach().abs().cpu()  # type: ignore[arg-type]
         score = gamma * (2 * kf - 1)
-        n_prune = min(int(rates.get(name, 0.0) * g.channels), g.channels - 1)
+        n_prune = pruned_count(rates.get(name, 0.0), g.channels) if name in rates else 0
         order = torch.argsort(score, descending=True, stable=True)
         keeps[name] = order[: g.channels - n_prune].sort().values
         rows.append({"name": name, "channels": g.channels, "kept": g.channels - n_prune,
@@ -218,6 +228,9 @@ def prune_scop(scop: ScopModel, rate: float | dict[str, float]) -> PruneResult:
         set_module(model, name, m.conv)
     for n, p in model.named_parameters():
         p.requires_grad_(scop._trainable.get(n, True))
+    for m in model.modules():  # ScopModel.train kept the BatchNorms in eval mode; they follow the model again
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.train(model.training)
     for name, keep in keeps.items():
         shrink_channels(model, scop.groups[name], keep)
     after = _params(model)
@@ -241,6 +254,11 @@ def prune_mlp(model: nn.Module, calib_data: Any, rate: float, show_progress: boo
     mlps = _gated_mlps(model)
     if not mlps:
         raise SlimquantError(f"{type(model).__name__} has no gated MLP (gate_proj / up_proj / down_proj Linears) to prune")
+    cfg = getattr(model, "config", None)
+    widths = {model.get_submodule(p + ".down_proj").in_features for p in mlps}
+    if cfg is not None and hasattr(cfg, "intermediate_size") and len(widths) != 1:
+        raise SlimquantError(f"the gated MLPs of {type(model).__name__} have different widths ({sorted(widths)}): one "
+                             "config.intermediate_size could not describe them after pruning")  # fmt: skip
     sq: dict[str, torch.Tensor] = {}
     handles = []
     for prefix in mlps:
@@ -256,16 +274,19 @@ def prune_mlp(model: nn.Module, calib_data: Any, rate: float, show_progress: boo
         for h in handles:
             h.remove()
     rows, plan = [], {}
+    silent = [p for p in mlps if p not in sq]
+    if silent:
+        raise SlimquantError(f"{silent[0]}: no calibration token reached this MLP (of {len(silent)}); MLP pruning scores "
+                             "channels by their activations on the calibration data")  # fmt: skip
     for prefix in mlps:
         down = model.get_submodule(prefix + ".down_proj")
         width = down.in_features
-        score = sq[prefix].sqrt() * down.weight.detach().float().norm(dim=0)
-        n_keep = max(1, width - int(rate * width))
+        score = sq[prefix].sqrt().to(down.weight.device) * down.weight.detach().float().norm(dim=0)
+        n_keep = width - pruned_count(rate, width)
         keep = torch.argsort(score, descending=True, stable=True)[:n_keep].sort().values
         shrink_mlp(model, prefix, keep)
         plan[prefix] = keep.tolist()
         rows.append({"name": prefix, "channels": width, "kept": n_keep, "rate": rate})
-    cfg = getattr(model, "config", None)
     if cfg is not None and hasattr(cfg, "intermediate_size"):
         cfg.intermediate_size = rows[0]["kept"]
     return PruneResult(model, {"version": 1, "mlp": plan}, rows, {}, before, _params(model))

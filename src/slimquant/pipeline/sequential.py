@@ -70,7 +70,8 @@ def capture_block_inputs(model: nn.Module, block: nn.Module, calib_data: Any) ->
         raise _Stop
 
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    hf = getattr(model, "config", None) is not None
+    # a transformers-style causal LM (generate, config.use_cache): called without a KV cache
+    hf = callable(getattr(model, "generate", None)) and hasattr(getattr(model, "config", None), "use_cache")
     handle = block.register_forward_pre_hook(hook, with_kwargs=True)
     try:
         with torch.no_grad():
@@ -258,6 +259,8 @@ def quantize_sequential(model: nn.Module, recipe: Recipe, plans: list[Any], cali
         captured = capture_block_inputs(model, blocks[0], calib_data)
         resuming = work is not None and 0 < work.done < len(blocks)
         saved = work.inputs(len(captured)) if resuming else None  # type: ignore[union-attr]
+        if wants_targets and activation_budget is not None:
+            activation_budget //= 2  # two streams of hidden states share the budget
         inputs = BlockInputs(captured, activation_budget, spill_dir, hidden=saved)
         if wants_targets:
             saved = work.inputs(len(captured), float_model=True) if resuming else None  # type: ignore[union-attr]
@@ -323,7 +326,9 @@ def quantize_sequential(model: nn.Module, recipe: Recipe, plans: list[Any], cali
         solved = _solve_block(block, f"{path}.{bi}.", block_solved, _BlockData(inputs, float_inputs), show_progress)
         errors = []
         for lp in layer_plans:
-            acc = accs.get(owner.get(lp.name, lp.name)) or HessianAccumulator(model.get_submodule(lp.name).in_features)
+            # (block-solved layers have no Hessian: an empty accumulator, not a [k, k] of zeros)
+            acc = accs.get(owner.get(lp.name, lp.name)) or HessianAccumulator(
+                0 if lp.name in solved else model.get_submodule(lp.name).in_features)
             row = _solve_layer(model, lp, acc, recipe, make_module, solved.get(lp.name))
             if lp.name in owner:
                 row.details["hessian_shared_with"] = owner[lp.name]
@@ -424,7 +429,7 @@ def _solve_block(block: nn.Module, prefix: str, plans: list[Any], data: _BlockDa
         assert isinstance(impl, BlockWeightAlgorithm)
         mine = [lp for lp in plans if lp.step == step]
         layers = {lp.name[len(prefix) :]: (block.get_submodule(lp.name[len(prefix) :]), lp.spec) for lp in mine}
-        log.debug("%s: %s solves %d layer(s) of %s together", step.TYPE, step.TYPE, len(layers), prefix.rstrip("."))
+        log.debug("%s solves %d layer(s) of %s together", step.TYPE, len(layers), prefix.rstrip("."))
         solved = impl.solve_block(block, layers, data, step, show_progress)  # type: ignore[misc]
         missing = sorted(set(layers) - set(solved))
         if missing:

@@ -128,6 +128,9 @@ class WorkDir:
                 raise SlimquantError(f"{self.path} holds an unfinished run with a different setup; remove it to start "
                                      f"over, or rerun the original command. Differences: {'; '.join(diff[:8])}")  # fmt: skip
             self.done = state["done"]
+            for stale in self.path.glob("*inputs_*.safetensors"):  # a kill between moving `done` and removing them
+                if stale not in (self.inputs_file(self.done), self.inputs_file(self.done, True)):
+                    stale.unlink(missing_ok=True)
             self._check_files()
             if self.done:
                 log.info("resuming from %s: %d block(s) already done", self.path, self.done)

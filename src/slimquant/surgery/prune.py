@@ -34,6 +34,11 @@ log = logging.getLogger(__name__)
 _PASS_MODULES = (nn.BatchNorm2d, nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.ELU,
                  nn.Hardswish, nn.Hardsigmoid, nn.Mish, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d,
                  nn.AdaptiveMaxPool2d, nn.Dropout, nn.Dropout2d, nn.Identity)  # fmt: skip
+# element-wise: also fine after flatten (pooling and BatchNorm2d are not)
+_ELEMENTWISE_MODULES = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.ELU, nn.Hardswish,
+                        nn.Hardsigmoid, nn.Mish, nn.Dropout, nn.Identity)  # fmt: skip
+_ELEMENTWISE_FUNCTIONS = {"relu", "relu6", "leaky_relu", "gelu", "silu", "sigmoid", "tanh", "elu", "hardswish", "mish",
+                          "dropout", "contiguous"}  # fmt: skip
 _PASS_FUNCTIONS = {"relu", "relu6", "leaky_relu", "gelu", "silu", "sigmoid", "tanh", "elu", "hardswish", "mish",
                    "max_pool2d", "avg_pool2d", "adaptive_avg_pool2d", "adaptive_max_pool2d", "dropout", "dropout2d",
                    "contiguous"}  # fmt: skip
@@ -70,11 +75,14 @@ def channel_groups(model: nn.Module, example: Any) -> tuple[dict[str, ChannelGro
                              f"{type(model).__name__} does not trace with torch.fx ({type(e).__name__}: "
                              f"{str(e).splitlines()[0] if str(e) else ''})") from None  # fmt: skip
     args = example if isinstance(example, tuple) else (example,)
-    was = model.training
+    modes = {m: m.training for m in model.modules()}  # restored one by one (mixed modes, e.g. frozen BNs, stay)
     gm.eval()
-    with torch.no_grad():
-        ShapeProp(gm).propagate(*args)
-    gm.train(was)
+    try:
+        with torch.no_grad():
+            ShapeProp(gm).propagate(*args)
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
     modules = dict(model.named_modules())
     calls = Counter(str(n.target) for n in gm.graph.nodes if n.op == "call_module")
     groups: dict[str, ChannelGroup] = {}
@@ -91,7 +99,7 @@ def channel_groups(model: nn.Module, example: Any) -> tuple[dict[str, ChannelGro
             refused[name] = f"grouped convolution (groups={conv.groups})"
             continue
         group = ChannelGroup(name, conv.out_channels)
-        why = _follow(node, group, modules, calls, flattened=False)
+        why = _follow(node, group, modules, calls, 0)
         if why is None and not (group.convs or group.linears):
             why = "its output reaches no layer"
         if why is not None:
@@ -101,8 +109,22 @@ def channel_groups(model: nn.Module, example: Any) -> tuple[dict[str, ChannelGro
     return groups, refused
 
 
-def _follow(node: Any, group: ChannelGroup, modules: dict[str, nn.Module], calls: Counter, flattened: bool) -> str | None:
-    """Walk ``node``'s users, filling ``group``; the reason it is not prunable, or None."""
+def _per_channel(node: Any, start: Any, end: Any) -> int | None:
+    """Features per channel when ``node``'s ``[N, C, *spatial]`` output is flattened from ``start`` to ``end``
+    (only ``flatten(1)`` / ``flatten(1, -1)`` keep each channel's features together), else None."""
+    meta = node.meta.get("tensor_meta")
+    shape = tuple(getattr(meta, "shape", ()) or ())
+    if len(shape) < 2 or start != 1 or end not in (-1, len(shape) - 1):
+        return None
+    per = 1
+    for d in shape[2:]:
+        per *= int(d)
+    return per
+
+
+def _follow(node: Any, group: ChannelGroup, modules: dict[str, nn.Module], calls: Counter, flattened: int) -> str | None:
+    """Walk ``node``'s users, filling ``group``; the reason it is not prunable, or None. ``flattened``: 0 before a
+    ``flatten``, after it the features each channel owns."""
     for user in node.users:
         if user.op == "call_module":
             m = modules.get(str(user.target))
@@ -115,12 +137,19 @@ def _follow(node: Any, group: ChannelGroup, modules: dict[str, nn.Module], calls
                 group.convs.append(tname)
                 continue
             if isinstance(m, nn.Linear) and flattened:
-                meta = node.meta.get("tensor_meta")
-                if meta is None or m.in_features % group.channels:
+                if m.in_features != group.channels * flattened:
                     return f"its output reaches {tname} through a reshape slimquant cannot map to channels"
-                group.linears[tname] = m.in_features // group.channels
+                group.linears[tname] = flattened
                 continue
-            if isinstance(m, _PASS_MODULES) and not flattened:
+            if isinstance(m, nn.Flatten) and not flattened:
+                per = _per_channel(node, m.start_dim, m.end_dim)
+                if per is None:
+                    return f"its output is flattened by {tname} other than from dimension 1 to the end"
+                why = _follow(user, group, modules, calls, per)
+                if why:
+                    return why
+                continue
+            if isinstance(m, _ELEMENTWISE_MODULES if flattened else _PASS_MODULES):
                 if isinstance(m, nn.BatchNorm2d):
                     if m.num_features != group.channels:
                         return f"{tname} has {m.num_features} features, not {group.channels}"
@@ -138,13 +167,15 @@ def _follow(node: Any, group: ChannelGroup, modules: dict[str, nn.Module], calls
                 return f"its output is an argument of {fname} other than the first"
             if any(a is node for a in list(user.args[1:]) + list(user.kwargs.values())):
                 return f"its output is used twice by {fname}"
-            if fname in _PASS_FUNCTIONS and not flattened:
+            if fname in (_ELEMENTWISE_FUNCTIONS if flattened else _PASS_FUNCTIONS):
                 why = _follow(user, group, modules, calls, flattened)
             elif fname == "flatten" and not flattened:
-                start = user.args[1] if len(user.args) > 1 else user.kwargs.get("start_dim", 0 if user.op == "call_function" else 0)
-                if start != 1:
-                    return f"its output is flattened from dimension {start}, not 1"
-                why = _follow(user, group, modules, calls, flattened=True)
+                start = user.args[1] if len(user.args) > 1 else user.kwargs.get("start_dim", 0)
+                end = user.args[2] if len(user.args) > 2 else user.kwargs.get("end_dim", -1)
+                per = _per_channel(node, start, end)
+                if per is None:
+                    return f"its output is flattened other than from dimension 1 to the end ({fname}({start}, {end}))"
+                why = _follow(user, group, modules, calls, per)
             else:
                 return f"its output reaches {fname}"
             if why:
@@ -154,15 +185,21 @@ def _follow(node: Any, group: ChannelGroup, modules: dict[str, nn.Module], calls
     return None
 
 
+def _checked_keep(keep: Any, width: int, layer: str) -> torch.Tensor:
+    """``keep`` as sorted CPU indices (they index tensors on any device), checked against ``width``."""
+    keep = torch.as_tensor(keep).detach().to("cpu", torch.long).sort().values
+    if keep.numel() == 0 or int(keep.max()) >= width or int(keep.min()) < 0 or keep.unique().numel() != keep.numel():
+        raise SlimquantError(f"{layer}: channels to keep must be distinct indices in [0, {width}), at least one")
+    return keep
+
+
 def _param(t: torch.Tensor, like: nn.Parameter) -> nn.Parameter:
     return nn.Parameter(t.detach().clone().contiguous(), requires_grad=like.requires_grad)
 
 
 def shrink_channels(model: nn.Module, group: ChannelGroup, keep: torch.Tensor) -> None:
     """Keep only the output channels ``keep`` (sorted indices) of ``group.conv``, in place."""
-    keep = torch.as_tensor(keep, dtype=torch.long).sort().values
-    if keep.numel() == 0 or int(keep.max()) >= group.channels or int(keep.min()) < 0:
-        raise SlimquantError(f"{group.conv}: channels to keep must be indices in [0, {group.channels}), at least one")
+    keep = _checked_keep(keep, group.channels, group.conv)
     conv = model.get_submodule(group.conv)
     conv.weight = _param(conv.weight[keep], conv.weight)
     if conv.bias is not None:
@@ -197,10 +234,7 @@ def shrink_mlp(model: nn.Module, prefix: str, keep: torch.Tensor) -> None:
     if not all(isinstance(m, nn.Linear) for m in (gate, up, down)):
         raise SlimquantError(f"{prefix}: MLP pruning needs float nn.Linear gate_proj / up_proj / down_proj (prune "
                              "before quantizing)")  # fmt: skip
-    keep = torch.as_tensor(keep, dtype=torch.long).sort().values
-    width = gate.out_features  # type: ignore[union-attr]
-    if keep.numel() == 0 or int(keep.max()) >= width or int(keep.min()) < 0:
-        raise SlimquantError(f"{prefix}: channels to keep must be indices in [0, {width}), at least one")
+    keep = _checked_keep(keep, gate.out_features, prefix)  # type: ignore[union-attr]
     for lin in (gate, up):
         lin.weight = _param(lin.weight[keep], lin.weight)  # type: ignore[union-attr]
         if lin.bias is not None:  # type: ignore[union-attr]
