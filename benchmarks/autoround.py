@@ -71,7 +71,9 @@ def child_main(args) -> None:  # noqa: ANN001
         result = sq.quantize(model, recipe_for(args.config, quick), calib_data=calib, show_progress=False)
         res["quantize_s"] = time.perf_counter() - t0
         res["peak_rss_quantize_mib"] = wo.peak_rss_mib()
-        tuned = [r.details["autoround"] for r in result.report.layers if "autoround" in r.details]
+        # one record per block (every layer of a block carries its block's)
+        tuned = list({r.name.rsplit(".", 2)[0]: r.details["autoround"] for r in result.report.layers
+                      if "autoround" in r.details}.values())  # fmt: skip
         res["best_rel_loss_median"] = sorted(t["best_rel_loss"] for t in tuned)[len(tuned) // 2]
         res["stopped"] = sum(1 for t in tuned if t.get("stopped"))
         sq.save(result, ckpt, tokenizer=tok)
