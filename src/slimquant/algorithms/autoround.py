@@ -63,7 +63,9 @@ def signround_qdq(
 
     Exactly :func:`slimquant.math.quant.quantize` / ``dequantize`` with the tuned parameters: ``round(w / s + v)
     + z`` for integer zero points, ``round(w / s + z + v)`` for float ones, clamped to the grid; GGUF grids snap
-    the scales (and minima) to the type's storage (straight through)."""
+    the scales (and minima) to the type's storage (straight through). One difference at the start: for the
+    symmetric GGUF 32-blocks (Q4_0, Q5_0, Q8_0) round-to-nearest picks per group between this positive scale and
+    llama.cpp's signed one (:func:`slimquant.math.weights.quantize_weight`); AutoRound starts from the positive one."""
     qt = lookup_qtype(spec.qtype)
     qmin, qmax = grid(qt)
     wg = grouped(w, spec)  # [n, G, g]

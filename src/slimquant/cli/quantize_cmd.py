@@ -54,8 +54,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="keep the model's blocks on disk and quantize them one at a time (HF safetensors directories, "
                    "weight-only recipes): peak memory ~ one block + the embeddings + calibration activations")  # fmt: skip
     p.add_argument("--max_activation_gb", type=positive_float, default=None,
-                   help="block-by-block runs (gptq, m3, --stream): keep the calibration activations between blocks in "
-                   "files once they pass this many GB (default: in memory)")  # fmt: skip
+                   help="block-by-block runs (gptq, autoround, m3, --stream): keep the calibration activations "
+                   "between blocks in files once they pass this many GB (default: in memory)")  # fmt: skip
     p.add_argument("--trust_remote_code", action="store_true", help="run custom modeling code in the model directory")
     # Calibration inputs (static W8A8, smoothing, GPTQ, AWQ, KV/attention). Without any, slimquant's default set.
     add_calibration_args(p, 64, "default 64")

@@ -207,7 +207,7 @@ def convert(
         if recipe.has_activation_quantization or recipe.fa is not None or recipe.kv is not None or model_steps:
             what = f" (step {model_steps[0].TYPE} transforms the whole model)" if model_steps else ""
             raise NotSupportedYet("streaming from disk supports weight-only recipes with block or weight steps (rtn, "
-                                  "gptq, awq); activation, attention and KV-cache quantization and smoothing of the "
+                                  "gptq, autoround, awq); activation, attention and KV-cache quantization and smoothing of the "
                                   f"whole model run in memory{what}")  # fmt: skip
     if recipe.fa is not None:
         from slimquant.nn.fa_quant import attention_modules
