@@ -10,9 +10,9 @@ Layout (``<save_directory>.partial`` for the CLI)::
                                   outputs to the float model's: AutoRound)
 
 ``done`` moves only after the block's files and the next inputs are complete (the inputs files are named by the
-block they enter, so a kill between writing them and moving ``done`` cannot feed a block the next one's inputs), so after a kill at any point a
-rerun continues from block ``done`` and, the arithmetic being deterministic, writes the same checkpoint as an
-uninterrupted run. A work directory from a different run (recipe, model, calibration data or layer plan) is
+block they enter, so a kill between writing them and moving ``done`` cannot feed a block the next one's inputs),
+so after a kill at any point a rerun continues from block ``done`` and, the arithmetic being deterministic, writes
+the same checkpoint as an uninterrupted run. A work directory from a different run (recipe, model, calibration data or layer plan) is
 refused with the difference.
 """
 
