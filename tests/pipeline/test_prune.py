@@ -216,7 +216,7 @@ def test_sequential_cnns_with_flatten_modules_and_a_dropout_classifier() -> None
         shrink_channels(model, groups["0"], torch.tensor([0, 0, 1]))
 
 
-def test_scop_details(tmp_path, llama) -> None:
+def test_scop_details(tmp_path, llama, factories) -> None:
     with pytest.raises(SlimquantError, match=r"conv2 cannot be pruned \(no affine"):
         m = _cnn()
         m.bn2 = nn.BatchNorm2d(8, affine=False)
@@ -236,9 +236,7 @@ def test_scop_details(tmp_path, llama) -> None:
     model = copy.deepcopy(llama)
     pruned = slimquant.prune_mlp(model, torch.randint(0, 30, (2, 16)), 0.5, show_progress=False)
     pruned.save(tmp_path / "mlp")
-    from tests.conftest import make_llama
-
-    fresh = make_llama(llama.config.vocab_size, seed=3)
+    fresh = factories["llama"](llama.config.vocab_size, seed=3)
     back = slimquant.load_pruned(tmp_path / "mlp", fresh)
     ids = torch.randint(0, 30, (2, 12))
     with torch.no_grad():
