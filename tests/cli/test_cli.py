@@ -353,6 +353,35 @@ def test_w_method_autoround(capsys, llama_dir, outs, text_file):
     assert row["samples"] == 4 * 16 and row["autoround"]["steps"] == 3
 
 
+def test_pretokenised_calibration_and_tokenizer_args(capsys, llama_dir, outs, text_file, tmp_path):
+    """msModelSlim's --input_ids_name / --attention_mask_name (a pre-tokenised .jsonl) and --tokenizer_args."""
+    torch.manual_seed(0)
+    rows = [{"ids": torch.randint(1, 30, (12,)).tolist(), "mask": [1] * 12} for _ in range(3)]
+    rows[1]["ids"] = [rows[1]["ids"], rows[0]["ids"]]  # an entry may hold a batch of rows
+    rows[1]["mask"] = [[1] * 12, [0] * 2 + [1] * 10]
+    f = tmp_path / "tok.jsonl"
+    f.write_text("\n".join(json.dumps(r) for r in rows))
+    common = ("quantize", "--model_path", llama_dir, "--w_bit", "4", "--group_size", "32", "--w_method", "gptq")
+    rc, _, err = run(capsys, *common, "--save_directory", outs / "t", "--calib_file", f, "--input_ids_name", "ids",
+                   "--attention_mask_name", "mask", "--calib_size", "3")  # fmt: skip
+    assert rc == 0, err
+    report = json.loads((outs / "t" / "quantize_report.json").read_text())
+    assert next(r for r in report["layers"] if r["name"].endswith("layers.0.mlp.down_proj"))["samples"] == 3 * 12
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"ids": [1, 2, 99999]}))
+    rc, _, err = run(capsys, *common, "--save_directory", outs / "b", "--calib_file", bad, "--input_ids_name", "ids")
+    assert rc == 1 and "bad.jsonl line 1" in err and "outside the model's vocabulary" in err
+    rc, _, err = run(capsys, *common, "--save_directory", outs / "n", "--calib_file", text_file, "--input_ids_name", "ids")
+    assert rc == 1 and "has no entries holding 'ids'" in err
+    rc, _, _ = run(capsys, *common, "--save_directory", outs / "k", "--calib_file", text_file, "--calib_size", "2",
+                   "--calib_seq_len", "16", "--tokenizer_args", '{"padding_side": "left", "pad_token": "<unk>"}')  # fmt: skip
+    assert rc == 0
+    # the seed's W8A16 example: no calibration, --tokenizer_args accepted and not used
+    rc, _, _ = run(capsys, "quantize", "--model_path", llama_dir, "--save_directory", outs / "w8", "--calib_file=",
+                   "--w_bit", "8", "--a_bit", "16", "--tokenizer_args", '{"padding_side":"left","pad_token":"<unk>"}')  # fmt: skip
+    assert rc == 0
+
+
 def test_stream_and_resume_after_a_crash(capsys, llama_dir, outs, text_file, monkeypatch, caplog):
     from slimquant.pipeline import workdir
 
@@ -619,8 +648,9 @@ def test_eval_missing_text_file(capsys, llama_dir, tmp_path):
         (["--desc_act", "True"], "--desc_act", "--w_method gptq"),
         (["--w_method", "gptq", "--percdamp", "0"], "--percdamp 0", "(0, 1]"),
         (["--use_fa_quant", "True", "--fa_amp", "-1"], "--fa_amp -1", "positive"),
-        (["--tokenizer_args", '{"padding_side": "left"}'], "--tokenizer_args", "not supported yet"),
-        (["--input_ids_name", "ids"], "--input_ids_name", "not supported yet"),
+        (["--w_bit", "4", "--w_method", "gptq", "--tokenizer_args", '{"no_such": 1}'], "--tokenizer_args", "'no_such'"),
+        (["--w_bit", "4", "--w_method", "gptq", "--tokenizer_args", "[1]"], "--tokenizer_args", "JSON object"),
+        (["--w_bit", "4", "--w_method", "gptq", "--input_ids_name", "ids"], "--input_ids_name ids", "none was given"),
         (["--co_sparse", "true"], "--co_sparse", "not supported yet"),
         (["--device_type", "npu"], "--device_type npu", "Ascend"),
     ],

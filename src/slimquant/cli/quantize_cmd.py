@@ -7,6 +7,7 @@ import logging
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 from slimquant.cli.args import add_calibration_args, positive_float, str2bool
 from slimquant.errors import NotSupportedYet, SlimquantError
@@ -15,13 +16,37 @@ from slimquant.types.flags import add_recipe_flags, check_not_built, flag_defaul
 
 log = logging.getLogger("slimquant.cli")
 
-# Seed flags of the calibration inputs accepted by the parser whose non-default values are not built yet:
-# flag -> (default, what). Those of the recipe are in slimquant.types.flags.
-_LATER = {
-    "tokenizer_args": ("{}", "custom tokenizer arguments for calibration"),
-    "input_ids_name": ("input_ids", "renaming the calibration inputs"),
-    "attention_mask_name": ("attention_mask", "renaming the calibration inputs"),
-}
+
+
+def _calibration(args: argparse.Namespace, lm: Any) -> Any:
+    """The calibration items of the flags: token windows of text (the tokenizer set by --tokenizer_args), or the
+    entries of a pre-tokenised --calib_file (--input_ids_name / --attention_mask_name)."""
+    from slimquant.data import apply_tokenizer_args, calibration_data, is_tokenized_file, read_tokenized_file
+
+    renamed = args.input_ids_name != "input_ids" or args.attention_mask_name != "attention_mask"
+    if args.calib_file and is_tokenized_file(args.calib_file, args.input_ids_name):
+        if args.calib_texts or args.calib_generate:
+            raise SlimquantError(f"--calib_file {args.calib_file} is already tokenised; it cannot be combined with "
+                                 "--calib_texts or --calib_generate")  # fmt: skip
+        emb = lm.model.get_input_embeddings() if hasattr(lm.model, "get_input_embeddings") else None
+        vocab = getattr(emb, "num_embeddings", None)
+        items = read_tokenized_file(args.calib_file, args.input_ids_name, args.attention_mask_name, vocab,
+                                    limit=args.calib_size)  # fmt: skip
+        log.info("calibration: %d pre-tokenised entries of %s (keys %s / %s)", len(items), args.calib_file,
+                 args.input_ids_name, args.attention_mask_name)  # fmt: skip
+        return items
+    if renamed:
+        flags = f"--input_ids_name {args.input_ids_name} / --attention_mask_name {args.attention_mask_name}"
+        if not args.calib_file:
+            raise SlimquantError(f"{flags} name the keys of a pre-tokenised .jsonl/.json --calib_file; none was given")
+        raise SlimquantError(f"{flags}: --calib_file {args.calib_file} has no entries holding {args.input_ids_name!r} "
+                             "(a pre-tokenised .jsonl/.json file is read only when its first entry does)")  # fmt: skip
+    if args.tokenizer_args not in ("", "{}"):
+        apply_tokenizer_args(lm.tokenizer, args.tokenizer_args)
+        log.info("--tokenizer_args applied to the tokenizer (calibration windows are cut from unpadded text: padding "
+                 "settings do not change them)")  # fmt: skip
+    return calibration_data(lm.model, lm.tokenizer, args.calib_file or None, args.calib_texts or None,
+                            num_windows=args.calib_size, seq_len=args.calib_seq_len, generate=args.calib_generate)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -62,18 +87,21 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--calib_generate", type=str2bool, default=False,
                    help="True: sample the calibration texts from the float model itself instead of the default set "
                    "(causal LMs; minutes on a CPU)")  # fmt: skip
-    p.add_argument("--tokenizer_args", default="{}", help="JSON tokenizer arguments for calibration")
-    p.add_argument("--input_ids_name", default="input_ids")
-    p.add_argument("--attention_mask_name", default="attention_mask")
+    p.add_argument("--tokenizer_args", default="{}",
+                   help="JSON object of tokenizer settings applied before tokenising calibration text, e.g. "
+                   "'{\"padding_side\": \"left\", \"pad_token\": \"<unk>\"}' (calibration windows are cut from "
+                   "unpadded text, so padding settings do not change them)")  # fmt: skip
+    p.add_argument("--input_ids_name", default="input_ids",
+                   help="a .jsonl/.json --calib_file whose entries are already tokenised: the key of the token ids "
+                   "(used as given, up to --calib_size entries)")  # fmt: skip
+    p.add_argument("--attention_mask_name", default="attention_mask",
+                   help="the key of the attention mask in a pre-tokenised --calib_file (optional in the entries)")
     p.set_defaults(func=run)
 
 
 def recipe_from_args(args: argparse.Namespace) -> Recipe:
     """The Recipe the parsed flags describe (:func:`slimquant.types.flags.recipe_from_flags`, the one mapping
     :meth:`Recipe.from_flags` uses too), or the ``--recipe`` file; unsupported combinations raise naming the flag."""
-    for flag, (default, what) in _LATER.items():
-        if getattr(args, flag) != default:
-            raise NotSupportedYet(f"--{flag} {getattr(args, flag)}: {what} is not supported yet")
     if args.device_type == "npu":
         raise SlimquantError("--device_type npu: Ascend NPUs are not supported; use cpu or cuda")
     values = {name: getattr(args, name) for name in flag_names()}
@@ -142,9 +170,13 @@ def _checked_target(args: argparse.Namespace, recipe: Recipe, protect: list[Path
         raise SlimquantError("--stream with --calib_generate True: generating calibration text needs the whole model "
                              "in memory; give --calib_file / --calib_texts or use the default set")  # fmt: skip
     if args.calib_file and recipe.needs_calibration:
-        from slimquant.data.calibration import read_calib_file
+        from slimquant.data.calibration import is_tokenized_file, read_calib_file, read_tokenized_file
 
-        read_calib_file(args.calib_file)  # its contents are checked now, not after loading the model
+        # its contents are checked now, not after loading the model
+        if is_tokenized_file(args.calib_file, args.input_ids_name):
+            read_tokenized_file(args.calib_file, args.input_ids_name, args.attention_mask_name)
+        else:
+            read_calib_file(args.calib_file)
     return target
 
 
@@ -203,6 +235,10 @@ def _run(args: argparse.Namespace, recipe: Recipe, protect: list[Path], target: 
     if args.device_type == "cuda":
         lm.model.to("cuda")
     calib = None
+    if not needs_data and (args.tokenizer_args not in ("", "{}") or args.input_ids_name != "input_ids"
+                           or args.attention_mask_name != "attention_mask"):  # fmt: skip
+        log.info("this recipe needs no calibration data: --tokenizer_args / --input_ids_name / --attention_mask_name "
+                 "are not used")  # fmt: skip
     if needs_data:
         from slimquant.data import calibration_data
 
@@ -211,9 +247,7 @@ def _run(args: argparse.Namespace, recipe: Recipe, protect: list[Path], target: 
         if lm.kind != "causal_lm" and args.calib_generate:
             raise SlimquantError(f"--calib_generate True: {args.model_path} is an {lm.kind}, it cannot generate its own "
                                  "calibration text; give --calib_file or --calib_texts, or use the default set")  # fmt: skip
-        calib = calibration_data(lm.model, lm.tokenizer, args.calib_file or None, args.calib_texts or None,
-                                 num_windows=args.calib_size, seq_len=args.calib_seq_len,
-                                 generate=args.calib_generate)  # fmt: skip
+        calib = _calibration(args, lm)
     t1 = time.perf_counter()
     # the block-by-block pipeline persists finished blocks next to the output and resumes from there
     work_dir = work_dir_of(target)

@@ -85,22 +85,7 @@ def read_calib_file(path: str | os.PathLike[str], field: str = "text") -> list[s
 
 
 def _json_texts(p: Path, content: str, field: str) -> list[str]:
-    if p.suffix.lower() == ".json" and content.lstrip().startswith("["):
-        try:
-            items = json.loads(content)
-        except json.JSONDecodeError as e:
-            raise SlimquantError(f"calibration file {p} line {e.lineno}: invalid JSON ({e.msg})") from None
-        return [_json_text(p, f"item {i}", item, field) for i, item in enumerate(items)]
-    texts = []
-    for lineno, line in enumerate(content.split("\n"), start=1):
-        if not line.strip():
-            continue
-        try:
-            item = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise SlimquantError(f"calibration file {p} line {lineno}: invalid JSON ({e.msg})") from None
-        texts.append(_json_text(p, f"line {lineno}", item, field))
-    return texts
+    return [_json_text(p, where, item, field) for where, item in _json_entries(p, content)]
 
 
 def _json_text(p: Path, where: str, item: Any, field: str) -> str:
@@ -118,6 +103,113 @@ def _json_text(p: Path, where: str, item: Any, field: str) -> str:
         f"calibration file {p} {where}: expected a JSON object with field {field!r} or a JSON string, "
         f"got {type(item).__name__}"
     )
+
+
+def _json_entries(p: Path, content: str) -> list[tuple[str, Any]]:
+    """``(where, value)`` of every entry of a .jsonl file (one per line) or a .json array / per-line file."""
+    if p.suffix.lower() == ".json" and content.lstrip().startswith("["):
+        try:
+            items = json.loads(content)
+        except json.JSONDecodeError as e:
+            raise SlimquantError(f"calibration file {p} line {e.lineno}: invalid JSON ({e.msg})") from None
+        return [(f"item {i}", item) for i, item in enumerate(items)]
+    out = []
+    for lineno, line in enumerate(content.split("\n"), start=1):
+        if line.strip():
+            try:
+                out.append((f"line {lineno}", json.loads(line)))
+            except json.JSONDecodeError as e:
+                raise SlimquantError(f"calibration file {p} line {lineno}: invalid JSON ({e.msg})") from None
+    return out
+
+
+def is_tokenized_file(path: str | os.PathLike[str], input_ids_name: str = "input_ids") -> bool:
+    """Whether ``path`` is a .jsonl / .json calibration file whose first entry is an object holding
+    ``input_ids_name`` (entries already tokenised, as msModelSlim's ``--input_ids_name`` reads them)."""
+    p = Path(path)
+    if p.suffix.lower() not in (".jsonl", ".json") or not p.is_file():
+        return False
+    try:
+        entries = _json_entries(p, p.read_text(encoding="utf-8-sig").replace("\r\n", "\n"))
+    except (SlimquantError, UnicodeDecodeError, OSError):
+        return False
+    return bool(entries) and isinstance(entries[0][1], dict) and input_ids_name in entries[0][1]
+
+
+def read_tokenized_file(path: str | os.PathLike[str], input_ids_name: str = "input_ids",
+                        attention_mask_name: str = "attention_mask", vocab_size: int | None = None,
+                        limit: int | None = None) -> list[dict[str, torch.Tensor]]:  # fmt: skip
+    """Calibration items from a .jsonl / .json file whose entries are already tokenised: each an object holding
+    a list of token ids under ``input_ids_name`` (or a list of such lists: one item per row) and optionally the
+    matching 0 / 1 list under ``attention_mask_name``. Returns model inputs ``{"input_ids": [1, L] int64,
+    "attention_mask": [1, L] int64}`` (the mask only where the file has one), at most ``limit`` of them. Errors
+    name the file, the entry and the key (a missing key, ids that are not integers in ``[0, vocab_size)``, a mask
+    of another length or with values other than 0 / 1)."""
+    p = Path(path)
+    if p.suffix.lower() not in (".jsonl", ".json"):
+        raise SlimquantError(f"calibration file {p}: pre-tokenised calibration data must be a .jsonl or .json file")
+    if not p.is_file():
+        raise SlimquantError(f"calibration file {p} not found")
+    try:
+        content = p.read_text(encoding="utf-8-sig").replace("\r\n", "\n")
+    except (UnicodeDecodeError, OSError) as e:
+        raise SlimquantError(f"cannot read calibration file {p}: {e}") from None
+    items: list[dict[str, torch.Tensor]] = []
+    for where, entry in _json_entries(p, content):
+        if not isinstance(entry, dict) or input_ids_name not in entry:
+            keys = ", ".join(map(repr, entry)) if isinstance(entry, dict) else type(entry).__name__
+            raise SlimquantError(f"calibration file {p} {where}: no {input_ids_name!r} (keys: {keys}); set "
+                                 "--input_ids_name to the key holding the token ids")  # fmt: skip
+        ids = entry[input_ids_name]
+        rows = ids if ids and isinstance(ids[0], list) else [ids]
+        mask = entry.get(attention_mask_name)
+        masks = (mask if mask and isinstance(mask[0], list) else [mask]) if mask is not None else [None] * len(rows)
+        if len(masks) != len(rows):
+            raise SlimquantError(f"calibration file {p} {where}: {attention_mask_name!r} has {len(masks)} rows, "
+                                 f"{input_ids_name!r} {len(rows)}")  # fmt: skip
+        for row, m in zip(rows, masks):
+            if not row or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in row):
+                raise SlimquantError(f"calibration file {p} {where}: {input_ids_name!r} must be a non-empty list of "
+                                     "non-negative integer token ids")  # fmt: skip
+            if vocab_size is not None and max(row) >= vocab_size:
+                raise SlimquantError(f"calibration file {p} {where}: token id {max(row)} in {input_ids_name!r} is "
+                                     f"outside the model's vocabulary ({vocab_size})")  # fmt: skip
+            item = {"input_ids": torch.tensor([row], dtype=torch.int64)}
+            if m is not None:
+                if len(m) != len(row) or any(v not in (0, 1) or isinstance(v, bool) for v in m):
+                    raise SlimquantError(f"calibration file {p} {where}: {attention_mask_name!r} must be 0 / 1 "
+                                         f"values, one per token ({len(row)})")  # fmt: skip
+                item["attention_mask"] = torch.tensor([m], dtype=torch.int64)
+            items.append(item)
+            if limit is not None and len(items) >= limit:
+                return items
+    if not items:
+        raise SlimquantError(f"calibration file {p} holds no entries")
+    return items
+
+
+def apply_tokenizer_args(tokenizer: Any, args: str | dict[str, Any]) -> Any:
+    """Set msModelSlim's ``--tokenizer_args`` (a JSON object, e.g. ``{"padding_side": "left", "pad_token":
+    "<unk>"}``) on ``tokenizer``: each key must be one of its attributes (an unknown key is an error naming it).
+    Returns the tokenizer."""
+    if isinstance(args, str):
+        try:
+            args = json.loads(args or "{}")
+        except json.JSONDecodeError as e:
+            raise SlimquantError(f"--tokenizer_args is not valid JSON ({e.msg}): {args!r}") from None
+    if not isinstance(args, dict):
+        raise SlimquantError(f"--tokenizer_args must be a JSON object of tokenizer settings, got {args!r}")
+    for key, value in args.items():
+        if not hasattr(tokenizer, key):
+            raise SlimquantError(f"--tokenizer_args: the tokenizer ({type(tokenizer).__name__}) has no setting "
+                                 f"{key!r} (e.g. padding_side, pad_token, truncation_side, model_max_length)")  # fmt: skip
+        if key in ("padding_side", "truncation_side") and value not in ("left", "right"):
+            raise SlimquantError(f"--tokenizer_args: {key}={value!r} is refused (left or right)")
+        try:
+            setattr(tokenizer, key, value)
+        except (ValueError, TypeError, AttributeError) as e:
+            raise SlimquantError(f"--tokenizer_args: {key}={value!r} is refused by the tokenizer ({e})") from None
+    return tokenizer
 
 
 def default_calibration_texts() -> list[str]:
