@@ -163,6 +163,8 @@ def test_scop_refusals() -> None:
         slimquant.prune_scop(scop, {"conv1": 0.5})
     with pytest.raises(SlimquantError, match="prepare_scop returned"):
         slimquant.prune_scop(_cnn(), 0.5)
+    with pytest.raises(SlimquantError, match="no architecture description"):
+        slimquant.prune_mlp(_cnn(), X, 0.5, show_progress=False)
 
 
 def test_mlp_pruning_removes_the_channels_that_do_nothing_first(llama, tmp_path) -> None:

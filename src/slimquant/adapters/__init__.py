@@ -5,9 +5,13 @@ from slimquant.adapters.architectures import (
     ARCHITECTURES,
     Architecture,
     SmoothGroup,
+    GatedMLP,
     architecture_for,
     block_list,
+    gated_mlps,
+    is_causal_lm,
     smooth_groups,
 )
 
-__all__ = ["ARCHITECTURES", "Architecture", "SmoothGroup", "architecture_for", "block_list", "smooth_groups"]
+__all__ = ["ARCHITECTURES", "Architecture", "GatedMLP", "SmoothGroup", "architecture_for", "block_list", "gated_mlps",
+           "is_causal_lm", "smooth_groups"]

@@ -134,6 +134,24 @@ def block_names(model: nn.Module, arch: Architecture) -> list[str]:
     return [f"{path}.{i}" for i in range(len(model.get_submodule(path)))]
 
 
+def gated_mlps(model: nn.Module) -> list[tuple[str, "GatedMLP"]]:
+    """``(full name, layout)`` of every gated MLP of ``model`` (one per block), from its architecture description;
+    an architecture without one is an error naming it."""
+    arch = architecture_for(model)
+    if arch.gated_mlp is None:
+        raise SlimquantError(f"the {arch.name} description has no gated MLP (gate / up / down linears)")
+    return [(f"{b}.{arch.gated_mlp.path}", arch.gated_mlp) for b in block_names(model, arch)]
+
+
+def is_causal_lm(model: nn.Module) -> bool:
+    """A transformers-style causal LM (``generate``, ``config.use_cache``, not encoder-decoder): it is called with
+    ``use_cache=False`` on calibration items (else each block would get a KV cache that grows item after item),
+    and its latency is a prefill plus decode steps."""
+    cfg = getattr(model, "config", None)
+    return (callable(getattr(model, "generate", None)) and hasattr(cfg, "use_cache")
+            and not getattr(cfg, "is_encoder_decoder", False))  # fmt: skip
+
+
 def block_list(model: nn.Module) -> str:
     """Dotted name of the ``nn.ModuleList`` of the model's repeated blocks: from the architecture
     description when there is one, else the longest ModuleList whose children all share one class."""

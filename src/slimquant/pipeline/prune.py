@@ -33,6 +33,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from slimquant.adapters import gated_mlps
 from slimquant.errors import SlimquantError
 from slimquant.nn.knockoff import KnockoffConv2d
 from slimquant.surgery import select, set_module
@@ -239,11 +240,6 @@ def prune_scop(scop: ScopModel, rate: float | dict[str, float]) -> PruneResult:
     return PruneResult(model, plan, rows, dict(scop.skipped), scop.params_before, after)
 
 
-def _gated_mlps(model: nn.Module) -> list[str]:
-    return [n for n, m in model.named_modules()
-            if all(isinstance(getattr(m, a, None), nn.Linear) for a in ("gate_proj", "up_proj", "down_proj"))]  # fmt: skip
-
-
 def prune_mlp(model: nn.Module, calib_data: Any, rate: float, show_progress: bool = True) -> PruneResult:
     """Remove the ``rate`` (in (0, 1)) of every gated MLP's intermediate channels with the lowest
     ``||x_j||_2 * ||W_down[:, j]||_2`` on ``calib_data`` (token windows, or model inputs as
@@ -251,11 +247,10 @@ def prune_mlp(model: nn.Module, calib_data: Any, rate: float, show_progress: boo
     from slimquant.pipeline.calibrate import run_batches
 
     rate = check_rate(rate)
-    mlps = _gated_mlps(model)
-    if not mlps:
-        raise SlimquantError(f"{type(model).__name__} has no gated MLP (gate_proj / up_proj / down_proj Linears) to prune")
+    layouts = dict(gated_mlps(model))  # from the architecture description; an unknown one is an error naming it
+    mlps = list(layouts)
     cfg = getattr(model, "config", None)
-    widths = {model.get_submodule(p + ".down_proj").in_features for p in mlps}
+    widths = {model.get_submodule(f"{p}.{layouts[p].down}").in_features for p in mlps}
     if cfg is not None and hasattr(cfg, "intermediate_size") and len(widths) != 1:
         raise SlimquantError(f"the gated MLPs of {type(model).__name__} have different widths ({sorted(widths)}): one "
                              "config.intermediate_size could not describe them after pruning")  # fmt: skip
@@ -266,7 +261,7 @@ def prune_mlp(model: nn.Module, calib_data: Any, rate: float, show_progress: boo
             x = args[0].detach().float().reshape(-1, args[0].shape[-1])
             sq[p] = sq.get(p, 0) + x.pow(2).sum(0)
 
-        handles.append(model.get_submodule(prefix + ".down_proj").register_forward_pre_hook(hook))
+        handles.append(model.get_submodule(f"{prefix}.{layouts[prefix].down}").register_forward_pre_hook(hook))
     before = _params(model)
     try:
         run_batches(model, calib_data, show_progress, desc="MLP pruning scores")
@@ -279,12 +274,12 @@ def prune_mlp(model: nn.Module, calib_data: Any, rate: float, show_progress: boo
         raise SlimquantError(f"{silent[0]}: no calibration token reached this MLP (of {len(silent)}); MLP pruning scores "
                              "channels by their activations on the calibration data")  # fmt: skip
     for prefix in mlps:
-        down = model.get_submodule(prefix + ".down_proj")
+        down = model.get_submodule(f"{prefix}.{layouts[prefix].down}")
         width = down.in_features
         score = sq[prefix].sqrt().to(down.weight.device) * down.weight.detach().float().norm(dim=0)
         n_keep = width - pruned_count(rate, width)
         keep = torch.argsort(score, descending=True, stable=True)[:n_keep].sort().values
-        shrink_mlp(model, prefix, keep)
+        shrink_mlp(model, prefix, layouts[prefix], keep)
         plan[prefix] = keep.tolist()
         rows.append({"name": prefix, "channels": width, "kept": n_keep, "rate": rate})
     if cfg is not None and hasattr(cfg, "intermediate_size"):

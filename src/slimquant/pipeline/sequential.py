@@ -34,7 +34,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from slimquant.adapters import block_list
+from slimquant.adapters import block_list, is_causal_lm
 from slimquant.algorithms import BlockTransform, BlockWeightAlgorithm, implementation, method_record, solve_weight
 from slimquant.algorithms.gptq import HessianAccumulator
 from slimquant.errors import SlimquantError
@@ -70,8 +70,7 @@ def capture_block_inputs(model: nn.Module, block: nn.Module, calib_data: Any) ->
         raise _Stop
 
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    # a transformers-style causal LM (generate, config.use_cache): called without a KV cache
-    hf = callable(getattr(model, "generate", None)) and hasattr(getattr(model, "config", None), "use_cache")
+    hf = is_causal_lm(model)
     handle = block.register_forward_pre_hook(hook, with_kwargs=True)
     try:
         with torch.no_grad():

@@ -44,7 +44,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from slimquant.adapters import block_list
+from slimquant.adapters import block_list, is_causal_lm
 from slimquant.algorithms import outside_blocks
 from slimquant.errors import SlimquantError
 from slimquant.formats.atomic import write_file_atomic
@@ -279,14 +279,6 @@ def output_tensor(out: Any) -> tuple[torch.Tensor, bool]:
     if first is None:
         raise SlimquantError(f"cannot compare the model's output of type {type(out).__name__}: it holds no tensor")
     return first, False
-
-
-def is_causal_lm(model: nn.Module) -> bool:
-    """A transformers-style causal LM (``generate``, ``config.use_cache``, not encoder-decoder): it is called with
-    ``use_cache=False`` on calibration items, and its latency is a prefill plus decode steps."""
-    cfg = getattr(model, "config", None)
-    return (callable(getattr(model, "generate", None)) and hasattr(cfg, "use_cache")
-            and not getattr(cfg, "is_encoder_decoder", False))  # fmt: skip
 
 
 def _call(model: nn.Module, item: Any, lm: bool) -> Any:

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from slimquant.adapters import GatedMLP, gated_mlps
 from slimquant.errors import SlimquantError
 
 log = logging.getLogger(__name__)
@@ -226,14 +227,14 @@ def shrink_channels(model: nn.Module, group: ChannelGroup, keep: torch.Tensor) -
     group.channels = int(keep.numel())
 
 
-def shrink_mlp(model: nn.Module, prefix: str, keep: torch.Tensor) -> None:
-    """Keep only the intermediate channels ``keep`` of the gated MLP at ``prefix`` (``gate_proj`` / ``up_proj``
-    rows, ``down_proj`` columns), in place."""
+def shrink_mlp(model: nn.Module, prefix: str, layout: GatedMLP, keep: torch.Tensor) -> None:
+    """Keep only the intermediate channels ``keep`` of the gated MLP at ``prefix`` (its ``layout``'s gate / up
+    rows, down columns), in place."""
     mlp = model.get_submodule(prefix)
-    gate, up, down = (getattr(mlp, n, None) for n in ("gate_proj", "up_proj", "down_proj"))
-    if not all(isinstance(m, nn.Linear) for m in (gate, up, down)):
-        raise SlimquantError(f"{prefix}: MLP pruning needs float nn.Linear gate_proj / up_proj / down_proj (prune "
-                             "before quantizing)")  # fmt: skip
+    gate, up, down = (getattr(mlp, n, None) for n in (layout.gate, layout.up, layout.down))
+    if not all(type(m) is nn.Linear for m in (gate, up, down)):
+        raise SlimquantError(f"{prefix}: MLP pruning needs float nn.Linear {layout.gate} / {layout.up} / {layout.down} "
+                             "(prune before quantizing)")  # fmt: skip
     keep = _checked_keep(keep, gate.out_features, prefix)  # type: ignore[union-attr]
     for lin in (gate, up):
         lin.weight = _param(lin.weight[keep], lin.weight)  # type: ignore[union-attr]
@@ -263,12 +264,11 @@ def apply_plan(model: nn.Module, plan: dict[str, Any], example: Any = None) -> n
                                      f"{'cannot prune: ' + refused[name] if name in refused else 'does not have'}")  # fmt: skip
             shrink_channels(model, groups[name], torch.tensor(kept))
     mlps = plan.get("mlp") or {}
+    layouts = dict(gated_mlps(model)) if mlps else {}
     for prefix, kept in mlps.items():
-        try:
-            model.get_submodule(prefix)
-        except AttributeError:
-            raise SlimquantError(f"pruning plan names the MLP {prefix}, which this model does not have") from None
-        shrink_mlp(model, prefix, torch.tensor(kept))
+        if prefix not in layouts:
+            raise SlimquantError(f"pruning plan names the MLP {prefix}, which this model does not have")
+        shrink_mlp(model, prefix, layouts[prefix], torch.tensor(kept))
     if mlps:
         widths = {len(k) for k in mlps.values()}
         cfg = getattr(model, "config", None)
