@@ -651,7 +651,9 @@ def test_eval_missing_text_file(capsys, llama_dir, tmp_path):
         (["--w_bit", "4", "--w_method", "gptq", "--tokenizer_args", '{"no_such": 1}'], "--tokenizer_args", "'no_such'"),
         (["--w_bit", "4", "--w_method", "gptq", "--tokenizer_args", "[1]"], "--tokenizer_args", "JSON object"),
         (["--w_bit", "4", "--w_method", "gptq", "--input_ids_name", "ids"], "--input_ids_name ids", "none was given"),
-        (["--co_sparse", "true"], "--co_sparse", "not supported yet"),
+        (["--use_reduce_quant", "true"], "--use_reduce_quant", "not supported yet"),
+        (["--co_sparse", "true", "--a_bit", "16"], "--co_sparse with --a_bit 16", "int8"),
+        (["--co_sparse", "true", "--group_size", "64"], "--co_sparse with --group_size 64", "one scale per channel"),
         (["--device_type", "npu"], "--device_type npu", "Ascend"),
     ],
 )

@@ -268,7 +268,7 @@ def test_cli_quantize_gguf_type_then_export(bpe_llama_dir, tmp_path, capsys):
     (["quantize", "--gguf_type", "Q4_0", "--w_bit", "4"], "sets the weight grid; remove --w_bit"),
     (["quantize", "--save_format", "gguf"], "--save_format gguf needs --gguf_type"),
     (["quantize", "--gguf_type", "F16"], "is a float type"),
-    (["quantize", "--gguf_type", "Q4_0", "--w_bit", "8", "--a_bit", "8"], "weight-only"),
+    (["quantize", "--gguf_type", "Q4_0", "--a_bit", "8"], "weight-only"),
     (["quantize", "--gguf_type", "Q4_0", "--a_bit", "8", "--is_dynamic", "True"], "weight-only"),
     (["quantize", "--gguf_type", "Q2_K"], "unknown GGUF file type"),
     (["quantize", "--gguf_type", "Q4_0", "--save_format", "gguf", "--stream", "True"], "--stream with --save_format gguf"),

@@ -76,7 +76,7 @@ def test_from_flags_takes_parsed_values_by_name():
     ("--a_bit 4 --is_dynamic True", SlimquantError, "--is_dynamic quantizes inputs to int8 per token"),
     ("--a_bit 8 --w_bit 4 --act_method 2", SlimquantError, "QAT observes or learns them"),
     ("--a_bit 8 --w_bit 4 --w_clip_search True", SlimquantError, "QAT (--w_method qat) trains the ranges"),
-    ("--co_sparse True", NotSupportedYet, "--co_sparse True: sparse quantization is not supported yet"),
+    ("--use_reduce_quant True", NotSupportedYet, "--use_reduce_quant True: lccl reduce quantization is not supported yet"),
     ("--disable_level 2", SlimquantError, "expected L<n> (L0 none, L1 .. L5 or any L<n>"),
     ("--disable_level L-1", SlimquantError, "expected L<n>"),
     ("--anti_method m5 --a_bit 8", NotSupportedYet, "m5"),

@@ -133,7 +133,7 @@ def manifest_for(model: nn.Module, codec_name: str, state: LogicalState, aliases
 
 def layer_type(entry: dict[str, Any]) -> str:
     """A quantized layer's type from its manifest entry: ``W4A16`` (weight-only int4), ``WFP8A16``, ``W8A8``
-    (static int8 inputs), ``W8A8_DYNAMIC``, ``WFP8AFP8`` / ``WFP8AFP8_DYNAMIC``: msModelSlim's names."""
+    (static int8 inputs), ``W8A8S`` (W8A8 with 4-bit-valued weights and int8 outliers), ``W8A8_DYNAMIC``, ``WFP8AFP8`` / ``WFP8AFP8_DYNAMIC``: msModelSlim's names."""
     spec = QuantSpec.from_dict(entry["spec"])
     args = entry.get("args") if isinstance(entry.get("args"), dict) else {}
     inp = args.get("input_spec")
@@ -142,6 +142,8 @@ def layer_type(entry: dict[str, Any]) -> str:
         iq = lookup_qtype(input_spec.qtype)
         if entry.get("module") in ("QLinearInputQuant", "QConv2dInputQuant"):  # any int pair: W4A8, W4A4, ...
             base = f"W{lookup_qtype(spec.qtype).bits}A{iq.bits}"
+        elif spec.is_w8a8s:
+            return "W8A8S"  # static int8 inputs (the recipe refuses others)
         else:
             base = "WFP8AFP8" if iq.is_float else "W8A8"
         return base + ("_DYNAMIC" if input_spec.dynamic else "")

@@ -7,12 +7,13 @@ whole tensor as one group. Scales and zero points have shape ``[n, G]`` (``[1, 1
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
 from slimquant.math.gguf_grid import check_superblocks, snap
-from slimquant.math.qparams import grid, qparams_from_minmax
+from slimquant.math.qparams import _nonzero, grid, qparams_from_minmax
 from slimquant.types.gguf_types import gguf_type
 from slimquant.math.quant import dequantize, quantize
 from slimquant.types.qtype import qtype as lookup_qtype
@@ -101,7 +102,14 @@ def quantize_weight(
     if gt is not None and gt.is_k and not gt.symmetric:
         rmin = rmin.clamp(max=0.0)  # Q4_K stores each group's minimum as -dmin * mn, mn >= 0
     izp = spec.zero_point == "int"
-    scale, zp = qparams_from_minmax(rmin, rmax, qt, spec.symmetric, integer_zero_point=izp)
+    if spec.outlier_fraction is not None:
+        if clip_search:
+            raise ValueError("the clipping search does not apply to W8A8S weights: their scale is set by the outlier "
+                             "fraction (a lower error would only come from more outliers)")  # fmt: skip
+        # the threshold weight lands just under level 7.5, so it (and all below it) round to 7 at most
+        scale, zp = _nonzero(w8a8s_threshold(wg, spec.outlier_fraction) / W8A8S_REACH), None
+    else:
+        scale, zp = qparams_from_minmax(rmin, rmax, qt, spec.symmetric, integer_zero_point=izp)
     if clip_search:
         steps, span = clip_grid(qt.bits, spec.symmetric)
         steps = grid_points or steps
@@ -113,6 +121,28 @@ def quantize_weight(
             scale = _signed_scale(wg, scale, qt, gt)
     q = quantize(wg, scale.unsqueeze(-1), None if zp is None else zp.unsqueeze(-1), qt, integer_zero_point=izp)
     return QuantizedWeight(q.reshape(w.shape), scale.contiguous(), None if zp is None else zp.contiguous())
+
+
+W8A8S_INLIER_BITS = 4
+W8A8S_REACH = 7.499  # the 4-bit grid's reach in steps: |w| <= threshold rounds to 7 at most (7.5 would tie to 8)
+
+
+def w8a8s_threshold(wg: torch.Tensor, fraction: float) -> torch.Tensor:
+    """Per group of ``wg`` ``[n, G, g]``: the magnitude ``t`` ``[n, G]`` below which all but ``floor(fraction * g)``
+    of the group's weights lie (its largest magnitude for fraction 0). The W8A8S scale ``t / 7`` puts those on the
+    4-bit range; the rest are the group's outliers."""
+    a = wg.abs()
+    g = a.shape[-1]
+    m = int(math.floor(fraction * g))
+    if m == 0:
+        return a.amax(dim=-1)
+    return a.kthvalue(g - m, dim=-1).values
+
+
+def w8a8s_outliers(q: torch.Tensor) -> int:
+    """How many int8 values of a W8A8S weight lie outside the 4-bit range ``[-8, 7]``."""
+    lo, hi = -(2 ** (W8A8S_INLIER_BITS - 1)), 2 ** (W8A8S_INLIER_BITS - 1) - 1
+    return int(((q < lo) | (q > hi)).sum())
 
 
 def _signed_scale(wg: torch.Tensor, scale: torch.Tensor, qt, gt) -> torch.Tensor:

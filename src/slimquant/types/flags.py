@@ -67,29 +67,30 @@ def disable_level(value: str) -> str:
 
 # Seed flags accepted whose non-default values are not built yet: flag -> (default, what).
 _LATER = {
-    "co_sparse": (False, "sparse quantization"),
-    "fraction": (0.01, "sparse quantization"),
     "use_reduce_quant": (False, "lccl reduce quantization"),
-    "tp_size": (1, "lccl reduce quantization"),
-    "is_lowbit": (False, "lowbit sparse quantization"),
-    "open_outlier": (True, "lowbit sparse quantization"),
+    "tp_size": (1, "lccl reduce quantization (--tp_size of `slimquant quantize`; W8A8SC's split is `slimquant "
+               "compress --tp_size`)"),
 }
+W8A8S_FRACTION = 0.01  # msModelSlim's --fraction default
+W8A8S_FRACTIONS = (0.01, 0.1)  # msModelSlim's accepted range
 
 
 def add_recipe_flags(parser: argparse.ArgumentParser) -> None:
     """Add msModelSlim's recipe flags (weights, activations, smoothing, KV cache, attention) to ``parser``."""
-    parser.add_argument("--w_bit", type=int, choices=(2, 3, 4, 8), default=8, help="weight bits (default 8)")
-    parser.add_argument("--a_bit", type=int, choices=(4, 8, 16), default=16,
+    parser.add_argument("--w_bit", type=int, choices=(2, 3, 4, 8), default=None,
+                   help="weight bits (default 8; 4 with --co_sparse / --is_lowbit: W8A8S's 4-bit values)")  # fmt: skip
+    parser.add_argument("--a_bit", type=int, choices=(4, 8, 16), default=None,
                    help="activation bits: 16 = weight-only (default), 8 = W8A8 (int8 inputs; post-training with "
-                   "--w_bit 8), 4 or 8 with other weights = trained (--w_method qat: slimquant.prepare_qat)")  # fmt: skip
+                   "--w_bit 8, or --w_bit 4 with --co_sparse / --is_lowbit: W8A8S), 4 or 8 with other weights = "
+                   "trained (--w_method qat: slimquant.prepare_qat); default 8 with --co_sparse / --is_lowbit")  # fmt: skip
     parser.add_argument("--group_size", type=int, default=0,
                    help="per-group size (32, 64, 128, 256); 0 = per-channel (default)")  # fmt: skip
     parser.add_argument("--w_sym", type=str2bool, default=True, help="symmetric weights (default True)")
     parser.add_argument("--w_zero_point", choices=("int", "float"), default="int",
                    help="asymmetric weights: integer zero point (seed 003, default) or float (as quanto; "
                    "fits the float32 weight_offset and is often more accurate)")  # fmt: skip
-    parser.add_argument("--w_method", choices=("rtn", "gptq", "autoround", "autoround-light", "qat"), default="rtn",
-                   help="weight algorithm: rtn (round to nearest, default), gptq (calibrated, block by block), "
+    parser.add_argument("--w_method", choices=("rtn", "gptq", "autoround", "autoround-light", "qat"), default=None,
+                   help="weight algorithm: rtn (round to nearest, default; gptq with --is_lowbit), gptq (calibrated, block by block), "
                    "autoround (rounding and ranges tuned per block by signed gradient descent; autoround-light: 50 "
                    "steps at lr 5e-3) or qat (quantization-aware training: slimquant.prepare_qat -> train -> "
                    "slimquant.convert; chosen by itself for the --w_bit / --a_bit pairs only training produces, e.g. "
@@ -121,8 +122,14 @@ def add_recipe_flags(parser: argparse.ArgumentParser) -> None:
                    "group; m3 AWQ for weight-only --w_bit < 8 (activation-aware scales, then clipping with --w_method rtn); "
                    "m5 (CBQ) is not supported yet")  # fmt: skip
     parser.add_argument("--smooth_alpha", type=float, default=None, help="SmoothQuant migration strength for m1 (default 0.5)")
-    parser.add_argument("--co_sparse", type=str2bool, default=False)
-    parser.add_argument("--fraction", type=float, default=0.01)
+    parser.add_argument("--co_sparse", type=str2bool, default=False,
+                   help="W8A8S sparse quantization: int8 inputs (static) and int8 weights whose scale puts each "
+                   "channel on the 4-bit range [-8, 7] but for --fraction outliers, which keep int8 values; "
+                   "needs --w_bit 4 (the default then) and per-channel or per-tensor weights. Writes "
+                   "quant_model_weight_w8a8s.safetensors; `slimquant compress` makes it W8A8SC")  # fmt: skip
+    parser.add_argument("--fraction", type=float, default=None,
+                   help=f"W8A8S: the share of each channel's weights kept as int8 outliers, "
+                   f"{W8A8S_FRACTIONS[0]}-{W8A8S_FRACTIONS[1]} (default {W8A8S_FRACTION})")  # fmt: skip
     parser.add_argument("--disable_level", type=disable_level, default="L0",
                         help="automatic fallback: L<n> keeps the n layers whose quantization costs the model most on "
                         "the calibration data (exact ablation, KL vs float) in float; L0 (default) none")  # fmt: skip
@@ -133,8 +140,14 @@ def add_recipe_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sigma_factor", type=positive_float, default=None, help="with --use_sigma (default 3.0)")
     parser.add_argument("--use_reduce_quant", type=str2bool, default=False)
     parser.add_argument("--tp_size", type=int, default=1)
-    parser.add_argument("--is_lowbit", type=str2bool, default=False)
-    parser.add_argument("--open_outlier", type=str2bool, default=True)
+    parser.add_argument("--is_lowbit", type=str2bool, default=False,
+                   help="low-bit sparse quantization, preferred to --co_sparse (which it overrides): W8A8S solved "
+                   "with calibration: GPTQ on the W8A8S grid unless --w_method says otherwise, and --do_smooth "
+                   "searches the smoothing strength per layer group (m4). With --group_size N --open_outlier False: "
+                   "per-group weight-only (--a_bit 16)")  # fmt: skip
+    parser.add_argument("--open_outlier", type=str2bool, default=True,
+                   help="with --is_lowbit: split weight outliers off (default True, W8A8S); False: per-group "
+                   "weight-only with --group_size, or W8A8S with no outliers (4-bit values in int8)")  # fmt: skip
     parser.add_argument("--mm_tensor", type=str2bool, default=None,
                    help="W8A8 weights: True per-tensor (msModelSlim's default), False per-channel; "
                    "with a_bit 16 True makes per-channel weights per-tensor")  # fmt: skip
@@ -204,6 +217,7 @@ def check_not_built(values: Mapping[str, Any]) -> None:
 def _recipe(args: argparse.Namespace) -> Recipe:
     """The Recipe of parsed flags (every flag of :func:`add_recipe_flags` present)."""
     check_not_built(vars(args))
+    args, outliers = _resolve_sparse(args)
     if args.group_size < 0 or (args.group_size and args.group_size not in GROUP_SIZES):
         raise SlimquantError(f"--group_size {args.group_size}: valid values are {', '.join(map(str, GROUP_SIZES))}, or 0 "
                              "for per-channel")  # fmt: skip
@@ -230,14 +244,16 @@ def _recipe(args: argparse.Namespace) -> Recipe:
         act_observer = "token_clip"  # Outlier Suppression = gamma migration + token-wise clipping
     # seed: post-training W8A8 weights default to per-tensor (--mm_tensor True); trained pairs (QAT) per channel
     qat = args.w_method == "qat" or _trained_only(args)
-    per_tensor = args.mm_tensor if args.mm_tensor is not None else (input_spec is not None and not qat)
-    if args.mm_tensor is None and input_spec is not None and not qat:
+    per_tensor = args.mm_tensor if args.mm_tensor is not None else (input_spec is not None and not qat
+                                                                    and outliers is None)  # fmt: skip
+    if args.mm_tensor is None and input_spec is not None and not qat and outliers is None:
         log.warning("W8A8 weights are per-tensor by default (msModelSlim's --mm_tensor True), which is known to cost "
                     "accuracy: one int8 scale for a whole matrix (on smollm2-135m, W8A8 dynamic + m1 has 12x "
                     "the KL of per-channel weights; BENCHMARKS.md). Add --mm_tensor False for per-channel weights "
                     "(same int8 kernels, one scale per output channel).")  # fmt: skip
     gran = Granularity.PER_GROUP if args.group_size else (Granularity.PER_TENSOR if per_tensor else Granularity.PER_CHANNEL)
-    weight = QuantSpec(qt, gran, args.group_size or None, args.w_sym, zero_point=args.w_zero_point)
+    weight = QuantSpec(qt, gran, args.group_size or None, args.w_sym, zero_point=args.w_zero_point,
+                       outlier_fraction=outliers)  # fmt: skip
     embedding = QuantSpec("int8", Granularity.PER_CHANNEL, None, True) if args.embedding_bit == 8 else None
     autoround = {"iters": args.iters, "lr": args.lr, "batch_size": args.batch_size}
     if not args.w_method.startswith("autoround") and any(v is not None for v in autoround.values()):
@@ -278,7 +294,10 @@ def _recipe(args: argparse.Namespace) -> Recipe:
 
 def _smooth_step(args: argparse.Namespace, input_spec: QuantSpec | None) -> Step | None:
     """The smoothing step of --anti_method / --do_smooth / --smooth_alpha (msModelSlim's m1-m4 codes)."""
-    method = args.anti_method or ("m1" if args.do_smooth else "")
+    method = args.anti_method or (("m4" if args.is_lowbit else "m1") if args.do_smooth else "")
+    if args.is_lowbit and args.do_smooth and not args.anti_method:
+        log.info("--is_lowbit --do_smooth: the smoothing strength is searched per layer group (m4, msModelSlim's "
+                 "low-bit search_smooth)")  # fmt: skip
     if method == "m5":
         raise NotSupportedYet("--anti_method m5: CBQ is not supported yet; m1, m2, m3 and m4 are")
     if args.smooth_alpha is not None and method != "m1":
@@ -325,6 +344,75 @@ def _activation_flags(args: argparse.Namespace) -> tuple[QuantSpec | None, str, 
     sigma = (args.sigma_factor or 3.0) if args.use_sigma else None
     bits = "int8" if args.a_bit == 8 else "int4"
     return QuantSpec(bits, Granularity.PER_TENSOR, None, False), _ACT_METHODS[args.act_method or 1], sigma
+
+
+def _resolve_sparse(args: argparse.Namespace) -> tuple[argparse.Namespace, float | None]:
+    """msModelSlim's sparse-quantization flags (--co_sparse, --is_lowbit, --fraction, --open_outlier) checked,
+    and the flags they imply filled in: a copy of ``args`` with --w_bit, --a_bit and --w_method resolved (None =
+    not given), and the W8A8S outlier fraction (None: not W8A8S)."""
+    out = argparse.Namespace(**vars(args))
+    explicit_w, explicit_a = args.w_bit, args.a_bit
+    frac = args.fraction
+    if frac is not None and not (math.isfinite(frac) and W8A8S_FRACTIONS[0] <= frac <= W8A8S_FRACTIONS[1]):
+        raise SlimquantError(f"--fraction {frac}: must be in [{W8A8S_FRACTIONS[0]}, {W8A8S_FRACTIONS[1]}] "
+                             "(the share of each channel's weights kept as int8 outliers)")  # fmt: skip
+    lowbit, co = args.is_lowbit, args.co_sparse
+    flag = "--is_lowbit" if lowbit else "--co_sparse"
+    outliers: float | None = None
+    if not (lowbit or co):
+        if frac is not None:
+            raise SlimquantError("--fraction sets the outliers of sparse quantization (W8A8S); add --co_sparse True or "
+                                 "--is_lowbit True")  # fmt: skip
+        if not args.open_outlier:
+            raise SlimquantError("--open_outlier applies to low-bit quantization; add --is_lowbit True")
+    elif lowbit and args.group_size:
+        if args.open_outlier:
+            raise SlimquantError(f"--is_lowbit with --group_size {args.group_size}: per-group low-bit weights have no "
+                                 "outlier split; add --open_outlier False (msModelSlim's per-group form)")  # fmt: skip
+        if frac is not None:
+            raise SlimquantError("--fraction: per-group low-bit weights (--open_outlier False) have no outliers")
+        if explicit_a not in (None, 16):
+            raise NotSupportedYet(f"--is_lowbit per-group with --a_bit {explicit_a} (msModelSlim's W4A8 dynamic) is not "
+                                  "supported yet after training; per-group low-bit weights run weight-only (--a_bit "
+                                  "16), and W4A8 comes from --w_method qat")  # fmt: skip
+        out.w_bit = 4 if explicit_w is None else explicit_w
+        log.info("--is_lowbit --group_size %d --open_outlier False: per-group weight-only quantization (W%dA16)",
+                 args.group_size, out.w_bit)  # fmt: skip
+    else:
+        if lowbit and co:
+            log.info("--is_lowbit overrides --co_sparse (as msModelSlim): low-bit sparse quantization")
+        if args.group_size:
+            raise SlimquantError(f"--co_sparse with --group_size {args.group_size}: W8A8S weights have one scale per "
+                                 "channel (or per tensor); remove --group_size")  # fmt: skip
+        if explicit_a is not None and explicit_a != 8:
+            raise SlimquantError(f"{flag} with --a_bit {explicit_a}: W8A8S quantizes activations to int8 (static); "
+                                 "use --a_bit 8 or leave it out")  # fmt: skip
+        if explicit_w is not None and explicit_w != 4:
+            raise SlimquantError(f"{flag} with --w_bit {explicit_w}: W8A8S weights are 4-bit values (held in int8 "
+                                 "with int8 outliers); use --w_bit 4 or leave it out")  # fmt: skip
+        if args.is_dynamic:
+            raise SlimquantError(f"{flag} with --is_dynamic True: W8A8S has static input scales (input_scale / "
+                                 "input_offset); remove --is_dynamic")  # fmt: skip
+        if not args.w_sym:
+            raise SlimquantError(f"{flag} with --w_sym False: W8A8S weights are symmetric")
+        if args.w_method in ("autoround", "autoround-light", "qat"):
+            raise NotSupportedYet(f"{flag} with --w_method {args.w_method} is not supported yet; W8A8S is solved with "
+                                  "rtn or gptq")  # fmt: skip
+        if lowbit and not args.open_outlier:
+            if frac is not None:
+                raise SlimquantError("--fraction with --open_outlier False: no outliers are split off")
+            outliers = 0.0
+        else:
+            outliers = W8A8S_FRACTION if frac is None else frac
+        out.w_bit, out.a_bit = 8, 8  # int8 storage; the 4-bit grid is the spec's outlier_fraction
+        if lowbit and args.w_method is None:
+            out.w_method = "gptq"
+            log.info("--is_lowbit: W8A8S weights solved with GPTQ on calibration data (add --w_method rtn for "
+                     "round to nearest)")  # fmt: skip
+    out.w_bit = 8 if out.w_bit is None else out.w_bit
+    out.a_bit = 16 if out.a_bit is None else out.a_bit
+    out.w_method = out.w_method or "rtn"
+    return out, outliers
 
 
 def _trained_only(args: argparse.Namespace) -> bool:

@@ -53,6 +53,12 @@ class QuantSpec:
         gguf: weights only: a GGUF block type (``Q4_0``, ``Q4_K``, ... :mod:`slimquant.types.gguf_types`) whose
             grid the solver keeps to (fp16 scales, 6-bit super-block scales for K-types), so the GGUF export is
             exact. The other fields must be that type's (:func:`gguf_spec` builds the spec).
+        outlier_fraction: weights only, W8A8S (msModelSlim's sparse quantization, ``--co_sparse`` /
+            ``--is_lowbit``): the int8 scale puts every weight of a channel (of the tensor, per_tensor) on the signed
+            4-bit range ``[-8, 7]`` except at most this fraction, the largest in magnitude (the outliers), which keep
+            int8 values on the same scale (up to +-127). 0: no outliers (4-bit values held in int8). The int8 values
+            so concentrate on 16 levels, which W8A8SC compression (:mod:`slimquant.formats.w8a8sc`) exploits. Needs
+            qtype int8, symmetric, per_channel or per_tensor, and static int8 inputs.
     """
 
     qtype: str = "int8"
@@ -62,6 +68,7 @@ class QuantSpec:
     dynamic: bool = False
     zero_point: str = "int"
     gguf: str | None = None
+    outlier_fraction: float | None = None
 
     def __post_init__(self) -> None:
         if self.zero_point not in ("int", "float"):
@@ -89,12 +96,23 @@ class QuantSpec:
             raise SlimquantError(f"group_size={self.group_size} is only valid with per_group granularity")
         if QTYPES[self.qtype].is_float and not self.symmetric:
             raise SlimquantError(f"{self.qtype} is a float type and can only be quantized symmetrically")
+        f = self.outlier_fraction
+        if f is not None:
+            if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0.0 <= f <= 0.5:
+                raise SlimquantError(f"outlier_fraction must be a fraction in [0, 0.5] (W8A8S: 0.01-0.1), got {f!r}")
+            object.__setattr__(self, "outlier_fraction", float(f))
+            if (self.qtype != "int8" or not self.symmetric or self.gguf is not None
+                    or self.granularity not in (Granularity.PER_CHANNEL, Granularity.PER_TENSOR)):  # fmt: skip
+                raise SlimquantError(f"outlier_fraction (W8A8S: 4-bit values with int8 outliers) needs symmetric int8 "
+                                     f"weights per channel or per tensor, got {self.qtype} {self.granularity.value} "
+                                     f"{'sym' if self.symmetric else 'asym'}")  # fmt: skip
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["granularity"] = self.granularity.value
-        if d["gguf"] is None:
-            del d["gguf"]  # specs without a GGUF grid keep the layout older checkpoints and recipes have
+        for optional in ("gguf", "outlier_fraction"):
+            if d[optional] is None:
+                del d[optional]  # specs without them keep the layout older checkpoints and recipes have
         return d
 
     @classmethod
@@ -110,7 +128,15 @@ class QuantSpec:
             Granularity.PER_GROUP: f"g{self.group_size}",
         }[self.granularity]
         sym = "sym" if self.symmetric else ("asym" if self.zero_point == "int" else "asym-fzp")
-        return f"{self.qtype} {gran} {sym}" + (f" gguf:{self.gguf}" if self.gguf else "")
+        out = f"{self.qtype} {gran} {sym}" + (f" gguf:{self.gguf}" if self.gguf else "")
+        if self.outlier_fraction is not None:
+            out += f" w8a8s:{self.outlier_fraction:g}"  # 4-bit values, this fraction of int8 outliers
+        return out
+
+    @property
+    def is_w8a8s(self) -> bool:
+        """Whether this is a W8A8S weight spec (4-bit values with int8 outliers, :attr:`outlier_fraction`)."""
+        return self.outlier_fraction is not None
 
 
 def gguf_spec(name: str) -> QuantSpec:
@@ -322,6 +348,9 @@ class Recipe:
         for s in self.steps_of("model"):
             s.check(self.weight, self.input)
         for where, weight, inp, ws in self.layer_combinations():
+            if weight is not None and weight.is_w8a8s and inp is None:
+                raise SlimquantError(f"{f'override {where}: ' if where else ''}W8A8S weights ({weight.describe()}) go "
+                                     "with static int8 inputs (--a_bit 8)")  # fmt: skip
             if where and weight is not None:
                 if weight.granularity is Granularity.PER_TOKEN:
                     raise SlimquantError(f"override {where}: per_token granularity applies to activations, not weights")
@@ -353,6 +382,8 @@ class Recipe:
             Granularity.PER_GROUP,
         ):
             raise SlimquantError("embedding quantization must be per_channel (per row) or per_group")
+        if self.embedding is not None and self.embedding.is_w8a8s:
+            raise SlimquantError("embedding: outlier_fraction (W8A8S) applies to Linear weights with int8 inputs")
 
     @staticmethod
     def _check_layer_specs(w: QuantSpec | None, inp: QuantSpec, where: str, step: Step | None = None) -> None:
@@ -383,6 +414,9 @@ class Recipe:
             raise SlimquantError(f"{at}{inp.qtype} inputs can only be quantized symmetrically")
         if w is None:
             raise SlimquantError(f"{at}activation quantization needs quantized weights (weight spec is None)")
+        if w.is_w8a8s and (inp.dynamic or qt.is_float):
+            raise SlimquantError(f"{at}W8A8S weights ({w.describe()}) go with static int8 inputs (input_scale / "
+                                 f"input_offset), not {inp.describe()}{' dynamic' if inp.dynamic else ''}")  # fmt: skip
         wq = _lookup_qtype(w.qtype)
         if wq.bits != 8 or wq.is_float != qt.is_float or not w.symmetric or w.granularity not in (
             Granularity.PER_CHANNEL, Granularity.PER_TENSOR
@@ -447,6 +481,8 @@ class Recipe:
             return "float"
         qt = _lookup_qtype(self.weight.qtype)
         if self.input is not None:
+            if self.weight.is_w8a8s:
+                return "w8a8s"
             base = "wfp8afp8" if qt.is_float else "w8a8"
             return base + ("_dynamic" if self.input.dynamic else "")
         return "wfp8a16" if qt.is_float else f"w{qt.bits}a16"

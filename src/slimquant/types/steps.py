@@ -177,6 +177,12 @@ def _needs_weight(step: Step, weight: "QuantSpec | None") -> None:
         raise SlimquantError(f"{step.TYPE} quantizes weights; the recipe has no weight spec")
 
 
+def _no_w8a8s_clip(step: Step, weight: "QuantSpec | None") -> None:
+    if getattr(step, "clip_search", False) and weight is not None and weight.outlier_fraction is not None:
+        raise SlimquantError(f"{step.TYPE}: clip_search (--w_clip_search) does not apply to W8A8S weights: their scale "
+                             "is set by the outlier fraction (--fraction)")  # fmt: skip
+
+
 def _needs_input(step: Step, input: "QuantSpec | None", what: str) -> None:  # noqa: A002
     if input is None:
         raise SlimquantError(f"{step.TYPE} ({what}) prepares activations for quantization; it needs an input spec")
@@ -195,6 +201,9 @@ class RTN(Step):
 
     def __post_init__(self) -> None:
         _check_bool(self, "clip_search")
+
+    def check(self, weight: "QuantSpec | None", input: "QuantSpec | None") -> None:  # noqa: A002
+        _no_w8a8s_clip(self, weight)
 
 
 @register_step_type
@@ -228,6 +237,7 @@ class GPTQ(Step):
 
     def check(self, weight: "QuantSpec | None", input: "QuantSpec | None") -> None:  # noqa: A002
         _needs_weight(self, weight)
+        _no_w8a8s_clip(self, weight)
         if input is not None and _lookup_qtype(input.qtype).is_float:
             raise NotSupportedYet("gptq with fp8 W8A8 is not supported yet; use rtn (int8 W8A8 works with gptq)")
 
