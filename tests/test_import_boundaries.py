@@ -22,7 +22,7 @@ ALLOWED: dict[str, set[str]] = {
     "data": set(),
     "nn": {"types", "math", "kernels"},
     "surgery": {"nn", "adapters"},
-    "formats": {"types", "math", "kernels", "nn", "surgery"},
+    "formats": {"types", "math", "kernels", "nn", "surgery", "adapters"},
     "algorithms": {"types", "math", "kernels", "observers", "adapters", "nn"},
     "eval": {"types", "math", "kernels", "nn"},
     "pipeline": {"types", "math", "kernels", "observers", "adapters", "nn", "surgery", "formats", "algorithms", "data"},

@@ -47,6 +47,18 @@ class Architecture:
     # int8 input quantization (slimquant.nn.fused)
     rms_norms: tuple[str, ...] = ()
     gated_mlp: GatedMLP | None = None
+    tensor_parallel: "TensorParallel | None" = None
+
+
+@dataclass(frozen=True)
+class TensorParallel:
+    """How a tensor-parallel runtime shards one block's linears (names relative to the block): ``column`` layers
+    split their output channels (weight rows), ``row`` layers their input channels (weight columns; their
+    outputs are summed across parts). ``heads``: the config keys of head counts each part must divide."""
+
+    column: tuple[str, ...]
+    row: tuple[str, ...]
+    heads: tuple[str, ...] = ("num_attention_heads", "num_key_value_heads")
 
 
 _ATTN = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
@@ -63,6 +75,7 @@ ARCHITECTURES: tuple[Architecture, ...] = (
         ),
         rms_norms=("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm"),
         gated_mlp=GatedMLP("mlp", "gate_proj", "up_proj", "down_proj"),
+        tensor_parallel=TensorParallel((*_ATTN, "mlp.gate_proj", "mlp.up_proj"), ("self_attn.o_proj", "mlp.down_proj")),
     ),
     Architecture(
         "opt",
@@ -73,6 +86,7 @@ ARCHITECTURES: tuple[Architecture, ...] = (
             SmoothGroup("final_layer_norm", ("fc1",)),
             SmoothGroup("self_attn.v_proj", ("self_attn.out_proj",)),  # full multi-head attention
         ),
+        tensor_parallel=TensorParallel((*_ATTN, "fc1"), ("self_attn.out_proj", "fc2"), ("num_attention_heads",)),
     ),
     Architecture(
         "gpt2",
@@ -85,6 +99,9 @@ ARCHITECTURES: tuple[Architecture, ...] = (
         ("bert",),
         "encoder.layer",
         (SmoothGroup("attention.self.value", ("attention.output.dense",)),),
+        tensor_parallel=TensorParallel(("attention.self.query", "attention.self.key", "attention.self.value",
+                                        "intermediate.dense"), ("attention.output.dense", "output.dense"),
+                                       ("num_attention_heads",)),  # fmt: skip
     ),
 )
 
@@ -93,11 +110,18 @@ def architecture_for(model: nn.Module) -> Architecture:
     """The description of ``model``'s architecture, by its config's ``model_type``."""
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
+    if model_type is None:
+        return architecture_of_type(None, f"{type(model).__name__} (no Hugging Face config)")
+    return architecture_of_type(model_type)
+
+
+def architecture_of_type(model_type: str | None, what: str | None = None) -> Architecture:
+    """The description of the architecture a config's ``model_type`` names (``what``: how errors name it)."""
     for arch in ARCHITECTURES:
         if model_type in arch.model_types:
             return arch
     known = sorted(t for a in ARCHITECTURES for t in a.model_types)
-    what = f"model_type {model_type!r}" if model_type else f"{type(model).__name__} (no Hugging Face config)"
+    what = what or f"model_type {model_type!r}"
     raise SlimquantError(f"no architecture description for {what}; known: {', '.join(known)}")
 
 

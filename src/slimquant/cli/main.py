@@ -7,7 +7,8 @@ import logging
 import signal
 import sys
 
-from slimquant.cli import demo_cmd, eval_cmd, export_cmd, quantize_cmd, search_cmd, sensitivity_cmd, tune_cmd
+from slimquant.cli import (compress_cmd, demo_cmd, eval_cmd, export_cmd, quantize_cmd, search_cmd, sensitivity_cmd,
+                           tune_cmd)  # fmt: skip
 from slimquant.errors import SlimquantError
 
 
@@ -17,6 +18,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     quantize_cmd.add_parser(sub)
     export_cmd.add_parser(sub)
+    compress_cmd.add_parser(sub)
     eval_cmd.add_parsers(sub)
     demo_cmd.add_parser(sub)
     sensitivity_cmd.add_parser(sub)

@@ -101,4 +101,4 @@ def codec_of_tag(tag: Any, where: str) -> Codec:
 
 
 def _builtins() -> None:
-    from slimquant.formats import compressed_tensors, gguf, msmodelslim, transformers_layout  # noqa: F401  (register themselves)
+    from slimquant.formats import compressed_tensors, gguf, msmodelslim, transformers_layout, w8a8sc  # noqa: F401  (register themselves)

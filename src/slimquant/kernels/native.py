@@ -58,12 +58,18 @@ def cache_dir() -> Path:
     return Path(root) / "torch_extensions"
 
 
-def _build_name() -> str:
-    """Library name: changes with the source, the flags, torch and python, so stale builds are never loaded."""
-    h = hashlib.sha256(SOURCE.read_bytes())
-    h.update(" ".join(CFLAGS).encode())
+CODEC_SOURCE = Path(__file__).resolve().parent / "csrc" / "w8a8sc.cpp"
+CODEC_CFLAGS = ["-O3", "-fopenmp"]
+
+
+def _build_name(source: Path | None = None, prefix: str = "slimquant_cpu", cflags: list[str] | None = None) -> str:
+    """Library name: changes with the source, the flags, torch and python, so stale builds are never loaded
+    (defaults: the CPU kernels' ``SOURCE`` and ``CFLAGS``)."""
+    source, cflags = source or SOURCE, CFLAGS if cflags is None else cflags
+    h = hashlib.sha256(source.read_bytes())
+    h.update(" ".join(cflags).encode())
     h.update(f"{torch.__version__}|{sys.version_info[:2]}|{platform.machine()}".encode())
-    return f"slimquant_cpu_{h.hexdigest()[:12]}"
+    return f"{prefix}_{h.hexdigest()[:12]}"
 
 
 def _ensure_ninja_on_path() -> None:
@@ -77,39 +83,58 @@ def _ensure_ninja_on_path() -> None:
         pass
 
 
-def _build() -> ModuleType:
+def _build(source: Path | None = None, prefix: str = "slimquant_cpu", cflags: list[str] | None = None) -> ModuleType:
     from torch.utils.cpp_extension import load
 
+    source, cflags = source or SOURCE, CFLAGS if cflags is None else cflags
     _ensure_ninja_on_path()
-    name = _build_name()
+    name = _build_name(source, prefix, cflags)
     build_dir = cache_dir() / name
     build_dir.mkdir(parents=True, exist_ok=True)
     if not any(build_dir.glob(f"{name}*.so")):
-        log.info("building slimquant's native CPU kernels into %s (once; ~30 s)", build_dir)
-    return load(name=name, sources=[str(SOURCE)], extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"],
+        log.info("building slimquant's native %s into %s (once; ~30 s)", source.name, build_dir)
+    return load(name=name, sources=[str(source)], extra_cflags=cflags, extra_ldflags=["-fopenmp"],
                 build_directory=str(build_dir), verbose=False)  # fmt: skip
+
+
+def _load(state: dict[str, object], what: str, build) -> ModuleType | None:
+    if "module" in state:
+        return state["module"]  # type: ignore[return-value]
+    with _lock:
+        if "module" in state:
+            return state["module"]  # type: ignore[return-value]
+        module: ModuleType | None = None
+        if not _enabled():
+            state["error"] = "disabled by SLIMQUANT_NATIVE=0"
+        elif platform.machine().lower() not in ("x86_64", "amd64"):
+            state["error"] = f"the native kernels are written for x86-64, not {platform.machine()}"
+        else:
+            try:
+                module = build()
+            except Exception as e:  # compiler, ninja or linker missing or failing: fall back, say why
+                state["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else e}"
+                log.warning("native %s unavailable (%s); using the reference implementation", what, state["error"])
+        state["module"] = module
+        return module
 
 
 def library() -> ModuleType | None:
     """The compiled library, building it on first use; None when disabled or the build failed (logged once)."""
-    if "module" in _state:
-        return _state["module"]  # type: ignore[return-value]
-    with _lock:
-        if "module" in _state:
-            return _state["module"]  # type: ignore[return-value]
-        module: ModuleType | None = None
-        if not _enabled():
-            _state["error"] = "disabled by SLIMQUANT_NATIVE=0"
-        elif platform.machine().lower() not in ("x86_64", "amd64"):
-            _state["error"] = f"the native kernels are written for x86-64, not {platform.machine()}"
-        else:
-            try:
-                module = _build()
-            except Exception as e:  # compiler, ninja or linker missing or failing: fall back, say why
-                _state["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else e}"
-                log.warning("native CPU kernels unavailable (%s); using the pure-torch kernels", _state["error"])
-        _state["module"] = module
-        return module
+    return _load(_state, "CPU kernels", _build)
+
+
+_codec_state: dict[str, object] = {}
+
+
+def codec_library() -> ModuleType | None:
+    """The compiled W8A8SC codec (``csrc/w8a8sc.cpp``), built on first use like :func:`library`; None when
+    disabled or the build failed (logged once)."""
+    return _load(_codec_state, "W8A8SC codec", lambda: _build(CODEC_SOURCE, "slimquant_w8a8sc", CODEC_CFLAGS))
+
+
+def codec_unavailable_reason() -> str | None:
+    """Why :func:`codec_library` is None (None when it is not, or has not been asked yet)."""
+    return _codec_state.get("error")  # type: ignore[return-value]
 
 
 def available() -> bool:
