@@ -1,7 +1,7 @@
 """W8A8S and W8A8SC benchmark (issue 16, items 1-2) on smollm2-135m.
 
-Accuracy: W8A8S (msModelSlim's sparse quantization) at --fraction 0.01 / 0.05 / 0.1 and with --is_lowbit (GPTQ on
-the W8A8S grid), and the seed's own example command, beside W8A8 static per-channel and W4A16 per-channel rows,
+Accuracy: W8A8S (msModelSlim's sparse quantization) at --fraction 0.01 / 0.05 / 0.1, with searched smoothing (m4) and
+with GPTQ on the W8A8S grid, and the seed's own example command (with GPTQ weights), beside W8A8 static per-channel and W4A16 per-channel rows,
 all on the same evaluation and calibration windows as benchmarks/gptq.py.
 Compression: each W8A8S checkpoint compressed to W8A8SC (``slimquant compress``, --tp_size 1 and 3); the
 compressed bytes per layer kind against the int8 weights and against zstd (level 19) and lzma (preset 9) of the
@@ -45,12 +45,12 @@ CONFIGS: dict[str, tuple[str, bool]] = {
     "W8A8S co_sparse fraction 0.05": ("--co_sparse True --fraction 0.05", True),
     "W8A8S co_sparse fraction 0.1": ("--co_sparse True --fraction 0.1", True),
     "W8A8S co_sparse fraction 0.01 m4": ("--co_sparse True --fraction 0.01 --anti_method m4", True),
-    "W8A8S is_lowbit fraction 0.01": ("--is_lowbit True --fraction 0.01", True),
-    "W8A8S is_lowbit fraction 0.01 m4": ("--is_lowbit True --fraction 0.01 --do_smooth True", True),
-    "W8A8S is_lowbit fraction 0.05": ("--is_lowbit True --fraction 0.05", True),
-    "W8A8S seed command (down_proj float)": (SEED_FLAGS, True),
+    "W8A8S is_lowbit fraction 0.01 GPTQ": ("--is_lowbit True --fraction 0.01 --w_method gptq", True),
+    "W8A8S is_lowbit fraction 0.01 m4 GPTQ": ("--is_lowbit True --fraction 0.01 --do_smooth True --w_method gptq", True),
+    "W8A8S is_lowbit fraction 0.05 GPTQ": ("--is_lowbit True --fraction 0.05 --w_method gptq", True),
+    "W8A8S seed command + GPTQ (down_proj float)": (f"{SEED_FLAGS} --w_method gptq", True),
 }
-QUICK = {"W8A8 per-channel", "W8A8S co_sparse fraction 0.01", "W8A8S is_lowbit fraction 0.01"}
+QUICK = {"W8A8 per-channel", "W8A8S co_sparse fraction 0.01", "W8A8S co_sparse fraction 0.01 m4"}
 KINDS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 DECODE_REPEATS = 5
 TP = 3  # smollm2-135m has 9 attention heads and 3 KV heads: 3 parts is the smallest split they allow
@@ -58,7 +58,7 @@ TP = 3  # smollm2-135m has 9 attention heads and 3 KV heads: 3 parts is the smal
 
 def flags_for(name: str, n_layers: int) -> str:
     flags, _ = CONFIGS[name]
-    if name.startswith("W8A8S seed command"):
+    if "seed command" in name:
         flags += " --disable_names " + " ".join(f"model.layers.{i}.mlp.down_proj" for i in range(n_layers))
     return flags
 
