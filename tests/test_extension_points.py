@@ -187,7 +187,7 @@ def test_a_codec_refuses_what_it_cannot_hold_before_writing(toy_codec, tokenizer
     assert not (tmp_path / "toy").exists()
     with pytest.raises(slimquant.SlimquantError, match="the toy format has no option part_file_size"):
         slimquant.save(model_q, tmp_path / "toy", format="toy", part_file_size=1.0)
-    with pytest.raises(slimquant.SlimquantError, match=r"unknown checkpoint format 'onnx' \(registered: compressed-tensors, gguf, msmodelslim, toy, transformers\)"):
+    with pytest.raises(slimquant.SlimquantError, match=r"unknown checkpoint format 'onnx' \(registered: compressed-tensors, gguf, msmodelslim, toy, transformers, w8a8sc\)"):
         slimquant.save(model_q, tmp_path / "g", format="onnx")
     with pytest.raises(slimquant.SlimquantError, match="the msmodelslim format has no option colour"):
         slimquant.save(model_q, tmp_path / "m", colour="red")

@@ -7,7 +7,9 @@ from slimquant.models.loading import LoadedModel, load_model
 from slimquant.search.bits import SearchConfig, SearchResult, bit_search
 from slimquant.search.sensitivity import Sensitivity, layer_sensitivity
 from slimquant.search.tune import TuningConfig, TuningResult, autotune
-from slimquant.types import AWQ, GPTQ, QAT, RTN, AutoRound, GammaMigration, Granularity, LayerOverride, QuantSpec, Recipe, SmoothQuant, SmoothQuantSearch
+from slimquant.types import (AWQ, GPTQ, QAT, RTN, AutoRound, GammaMigration, Granularity, LayerOverride,
+                             OutlierSuppression, QuantSpec, Recipe, SmoothQuant, SmoothQuantSearch, SparseGPT,
+                             Wanda)  # fmt: skip
 from slimquant.types.report import ConversionReport, LayerRow, StepRow
 from slimquant.types.result import QuantizationResult
 
@@ -49,6 +51,9 @@ __all__ = [
     "SmoothQuant",
     "SmoothQuantSearch",
     "GammaMigration",
+    "OutlierSuppression",
+    "SparseGPT",
+    "Wanda",
     "LoadedModel",
     "QuantizationResult",
     "ConversionReport",

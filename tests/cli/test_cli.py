@@ -12,7 +12,7 @@ from slimquant import Granularity, QuantSpec, Recipe
 from slimquant.cli.main import build_parser, main
 from slimquant.cli.quantize_cmd import recipe_from_args
 from slimquant.formats.msmodelslim import read_manifest
-from slimquant.types.steps import AWQ, RTN, GammaMigration, SmoothQuant, SmoothQuantSearch
+from slimquant.types.steps import AWQ, RTN, OutlierSuppression, SmoothQuant, SmoothQuantSearch
 
 
 def run(capsys, *argv: str) -> tuple[int, str, str]:
@@ -203,7 +203,7 @@ def test_float_zero_point_needs_asymmetric_weights(capsys, llama_dir, outs):
         (["--a_bit", "8", "--mm_tensor", "False", "--anti_method", "m2"],
          Recipe(weight=QuantSpec("int8", Granularity.PER_CHANNEL),
                 input=QuantSpec("int8", Granularity.PER_TENSOR, symmetric=False), act_observer="token_clip",
-                steps=(GammaMigration(), RTN()))),
+                steps=(OutlierSuppression(), RTN()))),
         (["--a_bit", "8", "--do_smooth", "True", "--smooth_alpha", "0.8"],
          Recipe(weight=QuantSpec("int8", Granularity.PER_TENSOR),
                 input=QuantSpec("int8", Granularity.PER_TENSOR, symmetric=False), steps=(SmoothQuant(alpha=0.8), RTN()))),

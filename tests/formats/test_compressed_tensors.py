@@ -28,6 +28,9 @@ RECIPES = {
     "fp8_static": lambda: sq.Recipe(weight=QuantSpec("fp8_e4m3", PC), input=QuantSpec("fp8_e4m3", PT)),
     "fp8_weight_only": lambda: sq.Recipe(weight=QuantSpec("fp8_e4m3", PC)),
     "uint4_asym": lambda: sq.Recipe(weight=QuantSpec("uint4", PG, 32, symmetric=False)),
+    "w4a16_g32_2of4": lambda: sq.Recipe.from_flags("--w_bit 4 --group_size 32 --sparsity_pattern 2:4"),
+    "w8a8_static_wanda": lambda: sq.Recipe.from_flags("--w_bit 8 --a_bit 8 --mm_tensor False --sparsity 0.5 "
+                                                      "--sparse_method wanda"),
     "mixed": lambda: sq.Recipe(weight=QuantSpec("int4", PG, 32), overrides=(
         ("model.layers.0.mlp.*", sq.LayerOverride(weight=QuantSpec("int8", PC))),
         ("model.layers.1.self_attn.v_proj", sq.LayerOverride(weight=None)))),
@@ -149,7 +152,8 @@ def test_mixed_precision_has_a_group_per_scheme_naming_its_layers(tokenizer, tmp
 
 
 @pytest.mark.parametrize("name", ["w4a16_g32", "w8a16", "w3a16_channel", "w4a16_gptq", "w8a8_static", "fp8_static",
-                                  "fp8_weight_only", "mixed", "w4a16_g32_asym", "uint4_asym"])  # fmt: skip
+                                  "fp8_weight_only", "mixed", "w4a16_g32_asym", "uint4_asym", "w4a16_g32_2of4",
+                                  "w8a8_static_wanda"])  # fmt: skip
 def test_transformers_loads_it_and_computes_slimquants_logits(tokenizer, ids, tmp_path, name):
     pytest.importorskip("compressed_tensors")
     from transformers import AutoModelForCausalLM, CompressedTensorsConfig
@@ -347,3 +351,16 @@ def test_cli_export_and_quantize_save_format(tokenizer, ids, tmp_path, make_llam
         assert words in capsys.readouterr().err
     assert not any((tmp_path / n).exists() for n in ("g", "x", "e"))
     shutil.rmtree(back)
+
+
+@pytest.mark.parametrize("name, structure", [("w4a16_g32_2of4", "2:4"), ("w8a8_static_wanda", "unstructured")])
+def test_pruned_checkpoints_state_their_sparsity(tokenizer, tmp_path, name, structure):
+    res = _quantized(tokenizer, name)
+    sq.save(res, tmp_path / "ct", format="compressed-tensors")
+    q = json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]
+    sc = q["sparsity_config"]
+    assert sc["format"] == "dense" and sc["sparsity_structure"] == structure and sc["targets"] == ["Linear"]
+    assert 0.5 <= sc["global_sparsity"] < 0.55  # kept weights that round to 0 add a little
+    assert _quantized(tokenizer, "w8a16") and not ct.sparsity_config({})
+    back = sq.load(tmp_path / "ct")  # slimquant reads dense-stored sparsity back
+    assert back.model is not None

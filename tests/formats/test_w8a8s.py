@@ -17,7 +17,7 @@ from slimquant.errors import NotSupportedYet
 from slimquant.formats.msmodelslim import describe_checkpoint
 from slimquant.math.weights import dequantize_weight, quantize_weight, w8a8s_outliers
 from slimquant.types.flags import recipe_from_flags
-from slimquant.types.steps import GPTQ, RTN, SmoothQuantSearch
+from slimquant.types.steps import RTN, SmoothQuant, SmoothQuantSearch
 
 G = Granularity
 STATIC = QuantSpec("int8", G.PER_TENSOR, None, False)
@@ -95,7 +95,7 @@ def test_seed_example_flags_make_the_lowbit_w8a8s_recipe():
     assert r.weight == QuantSpec("int8", G.PER_CHANNEL, outlier_fraction=0.01)
     assert r.input == STATIC
     assert isinstance(r.steps[0], SmoothQuantSearch)  # is_lowbit's searched smoothing (do_smooth)
-    assert isinstance(r.weight_step, GPTQ)  # is_lowbit: calibrated
+    assert isinstance(r.weight_step, RTN)  # GPTQ on this grid is unstable past fraction 0.01 (BENCHMARKS.md)
     assert r.act_observer == "histogram" and r.sigma_factor == 3.0
 
 
@@ -105,7 +105,8 @@ def test_co_sparse_flags():
     assert recipe_from_flags("--co_sparse True --a_bit 8 --w_bit 4 --w_method gptq").weight_step.TYPE == "gptq"
     assert recipe_from_flags("--co_sparse True --mm_tensor True").weight.granularity is G.PER_TENSOR
     assert recipe_from_flags("--is_lowbit True --open_outlier False").weight.outlier_fraction == 0.0
-    assert recipe_from_flags("--is_lowbit True --w_method rtn").weight_step.TYPE == "rtn"
+    assert recipe_from_flags("--is_lowbit True --w_method gptq").weight_step.TYPE == "gptq"
+    assert isinstance(recipe_from_flags("--co_sparse True --do_smooth True").steps[0], SmoothQuant)  # m1 as ever
     # the per-group low-bit form is weight-only, as msModelSlim's
     r = recipe_from_flags("--is_lowbit True --open_outlier False --group_size 64")
     assert r.quant_type == "w4a16" and r.weight.group_size == 64 and r.input is None

@@ -199,6 +199,13 @@ def test_compress_layout_and_load_runs_as_w8a8s(w8a8s_dir, tmp_path, input_ids, 
         assert torch.equal(tensors["model.embed_tokens.weight"], src_tensors["model.embed_tokens.weight"])
     with torch.no_grad():
         assert torch.equal(slimquant.load(out).model(input_ids).logits, result.model(input_ids).logits)
+    from slimquant.eval.size import checkpoint_bytes
+    from slimquant.formats.checkpoint import describe_checkpoint
+
+    info = describe_checkpoint(out)
+    assert info["format"] == "w8a8sc" and {r["type"] for r in info["layers"]} == {"W8A8S"}
+    assert 0 < checkpoint_bytes(out) - info["total_bytes"] < 16384 * tp_size  # every part counted; the rest: headers
+    assert main(["inspect", str(out)]) == 0 and "W8A8S" in capsys.readouterr().out
 
 
 def test_save_as_w8a8sc_from_the_api(llama, input_ids, tmp_path):

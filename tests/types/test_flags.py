@@ -11,7 +11,7 @@ from slimquant.cli.main import build_parser
 from slimquant.cli.quantize_cmd import recipe_from_args
 from slimquant.errors import NotSupportedYet, SlimquantError
 from slimquant.types.flags import flag_default, flag_names
-from slimquant.types.steps import AWQ, GPTQ, RTN, GammaMigration, SmoothQuant, SmoothQuantSearch
+from slimquant.types.steps import AWQ, GPTQ, RTN, OutlierSuppression, SmoothQuant, SmoothQuantSearch
 
 FLAG_SETS = [
     "",
@@ -55,7 +55,7 @@ def test_from_flags_values():
     assert w8a8.weight.granularity is Granularity.PER_CHANNEL and w8a8.steps == (SmoothQuant(alpha=0.5), RTN())
     # msModelSlim's anti_method codes exist only in the flag mapping
     assert [Recipe.from_flags(f"--w_bit 8 --a_bit 8 --anti_method {m}").steps[0] for m in ("m1", "m2", "m4")] == [
-        SmoothQuant(), GammaMigration(), SmoothQuantSearch()]
+        SmoothQuant(), OutlierSuppression(), SmoothQuantSearch()]
     assert Recipe.from_flags("--w_bit 4 --anti_method m3 --w_method gptq").steps == (AWQ(), GPTQ())
 
 

@@ -72,8 +72,14 @@ class Algorithm:
 
 @dataclass(frozen=True)
 class WeightAlgorithm(Algorithm):
+    """``solve(layer, W, H or None, spec, step) -> (QuantizedWeight, report fields)``; for steps that prune
+    (``Step.PRUNES``) also ``prune(layer, W, H or None, step) -> (float weight, report fields)``, for the layers the
+    recipe keeps float."""
+
     solve: Callable[[str, torch.Tensor, "torch.Tensor | None", QuantSpec, Step],
                     "tuple[QuantizedWeight, dict[str, Any]]"] | None = None  # fmt: skip
+    prune: Callable[[str, torch.Tensor, "torch.Tensor | None", Step],
+                    "tuple[torch.Tensor, dict[str, Any]]"] | None = None  # fmt: skip
     STAGE = "weight"
 
 
@@ -167,6 +173,15 @@ def solve_weight(layer: str, w: torch.Tensor, h: torch.Tensor | None, spec: Quan
     return qw, {"algorithm": step.TYPE, **info}
 
 
+def prune_weight(layer: str, w: torch.Tensor, h: torch.Tensor | None, step: Step) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Prune ``layer``'s float ``[n, k]`` weight (kept float) with the pruning weight ``step``."""
+    impl = implementation(step)
+    if not isinstance(impl, WeightAlgorithm) or impl.prune is None:
+        raise SlimquantError(f"step {step.TYPE!r} does not prune float weights")
+    pruned, info = impl.prune(layer, w, h, step)
+    return pruned, {"algorithm": step.TYPE, **info}
+
+
 def data_free_solver(step: Step) -> Callable[[torch.Tensor, QuantSpec], QuantizedWeight]:
     """``(w, spec) -> QuantizedWeight`` of the data-free step :func:`outside_blocks` gives for ``step``."""
     free = outside_blocks(step)
@@ -187,5 +202,5 @@ from slimquant.algorithms import builtin as _builtin  # noqa: E402,F401  (regist
 from slimquant.algorithms.rtn import rtn  # noqa: E402
 
 __all__ = ["Algorithm", "WeightAlgorithm", "BlockWeightAlgorithm", "BlockData", "ModelTransform", "BlockTransform", "InputRequest", "Collector",
-           "register_algorithm", "implementation", "outside_blocks", "solve_weight", "data_free_solver",
+           "register_algorithm", "implementation", "outside_blocks", "solve_weight", "prune_weight", "data_free_solver",
            "method_record", "rtn"]

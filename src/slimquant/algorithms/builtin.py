@@ -34,12 +34,12 @@ from slimquant.algorithms.smoothquant import (
     weight_absmax_per_input,
 )
 from slimquant.errors import SlimquantError
-from slimquant.math.smooth import gamma_migration_scales, smoothquant_scales
+from slimquant.math.smooth import gamma_migration_scales, outlier_suppression_scales, smoothquant_scales
 from slimquant.math.weights import QuantizedWeight, quantize_weight
 from slimquant.observers import make_observer
 from slimquant.types.spec import QuantSpec, Recipe
-from slimquant.types.steps import (AWQ, GPTQ, QAT, RTN, AutoRound, GammaMigration, SmoothQuant, SmoothQuantSearch,
-                                   Step)
+from slimquant.types.steps import (AWQ, GPTQ, QAT, RTN, AutoRound, GammaMigration, OutlierSuppression, SmoothQuant,
+                                   SmoothQuantSearch, SparseGPT, Step, Wanda, parse_sparsity_pattern)  # fmt: skip
 
 log = logging.getLogger("slimquant.algorithms")
 
@@ -75,6 +75,53 @@ def _gptq_record(step: Step, recipe: Recipe) -> dict[str, Any]:
     return {"clip_search": step.clip_search, "act_order": step.act_order, "static_groups": step.static_groups}  # type: ignore[attr-defined]
 
 
+def _sparse_info(step: Step, pruned: int, w: torch.Tensor) -> dict[str, Any]:
+    return {"sparsity": round(pruned / max(w.numel(), 1), 4), "pattern": step.pattern}  # type: ignore[attr-defined]
+
+
+def _solve_sparsegpt(layer: str, w: torch.Tensor, h: torch.Tensor | None, spec: QuantSpec | None,
+                     step: Step) -> tuple[Any, dict[str, Any]]:  # fmt: skip
+    from slimquant.algorithms.gptq import GPTQError
+    from slimquant.algorithms.sparse import sparsegpt
+
+    assert isinstance(step, SparseGPT) and h is not None
+    nm = parse_sparsity_pattern(step.pattern)
+    if nm is not None and w.shape[1] % nm[1]:
+        raise SlimquantError(f"{layer}: {step.pattern} pruning needs an input width that is a multiple of {nm[1]}, "
+                             f"got {w.shape[1]}; keep it float with disable_names")  # fmt: skip
+    try:
+        res = sparsegpt(w, h, spec, step.sparsity, nm, step.percdamp, step.block_size)
+    except GPTQError as e:  # no usable Hessian: prune by magnitude x input norm (Wanda) instead, and say so
+        from slimquant.algorithms.sparse import wanda
+
+        log.warning("%s: %s; pruning with Wanda's mask instead", layer, e)
+        out, count = wanda(w, h, spec, step.sparsity, nm)
+        return out, {"fallback": f"wanda ({e})", **_sparse_info(step, count, w)}
+    out = res.pruned if spec is None else res.weight
+    return out, {"damp": res.damp, "dead_columns": res.dead_columns, **_sparse_info(step, res.pruned_count, w)}
+
+
+def _solve_wanda(layer: str, w: torch.Tensor, h: torch.Tensor | None, spec: QuantSpec | None,
+                 step: Step) -> tuple[Any, dict[str, Any]]:  # fmt: skip
+    from slimquant.algorithms.sparse import wanda
+
+    assert isinstance(step, Wanda) and h is not None
+    nm = parse_sparsity_pattern(step.pattern)
+    if nm is not None and w.shape[1] % nm[1]:
+        raise SlimquantError(f"{layer}: {step.pattern} pruning needs an input width that is a multiple of {nm[1]}, "
+                             f"got {w.shape[1]}; keep it float with disable_names")  # fmt: skip
+    out, count = wanda(w, h, spec, step.sparsity, nm)
+    return out, _sparse_info(step, count, w)
+
+
+def _sparse_record(step: Step, recipe: Recipe) -> dict[str, Any]:
+    return {"sparsity": step.sparsity, "pattern": step.pattern}  # type: ignore[attr-defined]
+
+
+register_algorithm(WeightAlgorithm(SparseGPT, solve=_solve_sparsegpt, record=_sparse_record,
+                                   prune=lambda layer, w, h, step: _solve_sparsegpt(layer, w, h, None, step)))  # fmt: skip
+register_algorithm(WeightAlgorithm(Wanda, solve=_solve_wanda, record=_sparse_record,
+                                   prune=lambda layer, w, h, step: _solve_wanda(layer, w, h, None, step)))  # fmt: skip
 register_algorithm(WeightAlgorithm(RTN, solve=_solve_rtn, record=_clip_record))
 register_algorithm(WeightAlgorithm(GPTQ, solve=_solve_gptq, record=_gptq_record))
 
@@ -134,7 +181,7 @@ def _observe_group_inputs(model: nn.Module, step: Step, recipe: Recipe) -> Input
     """Each smoothing group's input (the first linear's) per-channel absmax, and with the alpha search a sample
     of its rows."""
     firsts = tuple(lins[0] for _, lins in smooth_groups(model))
-    rows = step.sample_rows if isinstance(step, SmoothQuantSearch) else 0
+    rows = step.sample_rows if isinstance(step, (SmoothQuantSearch, OutlierSuppression)) else 0
     return InputRequest(firsts, lambda: {"absmax": make_observer("minmax", axis=-1)}, rows)
 
 
@@ -193,11 +240,64 @@ def _gamma_migration(model: nn.Module, step: Step, recipe: Recipe, stats: Any,
     return rows
 
 
+def _outlier_suppression(model: nn.Module, step: Step, recipe: Recipe, stats: dict[str, Any],
+                         show_progress: bool = False) -> list[dict[str, Any]]:  # fmt: skip
+    """m2 (OS+): gamma migration, then per group the scaling threshold with the lowest quantized output error."""
+    assert isinstance(step, OutlierSuppression)
+    rows = []
+    for prev_name, lin_names in tqdm(smooth_groups(model), desc=step.TYPE, disable=not show_progress, unit="group"):
+        st = stats[lin_names[0]]
+        lo, hi = st.observers["absmax"].range()
+        act_absmax = torch.maximum(lo.abs(), hi.abs()).float()
+        prev = model.get_submodule(prev_name)
+        linears = [model.get_submodule(n) for n in lin_names]
+        is_norm = not isinstance(prev, nn.Linear) and isinstance(getattr(prev, "weight", None), torch.Tensor)
+        gamma = (gamma_migration_scales(prev.weight) if step.gamma_migration and is_norm
+                 else torch.ones_like(act_absmax))  # fmt: skip
+        # after migration the group's input is x / gamma and its weights W * gamma
+        x = st.sample().float() / gamma
+        weights = [input_weight(m).detach().float() * gamma for m in linears]
+        ranges = act_absmax / gamma.abs()
+        t, errors = _search_threshold(x, weights, ranges, recipe, step.thresholds)
+        s = outlier_suppression_scales(ranges, t) if t is not None else torch.ones_like(ranges)
+        total = gamma * s
+        if not bool((total == 1).all()):
+            apply_smoothing(prev, linears, total)
+        rows.append({"prev": prev_name, "linears": list(lin_names), "gamma": bool(step.gamma_migration and is_norm),
+                     "threshold": t, "act_absmax_before": round(float(act_absmax.max()), 4),
+                     "act_absmax_after": round(float((act_absmax / total.abs()).max()), 4),
+                     "scaled_channels": int((s > 1).sum()), "errors": errors})  # fmt: skip
+    log.info("outlier suppression (OS+) applied to %d group(s), %d with scaling", len(rows),
+             sum(r["threshold"] is not None for r in rows))  # fmt: skip
+    return rows
+
+
+def _search_threshold(x: torch.Tensor, weights: list[torch.Tensor], ranges: torch.Tensor, recipe: Recipe,
+                      n: int) -> tuple[float | None, dict[str, float]]:  # fmt: skip
+    """The OS+ threshold (None = no scaling) with the lowest quantized output error on ``x``: candidates are the
+    quantiles 0.5 .. 1 of the channels' ranges."""
+    ones = torch.ones_like(ranges)
+    errors = {"none": smoothed_output_error(x, weights, ones, recipe.weight, recipe.input)}
+    live = ranges[ranges > 0]
+    if live.numel() == 0:
+        return None, errors
+    qs = torch.linspace(0.5, 1.0, n + 1)[:-1] if n > 1 else torch.tensor([0.5])
+    candidates: dict[str, float] = {}
+    for t in torch.quantile(live, qs).tolist():
+        candidates[f"{t:.6g}"] = t  # the report's key; the threshold applied is the one evaluated
+        errors[f"{t:.6g}"] = smoothed_output_error(x, weights, outlier_suppression_scales(ranges, t), recipe.weight,
+                                                   recipe.input)  # fmt: skip
+    best = min(errors, key=lambda k: errors[k])
+    return (None if best == "none" else candidates[best]), errors
+
+
 register_algorithm(ModelTransform(SmoothQuant, check_model=_check_groups, observe=_observe_group_inputs, apply=_smooth))
 register_algorithm(ModelTransform(SmoothQuantSearch, check_model=_check_groups, observe=_observe_group_inputs,
                                   apply=_smooth))  # fmt: skip
 register_algorithm(ModelTransform(GammaMigration, check_model=_check_groups, observe=lambda m, s, r: None,
                                   apply=_gamma_migration))  # fmt: skip
+register_algorithm(ModelTransform(OutlierSuppression, check_model=_check_groups, observe=_observe_group_inputs,
+                                  apply=_outlier_suppression))  # fmt: skip
 
 
 # -- AWQ, block by block (msModelSlim m3) -----------------------------------------------------------------------

@@ -22,8 +22,10 @@ def model_bytes(model: nn.Module) -> int:
 
 
 def checkpoint_bytes(path: str | os.PathLike) -> int:
-    """Bytes of the weight files (``*.safetensors``, ``*.gguf``) at ``path`` (file or directory)."""
+    """Bytes of the weight files (``*.safetensors``, ``*.gguf``) at ``path`` (file or directory; a W8A8SC
+    directory's ``partI-of-N`` parts included)."""
     p = Path(path)
     if p.is_file():
         return p.stat().st_size
-    return sum(f.stat().st_size for pattern in ("*.safetensors", "*.gguf") for f in p.glob(pattern))
+    patterns = ("*.safetensors", "*.gguf", "part*-of-*/*.safetensors")
+    return sum(f.stat().st_size for pattern in patterns for f in p.glob(pattern))

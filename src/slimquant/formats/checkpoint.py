@@ -555,9 +555,11 @@ def describe_checkpoint(directory: str | os.PathLike) -> dict[str, Any]:
     else:
         manifest = read_manifest(directory)
     sizes: dict[str, int] = {}
-    for fname in manifest["files"]:
-        for name, v in read_header(directory / fname).items():
-            sizes[name] = v["data_offsets"][1] - v["data_offsets"][0]
+    files = (codec_of_tag(manifest["format"], str(directory)).weight_files(directory, manifest)
+             if is_checkpoint(directory) else [directory / f for f in manifest["files"]])  # fmt: skip
+    for fpath in files:  # a tensor held by several files (tensor-parallel parts) counts each copy
+        for name, v in read_header(fpath).items():
+            sizes[name] = sizes.get(name, 0) + v["data_offsets"][1] - v["data_offsets"][0]
     rows = []
     claimed: set[str] = set()
     for lname, entry in manifest["layers"].items():

@@ -46,6 +46,10 @@ class Codec:
         architecture (parameters may be on meta); returns it, quantized modules in place."""
         raise NotImplementedError
 
+    def weight_files(self, directory: Path, manifest: dict[str, Any]) -> list[Path]:
+        """The safetensors files holding the checkpoint's tensors (default: the manifest's ``"files"``)."""
+        return [directory / f for f in manifest["files"]]
+
 
 _CODECS: dict[str, Codec] = {}
 

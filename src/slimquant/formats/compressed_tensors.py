@@ -331,8 +331,28 @@ def quantization_config(model: nn.Module, layers: dict[str, QModule]) -> dict[st
     ignore = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in layers]
     return {"quant_method": "compressed-tensors", "format": formats.pop() if len(formats) == 1 else "mixed-precision",
             "quantization_status": "compressed", "config_groups": config_groups, "ignore": ignore,
-            "kv_cache_scheme": None, "global_compression_ratio": None, "sparsity_config": {}, "transform_config": {},
-            "version": CT_VERSION}  # fmt: skip
+            "kv_cache_scheme": None, "global_compression_ratio": None, "sparsity_config": sparsity_config(layers),
+            "transform_config": {}, "version": CT_VERSION}  # fmt: skip
+
+
+def sparsity_config(layers: dict[str, QModule]) -> dict[str, Any]:
+    """``quantization_config.sparsity_config`` of layers pruned by SparseGPT / Wanda (their method records a
+    ``pattern``): compressed-tensors' ``dense`` sparsity format (the zeros are stored in the quantized weights;
+    the bitmask formats are legacy there), with the structure (``2:4``, ``unstructured``, ...), the targets and
+    the measured share of zero weights. ``{}`` when no layer is pruned."""
+    sparse = {n: m for n, m in layers.items() if "pattern" in m.method}
+    if not sparse:
+        return {}
+    patterns = sorted({m.method["pattern"] for m in sparse.values()})
+    zeros = total = 0
+    for m in sparse.values():
+        w = m.dequantized_weight(torch.float32)
+        zeros += int((w == 0).sum())
+        total += w.numel()
+    return {"format": "dense", "sparsity_structure": patterns[0] if len(patterns) == 1 else "unstructured",
+            "global_sparsity": round(zeros / max(total, 1), 4),
+            "targets": ["Linear"] if len(sparse) == len(layers) else sorted(sparse),
+            "ignore": sorted(set(layers) - set(sparse))}  # fmt: skip
 
 
 def export_state(result: QuantizationResult) -> tuple[list[Entry], dict[str, Any], dict[str, Any]]:
@@ -579,9 +599,12 @@ def manifest_from_config(directory: Path, config: dict[str, Any], model: nn.Modu
         raise SlimquantError(f"{where}.quantization_status is {status!r}; slimquant reads compressed checkpoints")
     if q.get("kv_cache_scheme"):
         raise SlimquantError(f"{where}.kv_cache_scheme: the fp8 KV cache is not supported by slimquant yet")
-    for key in ("sparsity_config", "transform_config"):
-        if q.get(key):
-            raise SlimquantError(f"{where}.{key}: sparse or transformed checkpoints are not supported by slimquant yet")
+    sparse = q.get("sparsity_config")
+    if sparse and not (isinstance(sparse, dict) and sparse.get("format") == "dense"):
+        raise SlimquantError(f"{where}.sparsity_config: the {sparse.get('format') if isinstance(sparse, dict) else sparse!r} "
+                             "sparse format is not supported by slimquant yet (dense-stored sparsity is)")  # fmt: skip
+    if q.get("transform_config"):
+        raise SlimquantError(f"{where}.transform_config: transformed checkpoints are not supported by slimquant yet")
     groups = q.get("config_groups")
     if not isinstance(groups, dict) or not groups:
         raise SlimquantError(f"{where}.config_groups is missing or empty")

@@ -458,6 +458,9 @@ class W8A8SCCodec(Codec):
         return write_w8a8sc(directory, parts, labels, out_manifest, config, overwrite=overwrite,
                             force_overwrite=force_overwrite, protect=protect, tokenizer=tokenizer)  # fmt: skip
 
+    def weight_files(self, directory: Path, manifest: dict[str, Any]) -> list[Path]:
+        return [directory / part / WEIGHT_FILE for part in manifest["files"]]
+
     def load_into(self, model: nn.Module, directory: Path, manifest: dict[str, Any]) -> nn.Module:
         ck.rebuild(model, manifest)
         tensors = read_parts(directory, manifest)

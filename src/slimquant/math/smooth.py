@@ -33,3 +33,16 @@ def smoothquant_scales(act_absmax: torch.Tensor, weight_absmax: torch.Tensor, al
     s = a.pow(alpha) / w.pow(1.0 - alpha)
     dead = (act_absmax <= 0) | (weight_absmax <= 0)
     return torch.where(dead | ~torch.isfinite(s), torch.ones_like(s), s.clamp(min=eps))
+
+
+def outlier_suppression_scales(ranges: torch.Tensor, threshold: float) -> torch.Tensor:
+    """OS+'s channel-wise scaling: ``s_j = max(1, range_j / threshold)``, so every channel's range is at most
+    ``threshold`` after dividing by ``s`` (channels already inside keep ``s = 1``).
+
+    Args:
+        ranges: ``[k]`` per-channel max |input| over calibration data.
+        threshold: the largest range a channel keeps (positive).
+    """
+    if not threshold > 0:
+        raise ValueError(f"threshold must be positive, got {threshold}")
+    return torch.clamp(ranges.float() / threshold, min=1.0)

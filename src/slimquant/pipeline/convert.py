@@ -32,7 +32,7 @@ from slimquant.types.qtype import qtype as lookup_qtype
 from slimquant.types.report import ConversionReport, LayerRow, StepRow
 from slimquant.types.result import QuantizationResult
 from slimquant.types.spec import KV_INT8_STATIC, QuantSpec, Recipe
-from slimquant.types.steps import BLOCKWISE_NEEDS, RTN, Step
+from slimquant.types.steps import BLOCKWISE_NEEDS, RTN, Step, parse_sparsity_pattern
 
 log = logging.getLogger(__name__)
 
@@ -45,13 +45,13 @@ class LayerPlan:
 
     name: str
     kind: str  # linear | conv2d | embedding
-    spec: QuantSpec
+    spec: QuantSpec | None  # None: the layer stays float and its (pruning) step only prunes it
     input: QuantSpec | None = None
     step: Step = field(default_factory=RTN)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"kind": self.kind, "spec": self.spec.to_dict(), "input": None if self.input is None else self.input.to_dict(),
-                "step": self.step.to_dict()}  # fmt: skip
+        return {"kind": self.kind, "spec": None if self.spec is None else self.spec.to_dict(),
+                "input": None if self.input is None else self.input.to_dict(), "step": self.step.to_dict()}  # fmt: skip
 
 
 def plan(model: nn.Module, recipe: Recipe, conv_inputs: bool = False) -> tuple[list[LayerPlan], ConversionReport]:
@@ -88,7 +88,8 @@ def plan(model: nn.Module, recipe: Recipe, conv_inputs: bool = False) -> tuple[l
             kind, spec, inp, step = "embedding", recipe.embedding, None, recipe.weight_step
         else:
             continue
-        if spec is None:
+        prune_only = spec is None and kind == "linear" and step.PRUNES and pattern is None
+        if spec is None and not prune_only:
             if pattern is not None and kind != "embedding" and (kind == "linear" or recipe.include_conv):
                 report.skipped[name] = f"override {pattern}: float"
             continue
@@ -241,6 +242,12 @@ def convert(
     # until read: their shapes are checked now, their values when each block is read).
     for lp in layers:
         w = _weight_2d(model.get_submodule(lp.name))
+        nm = parse_sparsity_pattern(lp.step.pattern) if lp.step.PRUNES else None  # type: ignore[attr-defined]
+        if nm is not None and w.shape[1] % nm[1]:
+            raise SlimquantError(f"layer {lp.name}: {nm[0]}:{nm[1]} pruning needs an input width that is a multiple of "
+                                 f"{nm[1]}, got {w.shape[1]}; keep it float with disable_names")  # fmt: skip
+        if lp.spec is None:  # pruned, kept float: no grid to check
+            continue
         if blocks_prefix and lp.name.startswith(blocks_prefix):
             try:
                 check_weight_shape(tuple(w.shape), lp.spec)  # type: ignore[arg-type]
@@ -299,6 +306,9 @@ def convert(
                                       f"{next(lp.kind for lp in layers if lp.name == others[0])}")  # fmt: skip
     # a calibrated weight step solves the layers inside the repeated blocks; the rest (and anything outside
     # the blocks) gets its data-free form (GPTQ: round to nearest)
+    for lp in [lp for lp in layers if lp.spec is None]:  # pruning needs the blocks' calibrated inputs
+        report.skipped[lp.name] = f"{lp.step.TYPE}: outside the repeated blocks, not pruned"
+        layers.remove(lp)
     frees = {lp.step: outside_blocks(lp.step) for lp in layers}
     desc = "/".join(sorted({f.TYPE for f in frees.values()})) + f" {recipe.quant_type}"
     for lp in tqdm(layers, desc=desc, disable=not show_progress, unit="layer"):

@@ -35,7 +35,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from slimquant.adapters import block_list, is_causal_lm
-from slimquant.algorithms import BlockTransform, BlockWeightAlgorithm, implementation, method_record, solve_weight
+from slimquant.algorithms import (BlockTransform, BlockWeightAlgorithm, implementation, method_record, prune_weight,
+                                  solve_weight)  # fmt: skip
 from slimquant.algorithms.gptq import HessianAccumulator
 from slimquant.errors import SlimquantError
 from slimquant.formats.checkpoint import build_qmodule
@@ -445,10 +446,21 @@ def _solve_layer(model: nn.Module, lp: Any, acc: HessianAccumulator, recipe: Rec
     module = model.get_submodule(lp.name)
     w = module.weight.detach().float()
     h = acc.hessian(copy=False)  # read only here and in gptq (which copies before changing it)
-    row: dict[str, Any] = {"name": lp.name, "kind": lp.kind, "spec": lp.spec.describe(),
+    row: dict[str, Any] = {"name": lp.name, "kind": lp.kind, "spec": "float" if lp.spec is None else lp.spec.describe(),
                            "samples": acc.n if solved is None else solved[2]}  # fmt: skip
     step = lp.step
     needs_hessian = HESSIAN in step.NEEDS
+    if lp.spec is None:  # a float layer a pruning step prunes in place
+        pruned, info = prune_weight(lp.name, w, h if needs_hessian else None, step)
+        row.update(info)
+        d = pruned - w
+        if acc.n:
+            ref = float(torch.einsum("ij,jk,ik->", w, h, w))
+            row["output_error"] = float(torch.einsum("ij,jk,ik->", d, h, d)) / max(ref, 1e-30)
+        row["sqnr_db"] = round(sqnr_db(w, pruned), 2)  # before the copy: w shares the module's storage
+        with torch.no_grad():
+            module.weight.copy_(pruned.reshape(module.weight.shape).to(module.weight.dtype))
+        return LayerRow.from_dict(row)
     if acc.n < w.shape[1] and needs_hessian:
         log.warning("%s: %d calibration rows for %d input channels; the Hessian is rank-deficient (dampened)",
                     lp.name, acc.n, w.shape[1])  # fmt: skip

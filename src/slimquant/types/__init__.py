@@ -2,9 +2,10 @@
 
 from slimquant.types.qtype import QTYPES, QType, int_qtype_for_bits, qtype
 from slimquant.types.spec import GROUP_SIZES, INHERIT, Granularity, LayerOverride, QuantSpec, Recipe
-from slimquant.types.steps import (AWQ, GPTQ, QAT, AutoRound, RTN, GammaMigration, SmoothQuant, SmoothQuantSearch, Step,
-                                   register_step_type)
+from slimquant.types.steps import (AWQ, GPTQ, QAT, RTN, AutoRound, GammaMigration, OutlierSuppression, SmoothQuant,
+                                   SmoothQuantSearch, SparseGPT, Step, Wanda, register_step_type)  # fmt: skip
 
 __all__ = ["QTYPES", "QType", "qtype", "int_qtype_for_bits", "Granularity", "QuantSpec", "Recipe", "GROUP_SIZES",
            "LayerOverride", "INHERIT",
-           "Step", "RTN", "GPTQ", "AutoRound", "QAT", "AWQ", "SmoothQuant", "SmoothQuantSearch", "GammaMigration", "register_step_type"]
+           "Step", "RTN", "GPTQ", "AutoRound", "QAT", "AWQ", "SmoothQuant", "SmoothQuantSearch", "GammaMigration",
+           "OutlierSuppression", "SparseGPT", "Wanda", "register_step_type"]

@@ -16,7 +16,8 @@ from typing import Any, Mapping, Sequence
 
 from slimquant.errors import NotSupportedYet, SlimquantError
 from slimquant.types.qtype import int_qtype_for_bits
-from slimquant.types.steps import AWQ, GPTQ, QAT, RTN, AutoRound, GammaMigration, SmoothQuant, SmoothQuantSearch, Step
+from slimquant.types.steps import (AWQ, GPTQ, QAT, RTN, AutoRound, GammaMigration, OutlierSuppression, SmoothQuant,
+                                   SmoothQuantSearch, SparseGPT, Step, Wanda, parse_sparsity_pattern)  # fmt: skip
 from slimquant.types.spec import (FA_INT8_PER_HEAD, GROUP_SIZES, KV_INT8_DYNAMIC, KV_INT8_STATIC, Granularity, QuantSpec,
                                   Recipe)  # fmt: skip
 
@@ -77,8 +78,9 @@ W8A8S_FRACTIONS = (0.01, 0.1)  # msModelSlim's accepted range
 
 def add_recipe_flags(parser: argparse.ArgumentParser) -> None:
     """Add msModelSlim's recipe flags (weights, activations, smoothing, KV cache, attention) to ``parser``."""
-    parser.add_argument("--w_bit", type=int, choices=(2, 3, 4, 8), default=None,
-                   help="weight bits (default 8; 4 with --co_sparse / --is_lowbit: W8A8S's 4-bit values)")  # fmt: skip
+    parser.add_argument("--w_bit", type=int, choices=(2, 3, 4, 8, 16), default=None,
+                   help="weight bits (default 8; 4 with --co_sparse / --is_lowbit: W8A8S's 4-bit values; 16 keeps "
+                   "the weights float: pruning alone, with --sparsity)")  # fmt: skip
     parser.add_argument("--a_bit", type=int, choices=(4, 8, 16), default=None,
                    help="activation bits: 16 = weight-only (default), 8 = W8A8 (int8 inputs; post-training with "
                    "--w_bit 8, or --w_bit 4 with --co_sparse / --is_lowbit: W8A8S), 4 or 8 with other weights = "
@@ -102,7 +104,17 @@ def add_recipe_flags(parser: argparse.ArgumentParser) -> None:
                    "autoround-light 5e-3)")  # fmt: skip
     parser.add_argument("--batch_size", type=positive_int, default=None,
                    help=f"autoround: calibration windows per tuning step (default {AutoRound.batch_size})")  # fmt: skip
-    parser.add_argument("--percdamp", type=float, default=0.01, help="gptq: Hessian dampening, fraction of its mean diagonal")
+    parser.add_argument("--percdamp", type=float, default=0.01,
+                   help="gptq / sparsegpt: Hessian dampening, fraction of its mean diagonal")  # fmt: skip
+    parser.add_argument("--sparsity", type=float, default=None,
+                   help="prune this fraction of every block linear's weights (0-1; implied by an N:M "
+                   "--sparsity_pattern), jointly with the weight quantization (--sparse_method)")  # fmt: skip
+    parser.add_argument("--sparsity_pattern", default=None,
+                   help="unstructured (default: per layer, any weights) or N:M (at most N nonzero weights in every M "
+                   "consecutive inputs of a row, e.g. 2:4)")  # fmt: skip
+    parser.add_argument("--sparse_method", choices=("sparsegpt", "wanda"), default=None,
+                   help="with --sparsity: sparsegpt (default: OBS pruning with Hessian error compensation, joint with "
+                   "GPTQ-style quantization) or wanda (|W| x input norm, no update, then round to nearest)")  # fmt: skip
     parser.add_argument("--desc_act", type=str2bool, default=None,
                    help="gptq: quantize columns by decreasing Hessian diagonal (act-order; static groups). Default "
                    "True; False keeps the natural column order (groups still from the float weight)")  # fmt: skip
@@ -118,8 +130,8 @@ def add_recipe_flags(parser: argparse.ArgumentParser) -> None:
                    "3 auto: per layer the lowest output error among min-max / histogram / histogram-MSE")  # fmt: skip
     parser.add_argument("--anti_method", choices=("", "m1", "m2", "m3", "m4", "m5"), default="",
                    help="outliers before W8A8: m1 SmoothQuant (--smooth_alpha), m2 Outlier Suppression (gamma "
-                   "migration + token-wise clipping of static ranges), m4 SmoothQuant with alpha searched per layer "
-                   "group; m3 AWQ for weight-only --w_bit < 8 (activation-aware scales, then clipping with --w_method rtn); "
+                   "migration, OS+ channel scaling with a searched threshold, token-wise clipping of static ranges), "
+                   "m4 SmoothQuant with alpha searched per layer group; m3 AWQ for weight-only --w_bit < 8 (activation-aware scales, then clipping with --w_method rtn); "
                    "m5 (CBQ) is not supported yet")  # fmt: skip
     parser.add_argument("--smooth_alpha", type=float, default=None, help="SmoothQuant migration strength for m1 (default 0.5)")
     parser.add_argument("--co_sparse", type=str2bool, default=False,
@@ -141,10 +153,9 @@ def add_recipe_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--use_reduce_quant", type=str2bool, default=False)
     parser.add_argument("--tp_size", type=int, default=1)
     parser.add_argument("--is_lowbit", type=str2bool, default=False,
-                   help="low-bit sparse quantization, preferred to --co_sparse (which it overrides): W8A8S solved "
-                   "with calibration: GPTQ on the W8A8S grid unless --w_method says otherwise, and --do_smooth "
-                   "searches the smoothing strength per layer group (m4). With --group_size N --open_outlier False: "
-                   "per-group weight-only (--a_bit 16)")  # fmt: skip
+                   help="low-bit sparse quantization, preferred to --co_sparse (which it overrides): W8A8S whose "
+                   "--do_smooth searches the smoothing strength per layer group (m4, msModelSlim's low-bit "
+                   "search_smooth). With --group_size N --open_outlier False: per-group weight-only (--a_bit 16)")  # fmt: skip
     parser.add_argument("--open_outlier", type=str2bool, default=True,
                    help="with --is_lowbit: split weight outliers off (default True, W8A8S); False: per-group "
                    "weight-only with --group_size, or W8A8S with no outliers (4-bit values in int8)")  # fmt: skip
@@ -218,6 +229,10 @@ def _recipe(args: argparse.Namespace) -> Recipe:
     """The Recipe of parsed flags (every flag of :func:`add_recipe_flags` present)."""
     check_not_built(vars(args))
     args, outliers = _resolve_sparse(args)
+    prune = _sparsity_step(args, outliers)
+    float_weights = args.w_bit == 16
+    if float_weights:
+        args.w_bit = 8  # unused: the weight spec is None
     if args.group_size < 0 or (args.group_size and args.group_size not in GROUP_SIZES):
         raise SlimquantError(f"--group_size {args.group_size}: valid values are {', '.join(map(str, GROUP_SIZES))}, or 0 "
                              "for per-channel")  # fmt: skip
@@ -230,8 +245,10 @@ def _recipe(args: argparse.Namespace) -> Recipe:
         raise SlimquantError("--mm_tensor True (per-tensor weights) conflicts with --group_size; use one of them")
     if not 0.0 < args.percdamp <= 1.0:
         raise SlimquantError(f"--percdamp {args.percdamp}: must be in (0, 1] (a fraction of the Hessian's mean diagonal)")
-    if args.w_method != "gptq" and (args.percdamp != 0.01 or args.desc_act):  # --desc_act False: nothing to refuse
-        raise SlimquantError("--percdamp and --desc_act tune GPTQ; add --w_method gptq")
+    if prune is not None and args.desc_act:
+        raise SlimquantError("--desc_act: pruning runs in the natural column order")
+    if args.w_method != "gptq" and not isinstance(prune, SparseGPT) and (args.percdamp != 0.01 or args.desc_act):
+        raise SlimquantError("--percdamp and --desc_act tune GPTQ; add --w_method gptq")  # --desc_act False: fine
     if args.kv_dynamic and not args.use_kvcache_quant:
         raise SlimquantError("--kv_dynamic chooses how the KV cache is quantized; it needs --use_kvcache_quant True")
     if args.fa_amp < 0:
@@ -240,7 +257,8 @@ def _recipe(args: argparse.Namespace) -> Recipe:
         raise SlimquantError("--fa_amp picks attention layers to leave float; it needs --use_fa_quant True")
     input_spec, act_observer, sigma = _activation_flags(args)
     smooth = _smooth_step(args, input_spec)
-    if isinstance(smooth, GammaMigration) and input_spec is not None and not input_spec.dynamic and args.act_method is None:
+    token_clip = input_spec is not None and not input_spec.dynamic and args.act_method is None
+    if isinstance(smooth, (GammaMigration, OutlierSuppression)) and token_clip:
         act_observer = "token_clip"  # Outlier Suppression = gamma migration + token-wise clipping
     # seed: post-training W8A8 weights default to per-tensor (--mm_tensor True); trained pairs (QAT) per channel
     qat = args.w_method == "qat" or _trained_only(args)
@@ -252,14 +270,16 @@ def _recipe(args: argparse.Namespace) -> Recipe:
                     "the KL of per-channel weights; BENCHMARKS.md). Add --mm_tensor False for per-channel weights "
                     "(same int8 kernels, one scale per output channel).")  # fmt: skip
     gran = Granularity.PER_GROUP if args.group_size else (Granularity.PER_TENSOR if per_tensor else Granularity.PER_CHANNEL)
-    weight = QuantSpec(qt, gran, args.group_size or None, args.w_sym, zero_point=args.w_zero_point,
-                       outlier_fraction=outliers)  # fmt: skip
+    weight = None if float_weights else QuantSpec(qt, gran, args.group_size or None, args.w_sym,
+                                                  zero_point=args.w_zero_point, outlier_fraction=outliers)  # fmt: skip
     embedding = QuantSpec("int8", Granularity.PER_CHANNEL, None, True) if args.embedding_bit == 8 else None
     autoround = {"iters": args.iters, "lr": args.lr, "batch_size": args.batch_size}
     if not args.w_method.startswith("autoround") and any(v is not None for v in autoround.values()):
         flag = next(k for k, v in autoround.items() if v is not None)
         raise SlimquantError(f"--{flag} tunes AutoRound; add --w_method autoround")
-    if args.w_method == "gptq":
+    if prune is not None:
+        solve = prune
+    elif args.w_method == "gptq":
         act_order = GPTQ.act_order if args.desc_act is None else args.desc_act
         solve: Step = GPTQ(percdamp=args.percdamp, act_order=act_order, clip_search=args.w_clip_search)
     elif args.w_method.startswith("autoround"):
@@ -310,7 +330,7 @@ def _smooth_step(args: argparse.Namespace, input_spec: QuantSpec | None) -> Step
     alpha = 0.5 if args.smooth_alpha is None else args.smooth_alpha
     if not 0.0 <= alpha <= 1.0:
         raise SlimquantError(f"--smooth_alpha {alpha}: must be in [0, 1]")
-    return {"": None, "m1": SmoothQuant(alpha=alpha), "m2": GammaMigration(), "m3": AWQ(),
+    return {"": None, "m1": SmoothQuant(alpha=alpha), "m2": OutlierSuppression(), "m3": AWQ(),
             "m4": SmoothQuantSearch()}[method]  # fmt: skip
 
 
@@ -351,6 +371,7 @@ def _resolve_sparse(args: argparse.Namespace) -> tuple[argparse.Namespace, float
     and the flags they imply filled in: a copy of ``args`` with --w_bit, --a_bit and --w_method resolved (None =
     not given), and the W8A8S outlier fraction (None: not W8A8S)."""
     out = argparse.Namespace(**vars(args))
+    out.w_method_given = args.w_method is not None
     explicit_w, explicit_a = args.w_bit, args.a_bit
     frac = args.fraction
     if frac is not None and not (math.isfinite(frac) and W8A8S_FRACTIONS[0] <= frac <= W8A8S_FRACTIONS[1]):
@@ -405,14 +426,59 @@ def _resolve_sparse(args: argparse.Namespace) -> tuple[argparse.Namespace, float
         else:
             outliers = W8A8S_FRACTION if frac is None else frac
         out.w_bit, out.a_bit = 8, 8  # int8 storage; the 4-bit grid is the spec's outlier_fraction
-        if lowbit and args.w_method is None:
-            out.w_method = "gptq"
-            log.info("--is_lowbit: W8A8S weights solved with GPTQ on calibration data (add --w_method rtn for "
-                     "round to nearest)")  # fmt: skip
     out.w_bit = 8 if out.w_bit is None else out.w_bit
     out.a_bit = 16 if out.a_bit is None else out.a_bit
     out.w_method = out.w_method or "rtn"
     return out, outliers
+
+
+def _sparsity_step(args: argparse.Namespace, outliers: float | None) -> Step | None:
+    """The pruning weight step of --sparsity / --sparsity_pattern / --sparse_method (None: no pruning), checked
+    against the other weight flags; --w_bit 16 (float weights) only with it."""
+    given = [f"--{k}" for k in ("sparsity", "sparsity_pattern", "sparse_method") if getattr(args, k) is not None]
+    if not given:
+        if args.w_bit == 16:
+            raise SlimquantError("--w_bit 16 keeps the weights float: it goes with --sparsity (pruning alone)")
+        return None
+    if args.sparsity is None and args.sparsity_pattern is None:
+        raise SlimquantError(f"{given[0]} chooses how to prune; add --sparsity (e.g. 0.5) or --sparsity_pattern 2:4")
+    pattern = args.sparsity_pattern or "unstructured"
+    try:
+        nm = parse_sparsity_pattern(pattern)
+    except SlimquantError as e:
+        raise SlimquantError(f"--sparsity_pattern {pattern}: {str(e).split(': ', 1)[1]}") from None
+    if args.sparsity is None and nm is None:
+        raise SlimquantError("--sparsity_pattern unstructured needs --sparsity (the fraction of weights to prune)")
+    sparsity = args.sparsity if args.sparsity is not None else 1.0 - nm[0] / nm[1]  # type: ignore[index]
+    if not (math.isfinite(sparsity) and 0.0 < sparsity < 1.0):
+        raise SlimquantError(f"--sparsity {sparsity}: must be a fraction in (0, 1)")
+    if nm is not None and abs(sparsity - (1.0 - nm[0] / nm[1])) > 1e-9:
+        raise SlimquantError(f"--sparsity {sparsity:g} with --sparsity_pattern {pattern}: {nm[0]}:{nm[1]} prunes "
+                             f"{1 - nm[0] / nm[1]:g}; leave --sparsity out")  # fmt: skip
+    if outliers is not None:
+        raise NotSupportedYet("--sparsity with W8A8S (--co_sparse / --is_lowbit) is not supported yet")
+    # --w_method rtn means no weight update: Wanda; gptq (or nothing) SparseGPT's joint sweep
+    method = args.sparse_method or ("wanda" if args.w_method_given and args.w_method == "rtn" else "sparsegpt")
+    fits = {"sparsegpt": "gptq", "wanda": "rtn"}[method]
+    if args.w_method_given and args.w_method != fits:
+        raise SlimquantError(f"--sparse_method {method} with --w_method {args.w_method}: {method} "
+                             + ("solves the weights itself (GPTQ's sweep with pruning)" if method == "sparsegpt"
+                                else "rounds the pruned weights to nearest") + "; leave --w_method out")  # fmt: skip
+    if args.w_clip_search:
+        raise SlimquantError("--w_clip_search with --sparsity is not supported yet: pruned layers are solved on their "
+                             "full ranges")  # fmt: skip
+    if args.w_bit == 16:
+        if args.a_bit != 16:
+            raise SlimquantError("--w_bit 16 (float weights, pruned) goes with --a_bit 16")
+        grid = [f"--{k}" for k in ("group_size", "mm_tensor", "w_zero_point") if getattr(args, k) not in (0, None, "int")]
+        grid += ["--w_sym"] if not args.w_sym else []
+        grid += ["--embedding_bit"] if args.embedding_bit != 16 else []
+        if grid:
+            raise SlimquantError(f"--w_bit 16 keeps the weights float; remove {', '.join(grid)}")
+    if method == "sparsegpt":
+        block = 128 if nm is None or 128 % nm[1] == 0 else nm[1] * max(1, 128 // nm[1])  # whole N:M groups per block
+        return SparseGPT(sparsity=sparsity, pattern=pattern, percdamp=args.percdamp, block_size=block)
+    return Wanda(sparsity=sparsity, pattern=pattern)
 
 
 def _trained_only(args: argparse.Namespace) -> bool:

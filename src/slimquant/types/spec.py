@@ -276,8 +276,10 @@ class Recipe:
             the float model; :mod:`slimquant.search.sensitivity`) stay float. Applied after ``disable_names``
             and ``disable_last_linear``; needs calibration data.
         steps: the algorithms, in stage order: transforms of the float model (``SmoothQuant``,
-            ``SmoothQuantSearch``, ``GammaMigration``), per-block transforms (``AWQ``), then exactly one weight
-            step (``RTN``, ``GPTQ``), each with its own knobs. Default: ``(RTN(),)``.
+            ``SmoothQuantSearch``, ``OutlierSuppression``, ``GammaMigration``), per-block transforms (``AWQ``), then
+            exactly one weight step (``RTN``, ``GPTQ``, ``AutoRound``, or a pruning step, ``SparseGPT`` /
+            ``Wanda``, which with ``weight=None`` prunes the float model), each with its own knobs. Default:
+            ``(RTN(),)``.
         disable_names: layer names, globs or ``re:`` regexes to keep in float.
         disable_last_linear: keep the model's output projection (lm_head) in float.
         embedding: spec for nn.Embedding weights (None: embeddings stay float).

@@ -50,6 +50,8 @@ class Step:
     TYPE: ClassVar[str] = ""
     STAGE: ClassVar[str] = ""
     NEEDS: ClassVar[frozenset[str]] = frozenset()
+    # weight steps that prune: they also run on layers the recipe keeps float (weight spec None), pruning them
+    PRUNES: ClassVar[bool] = False
 
     def check(self, weight: "QuantSpec | None", input: "QuantSpec | None") -> None:  # noqa: A002
         """Raise :class:`SlimquantError` if this step cannot run on layers with these weight and input specs
@@ -306,6 +308,108 @@ class AutoRound(Step):
         return RTN()
 
 
+def parse_sparsity_pattern(pattern: str) -> tuple[int, int] | None:
+    """``"unstructured"`` -> None; ``"N:M"`` (at most N nonzero weights in every M consecutive inputs of a row,
+    ``0 < N < M``) -> ``(N, M)``."""
+    if pattern == "unstructured":
+        return None
+    parts = pattern.split(":") if isinstance(pattern, str) else []
+    if len(parts) == 2 and all(p.isdigit() for p in parts):
+        n, m = int(parts[0]), int(parts[1])
+        if 0 < n < m <= 64:
+            return n, m
+    raise SlimquantError(f"sparsity pattern {pattern!r}: expected 'unstructured' or 'N:M' (0 < N < M <= 64, e.g. 2:4)")
+
+
+def _check_sparsity(step: Step) -> None:
+    sp, pattern = step.sparsity, step.pattern  # type: ignore[attr-defined]
+    if isinstance(sp, bool) or not isinstance(sp, (int, float)) or not 0.0 < sp < 1.0:
+        raise SlimquantError(f"{step.TYPE}: sparsity must be a fraction in (0, 1), got {sp!r}")
+    nm = parse_sparsity_pattern(pattern)
+    if nm is not None and abs(sp - (1.0 - nm[0] / nm[1])) > 1e-9:
+        raise SlimquantError(f"{step.TYPE}: pattern {pattern} keeps {nm[0]} of every {nm[1]} weights, sparsity "
+                             f"{1 - nm[0] / nm[1]:g}; got sparsity {sp:g}")  # fmt: skip
+
+
+def _check_sparse_grid(step: Step, weight: "QuantSpec | None") -> None:
+    if weight is None:
+        return
+    if _lookup_qtype(weight.qtype).is_float:
+        raise NotSupportedYet(f"{step.TYPE} with {weight.qtype} weights is not supported yet; it prunes float or integer "
+                              "weights")  # fmt: skip
+    if not weight.symmetric and weight.zero_point == "float":
+        raise SlimquantError(f"{step.TYPE}: pruned weights must dequantize to exactly 0, which a float zero point does "
+                             "not give; use an integer zero point (--w_zero_point int) or symmetric weights")  # fmt: skip
+    if weight.gguf is not None or weight.outlier_fraction is not None:
+        raise NotSupportedYet(f"{step.TYPE} with {weight.describe()} weights is not supported yet")
+
+
+@register_step_type
+@dataclass(frozen=True)
+class SparseGPT(Step):
+    """SparseGPT (Frantar & Alistarh 2023), block by block: GPTQ's column sweep with the inverse-Hessian error
+    compensation, where each block of columns (``block_size``) first chooses its pruned weights by the OBS
+    saliency ``w^2 / [H^-1]_jj^2`` (unstructured: the lowest ``sparsity`` of the block; ``N:M``: the lowest
+    ``M - N`` of every ``M`` inputs of a row) and the kept ones are quantized to the layer's spec (jointly, as the
+    paper's joint mode), the errors of both spread over the columns not yet visited. On layers the recipe keeps
+    float it prunes without quantizing. Natural column order (no act-order)."""
+
+    TYPE: ClassVar[str] = "sparsegpt"
+    STAGE: ClassVar[str] = "weight"
+    NEEDS: ClassVar[frozenset[str]] = frozenset({BLOCK_INPUTS, HESSIAN})
+    PRUNES: ClassVar[bool] = True
+    sparsity: float = 0.5
+    pattern: str = "unstructured"
+    percdamp: float = 0.01
+    block_size: int = 128
+
+    def __post_init__(self) -> None:
+        _check_sparsity(self)
+        if isinstance(self.percdamp, bool) or not isinstance(self.percdamp, (int, float)) or not 0.0 < self.percdamp <= 1.0:
+            raise SlimquantError(f"sparsegpt: percdamp must be in (0, 1], got {self.percdamp!r}")
+        nm = parse_sparsity_pattern(self.pattern)
+        if (not isinstance(self.block_size, int) or isinstance(self.block_size, bool) or self.block_size < 1
+                or (nm is not None and self.block_size % nm[1])):  # fmt: skip
+            raise SlimquantError(f"sparsegpt: block_size must be a positive integer (a multiple of M for N:M), got "
+                                 f"{self.block_size!r}")  # fmt: skip
+
+    def check(self, weight: "QuantSpec | None", input: "QuantSpec | None") -> None:  # noqa: A002
+        _check_sparse_grid(self, weight)
+        if input is not None and weight is not None and _lookup_qtype(input.qtype).is_float:
+            raise NotSupportedYet("sparsegpt with fp8 W8A8 is not supported yet")
+
+    def outside_blocks(self) -> "RTN":
+        """Layers outside the repeated blocks have no calibrated inputs: rounded to nearest, not pruned."""
+        return RTN()
+
+
+@register_step_type
+@dataclass(frozen=True)
+class Wanda(Step):
+    """Wanda (Sun et al. 2023), block by block: each weight's score is ``|W_ij| * ||x_j||`` (its magnitude times
+    the norm of its input channel over the calibration tokens, from the Hessian's diagonal), compared within each
+    output row (unstructured: the row's lowest ``sparsity``; ``N:M``: the lowest ``M - N`` of every ``M`` inputs);
+    the pruned weights are set to 0 with no update of the others, then the layer is rounded to nearest on its
+    spec (float layers are only pruned)."""
+
+    TYPE: ClassVar[str] = "wanda"
+    STAGE: ClassVar[str] = "weight"
+    NEEDS: ClassVar[frozenset[str]] = frozenset({BLOCK_INPUTS, HESSIAN})
+    PRUNES: ClassVar[bool] = True
+    sparsity: float = 0.5
+    pattern: str = "unstructured"
+
+    def __post_init__(self) -> None:
+        _check_sparsity(self)
+
+    def check(self, weight: "QuantSpec | None", input: "QuantSpec | None") -> None:  # noqa: A002
+        _check_sparse_grid(self, weight)
+
+    def outside_blocks(self) -> "RTN":
+        """Layers outside the repeated blocks have no calibrated inputs: rounded to nearest, not pruned."""
+        return RTN()
+
+
 @register_step_type
 @dataclass(frozen=True)
 class QAT(Step):
@@ -429,6 +533,36 @@ class GammaMigration(Step):
 
     TYPE: ClassVar[str] = "gamma_migration"
     STAGE: ClassVar[str] = "model"
+
+    def check(self, weight: "QuantSpec | None", input: "QuantSpec | None") -> None:  # noqa: A002
+        _needs_input(self, input, "Outlier Suppression")
+
+
+@register_step_type
+@dataclass(frozen=True)
+class OutlierSuppression(Step):
+    """Outlier Suppression (msModelSlim m2) in its OS+ form (Wei et al. 2022; 2023): per smoothing group, the
+    norm's weight first moves into the linears it feeds (gamma migration, ``gamma_migration``), then the input
+    channels whose calibration range exceeds a threshold ``t`` are scaled down to it (``s_j = max(1, max|x_j| /
+    t)``, the linears' input columns multiplied back: OS+'s channel-wise scaling), ``t`` searched among
+    ``thresholds`` quantiles of the channels' ranges (0.5 .. 1) by the quantized output error on ``sample_rows``
+    sampled calibration rows, "no scaling" included. Pair it with ``act_observer="token_clip"`` (token-wise
+    clipping; the flags do). OS+'s channel-wise shifting needs a bias after the norm to absorb it; RMSNorm models
+    (Llama) have none, so it is not applied."""
+
+    TYPE: ClassVar[str] = "outlier_suppression"
+    STAGE: ClassVar[str] = "model"
+    NEEDS: ClassVar[frozenset[str]] = frozenset({LAYER_INPUTS})
+    thresholds: int = 20
+    sample_rows: int = 512
+    gamma_migration: bool = True
+
+    def __post_init__(self) -> None:
+        _check_bool(self, "gamma_migration")
+        for name in ("thresholds", "sample_rows"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise SlimquantError(f"outlier_suppression: {name} must be a positive integer, got {v!r}")
 
     def check(self, weight: "QuantSpec | None", input: "QuantSpec | None") -> None:  # noqa: A002
         _needs_input(self, input, "Outlier Suppression")
