@@ -92,3 +92,15 @@ def test_explicit_plans_are_checked(llama):
         with quantized(llama, Recipe(weight=W8, input=DYN, steps=(SmoothQuant(), RTN()))):
             pass
     assert isinstance(LayerPlan("x", "linear", W4).step, RTN)
+
+
+def test_a_plan_without_a_weight_spec_is_for_pruning_steps(llama, calib):
+    from slimquant import Wanda
+
+    q = "model.layers.0.self_attn.q_proj"
+    with pytest.raises(SlimquantError, match=f"layer {q}: a plan without a weight spec is for pruning steps"):
+        convert(llama, Recipe(), layers=[LayerPlan(q, "linear", None)], calib_data=calib, show_progress=False)
+    res = convert(llama, Recipe(weight=None, steps=(Wanda(0.5),)), layers=[LayerPlan(q, "linear", None, None, Wanda(0.5))],
+                  calib_data=calib, show_progress=False)  # fmt: skip
+    assert float((llama.get_submodule(q).weight == 0).float().mean()) == 0.5
+    assert [r.name for r in res.report.layers] == [q]

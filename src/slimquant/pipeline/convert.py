@@ -120,6 +120,9 @@ def _checked_plan(model: nn.Module, recipe: Recipe, layers: list[LayerPlan]) -> 
             raise SlimquantError(f"layer {lp.name}: planned as {lp.kind!r}, but the module is a {type(m).__name__}")
         if not isinstance(lp.step, Step) or lp.step.STAGE != "weight":
             raise SlimquantError(f"layer {lp.name}: its step must be a weight step (rtn, gptq, ...), got {lp.step!r}")
+        if lp.spec is None and not (lp.step.PRUNES and lp.kind == "linear"):
+            raise SlimquantError(f"layer {lp.name}: a plan without a weight spec is for pruning steps (sparsegpt, "
+                                 f"wanda) on Linear layers, not {lp.step.TYPE} on a {lp.kind}")  # fmt: skip
         if lp.input is not None:
             if lp.kind != "linear":
                 raise SlimquantError(f"layer {lp.name}: input quantization (W8A8) covers Linear layers, not {lp.kind}")
