@@ -336,7 +336,8 @@ def _read_w8a8s(directory: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor
     tensors = ck.read_tensors(directory, manifest["files"])
     desc_path = directory / ms.description_file(manifest["quant_type"])
     description = json.loads(desc_path.read_text(encoding="utf-8")) if desc_path.is_file() else {}
-    config = json.loads((directory / "config.json").read_text(encoding="utf-8")) if (directory / "config.json").is_file() else {}
+    cfg = directory / "config.json"
+    config = json.loads(cfg.read_text(encoding="utf-8")) if cfg.is_file() else {}
     return manifest, tensors, description, config
 
 
@@ -391,7 +392,8 @@ def compress(model_path: str | os.PathLike, save_directory: str | os.PathLike, t
 def read_parts(directory: Path, manifest: dict[str, Any], impl: str = "native") -> dict[str, torch.Tensor]:
     """A W8A8SC directory -> the W8A8S file tensors it was made from, exactly (every part present and checked)."""
     meta = manifest.get("w8a8sc")
-    if not isinstance(meta, dict) or not isinstance(meta.get("tp_size"), int) or not isinstance(meta.get("layers"), dict):
+    if (not isinstance(meta, dict) or not isinstance(meta.get("tp_size"), int) or meta["tp_size"] < 1
+            or not isinstance(meta.get("layers"), dict)):  # fmt: skip
         raise SlimquantError(f"{directory / ck.MANIFEST}: 'w8a8sc' (tp_size, layers) is missing or invalid")
     tp_size = meta["tp_size"]
     parts: list[dict[str, torch.Tensor]] = []
