@@ -103,25 +103,9 @@ def render(rows: dict[str, dict], tokens: int, windows: int, elapsed: float) -> 
 
 
 def main() -> None:
-    ap = wo.benchmark_parser(__doc__, "1 window per text; prints only")
-    args = ap.parse_args()
-    if args.child:
-        child_main(args)
-        return
-    wo.OUT.mkdir(exist_ok=True)
-    windows = 1 if args.quick else wo.WINDOWS_PER_TEXT
-    t_start = time.perf_counter()
-    ref = wo.reference(wo.LLM, windows)
-    rows: dict[str, dict] = {}
-    for name in CONFIGS:
-        rows[name] = wo.run_config(wo.LLM, name, ref, windows, script=__file__)
-        print(f"{name}: {json.dumps(rows[name])}", flush=True)
-    report = render(rows, next(iter(rows.values()))["tokens"], windows, time.perf_counter() - t_start)
-    print()
-    print(report)
-    if not args.quick:
-        wo.write_section(report, "outlier-suppression")
-
+    wo.benchmark_main(__doc__, "1 window per text; prints only", CONFIGS, None, __file__, child_main,
+                      lambda rows, ref, windows, elapsed: render(rows, next(iter(rows.values()))["tokens"], windows,
+                                                                 elapsed), "outlier-suppression")  # fmt: skip
 
 if __name__ == "__main__":
     main()

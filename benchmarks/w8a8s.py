@@ -222,28 +222,9 @@ def render(rows: dict[str, dict], tokens: int, windows: int, elapsed: float) -> 
 
 
 def main() -> None:
-    ap = wo.benchmark_parser(__doc__, "1 window per text, three configs; prints only")
-    args = ap.parse_args()
-    if args.child:
-        child_main(args)
-        return
-    wo.OUT.mkdir(exist_ok=True)
-    windows = 1 if args.quick else wo.WINDOWS_PER_TEXT
-    t_start = time.perf_counter()
-    ref = wo.reference(wo.LLM, windows)
-    rows: dict[str, dict] = {}
-    for name in CONFIGS:
-        if args.quick and name not in QUICK:
-            continue
-        rows[name] = wo.run_config(wo.LLM, name, ref, windows, script=__file__)
-        print(f"{name}: {json.dumps(rows[name])}", flush=True)
-    tokens = next(iter(rows.values()))["tokens"]
-    report = render(rows, tokens, windows, time.perf_counter() - t_start)
-    print()
-    print(report)
-    if not args.quick:
-        wo.write_section(report, "w8a8s")
-
+    wo.benchmark_main(__doc__, "1 window per text, three configs; prints only", CONFIGS, QUICK, __file__, child_main,
+                      lambda rows, ref, windows, elapsed: render(rows, next(iter(rows.values()))["tokens"], windows,
+                                                                 elapsed), "w8a8s")  # fmt: skip
 
 if __name__ == "__main__":
     main()

@@ -481,6 +481,31 @@ def render(llm_rows, enc_rows, llm_float, enc_float, tokens, dl, elapsed) -> str
     return "\n".join(parts)
 
 
+def benchmark_main(doc: str | None, quick_help: str, configs, quick, script: str, child_main, render, section: str) -> None:
+    """The main() of a benchmark whose configs each run in a child process on the LLM: ``render(rows, ref,
+    windows, elapsed)`` makes the report, written as ``section`` of BENCHMARKS.md unless --quick (``quick``: the
+    configs --quick runs, None for all)."""
+    args = benchmark_parser(doc, quick_help).parse_args()
+    if args.child:
+        child_main(args)
+        return
+    OUT.mkdir(exist_ok=True)
+    windows = 1 if args.quick else WINDOWS_PER_TEXT
+    t_start = time.perf_counter()
+    ref = reference(LLM, windows)
+    rows: dict[str, dict] = {}
+    for name in configs:
+        if args.quick and quick is not None and name not in quick:
+            continue
+        rows[name] = run_config(LLM, name, ref, windows, script=script)
+        print(f"{name}: {json.dumps(rows[name])}", flush=True)
+    report = render(rows, ref, windows, time.perf_counter() - t_start)
+    print()
+    print(report)
+    if not args.quick:
+        write_section(report, section)
+
+
 def write_section(report: str, name: str = "weight-only") -> None:
     """Replace the ``<!-- {name}:begin/end -->`` block of BENCHMARKS.md (or append it); prose outside the
     markers is kept. Every benchmark script writes its section through this."""

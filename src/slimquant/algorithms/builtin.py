@@ -79,16 +79,22 @@ def _sparse_info(step: Step, pruned: int, w: torch.Tensor) -> dict[str, Any]:
     return {"sparsity": round(pruned / max(w.numel(), 1), 4), "pattern": step.pattern}  # type: ignore[attr-defined]
 
 
+def _nm_for(layer: str, step: Step, w: torch.Tensor) -> tuple[int, int] | None:
+    """The step's N:M pattern (None: unstructured), checked against the layer's input width."""
+    nm = parse_sparsity_pattern(step.pattern)  # type: ignore[attr-defined]
+    if nm is not None and w.shape[1] % nm[1]:
+        raise SlimquantError(f"{layer}: {nm[0]}:{nm[1]} pruning needs an input width that is a multiple of {nm[1]}, "
+                             f"got {w.shape[1]}; keep it float with disable_names")  # fmt: skip
+    return nm
+
+
 def _solve_sparsegpt(layer: str, w: torch.Tensor, h: torch.Tensor | None, spec: QuantSpec | None,
                      step: Step) -> tuple[Any, dict[str, Any]]:  # fmt: skip
     from slimquant.algorithms.gptq import GPTQError
     from slimquant.algorithms.sparse import sparsegpt
 
     assert isinstance(step, SparseGPT) and h is not None
-    nm = parse_sparsity_pattern(step.pattern)
-    if nm is not None and w.shape[1] % nm[1]:
-        raise SlimquantError(f"{layer}: {step.pattern} pruning needs an input width that is a multiple of {nm[1]}, "
-                             f"got {w.shape[1]}; keep it float with disable_names")  # fmt: skip
+    nm = _nm_for(layer, step, w)
     try:
         res = sparsegpt(w, h, spec, step.sparsity, nm, step.percdamp, step.block_size)
     except GPTQError as e:  # no usable Hessian: prune by magnitude x input norm (Wanda) instead, and say so
@@ -106,10 +112,7 @@ def _solve_wanda(layer: str, w: torch.Tensor, h: torch.Tensor | None, spec: Quan
     from slimquant.algorithms.sparse import wanda
 
     assert isinstance(step, Wanda) and h is not None
-    nm = parse_sparsity_pattern(step.pattern)
-    if nm is not None and w.shape[1] % nm[1]:
-        raise SlimquantError(f"{layer}: {step.pattern} pruning needs an input width that is a multiple of {nm[1]}, "
-                             f"got {w.shape[1]}; keep it float with disable_names")  # fmt: skip
+    nm = _nm_for(layer, step, w)
     out, count = wanda(w, h, spec, step.sparsity, nm)
     return out, _sparse_info(step, count, w)
 
