@@ -192,3 +192,62 @@ def test_a_codec_refuses_what_it_cannot_hold_before_writing(toy_codec, tokenizer
     with pytest.raises(slimquant.SlimquantError, match="the msmodelslim format has no option colour"):
         slimquant.save(model_q, tmp_path / "m", colour="red")
     assert not (tmp_path / "g").exists() and not (tmp_path / "m").exists()
+
+
+@dataclass(frozen=True)
+class PeekAhead(Step):
+    """Toy windowed block solver: rounds to nearest, records what the pipeline handed it (the block ahead and its
+    layers, the carry left by the previous block, each layer's input quantization) and narrows every static input
+    range by ``shrink``."""
+
+    TYPE: ClassVar[str] = "peek_ahead"
+    STAGE: ClassVar[str] = "weight"
+    NEEDS: ClassVar[frozenset[str]] = frozenset({steps.BLOCK_INPUTS, steps.BLOCK_TARGETS})
+    shrink: float = 0.5
+
+    def outside_blocks(self) -> Step:
+        return RTN()
+
+
+SEEN: list[dict] = []
+
+
+def _peek(block, layers, data, step, show_progress):
+    SEEN.append({"prefix": data.prefix, "ahead": [(p, sorted(lays)) for p, _, lays in data.ahead],
+                 "carry": sorted(data.carry), "float_item": data.float_item(0)[0][0].shape})  # fmt: skip
+    data.carry.clear()
+    data.carry[f"{data.prefix}note"] = torch.ones(1)
+    out = {}
+    for name, (module, spec) in layers.items():
+        spec_in, rmin, rmax = data.input_quant(data.prefix + name)
+        rng = None if rmin is None else {"rmin": rmin * step.shrink, "rmax": rmax * step.shrink, "rule": "peek"}
+        out[name] = (quantize_weight(module.weight.detach().float(), spec), {}, rng)
+    return out
+
+
+def test_a_windowed_block_solver_sees_the_blocks_ahead_and_sets_input_ranges(monkeypatch, tokenizer, eval_text):
+    from conftest import make_llama
+    from slimquant.algorithms import BlockWeightAlgorithm
+    from slimquant.data import calibration_windows
+    from slimquant.nn.w8a8 import QLinearW8A8
+    from slimquant.types.spec import Granularity
+
+    monkeypatch.setattr(steps, "_STEP_TYPES", dict(steps._STEP_TYPES))
+    monkeypatch.setattr("slimquant.algorithms._REGISTRY", dict(slimquant.algorithms._REGISTRY))
+    register_step_type(PeekAhead)
+    register_algorithm(BlockWeightAlgorithm(PeekAhead, solve_block=_peek, lookahead=lambda step: 1))
+    SEEN.clear()
+    model = make_llama(len(tokenizer), layers=3)
+    recipe = Recipe(weight=QuantSpec("int8", Granularity.PER_CHANNEL, symmetric=True),
+                    input=QuantSpec("int8", Granularity.PER_TENSOR, symmetric=False), steps=(PeekAhead(),),
+                    disable_names=("model.layers.2.mlp.down_proj",))  # fmt: skip
+    calib = calibration_windows(tokenizer, eval_text.split("\n"), 4, 16)
+    res = slimquant.quantize(model, recipe, calib_data=calib, show_progress=False)
+    assert [s["prefix"] for s in SEEN] == ["model.layers.0.", "model.layers.1.", "model.layers.2."]
+    assert SEEN[0]["ahead"][0][0] == "model.layers.1." and "self_attn.q_proj" in SEEN[0]["ahead"][0][1]
+    assert "mlp.down_proj" not in SEEN[1]["ahead"][0][1]  # kept float: not handed over as a layer to solve
+    assert SEEN[2]["ahead"] == []  # the last block has none ahead
+    assert SEEN[0]["carry"] == [] and SEEN[1]["carry"] == ["model.layers.0.note"]
+    rows = {r.name: r for r in res.report.layers}
+    q = res.model.get_submodule("model.layers.0.self_attn.q_proj")
+    assert isinstance(q, QLinearW8A8) and rows["model.layers.0.self_attn.q_proj"].details["input_rule"] == "peek"

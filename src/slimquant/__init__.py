@@ -7,9 +7,9 @@ from slimquant.models.loading import LoadedModel, load_model
 from slimquant.search.bits import SearchConfig, SearchResult, bit_search
 from slimquant.search.sensitivity import Sensitivity, layer_sensitivity
 from slimquant.search.tune import TuningConfig, TuningResult, autotune
-from slimquant.types import (AWQ, GPTQ, QAT, RTN, AutoRound, GammaMigration, Granularity, LayerOverride,
-                             OutlierSuppression, QuantSpec, Recipe, SmoothQuant, SmoothQuantSearch, SparseGPT,
-                             Wanda)  # fmt: skip
+from slimquant.types import (AWQ, CBQ, GPTQ, QAT, RTN, AutoRound, CBQPreprocess, GammaMigration, Granularity,
+                             LayerOverride, OutlierSuppression, QuantSpec, Recipe, SmoothQuant, SmoothQuantSearch,
+                             SparseGPT, Wanda)  # fmt: skip
 from slimquant.types.report import ConversionReport, LayerRow, StepRow
 from slimquant.types.result import QuantizationResult
 
@@ -46,6 +46,8 @@ __all__ = [
     "RTN",
     "GPTQ",
     "AutoRound",
+    "CBQ",
+    "CBQPreprocess",
     "QAT",
     "AWQ",
     "SmoothQuant",

@@ -641,7 +641,7 @@ def test_eval_missing_text_file(capsys, llama_dir, tmp_path):
 @pytest.mark.parametrize(
     "argv, flag, words",
     [
-        (["--a_bit", "8", "--anti_method", "m5"], "--anti_method m5", "not supported yet"),
+        (["--a_bit", "8", "--anti_method", "m5", "--w_method", "gptq"], "--anti_method m5", "leave --w_method gptq out"),
         (["--a_bit", "8", "--anti_method", "m3"], "--anti_method m3", "not supported yet"),
         (["--fa_amp", "1"], "--fa_amp", "needs --use_fa_quant True"),
         (["--kv_dynamic", "True"], "--kv_dynamic", "needs --use_kvcache_quant True"),

@@ -16,7 +16,7 @@ from slimquant.formats.msmodelslim import read_manifest
 from slimquant.models.loading import load_model
 from slimquant.models.streaming import open_streaming
 from slimquant.pipeline import workdir as workdir_mod
-from slimquant.types.steps import AWQ, GPTQ, RTN, AutoRound
+from slimquant.types.steps import AWQ, CBQ, GPTQ, RTN, AutoRound
 
 W4 = QuantSpec("int4", Granularity.PER_GROUP, 32, symmetric=False)
 
@@ -85,10 +85,12 @@ class _Kill(Exception):
     pass
 
 
-@pytest.mark.parametrize("stream, weight_step", [(True, GPTQ()), (False, GPTQ()), (False, AutoRound(iters=4, batch_size=2))],
-                         ids=["stream-gptq", "gptq", "autoround"])  # fmt: skip
+@pytest.mark.parametrize("stream, weight_step", [(True, GPTQ()), (False, GPTQ()), (False, AutoRound(iters=4, batch_size=2)),
+                                                 (False, CBQ(iters=3, batch_size=2, rank=2))],
+                         ids=["stream-gptq", "gptq", "autoround", "cbq"])  # fmt: skip
 def test_resume_after_a_kill_gives_the_same_checkpoint(make_llama_dir, calib, tmp_path, monkeypatch, stream, weight_step):
-    """Also AutoRound's: its targets come from the float model's hidden states, persisted beside the quantized ones."""
+    """Also AutoRound's: its targets come from the float model's hidden states, persisted beside the quantized ones;
+    and CBQ's, whose window hands the overlapped block's tuned state to the next block (persisted too)."""
     src = make_llama_dir("m", layers=4)
     recipe = Recipe(weight=W4, steps=(AWQ(grid=4), weight_step))
 
@@ -115,7 +117,9 @@ def test_resume_after_a_kill_gives_the_same_checkpoint(make_llama_dir, calib, tm
         run(tmp_path / "twice", tmp_path / "w")
     assert json.loads((tmp_path / "w" / "state.json").read_text())["done"] == 2
     kept = sorted(p.name for p in (tmp_path / "w").glob("*inputs_*"))
-    assert kept == (["float_inputs_00002.safetensors"] if isinstance(weight_step, AutoRound) else []) + ["inputs_00002.safetensors"]
+    targets = isinstance(weight_step, (AutoRound, CBQ))
+    assert kept == (["float_inputs_00002.safetensors"] if targets else []) + ["inputs_00002.safetensors"]
+    assert [p.name for p in (tmp_path / "w").glob("carry_*")] == (["carry_00002.safetensors"] if isinstance(weight_step, CBQ) else [])
     monkeypatch.setattr(workdir_mod.WorkDir, "save_block", real_save)
     solved = []
     real_solve = __import__("slimquant.pipeline.sequential", fromlist=["_solve_layer"])._solve_layer
@@ -200,3 +204,17 @@ def test_activations_spill_to_disk_past_the_budget(make_llama_dir, calib, tmp_pa
     with pytest.raises(SlimquantError, match="max_activation_gb must be positive"):
         slimquant.quantize(load_model(str(src)).model, recipe, calib_data=calib, show_progress=False,
                            max_activation_gb=0)  # fmt: skip
+
+
+def test_cbq_windows_stream_the_block_ahead(make_llama_dir, calib, tmp_path):
+    """CBQ's window reads the next block from disk too (two blocks in memory at most) and writes the in-memory
+    checkpoint."""
+    src = make_llama_dir("m", layers=3)
+    recipe = Recipe(weight=W4, steps=(CBQ(iters=3, batch_size=2, rank=2),))
+    lm_q = slimquant.quantize(load_model(str(src)).model, recipe, calib_data=calib, show_progress=False)
+    slimquant.save(lm_q, tmp_path / "mem")
+    sm = open_streaming(src)
+    sm_q = slimquant.quantize(sm.model, recipe, calib_data=calib, show_progress=False, stream=sm, work_dir=tmp_path / "work")
+    assert sm.max_loaded == 2 and not sm.loaded
+    slimquant.save(sm_q, tmp_path / "stream")
+    _same_checkpoint(tmp_path / "mem", tmp_path / "stream")

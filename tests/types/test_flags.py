@@ -79,7 +79,10 @@ def test_from_flags_takes_parsed_values_by_name():
     ("--use_reduce_quant True", NotSupportedYet, "--use_reduce_quant True: lccl reduce quantization is not supported yet"),
     ("--disable_level 2", SlimquantError, "expected L<n> (L0 none, L1 .. L5 or any L<n>"),
     ("--disable_level L-1", SlimquantError, "expected L<n>"),
-    ("--anti_method m5 --a_bit 8", NotSupportedYet, "m5"),
+    ("--anti_method m5 --a_bit 8 --w_method gptq", SlimquantError, "--anti_method m5 (CBQ) solves the weights itself"),
+    ("--anti_method m5 --a_bit 8 --w_clip_search True", SlimquantError, "leave --w_clip_search out"),
+    ("--anti_method m5 --sparsity 0.5", SlimquantError, "leave --sparsity out"),
+    ("--iters 5", SlimquantError, "add --w_method autoround (or --anti_method m5)"),
 ])  # fmt: skip
 def test_bad_flags_name_the_flag(flags, exc, words):
     with pytest.raises(exc, match=words.replace("(", r"\(").replace(")", r"\)")):

@@ -94,7 +94,7 @@ def test_unknown_step_types_and_fields_are_named():
     with pytest.raises(SlimquantError, match=r"steps\[0\] \(rtn\): unknown field\(s\) \['clip'\]; valid: \['clip_search'\]"):
         Recipe.from_dict(d)
     d["steps"] = [{"type": "their_pruning", "stage": "weight", "sparsity": 0.5}]
-    with pytest.raises(SlimquantError, match=r"unknown step type 'their_pruning'; valid: autoround, awq, gamma_migration, gptq"):
+    with pytest.raises(SlimquantError, match=r"unknown step type 'their_pruning'; valid: autoround, awq, cbq, cbq_preprocess, gamma_migration, gptq"):
         Recipe.from_dict(d)
     d["steps"] = [{"type": "rtn", "stage": "model"}]
     with pytest.raises(SlimquantError, match="'rtn' is a weight step, not 'model'"):

@@ -11,7 +11,10 @@ holding what the pipeline calls for that step's stage. The pipeline provides wha
   ``layers`` maps each layer's name relative to the block to ``(nn.Linear, QuantSpec)``; ``data`` is a
   :class:`BlockData` (the block's calibration arguments as the quantized blocks before it produce them and,
   when the step needs ``block_targets``, the float block's outputs on the float model's inputs). The solver
-  leaves the block's modules as it found them; the pipeline swaps the quantized modules in.
+  leaves the block's modules as it found them; the pipeline swaps the quantized modules in. A result may be a
+  triple ``(QuantizedWeight, report fields, input range)``: the static input range (``{"rmin", "rmax",
+  "rule"}``) the deployed W8A8 layer uses instead of the calibrated one. ``lookahead(step)`` > 0: the solver
+  also sees that many following blocks, still float (``data.ahead``), to reconstruct across them (CBQ).
 * :class:`ModelTransform` (``model`` stage) changes the float model before any layer is quantized:
   ``observe(model, step, recipe)`` names the layers whose inputs it wants observed on calibration data
   (an :class:`InputRequest`, or None), then ``apply(model, step, recipe, stats, show_progress)`` transforms the
@@ -83,12 +86,30 @@ class WeightAlgorithm(Algorithm):
     STAGE = "weight"
 
 
+def block_output(out: Any) -> torch.Tensor:
+    """A block's output hidden states (transformers blocks return a tuple whose first element they are)."""
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
 class BlockData(Protocol):
     """What a block solver gets: ``len(data)`` calibration items; ``data.item(j)`` the ``(args, kwargs)`` of the
     block's forward for item ``j``; ``data.target(j)`` the float block's output hidden states for item ``j``
-    (``block_targets``; else an error); ``data.tokens`` the calibration rows (tokens) in all items."""
+    (``block_targets``; else an error) and ``data.float_item(j)`` the float model's arguments to the block (the
+    inputs those targets come from); ``data.with_hidden(j, h)`` item ``j``'s arguments with the hidden states
+    replaced by ``h`` (to run the next block on a block's output); ``data.input_quant(name)`` how the layer
+    ``name`` (full name) quantizes its input once deployed: ``(input QuantSpec, rmin, rmax)`` (``rmin`` /
+    ``rmax`` the calibrated static range, None for dynamic inputs) or None (weight-only); ``data.prefix`` the
+    block's full name with a trailing dot; ``data.ahead`` the following blocks the algorithm's ``lookahead``
+    asked for, as ``(prefix, block, {name: (nn.Linear, QuantSpec)})`` (the layers planned with the same step);
+    ``data.carry`` a dict of name -> tensor the pipeline keeps from one block to the next (a windowed solver's
+    state for the blocks ahead, to start their own window from; persisted in the work directory with each block,
+    so a resumed run continues exactly);
+    ``data.tokens`` the calibration rows (tokens) in all items."""
 
     tokens: int
+    prefix: str
+    ahead: list[tuple[str, Any, dict[str, tuple[Any, QuantSpec]]]]
+    carry: dict[str, torch.Tensor]
 
     def __len__(self) -> int: ...
 
@@ -96,11 +117,18 @@ class BlockData(Protocol):
 
     def target(self, j: int) -> torch.Tensor: ...
 
+    def float_item(self, j: int) -> tuple[tuple, dict]: ...
+
+    def with_hidden(self, j: int, hidden: torch.Tensor) -> tuple[tuple, dict]: ...
+
+    def input_quant(self, name: str) -> "tuple[QuantSpec, float | None, float | None] | None": ...
+
 
 @dataclass(frozen=True)
 class BlockWeightAlgorithm(Algorithm):
     solve_block: Callable[[Any, dict[str, tuple[Any, QuantSpec]], BlockData, Step, bool],
-                          "dict[str, tuple[QuantizedWeight, dict[str, Any]]]"] | None = None  # fmt: skip
+                          "dict[str, tuple[QuantizedWeight, dict[str, Any]] | tuple[QuantizedWeight, dict[str, Any], dict[str, Any] | None]]"] | None = None  # fmt: skip
+    lookahead: Callable[[Step], int] = lambda step: 0
     STAGE = "weight"
 
 
@@ -202,5 +230,5 @@ from slimquant.algorithms import builtin as _builtin  # noqa: E402,F401  (regist
 from slimquant.algorithms.rtn import rtn  # noqa: E402
 
 __all__ = ["Algorithm", "WeightAlgorithm", "BlockWeightAlgorithm", "BlockData", "ModelTransform", "BlockTransform", "InputRequest", "Collector",
-           "register_algorithm", "implementation", "outside_blocks", "solve_weight", "prune_weight", "data_free_solver",
+           "register_algorithm", "block_output", "implementation", "outside_blocks", "solve_weight", "prune_weight", "data_free_solver",
            "method_record", "rtn"]

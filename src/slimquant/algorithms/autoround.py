@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from slimquant.algorithms import block_output
 from slimquant.math.gguf_grid import snap
 from slimquant.math.qparams import grid, qparams_from_minmax
 from slimquant.math.quant import round_ste
@@ -161,10 +162,6 @@ class BlockTuning:
                 "steps": self.steps, **({"stopped": self.stopped} if self.stopped else {})}  # fmt: skip
 
 
-def _hidden(out: Any) -> torch.Tensor:
-    return out[0] if isinstance(out, (tuple, list)) else out
-
-
 def tune_block(block: nn.Module, wrapped: dict[str, SignRoundWeight], data: Any, iters: int, lr: float,
                batch_size: int, seed: int = 0, show_progress: bool = False, desc: str = "autoround") -> BlockTuning:  # fmt: skip
     """Tune the :class:`SignRoundWeight` parametrizations ``wrapped`` (already registered on ``block``'s linears)
@@ -177,7 +174,7 @@ def tune_block(block: nn.Module, wrapped: dict[str, SignRoundWeight], data: Any,
     n_items = len(data)
     try:
         with torch.no_grad():
-            base = [float(F.mse_loss(_hidden(block(*a, **k)).float(), data.target(j).float()))
+            base = [float(F.mse_loss(block_output(block(*a, **k)).float(), data.target(j).float()))
                     for j, (a, k) in ((j, data.item(j)) for j in range(n_items))]  # fmt: skip
         best_rel, best_step = 1.0, -1
         best = [p.detach().clone() for p in params]
@@ -198,7 +195,7 @@ def tune_block(block: nn.Module, wrapped: dict[str, SignRoundWeight], data: Any,
             with torch.enable_grad():
                 for j in batch:
                     a, k = data.item(j)
-                    loss = F.mse_loss(_hidden(block(*a, **k)).float(), data.target(j).float())
+                    loss = F.mse_loss(block_output(block(*a, **k)).float(), data.target(j).float())
                     if not torch.isfinite(loss):
                         finite = False
                         break

@@ -22,6 +22,7 @@ from slimquant.algorithms import (
     InputRequest,
     ModelTransform,
     WeightAlgorithm,
+    block_output,
     register_algorithm,
 )
 from slimquant.algorithms.awq import awq_clip, awq_search
@@ -38,7 +39,7 @@ from slimquant.math.smooth import gamma_migration_scales, outlier_suppression_sc
 from slimquant.math.weights import QuantizedWeight, quantize_weight
 from slimquant.observers import make_observer
 from slimquant.types.spec import QuantSpec, Recipe
-from slimquant.types.steps import (AWQ, GPTQ, QAT, RTN, AutoRound, GammaMigration, OutlierSuppression, SmoothQuant,
+from slimquant.types.steps import (AWQ, CBQ, GPTQ, QAT, RTN, AutoRound, CBQPreprocess, GammaMigration, OutlierSuppression, SmoothQuant,
                                    SmoothQuantSearch, SparseGPT, Step, Wanda, parse_sparsity_pattern)  # fmt: skip
 
 log = logging.getLogger("slimquant.algorithms")
@@ -165,6 +166,150 @@ def _autoround_record(step: Step, recipe: Recipe) -> dict[str, Any]:
 register_algorithm(BlockWeightAlgorithm(AutoRound, solve_block=_solve_autoround, record=_autoround_record))
 
 
+def _solve_cbq(block: nn.Module, layers: dict[str, tuple[nn.Module, QuantSpec]], data: Any, step: Step,
+               show_progress: bool = False) -> dict[str, tuple[QuantizedWeight, dict[str, Any], Any]]:  # fmt: skip
+    """CBQ on the window that starts at this block: the block's planned linears and those of the next
+    ``window - 1`` blocks (``data.ahead``, still float) fake-quantized through parametrizations and input hooks
+    (all removed afterwards, leaving the float modules untouched) and trained together; this block's results
+    (weights and, for static W8A8 inputs, the tuned input range) are returned."""
+    from torch.nn.utils import parametrize
+
+    from slimquant.algorithms.cbq import InputFakeQuant, LoRARoundingWeight, tune_window
+
+    assert isinstance(step, CBQ)
+    window = [(data.prefix, block, layers), *data.ahead]
+    everything = {prefix + name: (module, spec) for prefix, _, lays in window for name, (module, spec) in lays.items()}
+    for name, (module, _) in everything.items():
+        if not isinstance(module, nn.Linear) or parametrize.is_parametrized(module):
+            raise SlimquantError(f"{name}: cbq tunes plain nn.Linear layers, got {type(module).__name__}")
+    blocks = [b for _, b, _ in window]
+    with torch.no_grad():  # the float window's output on the float model's inputs (later blocks still float)
+        targets = []
+        for j in range(len(data)):
+            t = data.target(j)
+            for b in blocks[1:]:
+                a, k = data.with_hidden(j, t)
+                t = block_output(b(*a, **k))
+            targets.append(t)
+
+    def run(j: int, float_input: bool) -> torch.Tensor:
+        a, k = data.float_item(j) if float_input else data.item(j)
+        h = block_output(blocks[0](*a, **k))
+        for b in blocks[1:]:
+            a, k = data.with_hidden(j, h)
+            h = block_output(b(*a, **k))
+        return h
+
+    gen = torch.Generator().manual_seed(step.seed)
+    wrapped = {name: LoRARoundingWeight(module.weight, spec, step.rank, gen) for name, (module, spec) in everything.items()}
+    # one input quantizer per tensor: layers fed the very same tensor (q/k/v, gate/up) keep one shared input
+    # range, as their deployed modules must for a producer to quantize that input once (fused W8A8 norms)
+    quant_in: dict[str, InputFakeQuant] = {}
+    for group in _shared_inputs(run, {n: m for n, (m, _) in everything.items() if data.input_quant(n) is not None}):
+        specs = {data.input_quant(n)[0] for n in group}  # type: ignore[index]
+        for spec in specs:
+            names = [n for n in group if data.input_quant(n)[0] == spec]  # type: ignore[index]
+            lows = [data.input_quant(n)[1] for n in names]  # type: ignore[index]
+            highs = [data.input_quant(n)[2] for n in names]  # type: ignore[index]
+            shared = InputFakeQuant(spec, None if lows[0] is None else min(lows), None if highs[0] is None else max(highs),
+                                    step.learn_input_ranges)  # fmt: skip
+            quant_in.update({n: shared for n in names})
+    # overlapping windows: a layer tuned as part of the previous window starts from where that window left it
+    # (data.carry: "<layer>::<tensor>" -> tensor)
+    warm = []
+    for name in everything:
+        state = {k.split("::", 1)[1]: v for k, v in data.carry.items() if k.split("::", 1)[0] == name}
+        module = everything[name][0]
+        # only when the layer is what that window tuned (a block step, e.g. AWQ, may have rescaled it since)
+        if "float_weight" in state and torch.equal(state.pop("float_weight"), module.weight.detach()):
+            wrapped[name].load_state_dict({k[2:]: v for k, v in state.items() if k.startswith("w.")})
+            if name in quant_in:
+                quant_in[name].load_state_dict({k[3:]: v for k, v in state.items() if k.startswith("in.")})
+            warm.append(name)
+    unique_in = list({id(q): q for q in quant_in.values()}.values())
+    params = [p for m in (*wrapped.values(), *unique_in) for p in m.tuned()]
+    frozen = [p for b in blocks for p in b.parameters() if p.requires_grad]
+    handles = []
+
+    def project() -> None:
+        for m in (*wrapped.values(), *unique_in):
+            m.project()
+
+    try:
+        for p in frozen:
+            p.requires_grad_(False)
+        for name, (module, _) in everything.items():
+            parametrize.register_parametrization(module, "weight", wrapped[name])
+            if name in quant_in:
+                handles.append(module.register_forward_pre_hook(lambda _m, args, q=quant_in[name]: (q(args[0]), *args[1:])))
+        span = f"{data.prefix.rstrip('.')}" + (f" (+{len(window) - 1} ahead)" if len(window) > 1 else "")
+        info = tune_window(run, targets, params, project, step.iters, step.lr, step.batch_size, step.kl_weight,
+                           step.homologous, step.seed, show_progress, desc=f"cbq {span}")  # fmt: skip
+    finally:
+        for h in handles:
+            h.remove()
+        for module, _ in everything.values():
+            if parametrize.is_parametrized(module, "weight"):
+                parametrize.remove_parametrizations(module, "weight", leave_parametrized=False)
+        for p in frozen:
+            p.requires_grad_(True)
+    data.carry.clear()  # only the next window's layers are worth keeping
+    for prefix, _, lays in window[1:]:
+        for name in lays:
+            full = prefix + name
+            data.carry[f"{full}::float_weight"] = everything[full][0].weight.detach().clone()
+            for k, v in wrapped[full].state_dict().items():
+                data.carry[f"{full}::w.{k}"] = v.detach().clone()
+            for k, v in (quant_in[full].state_dict().items() if full in quant_in else ()):
+                data.carry[f"{full}::in.{k}"] = v.detach().clone()
+    info["window"] = [prefix.rstrip(".") for prefix, _, _ in window]
+    info["warm_start"] = bool(warm)
+    if "stopped" in info:
+        log.warning("cbq stopped early: %s", info["stopped"])
+    out = {}
+    for name, (module, _) in layers.items():
+        full = data.prefix + name
+        rng = quant_in[full].range() if full in quant_in else None
+        out[name] = (wrapped[full].result(module.weight), {"cbq": info}, rng)
+    return out
+
+
+def _shared_inputs(run: Any, modules: dict[str, nn.Module]) -> list[list[str]]:
+    """``modules``' names grouped by the input tensor they are fed (one forward of the first calibration item:
+    layers fed the very same tensor, as q/k/v are, form one group), in order."""
+    if not modules:
+        return []
+    seen: dict[tuple, tuple[list[str], torch.Tensor]] = {}  # holding the tensor keeps its memory from reuse
+    handles = []
+    for name, module in modules.items():
+
+        def hook(_m: nn.Module, args: tuple, name: str = name) -> None:
+            x = args[0]
+            key = (x.data_ptr(), tuple(x.shape), tuple(x.stride()))
+            if all(name not in names for names, _ in seen.values()):
+                seen.setdefault(key, ([], x))[0].append(name)
+
+        handles.append(module.register_forward_pre_hook(hook))
+    try:
+        with torch.no_grad():
+            run(0, False)
+    finally:
+        for h in handles:
+            h.remove()
+    groups = [names for names, _ in seen.values()]
+    missing = [n for n in modules if all(n not in g for g in groups)]  # never ran on this item: on its own
+    return groups + [[n] for n in missing]
+
+
+def _cbq_record(step: Step, recipe: Recipe) -> dict[str, Any]:
+    return {k: getattr(step, k) for k in ("window", "rank", "iters", "lr", "batch_size", "kl_weight", "homologous",
+                                          "learn_input_ranges", "seed")}  # fmt: skip
+
+
+register_algorithm(BlockWeightAlgorithm(CBQ, solve_block=_solve_cbq, record=_cbq_record,
+                                        lookahead=lambda step: step.window - 1))  # type: ignore[attr-defined]
+
+
 def _solve_qat(layer: str, w: torch.Tensor, h: torch.Tensor | None, spec: QuantSpec,
                step: Step) -> tuple[QuantizedWeight, dict[str, Any]]:  # fmt: skip
     # QAT layers are trained, not solved: slimquant.convert refuses a qat recipe before any layer gets here
@@ -184,8 +329,14 @@ def _observe_group_inputs(model: nn.Module, step: Step, recipe: Recipe) -> Input
     """Each smoothing group's input (the first linear's) per-channel absmax, and with the alpha search a sample
     of its rows."""
     firsts = tuple(lins[0] for _, lins in smooth_groups(model))
-    rows = step.sample_rows if isinstance(step, (SmoothQuantSearch, OutlierSuppression)) else 0
+    rows = step.sample_rows if isinstance(step, (SmoothQuantSearch, OutlierSuppression, CBQPreprocess)) else 0
     return InputRequest(firsts, lambda: {"absmax": make_observer("minmax", axis=-1)}, rows)
+
+
+def _absmax(st: Any) -> torch.Tensor:
+    """A smoothing group's per-channel max |input| (float32) from its observed statistics."""
+    lo, hi = st.observers["absmax"].range()
+    return torch.maximum(lo.abs(), hi.abs()).float()
 
 
 def _smooth(model: nn.Module, step: Step, recipe: Recipe, stats: dict[str, Any],
@@ -195,8 +346,7 @@ def _smooth(model: nn.Module, step: Step, recipe: Recipe, stats: dict[str, Any],
     groups = smooth_groups(model)
     for prev_name, lin_names in tqdm(groups, desc=step.TYPE, disable=not show_progress, unit="group"):
         st = stats[lin_names[0]]
-        lo, hi = st.observers["absmax"].range()
-        act_absmax = torch.maximum(lo.abs(), hi.abs())
+        act_absmax = _absmax(st)
         linears = [model.get_submodule(n) for n in lin_names]
         w_absmax = weight_absmax_per_input(linears)
         if isinstance(step, SmoothQuantSearch):
@@ -250,8 +400,7 @@ def _outlier_suppression(model: nn.Module, step: Step, recipe: Recipe, stats: di
     rows = []
     for prev_name, lin_names in tqdm(smooth_groups(model), desc=step.TYPE, disable=not show_progress, unit="group"):
         st = stats[lin_names[0]]
-        lo, hi = st.observers["absmax"].range()
-        act_absmax = torch.maximum(lo.abs(), hi.abs()).float()
+        act_absmax = _absmax(st)
         prev = model.get_submodule(prev_name)
         linears = [model.get_submodule(n) for n in lin_names]
         is_norm = not isinstance(prev, nn.Linear) and isinstance(getattr(prev, "weight", None), torch.Tensor)
@@ -301,6 +450,65 @@ register_algorithm(ModelTransform(GammaMigration, check_model=_check_groups, obs
                                   apply=_gamma_migration))  # fmt: skip
 register_algorithm(ModelTransform(OutlierSuppression, check_model=_check_groups, observe=_observe_group_inputs,
                                   apply=_outlier_suppression))  # fmt: skip
+
+
+def _cbq_preprocess(model: nn.Module, step: Step, recipe: Recipe, stats: dict[str, Any],
+                    show_progress: bool = False) -> list[dict[str, Any]]:  # fmt: skip
+    """CBQ's coarse-to-fine pre-processing (m5): per smoothing group, the outlier input channels scaled down with
+    the strength (or none) of the lowest quantized output error, then each linear's outlier weights truncated
+    where that lowers the error too."""
+    from slimquant.algorithms.cbq import coarse_to_fine_outliers
+
+    assert isinstance(step, CBQPreprocess)
+    rows = []
+    for prev_name, lin_names in tqdm(smooth_groups(model), desc=step.TYPE, disable=not show_progress, unit="group"):
+        st = stats[lin_names[0]]
+        act_absmax = _absmax(st)
+        linears = [model.get_submodule(n) for n in lin_names]
+        x = st.sample().float()
+        weights = [input_weight(m).detach().float() for m in linears]
+        outliers = coarse_to_fine_outliers(act_absmax, step.iqr_factor, step.fine_lambda)
+        ones = torch.ones_like(act_absmax)
+        errors = {"none": smoothed_output_error(x, weights, ones, recipe.weight, recipe.input)}
+        best, s = "none", ones
+        if bool(outliers.any()) and bool((~outliers).any()):
+            t = float(act_absmax[~outliers].max())
+            for a in step.alphas:
+                cand = torch.where(outliers, (act_absmax / max(t, 1e-12)).clamp(min=1.0) ** a, ones)
+                errors[str(a)] = smoothed_output_error(x, weights, cand, recipe.weight, recipe.input)
+                if errors[str(a)] < errors[best]:
+                    best, s = str(a), cand
+        if best != "none":
+            apply_smoothing(model.get_submodule(prev_name), linears, s)
+        truncated = {}
+        if step.truncate_weights:
+            xs = x / s
+            for name, m in zip(lin_names, linears):
+                w = input_weight(m).detach().float()
+                mask = coarse_to_fine_outliers(w.abs(), step.iqr_factor, step.fine_lambda)
+                if not bool(mask.any()) or bool(mask.all()):
+                    continue
+                bound = float(w.abs()[~mask].max())
+                wt = w.clamp(-bound, bound)
+                before = smoothed_output_error(xs, [w], torch.ones_like(s), recipe.weight, recipe.input)
+                after = smoothed_output_error(xs, [wt], torch.ones_like(s), recipe.weight, recipe.input, reference=[w])
+                if after < before:
+                    with torch.no_grad():
+                        m.weight.copy_(wt.reshape(m.weight.shape).to(m.weight.dtype))
+                    truncated[name] = {"weights": int(mask.sum()), "bound": round(bound, 6),
+                                       "error_before": before, "error_after": after}  # fmt: skip
+        rows.append({"prev": prev_name, "linears": list(lin_names), "outlier_channels": int(outliers.sum()),
+                     "alpha": None if best == "none" else float(best),
+                     "act_absmax_before": round(float(act_absmax.max()), 4),
+                     "act_absmax_after": round(float((act_absmax / s).max()), 4), "errors": errors,
+                     "truncated": truncated})  # fmt: skip
+    log.info("cbq pre-processing: %d group(s) scaled, %d linear(s) truncated", sum(r["alpha"] is not None for r in rows),
+             sum(len(r["truncated"]) for r in rows))  # fmt: skip
+    return rows
+
+
+register_algorithm(ModelTransform(CBQPreprocess, check_model=_check_groups, observe=_observe_group_inputs,
+                                  apply=_cbq_preprocess))  # fmt: skip
 
 
 # -- AWQ, block by block (msModelSlim m3) -----------------------------------------------------------------------

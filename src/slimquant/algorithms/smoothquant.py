@@ -62,7 +62,8 @@ def apply_smoothing(prev: nn.Module, linears: list[nn.Module], s: torch.Tensor) 
 
 
 def smoothed_output_error(
-    x: torch.Tensor, weights: list[torch.Tensor], s: torch.Tensor, weight_spec, input_spec
+    x: torch.Tensor, weights: list[torch.Tensor], s: torch.Tensor, weight_spec, input_spec,
+    reference: list[torch.Tensor] | None = None,
 ) -> float:
     """Mean squared output error of the linears when input and weights are quantized after smoothing.
 
@@ -70,7 +71,9 @@ def smoothed_output_error(
         x: ``[t, k]`` sample of the shared input (before smoothing).
         weights: ``[n_i, k]`` float weights of the linears fed by ``x`` (before smoothing).
         s: ``[k]`` candidate smoothing scales.
-        weight_spec / input_spec: the recipe's weight and input QuantSpecs.
+        weight_spec / input_spec: the recipe's weight and input QuantSpecs (input None: weight-only).
+        reference: the float weights whose unquantized output is the target (default ``weights``; e.g. the
+            weights before a change such as truncation, so the change's own error counts).
     """
     from slimquant.math.qparams import qparams_from_minmax
     from slimquant.math.quant import fake_quantize
@@ -79,15 +82,18 @@ def smoothed_output_error(
 
     x = x.float()
     xs = x / s
-    qt = lookup_qtype(input_spec.qtype)
-    if input_spec.dynamic:
-        scale, zp = qparams_from_minmax(xs.amin(-1, keepdim=True), xs.amax(-1, keepdim=True), qt, True)
+    if input_spec is None:  # weight-only: the input stays float
+        xq = xs
     else:
-        scale, zp = qparams_from_minmax(xs.amin(), xs.amax(), qt, input_spec.symmetric)
-    xq = fake_quantize(xs, scale, zp, qt)
+        qt = lookup_qtype(input_spec.qtype)
+        if input_spec.dynamic:
+            scale, zp = qparams_from_minmax(xs.amin(-1, keepdim=True), xs.amax(-1, keepdim=True), qt, True)
+        else:
+            scale, zp = qparams_from_minmax(xs.amin(), xs.amax(), qt, input_spec.symmetric)
+        xq = fake_quantize(xs, scale, zp, qt)
     err = 0.0
-    for w in weights:
+    for w, ref in zip(weights, weights if reference is None else reference):
         w = w.float()
         wq = dequantize_weight(quantize_weight(w * s, weight_spec), weight_spec)
-        err += float((xq @ wq.T - x @ w.T).pow(2).mean())
+        err += float((xq @ wq.T - x @ ref.float().T).pow(2).mean())
     return err / len(weights)

@@ -211,7 +211,7 @@ def convert(
         if recipe.has_activation_quantization or recipe.fa is not None or recipe.kv is not None or model_steps:
             what = f" (step {model_steps[0].TYPE} transforms the whole model)" if model_steps else ""
             raise NotSupportedYet("streaming from disk supports weight-only recipes with block or weight steps (rtn, "
-                                  "gptq, autoround, awq); activation, attention and KV-cache quantization and smoothing of the "
+                                  "gptq, autoround, cbq, awq); activation, attention and KV-cache quantization and smoothing of the "
                                   f"whole model run in memory{what}")  # fmt: skip
     if recipe.fa is not None:
         from slimquant.nn.fa_quant import attention_modules
@@ -408,8 +408,9 @@ def _run_sequential(model: nn.Module, recipe: Recipe, sequential: list[LayerPlan
     from slimquant.formats.atomic import target_lock
     from slimquant.pipeline.sequential import quantize_sequential
 
-    def make(lp: LayerPlan, module: nn.Module, qw: QuantizedWeight, row: dict, method: dict) -> Any:
-        return _qmodule(lp, module, qw, ranges, row, method)
+    def make(lp: LayerPlan, module: nn.Module, qw: QuantizedWeight, row: dict, method: dict,
+             input_range: dict[str, Any] | None) -> Any:  # fmt: skip
+        return _qmodule(lp, module, qw, ranges if input_range is None else {**ranges, lp.name: input_range}, row, method)
 
     budget = None if max_activation_gb is None else int(max_activation_gb * 1e9)
     with contextlib.ExitStack() as stack:
@@ -423,7 +424,7 @@ def _run_sequential(model: nn.Module, recipe: Recipe, sequential: list[LayerPlan
         spill = Path(work_dir) / "activations" if work_dir is not None else Path(tmp)
         try:
             rows, _, step_rows, source = quantize_sequential(model, recipe, sequential, calib_data, show_progress,
-                                                            stream, work, make, budget, spill)  # fmt: skip
+                                                            stream, work, make, budget, spill, ranges)  # fmt: skip
         except BaseException:
             if work is not None and work.done == 0:
                 work.remove()  # nothing finished: nothing to resume from

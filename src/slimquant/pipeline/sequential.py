@@ -35,8 +35,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from slimquant.adapters import block_list, is_causal_lm
-from slimquant.algorithms import (BlockTransform, BlockWeightAlgorithm, implementation, method_record, prune_weight,
-                                  solve_weight)  # fmt: skip
+from slimquant.algorithms import (BlockTransform, BlockWeightAlgorithm, block_output, implementation, method_record,
+                                  prune_weight, solve_weight)  # fmt: skip
 from slimquant.algorithms.gptq import HessianAccumulator
 from slimquant.errors import SlimquantError
 from slimquant.formats.checkpoint import build_qmodule
@@ -94,10 +94,6 @@ def capture_block_inputs(model: nn.Module, block: nn.Module, calib_data: Any) ->
     return captured
 
 
-def _hidden(out: Any) -> torch.Tensor:
-    return out[0] if isinstance(out, (tuple, list)) else out
-
-
 def _next_inputs(hidden: torch.Tensor, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     """The next block's arguments: this block's, with the hidden states replaced (positional or keyword)."""
     if args:
@@ -121,9 +117,13 @@ def _strip(args: tuple, kwargs: dict) -> tuple[tuple[tuple, dict], torch.Tensor]
 class _BlockData:
     """A block solver's view of the block's calibration items (:class:`slimquant.algorithms.BlockData`)."""
 
-    def __init__(self, inputs: "BlockInputs", targets: "BlockInputs | None") -> None:
-        self.inputs, self.targets = inputs, targets
+    def __init__(self, inputs: "BlockInputs", targets: "BlockInputs | None", prefix: str = "",
+                 input_quant: Any = None, carry: dict[str, torch.Tensor] | None = None) -> None:  # fmt: skip
+        self.inputs, self.targets, self.prefix = inputs, targets, prefix
+        self.carry: dict[str, torch.Tensor] = {} if carry is None else carry
         self.tokens = sum(math.prod(shape[:-1]) for shape, _ in inputs.shapes)
+        self._input_quant = input_quant
+        self.ahead: list[tuple[str, nn.Module, dict[str, tuple[nn.Module, Any]]]] = []
 
     def __len__(self) -> int:
         return len(self.inputs)
@@ -137,6 +137,20 @@ class _BlockData:
             raise SlimquantError("this weight step did not declare the block_targets need; the float block outputs "
                                  "were not kept")  # fmt: skip
         return self.targets.hidden(j)
+
+    def float_item(self, j: int) -> tuple[tuple, dict]:
+        if self.targets is None:
+            raise SlimquantError("this weight step did not declare the block_targets need; the float model's inputs "
+                                 "were not kept")  # fmt: skip
+        args, kwargs = self.targets.templates[j]
+        return _next_inputs(self.targets.hidden(j), args, kwargs)
+
+    def with_hidden(self, j: int, hidden: torch.Tensor) -> tuple[tuple, dict]:
+        args, kwargs = self.inputs.templates[j]
+        return _next_inputs(hidden, args, kwargs)
+
+    def input_quant(self, name: str) -> Any:
+        return None if self._input_quant is None else self._input_quant(name)
 
 
 class BlockInputs:
@@ -219,7 +233,7 @@ class BlockInputs:
 def quantize_sequential(model: nn.Module, recipe: Recipe, plans: list[Any], calib_data: Any,
                         show_progress: bool = True, stream: Any = None, work: WorkDir | None = None,
                         make_module: Any = None, activation_budget: int | None = None,
-                        spill_dir: Path | None = None,
+                        spill_dir: Path | None = None, input_ranges: dict[str, dict[str, Any]] | None = None,
                         ) -> tuple[list[LayerRow], set[str], list[StepRow], TensorSource | None]:  # fmt: skip
     """Quantize every planned linear layer that lies inside the model's repeated blocks, block by block: the
     recipe's ``block``-stage steps (AWQ) transform each block, then its weight step (GPTQ, RTN) solves it.
@@ -228,8 +242,10 @@ def quantize_sequential(model: nn.Module, recipe: Recipe, plans: list[Any], cali
     disk one at a time, then written to ``work`` and put back on meta (the final save reads them from there).
     ``work`` (:class:`WorkDir`): every finished block is persisted there; blocks it already holds are restored
     instead of recomputed (resume). ``make_module(layer_plan, float_module, quantized_weight, report_row,
-    method_record)``: the quantized module to swap in (default :class:`QLinear`; W8A8 layers get their
-    int8-input modules).
+    method_record, input_range)``: the quantized module to swap in (default :class:`QLinear`; W8A8 layers get
+    their int8-input modules; ``input_range`` a block solver's tuned static input range, else None).
+    ``input_ranges``: the calibrated static input ranges of the W8A8 layers (``{name: {"rmin", "rmax", ...}}``),
+    which block solvers see through ``data.input_quant``.
     ``activation_budget`` (bytes): past it the hidden states between blocks live in files under ``spill_dir``.
 
     Returns the per-layer report rows, the names it quantized (the caller handles the rest with RTN), the block
@@ -251,6 +267,21 @@ def quantize_sequential(model: nn.Module, recipe: Recipe, plans: list[Any], cali
         if lp.kind != "linear" or not lp.name.startswith(path + "."):
             continue
         by_block.setdefault(int(lp.name[len(path) + 1 :].split(".")[0]), []).append(lp)
+    plan_of = {lp.name: lp for lp in plans}
+    # what a windowed block solver hands from one block to the next (data.carry: name -> tensor), persisted with
+    # each finished block so a resumed run continues exactly
+    carry: dict[str, torch.Tensor] = work.carry() if work is not None and 0 < work.done < len(blocks) else {}
+
+    def input_quant(name: str) -> Any:
+        lp = plan_of.get(name)
+        if lp is None or lp.input is None:
+            return None
+        if lp.input.dynamic:
+            return lp.input, None, None
+        rng = (input_ranges or {}).get(name)
+        if rng is None:
+            raise SlimquantError(f"layer {name}: no calibrated static input range for the block solver")
+        return lp.input, float(rng["rmin"]), float(rng["rmax"])
     inputs = BlockInputs([], None, None)
     # the float model's hidden states, for steps fitting each block to the float block's outputs
     float_inputs: BlockInputs | None = None
@@ -287,7 +318,7 @@ def quantize_sequential(model: nn.Module, recipe: Recipe, plans: list[Any], cali
         block_step_rows: list[StepRow] = []
         if float_inputs is not None:  # the float block on the float inputs, before any step changes it
             with torch.no_grad():
-                float_inputs.advance(lambda args, kwargs: _hidden(block(*args, **kwargs)))
+                float_inputs.advance(lambda args, kwargs: block_output(block(*args, **kwargs)))
         for step in block_steps:
             block_step_rows += [StepRow.from_dict(r, step.TYPE)
                                 for r in _block_step(model, block, inputs, step, recipe, f"{path}.{bi}.",
@@ -323,7 +354,17 @@ def quantize_sequential(model: nn.Module, recipe: Recipe, plans: list[Any], cali
         finally:
             for h in handles:
                 h.remove()
-        solved = _solve_block(block, f"{path}.{bi}.", block_solved, _BlockData(inputs, float_inputs), show_progress)
+        def ahead(step: Any, n: int, bi: int = bi) -> list[tuple[str, nn.Module, dict[str, tuple[nn.Module, Any]]]]:
+            out = []
+            for bj in range(bi + 1, min(bi + 1 + n, len(blocks))):
+                nxt = stream.load_block(bj) if stream is not None else blocks[bj]  # still float: solved later
+                pre = f"{path}.{bj}."
+                out.append((pre, nxt, {lp.name[len(pre) :]: (nxt.get_submodule(lp.name[len(pre) :]), lp.spec)
+                                       for lp in by_block.get(bj, []) if lp.step == step and lp.spec is not None}))  # fmt: skip
+            return out
+
+        data = _BlockData(inputs, float_inputs, f"{path}.{bi}.", input_quant, carry)
+        solved = _solve_block(block, f"{path}.{bi}.", block_solved, data, show_progress, ahead)
         errors = []
         for lp in layer_plans:
             # (block-solved layers have no Hessian: an empty accumulator, not a [k, k] of zeros)
@@ -339,7 +380,7 @@ def quantize_sequential(model: nn.Module, recipe: Recipe, plans: list[Any], cali
         last = bi == len(blocks) - 1
         if not last and len(inputs):
             with torch.no_grad():  # the quantized block's outputs feed the next block
-                inputs.advance(lambda args, kwargs: _hidden(block(*args, **kwargs)))
+                inputs.advance(lambda args, kwargs: block_output(block(*args, **kwargs)))
         if work is not None:
             prefix = f"{path}.{bi}."
             info = {"layers": [r.to_dict() for r in block_rows], "block_steps": [r.to_dict() for r in block_step_rows],
@@ -347,7 +388,8 @@ def quantize_sequential(model: nn.Module, recipe: Recipe, plans: list[Any], cali
                                 if n.startswith(prefix) and isinstance(m, QModule)}}  # fmt: skip
             tensors = {prefix + n: t for n, t in block.state_dict().items()}
             work.save_block(bi, tensors, info, None if last or not len(inputs) else inputs.entries(),
-                            None if last or float_inputs is None else float_inputs.entries())  # fmt: skip
+                            None if last or float_inputs is None else float_inputs.entries(),
+                            None if last else carry)  # fmt: skip
             if stream is not None:
                 stream.release_block(bi)
                 on_disk.update({n: work.block_file(bi) for n in tensors})
@@ -419,28 +461,38 @@ def _block_step(model: nn.Module, block: nn.Module, inputs: Any, step: Any, reci
     return impl.apply(model, step, recipe, prefix, plans, collectors)  # type: ignore[misc]
 
 
-def _solve_block(block: nn.Module, prefix: str, plans: list[Any], data: _BlockData,
-                 show_progress: bool) -> dict[str, tuple[Any, dict[str, Any], int]]:  # fmt: skip
+def _solve_block(block: nn.Module, prefix: str, plans: list[Any], data: _BlockData, show_progress: bool,
+                 ahead: Any = None) -> dict[str, tuple[Any, dict[str, Any], int, dict[str, Any] | None]]:  # fmt: skip
     """The layers of ``plans`` (all solved by block solvers) solved together per step: full name ->
-    ``(QuantizedWeight, report fields, calibration rows)``."""
-    out: dict[str, tuple[Any, dict[str, Any], int]] = {}
+    ``(QuantizedWeight, report fields, calibration rows, tuned static input range or None)``. ``ahead(step, n)``:
+    the next ``n`` blocks, for algorithms whose ``lookahead`` asks for them."""
+    out: dict[str, tuple[Any, dict[str, Any], int, dict[str, Any] | None]] = {}
     for step in sorted({lp.step for lp in plans}, key=lambda s: s.TYPE):
         impl = implementation(step)
         assert isinstance(impl, BlockWeightAlgorithm)
         mine = [lp for lp in plans if lp.step == step]
         layers = {lp.name[len(prefix) :]: (block.get_submodule(lp.name[len(prefix) :]), lp.spec) for lp in mine}
+        n_ahead = impl.lookahead(step)
+        data.ahead = ahead(step, n_ahead) if n_ahead > 0 and ahead is not None else []
         log.debug("%s solves %d layer(s) of %s together", step.TYPE, len(layers), prefix.rstrip("."))
         solved = impl.solve_block(block, layers, data, step, show_progress)  # type: ignore[misc]
         missing = sorted(set(layers) - set(solved))
         if missing:
             raise SlimquantError(f"step {step.TYPE!r} did not solve {prefix}{missing[0]} (of {len(missing)} layer(s))")
-        for name, (qw, info) in solved.items():
-            out[prefix + name] = (qw, {"algorithm": step.TYPE, **info}, data.tokens)
+        for name, res in solved.items():
+            if not isinstance(res, tuple) or len(res) not in (2, 3):
+                raise SlimquantError(f"step {step.TYPE!r} solved {prefix}{name} as {type(res).__name__}; expected "
+                                     "(QuantizedWeight, report fields[, input range])")  # fmt: skip
+            qw, info, rng = (*res, None) if len(res) == 2 else res
+            if rng is not None and not (isinstance(rng, dict) and {"rmin", "rmax"} <= set(rng)):
+                raise SlimquantError(f"step {step.TYPE!r}: the input range of {prefix}{name} must be a dict with rmin "
+                                     f"and rmax, got {rng!r}")  # fmt: skip
+            out[prefix + name] = (qw, {"algorithm": step.TYPE, **info}, data.tokens, rng)
     return out
 
 
 def _solve_layer(model: nn.Module, lp: Any, acc: HessianAccumulator, recipe: Recipe,
-                 make_module: Any = None, solved: tuple[Any, dict[str, Any], int] | None = None) -> LayerRow:  # fmt: skip
+                 make_module: Any = None, solved: tuple[Any, dict[str, Any], int, Any] | None = None) -> LayerRow:  # fmt: skip
     """Solve one layer with its weight step (or take the block solver's ``solved`` result) and swap the quantized
     module in; the report row measures the output error on the Hessian's rows when there is one."""
     module = model.get_submodule(lp.name)
@@ -479,7 +531,7 @@ def _solve_layer(model: nn.Module, lp: Any, acc: HessianAccumulator, recipe: Rec
         row["output_error"] = None
     method = method_record(recipe, info, step)
     if make_module is not None:
-        qmod = make_module(lp, module, qw, row, method)
+        qmod = make_module(lp, module, qw, row, method, None if solved is None else solved[3])
     else:
         qmod = QLinear.from_float(module, qw, lp.spec, method=method)
     set_module(model, lp.name, qmod)

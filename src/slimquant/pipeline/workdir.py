@@ -7,7 +7,9 @@ Layout (``<save_directory>.partial`` for the CLI)::
     block_00000.json              its quantized layers' manifest entries and report rows
     inputs_0000N.safetensors      the hidden states entering block N, one tensor per calibration item
     float_inputs_0000N.safetensors  the float model's hidden states entering block N (steps that fit block
-                                  outputs to the float model's: AutoRound)
+                                  outputs to the float model's: AutoRound, CBQ)
+    carry_0000N.safetensors       what a windowed block solver hands to block N (CBQ: the tuned state of the
+                                  layers its previous window overlapped), when there is any
 
 ``done`` moves only after the block's files and the next inputs are complete (the inputs files are named by the
 block they enter, so a kill between writing them and moving ``done`` cannot feed a block the next one's inputs),
@@ -128,9 +130,11 @@ class WorkDir:
                 raise SlimquantError(f"{self.path} holds an unfinished run with a different setup; remove it to start "
                                      f"over, or rerun the original command. Differences: {'; '.join(diff[:8])}")  # fmt: skip
             self.done = state["done"]
-            for stale in self.path.glob("*inputs_*.safetensors"):  # a kill between moving `done` and removing them
-                if stale not in (self.inputs_file(self.done), self.inputs_file(self.done, True)):
-                    stale.unlink(missing_ok=True)
+            keep = (self.inputs_file(self.done), self.inputs_file(self.done, True), self.carry_file(self.done))
+            for pattern in ("*inputs_*.safetensors", "carry_*.safetensors"):  # a kill between moving `done` and removing them
+                for stale in self.path.glob(pattern):
+                    if stale not in keep:
+                        stale.unlink(missing_ok=True)
             self._check_files()
             if self.done:
                 log.info("resuming from %s: %d block(s) already done", self.path, self.done)
@@ -144,7 +148,8 @@ class WorkDir:
     def _check_files(self) -> None:
         """Every finished block's files (and the saved inputs) readable and complete, or an error naming the file."""
         files = [self.block_file(i) for i in range(self.done)]
-        files += [f for f in (self.inputs_file(self.done), self.inputs_file(self.done, True)) if f.exists()]
+        files += [f for f in (self.inputs_file(self.done), self.inputs_file(self.done, True), self.carry_file(self.done))
+                  if f.exists()]
         for f in files:
             if not f.is_file():
                 raise SlimquantError(f"work directory {self.path} is damaged: {f.name} is missing; remove it to start over")
@@ -162,10 +167,15 @@ class WorkDir:
         """The hidden states entering block ``i`` (``float_model``: the float model's)."""
         return self.path / f"{'float_' if float_model else ''}inputs_{i:05d}.safetensors"
 
+    def carry_file(self, i: int) -> Path:
+        """What a windowed block solver hands to block ``i`` (``data.carry``)."""
+        return self.path / f"carry_{i:05d}.safetensors"
+
     def save_block(self, i: int, tensors: dict[str, torch.Tensor], info: dict[str, Any],
-                   next_inputs: list | None, next_float_inputs: list | None = None) -> None:  # fmt: skip
+                   next_inputs: list | None, next_float_inputs: list | None = None,
+                   carry: dict[str, torch.Tensor] | None = None) -> None:  # fmt: skip
         """Persist finished block ``i`` (its tensors by full name, its report), the next block's inputs and, when
-        the run carries them, the float model's inputs to the next block."""
+        the run carries them, the float model's inputs to the next block and the block solver's ``carry``."""
         if i != self.done:
             raise SlimquantError(f"work directory {self.path}: block {i} finished out of order (next is {self.done})")
         _write_tensors(self.block_file(i), tensors)
@@ -177,10 +187,22 @@ class WorkDir:
                 tmp = target.with_name(target.name + ".tmp")
                 write_safetensors(tmp, entries, fsync=True)
                 os.replace(tmp, target)
+        if carry:
+            _write_tensors(self.carry_file(i + 1), carry)
         self.done = i + 1
         _atomic_json(self.path / STATE, {"fingerprint": self.fingerprint, "done": self.done})
         for float_model in (False, True):  # this block's inputs are no longer needed
             self.inputs_file(i, float_model).unlink(missing_ok=True)
+        self.carry_file(i).unlink(missing_ok=True)
+
+    def carry(self) -> dict[str, torch.Tensor]:
+        """The saved ``carry`` handed to block ``done`` (empty when there is none)."""
+        path = self.carry_file(self.done)
+        if not path.is_file():
+            return {}
+        from safetensors.torch import load_file
+
+        return {k: v.clone() for k, v in load_file(str(path)).items()}
 
     def block_info(self, i: int) -> dict[str, Any]:
         f = self.path / f"block_{i:05d}.json"

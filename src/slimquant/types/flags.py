@@ -16,8 +16,9 @@ from typing import Any, Mapping, Sequence
 
 from slimquant.errors import NotSupportedYet, SlimquantError
 from slimquant.types.qtype import int_qtype_for_bits
-from slimquant.types.steps import (AWQ, GPTQ, QAT, RTN, AutoRound, GammaMigration, OutlierSuppression, SmoothQuant,
-                                   SmoothQuantSearch, SparseGPT, Step, Wanda, parse_sparsity_pattern)  # fmt: skip
+from slimquant.types.steps import (AWQ, CBQ, GPTQ, QAT, RTN, AutoRound, CBQPreprocess, GammaMigration,
+                                   OutlierSuppression, SmoothQuant, SmoothQuantSearch, SparseGPT, Step, Wanda,
+                                   parse_sparsity_pattern)  # fmt: skip
 from slimquant.types.spec import (FA_INT8_PER_HEAD, GROUP_SIZES, KV_INT8_DYNAMIC, KV_INT8_STATIC, Granularity, QuantSpec,
                                   Recipe)  # fmt: skip
 
@@ -98,12 +99,13 @@ def add_recipe_flags(parser: argparse.ArgumentParser) -> None:
                    "slimquant.convert; chosen by itself for the --w_bit / --a_bit pairs only training produces, e.g. "
                    "--w_bit 4 --a_bit 8)")  # fmt: skip
     parser.add_argument("--iters", type=positive_int, default=None,
-                   help="autoround: tuning steps per block (default 200; autoround-light 50)")  # fmt: skip
+                   help=f"autoround: tuning steps per block (default 200; autoround-light 50); --anti_method m5 (CBQ): "
+                   f"training steps per window (default {CBQ.iters})")  # fmt: skip
     parser.add_argument("--lr", type=positive_float, default=None,
                    help="autoround: step size of the signed updates, decayed linearly to 0 (default 1 / iters; "
-                   "autoround-light 5e-3)")  # fmt: skip
+                   f"autoround-light 5e-3); m5 (CBQ): Adam's learning rate (default {CBQ.lr})")  # fmt: skip
     parser.add_argument("--batch_size", type=positive_int, default=None,
-                   help=f"autoround: calibration windows per tuning step (default {AutoRound.batch_size})")  # fmt: skip
+                   help=f"autoround / m5 (CBQ): calibration windows per tuning step (default {AutoRound.batch_size})")  # fmt: skip
     parser.add_argument("--percdamp", type=float, default=0.01,
                    help="gptq / sparsegpt: Hessian dampening, fraction of its mean diagonal")  # fmt: skip
     parser.add_argument("--sparsity", type=float, default=None,
@@ -132,7 +134,9 @@ def add_recipe_flags(parser: argparse.ArgumentParser) -> None:
                    help="outliers before W8A8: m1 SmoothQuant (--smooth_alpha), m2 Outlier Suppression (gamma "
                    "migration, OS+ channel scaling with a searched threshold, token-wise clipping of static ranges), "
                    "m4 SmoothQuant with alpha searched per layer group; m3 AWQ for weight-only --w_bit < 8 (activation-aware scales, then clipping with --w_method rtn); "
-                   "m5 (CBQ) is not supported yet")  # fmt: skip
+                   "m5 CBQ: coarse-to-fine outlier pre-processing, then the weights (and static input ranges) trained "
+                   "over windows of 2 consecutive blocks with low-rank rounding (--iters, --lr, --batch_size; also "
+                   "for weight-only --a_bit 16)")  # fmt: skip
     parser.add_argument("--smooth_alpha", type=float, default=None, help="SmoothQuant migration strength for m1 (default 0.5)")
     parser.add_argument("--co_sparse", type=str2bool, default=False,
                    help="W8A8S sparse quantization: int8 inputs (static) and int8 weights whose scale puts each "
@@ -274,10 +278,18 @@ def _recipe(args: argparse.Namespace) -> Recipe:
                                                   zero_point=args.w_zero_point, outlier_fraction=outliers)  # fmt: skip
     embedding = QuantSpec("int8", Granularity.PER_CHANNEL, None, True) if args.embedding_bit == 8 else None
     autoround = {"iters": args.iters, "lr": args.lr, "batch_size": args.batch_size}
-    if not args.w_method.startswith("autoround") and any(v is not None for v in autoround.values()):
+    cbq = isinstance(smooth, CBQPreprocess)
+    if not args.w_method.startswith("autoround") and not cbq and any(v is not None for v in autoround.values()):
         flag = next(k for k, v in autoround.items() if v is not None)
-        raise SlimquantError(f"--{flag} tunes AutoRound; add --w_method autoround")
-    if prune is not None:
+        raise SlimquantError(f"--{flag} tunes AutoRound (or CBQ); add --w_method autoround (or --anti_method m5)")
+    if cbq and (prune is not None or getattr(args, "w_method_given", False) or args.w_clip_search):
+        flag = ("--sparsity" if prune is not None else "--w_clip_search" if args.w_clip_search
+                else f"--w_method {args.w_method}")  # fmt: skip
+        raise SlimquantError(f"--anti_method m5 (CBQ) solves the weights itself by cross-block reconstruction; "
+                             f"leave {flag} out")  # fmt: skip
+    if cbq:
+        solve = CBQ(**{k: v for k, v in autoround.items() if v is not None})
+    elif prune is not None:
         solve = prune
     elif args.w_method == "gptq":
         act_order = GPTQ.act_order if args.desc_act is None else args.desc_act
@@ -318,20 +330,18 @@ def _smooth_step(args: argparse.Namespace, input_spec: QuantSpec | None) -> Step
     if args.is_lowbit and args.do_smooth and not args.anti_method:
         log.info("--is_lowbit --do_smooth: the smoothing strength is searched per layer group (m4, msModelSlim's "
                  "low-bit search_smooth)")  # fmt: skip
-    if method == "m5":
-        raise NotSupportedYet("--anti_method m5: CBQ is not supported yet; m1, m2, m3 and m4 are")
     if args.smooth_alpha is not None and method != "m1":
         raise SlimquantError("--smooth_alpha sets SmoothQuant m1's strength; add --anti_method m1")
     if method == "m3" and input_spec is not None:
         raise NotSupportedYet("--anti_method m3 (AWQ) with --a_bit 8 is not supported yet; AWQ runs with weight-only "
                               "quantization (--a_bit 16); for W8A8 use m1, m2 or m4")  # fmt: skip
-    if method and method != "m3" and input_spec is None:
+    if method and method not in ("m3", "m5") and input_spec is None:
         raise SlimquantError(f"--anti_method {method} smooths activations for quantization; add --a_bit 8")
     alpha = 0.5 if args.smooth_alpha is None else args.smooth_alpha
     if not 0.0 <= alpha <= 1.0:
         raise SlimquantError(f"--smooth_alpha {alpha}: must be in [0, 1]")
     return {"": None, "m1": SmoothQuant(alpha=alpha), "m2": OutlierSuppression(), "m3": AWQ(),
-            "m4": SmoothQuantSearch()}[method]  # fmt: skip
+            "m4": SmoothQuantSearch(), "m5": CBQPreprocess()}[method]  # fmt: skip
 
 
 _ACT_METHODS = {1: "minmax", 2: "histogram", 3: "auto"}

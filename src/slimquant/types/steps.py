@@ -568,6 +568,109 @@ class OutlierSuppression(Step):
         _needs_input(self, input, "Outlier Suppression")
 
 
+@register_step_type
+@dataclass(frozen=True)
+class CBQPreprocess(Step):
+    """CBQ's coarse-to-fine pre-processing (Ding et al., "CBQ: Cross-Block Quantization for Large Language Models",
+    ICLR 2025; msModelSlim m5's first half), on the float model before any layer is quantized.
+
+    Activations, per smoothing group: the input channels' calibration ranges ``a_j`` are split coarsely at
+    ``Q3 + iqr_factor * IQR`` (the quartiles of all channels), then finely: among the coarse candidates (sorted)
+    the split maximising the between-set variance minus ``fine_lambda`` times the within-set variance marks the
+    upper set as the outlier channels. Those are scaled down towards the largest ordinary channel ``t``
+    (``s_j = (a_j / t) ** alpha``, the linears' input columns multiplied back), ``alpha`` chosen among ``alphas``
+    ("none" included) by the quantized output error on ``sample_rows`` sampled calibration rows.
+
+    Weights, per linear of a group (after that scaling): the same detection on the ``|w|`` values of the matrix;
+    the detected outliers are truncated to the largest ordinary magnitude when that lowers the quantized output
+    error on the same rows (``truncate_weights``)."""
+
+    TYPE: ClassVar[str] = "cbq_preprocess"
+    STAGE: ClassVar[str] = "model"
+    NEEDS: ClassVar[frozenset[str]] = frozenset({LAYER_INPUTS})
+    iqr_factor: float = 1.5
+    fine_lambda: float = 1.0
+    alphas: tuple[float, ...] = (0.5, 0.75, 1.0)
+    truncate_weights: bool = True
+    sample_rows: int = 512
+
+    def __post_init__(self) -> None:
+        _check_bool(self, "truncate_weights")
+        for name in ("iqr_factor", "fine_lambda"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0:
+                raise SlimquantError(f"cbq_preprocess: {name} must be a number >= 0, got {v!r}")
+        if (not isinstance(self.alphas, tuple) or not self.alphas
+                or any(isinstance(a, bool) or not isinstance(a, (int, float)) or not 0.0 < a <= 1.0 for a in self.alphas)):  # fmt: skip
+            raise SlimquantError(f"cbq_preprocess: alphas must be a non-empty tuple of numbers in (0, 1], got {self.alphas!r}")
+        if not isinstance(self.sample_rows, int) or isinstance(self.sample_rows, bool) or self.sample_rows < 1:
+            raise SlimquantError(f"cbq_preprocess: sample_rows must be a positive integer, got {self.sample_rows!r}")
+
+    def check(self, weight: "QuantSpec | None", input: "QuantSpec | None") -> None:  # noqa: A002
+        _needs_weight(self, weight)
+        if input is not None and _lookup_qtype(input.qtype).is_float:
+            raise NotSupportedYet("cbq_preprocess with fp8 inputs is not supported yet; it measures int8 inputs")
+
+
+@register_step_type
+@dataclass(frozen=True)
+class CBQ(Step):
+    """CBQ's cross-block reconstruction (Ding et al., ICLR 2025; msModelSlim m5), on the block-by-block pipeline.
+
+    For block ``i`` the planned linears of the window of blocks ``i .. i + window - 1`` are fake-quantized
+    together (the blocks after ``i`` are still float at that point), and trained so the window reproduces the
+    float model: each weight's rounding offset is LoRA-Rounding, the rectified sigmoid of a low-rank matrix
+    ``A1 @ A2`` (rank ``rank``; ``A1`` starts at 0, so training starts at round-to-nearest), each group's range
+    has learnable factors (as AutoRound's), and each statically quantized input (W8A8) has learnable factors on
+    its calibrated range, which the deployed layer then uses. Loss (CBQ's homologous reconstruction): MSE plus
+    ``kl_weight`` times the KL divergence between the softmax over the hidden dimension of the float window's
+    output and the quantized window's, on the quantized model's inputs and, with ``homologous`` (off by default:
+    twice the cost, and no gain measured on smollm2-135m), on the float model's inputs too. Adam at ``lr`` for ``iters`` steps of ``batch_size`` calibration items; the parameters
+    of the step with the lowest loss relative to round-to-nearest on its items are kept. Block ``i``'s result
+    is kept; the later blocks of the window are solved again in their own windows (windows of ``window`` blocks
+    overlapping by ``window - 1``). Layers outside the blocks are rounded to nearest."""
+
+    TYPE: ClassVar[str] = "cbq"
+    STAGE: ClassVar[str] = "weight"
+    NEEDS: ClassVar[frozenset[str]] = frozenset({BLOCK_INPUTS, BLOCK_TARGETS})
+    window: int = 2
+    rank: int = 8
+    iters: int = 100
+    lr: float = 5e-3
+    batch_size: int = 4
+    kl_weight: float = 1.0
+    homologous: bool = False
+    learn_input_ranges: bool = True
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check_bool(self, "homologous", "learn_input_ranges")
+        for knob in ("window", "rank", "iters", "batch_size"):
+            v = getattr(self, knob)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise SlimquantError(f"cbq: {knob} must be a positive integer, got {v!r}")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+            raise SlimquantError(f"cbq: seed must be an integer, got {self.seed!r}")
+        if isinstance(self.lr, bool) or not isinstance(self.lr, (int, float)) or not 0.0 < self.lr <= 1.0:
+            raise SlimquantError(f"cbq: lr must be in (0, 1], got {self.lr!r}")
+        if isinstance(self.kl_weight, bool) or not isinstance(self.kl_weight, (int, float)) or not self.kl_weight >= 0:
+            raise SlimquantError(f"cbq: kl_weight must be a number >= 0, got {self.kl_weight!r}")
+
+    def check(self, weight: "QuantSpec | None", input: "QuantSpec | None") -> None:  # noqa: A002
+        _needs_weight(self, weight)
+        assert weight is not None
+        if _lookup_qtype(weight.qtype).is_float:
+            raise NotSupportedYet(f"cbq with {weight.qtype} weights is not supported yet; it tunes integer grids")
+        if weight.outlier_fraction is not None:
+            raise NotSupportedYet("cbq with W8A8S weights (--co_sparse / --is_lowbit) is not supported yet")
+        if input is not None and _lookup_qtype(input.qtype).is_float:
+            raise NotSupportedYet("cbq with fp8 inputs is not supported yet; it tunes int8 input ranges")
+
+    def outside_blocks(self) -> RTN:
+        """The data-free step for layers outside the repeated blocks (no calibrated inputs there)."""
+        return RTN()
+
+
 # -- per-block transforms (msModelSlim anti_method m3) -------------------------------------------------------
 @register_step_type
 @dataclass(frozen=True)
@@ -615,6 +718,6 @@ def check_steps(steps: tuple[Step, ...]) -> None:
         seen.add(s.TYPE)
 
 
-__all__ = ["Step", "RTN", "GPTQ", "AutoRound", "QAT", "SmoothQuant", "SmoothQuantSearch", "GammaMigration", "AWQ", "register_step_type",
+__all__ = ["Step", "RTN", "GPTQ", "AutoRound", "QAT", "SmoothQuant", "SmoothQuantSearch", "GammaMigration", "AWQ", "CBQ", "CBQPreprocess", "register_step_type",
            "step_types", "step_from_dict", "check_steps", "STAGES", "NEEDS", "LAYER_INPUTS", "BLOCK_INPUTS", "HESSIAN",
            "BLOCK_TARGETS", "BLOCKWISE_NEEDS"]
