@@ -11,11 +11,8 @@ quantize, save, reload from disk, evaluate.
 
 from __future__ import annotations
 
-import json
 import platform
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -52,24 +49,7 @@ def recipe_for(name: str):
 
 
 def child_main(args) -> None:  # noqa: ANN001
-    import slimquant as sq
-
-    torch.manual_seed(0)
-    res: dict = {}
-    with tempfile.TemporaryDirectory(dir=wo.OUT) as tmp:
-        lm = sq.load_model(args.model)
-        tok, model = lm.tokenizer, lm.model
-        ckpt = Path(tmp) / "ckpt"
-        t0 = time.perf_counter()
-        result = sq.quantize(model, recipe_for(args.config), calib_data=w8a8.calibration(tok), show_progress=False)
-        res["quantize_s"] = time.perf_counter() - t0
-        res["steps"] = [s.TYPE for s in result.recipe.steps]
-        sq.save(result, ckpt, tokenizer=tok)
-        del model, lm.model, result
-        windows = wo.eval_windows(tok, args.windows)
-        with torch.no_grad():
-            res.update(wo.eval_llm(sq.load(ckpt).model, windows, Path(args.ref)))
-    Path(args.result).write_text(json.dumps(res))
+    wo.quantize_reload_eval(args, lambda: recipe_for(args.config), w8a8.calibration)
 
 
 def render(rows: dict[str, dict], tokens: int, windows: int, elapsed: float) -> str:

@@ -12,11 +12,8 @@ windows, save, reload from disk, evaluate on gptq.py's windows. The papers' anch
 
 from __future__ import annotations
 
-import json
 import platform
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -45,28 +42,13 @@ QUICK = {"SparseGPT 50%", "Wanda 50%", "SparseGPT 2:4 + W4A16 g64"}
 
 
 def child_main(args) -> None:  # noqa: ANN001
-    import slimquant as sq
     from slimquant.types.flags import recipe_from_flags
 
-    torch.manual_seed(0)
-    res: dict = {}
-    with tempfile.TemporaryDirectory(dir=wo.OUT) as tmp:
-        lm = sq.load_model(args.model)
-        tok, model = lm.tokenizer, lm.model
-        ckpt = Path(tmp) / "ckpt"
-        t0 = time.perf_counter()
-        result = sq.quantize(model, recipe_from_flags(CONFIGS[args.config]), calib_data=w8a8.calibration(tok),
-                             show_progress=False)  # fmt: skip
-        res["quantize_s"] = time.perf_counter() - t0
+    def pruned(result) -> dict:  # noqa: ANN001
         rows = [r for r in result.report.layers if "sparsity" in r.details]
-        res["pruned_layers"] = len(rows)
-        res["sparsity"] = sum(r.details["sparsity"] for r in rows) / max(len(rows), 1)
-        sq.save(result, ckpt, tokenizer=tok)
-        del model, lm.model, result
-        windows = wo.eval_windows(tok, args.windows)
-        with torch.no_grad():
-            res.update(wo.eval_llm(sq.load(ckpt).model, windows, Path(args.ref)))
-    Path(args.result).write_text(json.dumps(res))
+        return {"pruned_layers": len(rows), "sparsity": sum(r.details["sparsity"] for r in rows) / max(len(rows), 1)}
+
+    wo.quantize_reload_eval(args, lambda: recipe_from_flags(CONFIGS[args.config]), w8a8.calibration, pruned)
 
 
 def float_perplexity(ref: Path, windows_per_text: int) -> float:

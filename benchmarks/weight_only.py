@@ -481,6 +481,32 @@ def render(llm_rows, enc_rows, llm_float, enc_float, tokens, dl, elapsed) -> str
     return "\n".join(parts)
 
 
+def quantize_reload_eval(args: argparse.Namespace, recipe_for, calibration, details=None) -> None:  # noqa: ANN001
+    """A benchmark child (``--child``) for the LLM: load ``args.model``, quantize it with ``recipe_for()`` on
+    ``calibration(tokenizer)``, save, reload from disk and evaluate on ``args.windows`` windows per text against
+    ``args.ref``; ``details(result)``: report fields added to the row. Writes the row to ``args.result``."""
+    import slimquant as sq
+
+    torch.manual_seed(0)
+    res: dict = {}
+    with tempfile.TemporaryDirectory(dir=OUT) as tmp:
+        lm = sq.load_model(args.model)
+        tok, model = lm.tokenizer, lm.model
+        ckpt = Path(tmp) / "ckpt"
+        t0 = time.perf_counter()
+        result = sq.quantize(model, recipe_for(), calib_data=calibration(tok), show_progress=False)
+        res["quantize_s"] = time.perf_counter() - t0
+        res["steps"] = [s.TYPE for s in result.recipe.steps]
+        if details is not None:
+            res.update(details(result))
+        sq.save(result, ckpt, tokenizer=tok)
+        del model, lm.model, result
+        windows = eval_windows(tok, args.windows)
+        with torch.no_grad():
+            res.update(eval_llm(sq.load(ckpt).model, windows, Path(args.ref)))
+    Path(args.result).write_text(json.dumps(res))
+
+
 def benchmark_main(doc: str | None, quick_help: str, configs, quick, script: str, child_main, render, section: str) -> None:
     """The main() of a benchmark whose configs each run in a child process on the LLM: ``render(rows, ref,
     windows, elapsed)`` makes the report, written as ``section`` of BENCHMARKS.md unless --quick (``quick``: the
