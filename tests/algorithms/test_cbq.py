@@ -190,6 +190,7 @@ def test_preprocessing_scales_an_outlier_channel_down(llama) -> None:
     res = slimquant.quantize(copy.deepcopy(model), pre, calib_data=calib, show_progress=False)
     row = next(r for r in res.report.steps_of("cbq_preprocess") if r.prev.endswith("layers.0.input_layernorm"))
     assert row.values["outlier_channels"] >= 1 and row.values["alpha"] is not None
+    assert row.values["outliers"] in ("fine", "coarse") and "coarse 1.0" in row.values["errors"]
     assert row.values["act_absmax_after"] < row.values["act_absmax_before"] / 2
     assert _kl(res.model, ref, ids) < _kl(plain.model, ref, ids)
 

@@ -435,6 +435,18 @@ def test_anti_method_m3_awq(capsys, llama_dir, outs, text_file, method):
     assert method_entry["algorithm"] == method and method_entry["awq"] == {"clip": method == "rtn"}
 
 
+def test_anti_method_m5_cbq(capsys, llama_dir, outs, text_file):
+    rc, stdout, _ = run(capsys, "quantize", "--model_path", llama_dir, "--save_directory", outs / "m5", "--a_bit", "8",
+                        "--mm_tensor", "False", "--anti_method", "m5", "--iters", "3", "--batch_size", "2",
+                        "--calib_file", text_file, "--calib_size", "4", "--calib_seq_len", "16")  # fmt: skip
+    assert rc == 0 and "w8a8" in stdout
+    manifest = read_manifest(outs / "m5")
+    recipe = Recipe.from_dict(manifest["recipe"])
+    assert [s.TYPE for s in recipe.steps] == ["cbq_preprocess", "cbq"] and recipe.weight_step.iters == 3
+    entry = manifest["layers"]["model.layers.0.self_attn.q_proj"]["method"]
+    assert entry["algorithm"] == "cbq" and entry["window"] == 2
+
+
 def test_seed_example_dynamic_m1_runs(capsys, llama_dir, outs, text_file):
     # msModelSlim's example: --a_bit 8 --is_dynamic True --anti_method m1
     rc, stdout, _ = run(capsys, "quantize", "--model_path", llama_dir, "--save_directory", outs / "dm1", "--w_bit", "8",

@@ -457,7 +457,7 @@ def _cbq_preprocess(model: nn.Module, step: Step, recipe: Recipe, stats: dict[st
     """CBQ's coarse-to-fine pre-processing (m5): per smoothing group, the outlier input channels scaled down with
     the strength (or none) of the lowest quantized output error, then each linear's outlier weights truncated
     where that lowers the error too."""
-    from slimquant.algorithms.cbq import coarse_to_fine_outliers
+    from slimquant.algorithms.cbq import coarse_outliers, coarse_to_fine_outliers
 
     assert isinstance(step, CBQPreprocess)
     rows = []
@@ -467,17 +467,21 @@ def _cbq_preprocess(model: nn.Module, step: Step, recipe: Recipe, stats: dict[st
         linears = [model.get_submodule(n) for n in lin_names]
         x = st.sample().float()
         weights = [input_weight(m).detach().float() for m in linears]
-        outliers = coarse_to_fine_outliers(act_absmax, step.iqr_factor, step.fine_lambda)
         ones = torch.ones_like(act_absmax)
         errors = {"none": smoothed_output_error(x, weights, ones, recipe.weight, recipe.input)}
-        best, s = "none", ones
-        if bool(outliers.any()) and bool((~outliers).any()):
+        best, s, n_scaled = "none", ones, 0
+        # the fine set (the extreme channels) or every coarse candidate, scaled towards the largest channel left
+        for level, outliers in (("fine", coarse_to_fine_outliers(act_absmax, step.iqr_factor, step.fine_lambda)),
+                                ("coarse", coarse_outliers(act_absmax, step.iqr_factor))):  # fmt: skip
+            if not bool(outliers.any()) or not bool((~outliers).any()):
+                continue
             t = float(act_absmax[~outliers].max())
             for a in step.alphas:
                 cand = torch.where(outliers, (act_absmax / max(t, 1e-12)).clamp(min=1.0) ** a, ones)
-                errors[str(a)] = smoothed_output_error(x, weights, cand, recipe.weight, recipe.input)
-                if errors[str(a)] < errors[best]:
-                    best, s = str(a), cand
+                key = f"{level} {a}"
+                errors[key] = smoothed_output_error(x, weights, cand, recipe.weight, recipe.input)
+                if errors[key] < errors[best]:
+                    best, s, n_scaled = key, cand, int(outliers.sum())
         if best != "none":
             apply_smoothing(model.get_submodule(prev_name), linears, s)
         truncated = {}
@@ -497,8 +501,9 @@ def _cbq_preprocess(model: nn.Module, step: Step, recipe: Recipe, stats: dict[st
                         m.weight.copy_(wt.reshape(m.weight.shape).to(m.weight.dtype))
                     truncated[name] = {"weights": int(mask.sum()), "bound": round(bound, 6),
                                        "error_before": before, "error_after": after}  # fmt: skip
-        rows.append({"prev": prev_name, "linears": list(lin_names), "outlier_channels": int(outliers.sum()),
-                     "alpha": None if best == "none" else float(best),
+        rows.append({"prev": prev_name, "linears": list(lin_names), "outlier_channels": n_scaled,
+                     "outliers": None if best == "none" else best.split()[0],
+                     "alpha": None if best == "none" else float(best.split()[1]),
                      "act_absmax_before": round(float(act_absmax.max()), 4),
                      "act_absmax_after": round(float((act_absmax / s).max()), 4), "errors": errors,
                      "truncated": truncated})  # fmt: skip

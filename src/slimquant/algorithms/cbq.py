@@ -44,6 +44,17 @@ log = logging.getLogger(__name__)
 ZETA, GAMMA = 1.1, -0.1
 
 
+def coarse_outliers(values: torch.Tensor, iqr_factor: float = 1.5, max_quantile_elements: int = 1 << 22) -> torch.Tensor:
+    """Boolean mask of the values above ``Q3 + iqr_factor * (Q3 - Q1)`` (quartiles of all values, estimated on an
+    even subsample of at most ``max_quantile_elements``): CBQ's coarse outlier candidates."""
+    flat = values.detach().float().reshape(-1)
+    if flat.numel() < 4:
+        return torch.zeros_like(values, dtype=torch.bool)
+    sample = flat if flat.numel() <= max_quantile_elements else flat[:: math.ceil(flat.numel() / max_quantile_elements)]
+    q1, q3 = torch.quantile(sample, torch.tensor([0.25, 0.75])).tolist()
+    return (flat > q3 + iqr_factor * (q3 - q1)).reshape(values.shape)
+
+
 def coarse_to_fine_outliers(values: torch.Tensor, iqr_factor: float = 1.5, fine_lambda: float = 1.0,
                             max_quantile_elements: int = 1 << 22) -> torch.Tensor:  # fmt: skip
     """Boolean mask of the outliers among the magnitudes ``values`` (any shape, >= 0 expected).
@@ -58,12 +69,7 @@ def coarse_to_fine_outliers(values: torch.Tensor, iqr_factor: float = 1.5, fine_
     split's upper set are the outliers. No candidate: an all-False mask."""
     v = values.detach().float()
     flat = v.reshape(-1)
-    if flat.numel() < 4:
-        return torch.zeros_like(v, dtype=torch.bool)
-    sample = flat if flat.numel() <= max_quantile_elements else flat[:: math.ceil(flat.numel() / max_quantile_elements)]
-    q1, q3 = torch.quantile(sample, torch.tensor([0.25, 0.75])).tolist()
-    coarse = q3 + iqr_factor * (q3 - q1)
-    cand = flat > coarse
+    cand = coarse_outliers(flat, iqr_factor, max_quantile_elements)
     m = int(cand.sum())
     if m == 0:
         return torch.zeros_like(v, dtype=torch.bool)

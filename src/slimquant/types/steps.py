@@ -576,10 +576,12 @@ class CBQPreprocess(Step):
 
     Activations, per smoothing group: the input channels' calibration ranges ``a_j`` are split coarsely at
     ``Q3 + iqr_factor * IQR`` (the quartiles of all channels), then finely: among the coarse candidates (sorted)
-    the split maximising the between-set variance minus ``fine_lambda`` times the within-set variance marks the
-    upper set as the outlier channels. Those are scaled down towards the largest ordinary channel ``t``
-    (``s_j = (a_j / t) ** alpha``, the linears' input columns multiplied back), ``alpha`` chosen among ``alphas``
-    ("none" included) by the quantized output error on ``sample_rows`` sampled calibration rows.
+    the split maximising the squared gap between the two sets' means minus ``fine_lambda`` times their variances
+    marks the upper set as the extreme outliers. Either set (the extreme outliers, or every coarse candidate) is
+    scaled down towards the largest channel left outside it, ``t`` (``s_j = (a_j / t) ** alpha``, the linears'
+    input columns multiplied back); which set and ``alpha`` among ``alphas`` ("none" included) are chosen by the
+    quantized output error on ``sample_rows`` sampled calibration rows (the extreme set alone leaves the range at
+    the next-largest channel, which on smollm2's MLP inputs is still 100x the bulk).
 
     Weights, per linear of a group (after that scaling): the same detection on the ``|w|`` values of the matrix;
     the detected outliers are truncated to the largest ordinary magnitude when that lowers the quantized output
