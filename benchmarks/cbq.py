@@ -7,7 +7,8 @@ Usage:
 smollm2-135m; gptq.py's evaluation and calibration windows; the msModelSlim flags of each row. The CBQ rows train
 ``ITERS`` steps of ``BATCH`` calibration windows per window of 2 blocks (a CPU budget: CBQ's default is 100 x 4).
 "*m5 pre-processing only*" is CBQ's coarse-to-fine step followed by round to nearest (the ablation); "*m4 + CBQ
-weight step*" is m4's smoothing followed by CBQ's window training (a Python-API recipe). Every config
+weight step*" / "*AWQ + CBQ weight step*" are m4's smoothing / AWQ's scales followed by CBQ's window training (a
+Python-API recipe); "*3x steps*" rows train three times as many steps. Every config
 runs in its own process: load float, quantize, save, reload from disk, evaluate.
 """
 
@@ -29,16 +30,20 @@ ITERS, BATCH = 20, 2
 W8A8 = "--a_bit 8 --mm_tensor False"
 W4 = "--w_bit 4 --w_sym False"
 CBQ_KNOBS = f"--iters {ITERS} --batch_size {BATCH}"
+LONGER = f"--iters {3 * ITERS} --batch_size {BATCH}"  # the training budget x 3
 # name -> flags (a trailing " +pre-only" / " +cbq-weights" marks the recipes recipe_for builds from the flags)
 CONFIGS: dict[str, str] = {
     "W8A8 static": W8A8,
     "W8A8 static + m4 (SmoothQuant, alpha searched)": f"{W8A8} --anti_method m4",
     "W8A8 static + m5 pre-processing only": f"{W8A8} --anti_method m5 +pre-only",
     "W8A8 static + m5 (CBQ)": f"{W8A8} --anti_method m5 {CBQ_KNOBS}",
+    "W8A8 static + m5 (CBQ), 3x steps": f"{W8A8} --anti_method m5 {LONGER}",
     "W8A8 static + m4 + CBQ weight step": f"{W8A8} --anti_method m4 +cbq-weights",
     "W4A16 per-channel RTN": W4,
     "W4A16 per-channel GPTQ + AWQ": f"{W4} --w_method gptq --anti_method m3",
     "W4A16 per-channel + m5 (CBQ)": f"{W4} --anti_method m5 {CBQ_KNOBS}",
+    "W4A16 per-channel + m5 (CBQ), 3x steps": f"{W4} --anti_method m5 {LONGER}",
+    "W4A16 per-channel AWQ + CBQ weight step": f"{W4} --anti_method m3 +cbq-weights",
 }
 
 
@@ -52,7 +57,7 @@ def recipe_for(name: str):
     if flags.endswith(" +pre-only"):  # CBQ's pre-processing, then round to nearest
         r = recipe_from_flags(flags[: -len(" +pre-only")])
         return replace(r, steps=(r.steps[0], RTN()))
-    if flags.endswith(" +cbq-weights"):  # m4's smoothing, then CBQ's window training (Python API only)
+    if flags.endswith(" +cbq-weights"):  # m4's / m3's scaling, then CBQ's window training (Python API only)
         r = recipe_from_flags(flags[: -len(" +cbq-weights")])
         return replace(r, steps=(r.steps[0], CBQ(iters=ITERS, batch_size=BATCH)))
     return recipe_from_flags(flags)
@@ -93,9 +98,9 @@ def render(rows: dict[str, dict], tokens: int, windows: int, elapsed: float) -> 
         "weights truncated where that lowers the quantized output error), then windows of 2 consecutive blocks "
         f"trained with LoRA-Rounding (rank 8) and learnable weight and input ranges, Adam lr 5e-3, {ITERS} steps x "
         f"{BATCH} calibration windows per window (CBQ's default is 100 x 4; a CPU budget), MSE + KL loss. "
-        "*m5 pre-processing only*: CBQ's pre-processing then round to nearest; *m4 + CBQ weight step*: "
-        "`steps=(SmoothQuantSearch(), CBQ(...))`. *rel. loss*: median over blocks of the kept step's window loss "
-        "relative to its start.",
+        "*m5 pre-processing only*: CBQ's pre-processing then round to nearest; *m4 / AWQ + CBQ weight step*: "
+        "`steps=(SmoothQuantSearch(), CBQ(...))` / `steps=(AWQ(), CBQ(...))`; *3x steps*: "
+        f"{3 * ITERS} steps. *rel. loss*: median over blocks of the kept step's window loss relative to its start.",
         "",
         "| config | flags | perplexity | KL/token | top-1 | quantize s | rel. loss | scaled groups / truncated linears |",
         "|---|---|---|---|---|---|---|---|",
