@@ -10,7 +10,8 @@ float32, W8A16 (int8 per-channel symmetric RTN weights, float32 activations), W8
 int8 inputs), W8A8 static (per-tensor asymmetric int8 inputs calibrated on 8 windows x 256 tokens of
 the calibration plays), and W4A16 (int4 RTN weights, packed) at the group sizes and symmetric / asymmetric
 kinds slimquant exports (g64 sym / asym, g32 asym, per-channel sym, g32 sym on the GGUF Q4_0 grid), plus the
-g64 sym model with its gated MLPs unfused and on the torch dequantize path the native 4-bit kernels replace. lm_head stays float in every copy
+g64 sym model with its gated MLPs and norms unfused (the 4-bit linears alone) and on the torch dequantize path the
+native 4-bit kernels replace. lm_head stays float in every copy
 (the recipes' default ``disable_last_linear``). After the rounds, the Q4_0-grid model is exported to GGUF and
 llama.cpp (benchmarks/gguf_llama.py's llama-cpp-python environment, built there on first use) times it.
 
@@ -68,14 +69,14 @@ ROUNDS = 5
 STEPS = 20  # bare decode steps timed per model per round
 MATMUL_OPS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::_int_mm", "aten::_weight_int8pack_mm"}
 NATIVE_PREFIX = "slimquant::"  # the native kernels' profiler ranges (slimquant.kernels.native)
-FUSED_PRODUCERS = {"slimquant::rmsnorm_quant", "slimquant::silu_mul_quant"}  # slimquant.nn.fused
+FUSED_PRODUCERS = {"slimquant::rmsnorm", "slimquant::rmsnorm_quant", "slimquant::silu_mul_quant"}  # slimquant.nn.fused
 ATTENTION_OPS = {"aten::_scaled_dot_product_flash_attention_for_cpu", "aten::scaled_dot_product_attention",
                  "aten::_scaled_dot_product_attention_math"}  # fmt: skip
 LINEAR_RANGE = "linear_layer"
 W4_MAIN = "W4A16 g64 sym"
 W4_Q4_0 = "W4A16 g32 sym, Q4_0 grid"
 W4_BEFORE = "W4A16 g64 sym, torch dequant"
-W4_UNFUSED = "W4A16 g64 sym, MLP unfused"
+W4_UNFUSED = "W4A16 g64 sym, linears only"
 PROFILED = ("float32", "W8A16", "W8A8 dynamic", "W8A8 static", W4_MAIN)  # the decode-step profile's columns
 
 
@@ -91,7 +92,7 @@ def build_models(lm, quick: bool) -> tuple[dict[str, nn.Module], dict[str, float
     weight = QuantSpec("int8", "per_channel")
     calib = calibration_windows(lm.tokenizer, [corpus.read(list(corpus.CALIB_FILES))], CALIB_WINDOWS, CALIB_LEN)
     from slimquant.formats.gguf import gguf_recipe
-    from slimquant.nn.fused import FusedW4A16GatedMLP
+    from slimquant.nn.fused import FusedW4A16GatedMLP, NativeRMSNorm
 
     def w4(group: int | None, symmetric: bool = True) -> Recipe:
         gran = ("per_group", group) if group else ("per_channel", None)
@@ -116,9 +117,9 @@ def build_models(lm, quick: bool) -> tuple[dict[str, nn.Module], dict[str, float
         t0 = time.perf_counter()
         sq.quantize(m, recipe, calib_data=data, show_progress=False)  # in place
         seconds[name] = time.perf_counter() - t0
-        if name == W4_UNFUSED:  # the gated MLPs back to gate(x), up(x), silu * up: the 4-bit linears alone
+        if name == W4_UNFUSED:  # gate(x), up(x), silu * up and transformers' norms again: the 4-bit linears alone
             for mlp_name, mod in list(m.named_modules()):
-                if isinstance(mod, FusedW4A16GatedMLP):
+                if isinstance(mod, (FusedW4A16GatedMLP, NativeRMSNorm)):
                     parent, _, child = mlp_name.rpartition(".")
                     setattr(m.get_submodule(parent), child, mod.original)
         if name == W4_BEFORE:  # the weight-only path before the native 4-bit kernels: dequantize + F.linear per call
@@ -348,7 +349,7 @@ def profile_step(model: nn.Module, step: DecodeStep) -> tuple[dict[str, float], 
         if e.name == LINEAR_RANGE:
             cat["linear: python"] += t
         elif e.name in FUSED_PRODUCERS:
-            cat["fused norm / SiLU*up + int8 rows"] += t
+            cat["native norm / SiLU*up (+ int8 rows)"] += t
         elif e.name.startswith(NATIVE_PREFIX):
             cat["linear: native kernel"] += t
         elif e.name in MATMUL_OPS:
@@ -366,7 +367,7 @@ def profile_step(model: nn.Module, step: DecodeStep) -> tuple[dict[str, float], 
 
 
 CATEGORIES = ("linear: matmul", "linear: native kernel", "linear: other aten ops", "linear: python",
-              "fused norm / SiLU*up + int8 rows", "attention (sdpa)", "model: other aten ops",
+              "native norm / SiLU*up (+ int8 rows)", "attention (sdpa)", "model: other aten ops",
               "model: python + generate-free glue")  # fmt: skip
 
 
@@ -476,7 +477,9 @@ def render(res, top1, cats, tops, quant_s, rounds, elapsed, split, anchor) -> st
         "in the W8A8 models `slimquant.quantize` has fused each RMSNorm and gated MLP that feed W8A8 layers "
         "with their int8 input quantization (`slimquant.nn.fused`: the norm writes its float output and the "
         "int8 rows q/k/v or gate/up read, so a shared input is quantized once; SiLU * up goes to int8 rows "
-        "without a float copy); W8A16 has no such fusion. "
+        "without a float copy); in the W8A16 and W4A16 models each RMSNorm that feeds only weight-only layers "
+        "runs the native float kernel instead (`NativeRMSNorm`: one pass per row, rows in parallel; transformers' "
+        "norm is five torch ops), and the float32 model keeps transformers' norms. "
         "W4A16 = int4 RTN weights packed two per byte (per group of 32 / 64 columns or per channel; smollm2's 576 columns allow no 128; sym: "
         "no zero point, asym: integer zero point); they run the native 4-bit kernels: a GEMV over the nibbles "
         f"for up to {native.W4A16_GEMV_MAX_ROWS} rows (decode), and for more rows (prefill) a GEMM over float "
@@ -485,7 +488,8 @@ def render(res, top1, cats, tops, quant_s, rounds, elapsed, split, anchor) -> st
         "MLP for `slimquant.nn.fused.FusedW4A16GatedMLP`: one native call computes silu(gate(x)) * up(x) from both "
         "packed weights (at prefill one tiled GEMM for the two weights, silu * up applied to each tile's products "
         "in cache, so neither product is written whole; at decode the two nibble GEMVs and silu * up in one call). "
-        f"*{W4_UNFUSED}* = {W4_MAIN} with those MLPs put back (gate, up, silu, *, down as separate calls). "
+        f"*{W4_UNFUSED}* = {W4_MAIN} with those MLPs and norms put back (gate, up, silu, *, down as separate calls, "
+        "transformers' RMSNorm): what the 4-bit linear layers alone give. "
         f"*{W4_Q4_0}* = the same on llama.cpp's Q4_0 grid (fp16 block scales, `quantize --gguf_type Q4_0`); "
         f"its GGUF export is exact: {anchor.get('exact')}, {anchor.get('bytes', 0) / 2**20:.1f} MiB; "
         f"*{W4_BEFORE}* = {W4_MAIN} run as before these kernels (dequantize the whole weight, then F.linear, per call). "
@@ -514,8 +518,9 @@ def render(res, top1, cats, tops, quant_s, rounds, elapsed, split, anchor) -> st
         "inside the linear layers (lm_head included); *linear: other aten ops* = everything else the layers run "
         "(per-token quantize, rescale, dequantize, casts, `t`/views of `F.linear`); *linear: native kernel* = "
         "the C++ kernels' own time (quantize, GEMV, rescale; a `_int_mm` they call counts as matmul); "
-        "*fused norm / SiLU*up + int8 rows* = the native RMSNorm and SiLU * up kernels that also write the "
-        "next W8A8 layers' int8 input (W8A8 models only; ops outside the linear layers); "
+        "*native norm / SiLU*up (+ int8 rows)* = the native RMSNorm and SiLU * up kernels outside the linear "
+        "layers (in the W8A8 models they also write the next layers' int8 input; the W8A16 / W4A16 norms write "
+        "only the float output); "
         "The hooks on every linear layer make the 4-bit models' gated MLPs run unfused in this profile. "
         "*linear: python* = interpreter "
         "time inside the layers' forwards (hooks included); *model: python* = the rest of the step not inside any "

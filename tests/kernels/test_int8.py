@@ -276,11 +276,11 @@ def test_w8a16_fast_float16_does_not_overflow_before_scaling(impl: str) -> None:
 
 def test_registry_has_reference_and_fast_for_every_op() -> None:
     assert set(KERNELS) == {"quantize_per_token", "int8_matmul", "linear_w8a8_dynamic", "linear_w8a8_static",
-                            "linear_w8a16", "rmsnorm_quant", "silu_mul_quant", "linear_w8a8_dynamic_q",
+                            "linear_w8a16", "rmsnorm", "rmsnorm_quant", "silu_mul_quant", "linear_w8a8_dynamic_q",
                             "linear_w8a8_static_q"}  # fmt: skip
     for op, impls in KERNELS.items():
         want = {"reference", "fast"} | ({"torch", "native"} if op.startswith("linear_") else set())
-        want |= {"native"} if op.endswith("_quant") else set()
+        want |= {"native"} if op.endswith("_quant") or op == "rmsnorm" else set()
         assert set(impls) == want
         assert get_kernel(op) is impls["reference"]
         assert fast_available(op) is True  # the pinned torch has every primitive (_int_mm, _weight_int8pack_mm)

@@ -232,6 +232,23 @@ def test_rmsnorm_quant_native(m: int, k: int, static: bool, isa: str, threads: i
     assert torch.equal(q, q_ref) and torch.equal(xs, xs_ref)
 
 
+@pytest.mark.parametrize(("m", "k"), [(1, 576), (5, 65), (40, 24), (3, 1), (2, 7)])
+def test_rmsnorm_native(m: int, k: int, isa: str, threads: int) -> None:
+    """The float norm alone: the reference to float32 rounding on every code path (vector loops with and without
+    a tail, rows in parallel), and exactly the ``y`` of ``rmsnorm_quant`` on the same path."""
+    g = _g(k + 1)
+    x = torch.randn(2, m, k, generator=g) * 3
+    x[0, 0] = 0.0
+    weight = torch.rand(k, generator=g) + 0.5
+    y = get_kernel("rmsnorm", "native")(x, weight, 1e-5)
+    assert y.shape == x.shape and y.dtype == torch.float32
+    torch.testing.assert_close(y, get_kernel("rmsnorm")(x, weight, 1e-5), rtol=2e-6, atol=1e-6)
+    assert torch.equal(y, get_kernel("rmsnorm_quant", "native")(x, weight, 1e-5)[0])
+    assert native.rmsnorm(torch.empty(0, k), weight, 1e-5).shape == (0, k)
+    with pytest.raises(RuntimeError, match="weight must be contiguous float32"):
+        native.rmsnorm(x, weight[:-1] if k > 1 else weight.double(), 1e-5)
+
+
 @pytest.mark.parametrize("static", [False, True])
 @pytest.mark.parametrize(("m", "k"), [(1, 1536), (7, 65), (33, 16)])
 def test_silu_mul_quant_native(m: int, k: int, static: bool, isa: str, threads: int) -> None:

@@ -1,5 +1,5 @@
-"""Norms and gated MLPs fused with the int8 input quantization of their W8A8 readers, and 4-bit gated MLPs
-(slimquant.nn.fused, slimquant.surgery.fuse): which modules are swapped, same state dict, the exact float path
+"""Norms and gated MLPs fused with the int8 input quantization of their W8A8 readers, native norms before
+weight-only layers, and 4-bit gated MLPs (slimquant.nn.fused, slimquant.surgery.fuse): which modules are swapped, same state dict, the exact float path
 whenever the fused one does not apply, outputs within float32 rounding of the unfused model, and save/load."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from conftest import make_llama
 import slimquant as sq
 from slimquant.nn import QLinearW8A8
 from slimquant.kernels import native
-from slimquant.nn.fused import FusedGatedMLP, FusedW4A16GatedMLP, FusedRMSNorm
+from slimquant.nn.fused import FusedGatedMLP, FusedRMSNorm, FusedW4A16GatedMLP, NativeRMSNorm
 from slimquant.surgery.fuse import fuse_for_inference
 from slimquant.types.spec import LayerOverride, QuantSpec, Recipe
 
@@ -184,6 +184,7 @@ def test_static_readers_with_different_ranges_keep_their_own_quantization(llama)
 def test_no_fusion_without_w8a8_or_a_known_architecture(llama, bert, mlp) -> None:  # noqa: ANN001
     w8a16 = sq.quantize(copy.deepcopy(llama), Recipe(weight=W8), show_progress=False).model
     assert not any(isinstance(m, (FusedRMSNorm, FusedGatedMLP)) for m in w8a16.modules())
+    assert all(isinstance(layer.input_layernorm, NativeRMSNorm) for layer in w8a16.model.layers)  # weight-only
     ids = _ids(bert.config.vocab_size, 4)
     b = sq.quantize(copy.deepcopy(bert), Recipe(weight=W8, input=DYNAMIC), calib_data=ids, show_progress=False).model
     assert fuse_for_inference(b) == 0  # BERT: LayerNorm, post-norm; not fused
@@ -249,6 +250,8 @@ def _w4_pair(llama, spec: QuantSpec = W4):  # noqa: ANN001
     unfused = copy.deepcopy(fused)
     for layer in unfused.model.layers:
         layer.mlp = layer.mlp.original
+        layer.input_layernorm = layer.input_layernorm.original
+        layer.post_attention_layernorm = layer.post_attention_layernorm.original
     return unfused, fused
 
 
@@ -271,6 +274,10 @@ def test_quantize_fuses_4bit_gated_mlps(llama, native_lib, spec: QuantSpec, leng
     unfused, fused = _w4_pair(llama, spec)
     assert all(isinstance(layer.mlp, FusedW4A16GatedMLP) for layer in fused.model.layers)
     assert not any(isinstance(m, (FusedRMSNorm, FusedGatedMLP)) for m in fused.modules())  # no W8A8 producers
+    for layer in fused.model.layers:
+        assert isinstance(layer.input_layernorm, NativeRMSNorm)
+        assert isinstance(layer.post_attention_layernorm, NativeRMSNorm)
+    assert type(fused.model.norm).__name__ == "LlamaRMSNorm"  # the final norm feeds the float lm_head
     assert list(fused.state_dict()) == list(unfused.state_dict())
     assert fuse_for_inference(fused) == 0  # already fused
     calls = _count_gated(monkeypatch)
@@ -332,3 +339,70 @@ def test_no_4bit_fusion_for_other_weights(llama) -> None:  # noqa: ANN001
         assert not any(isinstance(m, FusedW4A16GatedMLP) for m in model.modules())
     model = sq.quantize(copy.deepcopy(llama), Recipe(weight=W4, overrides=(("*.up_proj", LayerOverride(weight=W8)),)), show_progress=False).model
     assert not any(isinstance(m, FusedW4A16GatedMLP) for m in model.modules())
+
+
+# -- native norms before weight-only layers --------------------------------------------------------------
+
+
+def _count_norms(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
+    calls = {"rmsnorm": 0}
+    norm = native.rmsnorm
+
+    def counted(*a, **kw):  # noqa: ANN002, ANN003, ANN202
+        calls["rmsnorm"] += 1
+        return norm(*a, **kw)
+
+    monkeypatch.setattr(native, "rmsnorm", counted)
+    return calls
+
+
+def test_native_norm_equals_the_original_within_float32_rounding(llama, native_lib,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """Each block's two norms run natively (counted); the model's logits stay within float32 rounding of the
+    model with transformers' norms, and each norm's output within a few ulp of the original's."""
+    unfused, fused = _w4_pair(llama)
+    calls = _count_norms(monkeypatch)
+    ids = _ids(llama.config.vocab_size)
+    a, b = _logits(unfused, ids), _logits(fused, ids)
+    assert calls["rmsnorm"] == 2 * len(fused.model.layers)
+    torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5 * float(a.abs().max()))
+    norm = fused.model.layers[1].post_attention_layernorm
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 2.0)
+    x = torch.randn(3, 7, 64) * 4
+    with torch.inference_mode():
+        torch.testing.assert_close(norm(x), norm.original(x), rtol=2e-6, atol=1e-6)
+    assert "native" in repr(norm)
+
+
+def test_native_norm_takes_the_original_path_when_it_does_not_apply(llama, native_lib,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """Gradients (for the input or the weight), other dtypes, a reader set to the reference kernel and a missing
+    native library all run the original module, bit for bit."""
+    _, fused = _w4_pair(llama)
+    norm = fused.model.layers[0].input_layernorm
+    calls = _count_norms(monkeypatch)
+    x = torch.randn(2, 5, 64)
+    out = norm(x)  # grad enabled and the weight requires grad: the original, which keeps the graph
+    out.sum().backward()
+    assert calls["rmsnorm"] == 0 and norm.weight.grad is not None and norm.weight.grad.abs().sum() > 0
+    xg = x.clone().requires_grad_(True)
+    with torch.no_grad():
+        assert torch.equal(norm(xg), norm.original(xg)) and calls["rmsnorm"] == 1  # no_grad: native
+    assert norm(x.double()).dtype == torch.float64 and calls["rmsnorm"] == 1
+    with torch.inference_mode():
+        fused.model.layers[0].self_attn.k_proj.kernel = "reference"
+        assert torch.equal(norm(x), norm.original(x)) and calls["rmsnorm"] == 1
+        fused.model.layers[0].self_attn.k_proj.kernel = "fast"
+        norm(x)
+        assert calls["rmsnorm"] == 2
+        monkeypatch.setattr(native, "library", lambda: None)
+        assert torch.equal(norm(x), norm.original(x)) and calls["rmsnorm"] == 2
+
+
+def test_save_load_keeps_the_native_norms(llama, tokenizer, tmp_path) -> None:  # noqa: ANN001
+    result = sq.quantize(llama, Recipe(weight=W4), show_progress=False)
+    sq.save(result, tmp_path / "q", tokenizer=tokenizer)
+    loaded = sq.load(tmp_path / "q").model
+    assert all(isinstance(layer.input_layernorm, NativeRMSNorm) for layer in loaded.model.layers)
+    assert list(loaded.state_dict()) == list(result.model.state_dict())

@@ -7,6 +7,7 @@ Ops (registry key -> signature; weights are int8 ``[n, k]``, symmetric per outpu
     linear_w8a8_static   (x, input_scale, input_offset, w_int8, deq_scale [n], quant_bias [n]) -> [..., n] x.dtype
     linear_w8a16         (x, w_int8, w_scale [n]) -> [..., n] x.dtype
   fused producers and the linears that read their output (rows q int8 [M, k], xs float32 [M] or empty):
+    rmsnorm                (x, weight [k], eps) -> y: the float norm alone (for weight-only readers)
     rmsnorm_quant          (x, weight [k], eps, input_scale | None, input_offset | None) -> (y, q, xs)
     silu_mul_quant         (g, u, input_scale | None, input_offset | None) -> (q, xs)
     linear_w8a8_dynamic_q  (q, xs, w_int8, w_scale, bias | None) -> float32 [M, n]
@@ -410,14 +411,18 @@ def quantize_input_reference(
     return quantize(x2, scale, zp, _INT8), torch.empty(0, dtype=torch.float32, device=x.device)
 
 
+def rmsnorm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Llama-style RMSNorm in float32, ``y = weight * (x * rsqrt(mean(x^2) + eps))`` (``[..., k]``)."""
+    xf = x.float()
+    return weight.float() * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps))
+
+
 def rmsnorm_quant_reference(
     x: torch.Tensor, weight: torch.Tensor, eps: float, input_scale: torch.Tensor | None = None,
     input_offset: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
-    """Llama-style RMSNorm in float32, ``y = weight * (x * rsqrt(mean(x^2) + eps))`` (``[..., k]``), and
-    :func:`quantize_input_reference` of ``y``: ``(y, q [M, k], xs [M])``."""
-    xf = x.float()
-    y = weight.float() * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps))
+    """:func:`rmsnorm_reference` ``y`` and :func:`quantize_input_reference` of ``y``: ``(y, q [M, k], xs [M])``."""
+    y = rmsnorm_reference(x, weight, eps)
     return (y, *quantize_input_reference(y, input_scale, input_offset))
 
 
@@ -481,6 +486,7 @@ def _native_variants(fallback: Kernel, native_impl: Kernel) -> tuple[Kernel, Ker
 
 # late-bound (lambda) so tests can stand in for the library
 _rms_native, _rms_fast = _native_variants(rmsnorm_quant_reference, lambda *a: native.rmsnorm_quant(*a))
+_norm_native, _norm_fast = _native_variants(rmsnorm_reference, lambda *a: native.rmsnorm(*a))
 _silu_native, _silu_fast = _native_variants(silu_mul_quant_reference, lambda *a: native.silu_mul_quant(*a))
 _dyn_q_native, _dyn_q_fast = _native_variants(linear_w8a8_dynamic_q_torch, lambda *a: native.w8a8_dynamic_q(*a))
 _sta_q_native, _sta_q_fast = _native_variants(linear_w8a8_static_q_torch, lambda *a: native.w8a8_static_q(*a))
@@ -500,6 +506,7 @@ KERNELS: dict[str, dict[str, Kernel]] = {
                            "native": linear_w8a8_static_native, "fast": linear_w8a8_static_fast},
     "linear_w8a16": {"reference": linear_w8a16_reference, "torch": linear_w8a16_torch,
                      "native": linear_w8a16_native, "fast": linear_w8a16_fast},
+    "rmsnorm": {"reference": rmsnorm_reference, "native": _norm_native, "fast": _norm_fast},
     "rmsnorm_quant": {"reference": rmsnorm_quant_reference, "native": _rms_native, "fast": _rms_fast},
     "silu_mul_quant": {"reference": silu_mul_quant_reference, "native": _silu_native, "fast": _silu_fast},
     "linear_w8a8_dynamic_q": {"reference": linear_w8a8_dynamic_q_reference, "torch": linear_w8a8_dynamic_q_torch,
@@ -515,6 +522,7 @@ _PRIMITIVE: dict[str, str | None] = {
     "linear_w8a8_dynamic": "_int_mm",
     "linear_w8a8_static": "_int_mm",
     "linear_w8a16": "_weight_int8pack_mm",
+    "rmsnorm": None,
     "rmsnorm_quant": None,
     "silu_mul_quant": None,
     "linear_w8a8_dynamic_q": "_int_mm",
@@ -530,7 +538,7 @@ def _impls(op: str) -> dict[str, Kernel]:
 
 def get_kernel(op: str, impl: str = "reference") -> Kernel:
     """The ``impl`` implementation of ``op``: ``"reference"`` and ``"fast"`` for every op, ``"torch"`` for the
-    linear ops, ``"native"`` for the linear ops and the fused producers (``rmsnorm_quant``, ``silu_mul_quant``).
+    linear ops, ``"native"`` for the linear ops and the fused producers (``rmsnorm``, ``rmsnorm_quant``, ``silu_mul_quant``).
 
     Unknown names raise :class:`SlimquantError` listing the valid ones."""
     impls = _impls(op)

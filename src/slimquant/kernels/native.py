@@ -205,6 +205,12 @@ def w8a8_static_q(q: torch.Tensor, w: torch.Tensor, deq_scale: torch.Tensor, qua
     return _lib().w8a8_static_q(q, w, deq_scale, quant_bias, W8A8_GEMV_MAX_ROWS)
 
 
+def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Llama's RMSNorm in float32, one pass per row, rows in parallel: ``x`` float32 ``[..., k]``, ``weight``
+    float32 ``[k]`` -> ``y [..., k]`` (the ``y`` of :func:`rmsnorm_quant` without its int8 rows)."""
+    return _lib().rmsnorm(x, weight, eps)
+
+
 def rmsnorm_quant(
     x: torch.Tensor, weight: torch.Tensor, eps: float, input_scale: torch.Tensor | None = None,
     input_offset: torch.Tensor | None = None,

@@ -17,7 +17,8 @@ A W8A8 layer quantizes its float input before its int8 GEMM. Where a Llama-style
 
 Gated MLPs whose ``gate`` and ``up`` are packed 4-bit (W4A16) layers get :class:`FusedW4A16GatedMLP`: one native
 call computes ``silu(gate(x)) * up(x)`` from both packed weights (at prefill one tiled GEMM for the two, the
-products never written whole).
+products never written whole). An RMSNorm read only by weight-only quantized layers (W4A16, W8A16) has no int8 rows
+to write: :class:`NativeRMSNorm` computes it in one native pass per row instead of transformers' five torch ops.
 
 Both keep the state-dict keys of the modules they replace and hold the original module (unregistered) for
 everything else: the fused path runs only when every W8A8 layer involved uses the default ``"fast"`` kernel,
@@ -40,6 +41,19 @@ from slimquant.kernels import int8 as k8
 from slimquant.kernels import native
 from slimquant.nn.modules import QLinear
 from slimquant.nn.w8a8 import QLinearW8A8
+
+
+def _runs_native_norm(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether a native norm kernel may compute ``weight``'s norm of ``x``: float32 CPU tensors, no gradient
+    wanted (the native kernels have no backward) and the library built."""
+    return (
+        x.dtype == torch.float32
+        and weight.dtype == torch.float32
+        and x.device.type == "cpu"
+        and weight.device.type == "cpu"
+        and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+        and native.library() is not None
+    )
 
 
 def _runs_fused(x: torch.Tensor, layers: Sequence[QLinearW8A8]) -> bool:
@@ -80,7 +94,7 @@ class FusedRMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._rows = None
-        if self.weight.dtype != torch.float32 or not _runs_fused(x, self.readers):
+        if not _runs_native_norm(x, self.weight) or not _runs_fused(x, self.readers):
             return self.original(x)
         scale, offset = _input_params(self.readers[0])
         op = k8.get_kernel("rmsnorm_quant", "fast")
@@ -121,6 +135,31 @@ class FusedRMSNorm(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.variance_epsilon}, int8 rows for {len(self.readers)} W8A8 layer(s)"
+
+
+class NativeRMSNorm(nn.Module):
+    """A Llama-style RMSNorm (``weight * (x * rsqrt(mean(x^2) + eps))`` in float32) computed by the native kernel
+    (``rmsnorm`` of :mod:`slimquant.kernels.int8`: one pass per row, rows in parallel), for a norm whose readers
+    are weight-only quantized layers. Same ``weight`` Parameter (same state-dict key); the original module
+    (unregistered) computes instead whenever the native kernel cannot or should not: other dtypes or devices, a
+    gradient wanted for ``x`` or ``weight``, no native library, or a reader set to a kernel other than
+    ``"fast"`` / ``"native"`` (asking for the reference computation). Outputs equal the original's up to float32
+    rounding (the sum of squares in another order)."""
+
+    def __init__(self, norm: nn.Module, readers: Sequence[QLinear] = ()) -> None:
+        super().__init__()
+        self.weight = norm.weight  # the same Parameter: same state-dict key, shared with the original
+        self.variance_epsilon = float(norm.variance_epsilon)  # type: ignore[arg-type]
+        object.__setattr__(self, "original", norm)  # unregistered: the exact float path
+        object.__setattr__(self, "readers", tuple(readers))  # unregistered: they live in the attention/MLP
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not _runs_native_norm(x, self.weight) or any(r.kernel not in ("fast", "native") for r in self.readers):
+            return self.original(x)
+        return k8.get_kernel("rmsnorm", "fast")(x, self.weight, self.variance_epsilon)
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, eps={self.variance_epsilon}, native"
 
 
 class _GatedMLP(nn.Module):

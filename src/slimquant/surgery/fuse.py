@@ -1,5 +1,6 @@
 """Swap modules for their fused inference versions (:mod:`slimquant.nn.fused`), by architecture: float ops that
-feed W8A8 layers, and gated MLPs whose gate and up are packed 4-bit layers."""
+feed W8A8 layers, norms that feed weight-only quantized layers, and gated MLPs whose gate and up are packed
+4-bit layers."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from torch import nn
 
 from slimquant.adapters.architectures import Architecture, architecture_for, block_names
 from slimquant.errors import SlimquantError
-from slimquant.nn.fused import FusedGatedMLP, FusedW4A16GatedMLP, FusedRMSNorm, is_silu
+from slimquant.nn.fused import FusedGatedMLP, FusedRMSNorm, FusedW4A16GatedMLP, NativeRMSNorm, is_silu
 from slimquant.nn.modules import QLinear
 from slimquant.nn.w8a8 import QLinearW8A8
 from slimquant.surgery.select import set_module
@@ -19,7 +20,8 @@ log = logging.getLogger(__name__)
 
 def fuse_for_inference(model: nn.Module) -> int:
     """Replace, in every block, each RMSNorm whose readers are all W8A8 layers quantizing their input the same
-    way by :class:`FusedRMSNorm`, each gated SiLU MLP whose ``down`` is W8A8 by :class:`FusedGatedMLP`, and each
+    way by :class:`FusedRMSNorm`, each RMSNorm whose readers are all weight-only quantized layers by
+    :class:`NativeRMSNorm`, each gated SiLU MLP whose ``down`` is W8A8 by :class:`FusedGatedMLP`, and each
     other gated SiLU MLP whose ``gate`` and ``up`` are packed 4-bit layers of one shape by
     :class:`FusedW4A16GatedMLP`.
 
@@ -35,7 +37,7 @@ def fuse_for_inference(model: nn.Module) -> int:
     for block in blocks:
         count += _fuse_norms(model, arch, block) + _fuse_mlp(model, arch, block)
     if count:
-        log.info("fused %d norm / MLP module(s) for inference (W8A8 int8 inputs, 4-bit gate / up)", count)
+        log.info("fused %d norm / MLP module(s) for inference (W8A8 int8 inputs, native norms, 4-bit gate / up)", count)
     return count
 
 
@@ -47,6 +49,10 @@ def _fuse_norms(model: nn.Module, arch: Architecture, block: str) -> int:
         if type(norm).__name__ not in arch.rms_norms or not _only_weight(norm):
             continue
         readers = [model.get_submodule(f"{block}.{n}") for n in group.linears]
+        if all(type(r) is QLinear for r in readers):  # weight-only: no int8 rows to write, the norm alone
+            set_module(model, name, NativeRMSNorm(norm, readers))  # type: ignore[arg-type]
+            count += 1
+            continue
         if not all(isinstance(r, QLinearW8A8) for r in readers):
             continue
         keys = {r.input_key() for r in readers}  # type: ignore[union-attr]

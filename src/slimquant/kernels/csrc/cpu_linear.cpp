@@ -502,26 +502,77 @@ void rmsnorm_row_scalar(const float* x, const float* w, int64_t k, float eps, fl
   for (int64_t i = 0; i < k; ++i) y[i] = w[i] * (x[i] * r);
 }
 
+__attribute__((target("avx2,fma"))) void rmsnorm_row_avx2(const float* x, const float* w, int64_t k, float eps,
+                                                          float* y) {
+  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 16 <= k; i += 16) {
+    const __m256 v0 = _mm256_loadu_ps(x + i), v1 = _mm256_loadu_ps(x + i + 8);
+    acc0 = _mm256_fmadd_ps(v0, v0, acc0);
+    acc1 = _mm256_fmadd_ps(v1, v1, acc1);
+  }
+  for (; i + 8 <= k; i += 8) {
+    const __m256 v = _mm256_loadu_ps(x + i);
+    acc0 = _mm256_fmadd_ps(v, v, acc0);
+  }
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, _mm256_add_ps(acc0, acc1));
+  float sum = 0.0f;
+  for (int l = 0; l < 8; ++l) sum += lanes[l];
+  for (int64_t t = i; t < k; ++t) sum += x[t] * x[t];
+  const float r = 1.0f / std::sqrt(sum / static_cast<float>(k) + eps);
+  const __m256 vr = _mm256_set1_ps(r);
+  int64_t j = 0;
+  for (; j + 8 <= k; j += 8)
+    _mm256_storeu_ps(y + j, _mm256_mul_ps(_mm256_loadu_ps(w + j), _mm256_mul_ps(_mm256_loadu_ps(x + j), vr)));
+  for (; j < k; ++j) y[j] = w[j] * (x[j] * r);
+}
+
+// one row of the RMSNorm on the widest code path this CPU (and set_max_isa) allows
+void rmsnorm_row(const float* x, const float* w, int64_t k, float eps, float* y) {
+  if (cpu_has_avx512())
+    rmsnorm_row_avx512(x, w, k, eps, y);
+  else if (cpu_has_avx2())
+    rmsnorm_row_avx2(x, w, k, eps, y);
+  else
+    rmsnorm_row_scalar(x, w, k, eps, y);
+}
+
+// the checked arguments of the RMSNorm kernels: x as contiguous [M, k] rows
+at::Tensor rmsnorm_rows(const at::Tensor& x, const at::Tensor& weight) {
+  TORCH_CHECK(x.dim() >= 1 && x.scalar_type() == at::kFloat, "x must be float32 [..., k]");
+  TORCH_CHECK(!x.is_cuda(), "CPU tensors only");
+  const int64_t k = x.size(-1);
+  TORCH_CHECK(weight.scalar_type() == at::kFloat && weight.is_contiguous() && weight.numel() == k,
+              "weight must be contiguous float32 [k]");
+  return x.reshape({-1, k}).contiguous();
+}
+
+// Llama's RMSNorm in float32 alone (the float output of rmsnorm_quant without its int8 rows), rows in parallel
+at::Tensor rmsnorm(const at::Tensor& x, const at::Tensor& weight, double eps) {
+  RECORD_FUNCTION("slimquant::rmsnorm", std::vector<c10::IValue>());
+  const at::Tensor x2 = rmsnorm_rows(x, weight);
+  const int64_t M = x2.size(0), k = x2.size(1);
+  at::Tensor y = at::empty(x.sizes(), at::dtype(at::kFloat));
+  const float *xp = x2.data_ptr<float>(), *wp = weight.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  const float e = static_cast<float>(eps);
+  at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m) rmsnorm_row(xp + m * k, wp, k, e, yp + m * k);
+  });
+  return y;
+}
+
 std::vector<at::Tensor> rmsnorm_quant(const at::Tensor& x, const at::Tensor& weight, double eps,
                                       const c10::optional<at::Tensor>& input_scale,
                                       const c10::optional<at::Tensor>& input_offset) {
   RECORD_FUNCTION("slimquant::rmsnorm_quant", std::vector<c10::IValue>());
-  TORCH_CHECK(x.dim() >= 1 && x.scalar_type() == at::kFloat, "x must be float32 [..., k]");
-  const int64_t k = x.size(-1);
-  TORCH_CHECK(weight.scalar_type() == at::kFloat && weight.is_contiguous() && weight.numel() == k,
-              "weight must be contiguous float32 [k]");
-  at::Tensor x2 = x.reshape({-1, k}).contiguous();
-  const int64_t M = x2.size(0);
+  const at::Tensor x2 = rmsnorm_rows(x, weight);
+  const int64_t M = x2.size(0), k = x2.size(1);
   at::Tensor y = at::empty(x.sizes(), at::dtype(at::kFloat));
   const float *xp = x2.data_ptr<float>(), *wp = weight.data_ptr<float>();
   const float e = static_cast<float>(eps);
-  const bool vec = cpu_has_avx512();
-  auto fill = [&](int64_t m, float* row) {
-    if (vec)
-      rmsnorm_row_avx512(xp + m * k, wp, k, e, row);
-    else
-      rmsnorm_row_scalar(xp + m * k, wp, k, e, row);
-  };
+  auto fill = [&](int64_t m, float* row) { rmsnorm_row(xp + m * k, wp, k, e, row); };
   std::vector<at::Tensor> out = quantize_produced(M, k, input_scale, input_offset, fill, y.data_ptr<float>());
   return {y, out[0], out[1]};
 }
@@ -1307,6 +1358,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("w8a8_dynamic_q", &w8a8_dynamic_q, "int8 GEMM + rescale of rows already quantized per token");
   m.def("w8a8_static_q", &w8a8_static_q, "int8 GEMM + quant_bias + deq_scale of rows already quantized (static)");
   m.def("rmsnorm_quant", &rmsnorm_quant, "Llama RMSNorm (float32) and its int8 quantization: [y, q, xs]");
+  m.def("rmsnorm", &rmsnorm, "Llama RMSNorm (float32) alone, rows in parallel");
   m.def("silu_mul_quant", &silu_mul_quant, "int8 quantization of silu(g) * u: [q, xs]");
   m.def("w8a16", &w8a16, "int8-weight x float32 GEMV (per-channel or per-group scale/offset)");
   m.def("w4a16", &w4a16, "packed 4-bit weight x float32: GEMV for up to gemv_max_rows rows, tiled GEMM beyond");
