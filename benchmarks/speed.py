@@ -455,7 +455,8 @@ def render(res, top1, cats, tops, quant_s, rounds, elapsed, split, anchor) -> st
     return "\n".join([
         "## Speed (issues 3, 14): prefill and decode, float32 vs W8A16 vs W8A8 vs W4A16 (CPU, batch 1)",
         "",
-        f"Command: `.venv/bin/python benchmarks/speed.py`. Machine: {os.cpu_count()} CPU cores, "
+        f"Command: `.venv/bin/python benchmarks/speed.py{'' if rounds == ROUNDS else f' --rounds {rounds}'}`. "
+        f"Machine: {os.cpu_count()} CPU cores, "
         f"{platform.machine()}, torch {torch.__version__}, transformers {transformers.__version__}, "
         f"`torch.set_num_threads({THREADS})`; one process, {rounds} interleaved rounds, {elapsed / 60:.1f} min. "
         "The machine is shared: compare ratios (all measured side by side in one process), not absolute times.",
@@ -484,7 +485,7 @@ def render(res, top1, cats, tops, quant_s, rounds, elapsed, split, anchor) -> st
         "no zero point, asym: integer zero point); they run the native 4-bit kernels: a GEMV over the nibbles "
         f"for up to {native.W4A16_GEMV_MAX_ROWS} rows (decode), and for more rows (prefill) a GEMM over float "
         f"tiles of the weight ({native.library().w4_tile_bytes() // 1024 if native.available() else '?'} KiB each, "
-        "at::mm per tile; the whole float weight never exists), and `slimquant.quantize` has swapped each gated "
+        "at::mm per tile; no more float weight than one tile exists at a time, and only a layer smaller than a tile is ever whole in float), and `slimquant.quantize` has swapped each gated "
         "MLP for `slimquant.nn.fused.FusedW4A16GatedMLP`: one native call computes silu(gate(x)) * up(x) from both "
         "packed weights (at prefill one tiled GEMM for the two weights, silu * up applied to each tile's products "
         "in cache, so neither product is written whole; at decode the two nibble GEMVs and silu * up in one call). "
