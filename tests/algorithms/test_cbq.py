@@ -11,8 +11,8 @@ from torch.nn.utils import parametrize
 
 import slimquant
 from slimquant import CBQ, RTN, CBQPreprocess, QuantSpec, Recipe
-from slimquant.algorithms.cbq import (InputFakeQuant, LoRARoundingWeight, coarse_to_fine_outliers, rectified_sigmoid,
-                                      window_distance)  # fmt: skip
+from slimquant.algorithms.cbq import (InputFakeQuant, LoRARoundingWeight, coarse_outliers, coarse_to_fine_outliers,
+                                      rectified_sigmoid, window_distance)  # fmt: skip
 from slimquant.errors import NotSupportedYet, SlimquantError
 from slimquant.math.qparams import qparams_from_minmax
 from slimquant.math.weights import dequantize_weight, quantize_weight
@@ -37,7 +37,10 @@ def test_coarse_to_fine_flags_the_extreme_values_only() -> None:
     v = torch.cat([bulk, torch.tensor([2.5, 2.6, 40.0, 42.0])])
     mask = coarse_to_fine_outliers(v)
     assert mask.nonzero().squeeze(1).tolist() == [202, 203]  # the moderate candidates go back to the bulk
-    assert not coarse_to_fine_outliers(bulk).any() or coarse_to_fine_outliers(bulk).sum() < 5
+    # a half-normal bulk alone: of the 6 coarse candidates in its tail, only the one standing apart is kept
+    tail = coarse_to_fine_outliers(bulk)
+    assert int(coarse_outliers(bulk).sum()) == 6 and int(tail.sum()) == 1
+    assert float(bulk[tail].min()) > float(bulk[~tail].max())
     assert not coarse_to_fine_outliers(torch.ones(50)).any()
     m2 = coarse_to_fine_outliers(v.reshape(2, -1))  # any shape
     assert m2.shape == (2, 102) and m2.sum() == 2

@@ -174,6 +174,13 @@ def _check_bool(step: Step, *names: str) -> None:
             raise SlimquantError(f"{step.TYPE}: {n} must be true or false, got {getattr(step, n)!r}")
 
 
+def _check_positive_ints(step: Step, *names: str) -> None:
+    for n in names:
+        v = getattr(step, n)
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise SlimquantError(f"{step.TYPE}: {n} must be a positive integer, got {v!r}")
+
+
 def _needs_weight(step: Step, weight: "QuantSpec | None") -> None:
     if weight is None:
         raise SlimquantError(f"{step.TYPE} quantizes weights; the recipe has no weight spec")
@@ -274,10 +281,7 @@ class AutoRound(Step):
 
     def __post_init__(self) -> None:
         _check_bool(self, "minmax")
-        for knob in ("iters", "batch_size"):
-            v = getattr(self, knob)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise SlimquantError(f"autoround: {knob} must be a positive integer, got {v!r}")
+        _check_positive_ints(self, "iters", "batch_size")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             raise SlimquantError(f"autoround: seed must be an integer, got {self.seed!r}")
         if self.lr is not None and (not isinstance(self.lr, (int, float)) or isinstance(self.lr, bool)
@@ -518,8 +522,7 @@ class SmoothQuantSearch(Step):
         if not self.alphas or any(isinstance(a, bool) or not isinstance(a, (int, float)) or not 0.0 <= a <= 1.0
                                   for a in self.alphas):  # fmt: skip
             raise SlimquantError(f"smoothquant_search: alphas must be a non-empty list of values in [0, 1], got {self.alphas!r}")
-        if not isinstance(self.sample_rows, int) or isinstance(self.sample_rows, bool) or self.sample_rows < 1:
-            raise SlimquantError(f"smoothquant_search: sample_rows must be a positive integer, got {self.sample_rows!r}")
+        _check_positive_ints(self, "sample_rows")
 
     def check(self, weight: "QuantSpec | None", input: "QuantSpec | None") -> None:  # noqa: A002
         _needs_input(self, input, "SmoothQuant search")
@@ -559,10 +562,7 @@ class OutlierSuppression(Step):
 
     def __post_init__(self) -> None:
         _check_bool(self, "gamma_migration")
-        for name in ("thresholds", "sample_rows"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise SlimquantError(f"outlier_suppression: {name} must be a positive integer, got {v!r}")
+        _check_positive_ints(self, "thresholds", "sample_rows")
 
     def check(self, weight: "QuantSpec | None", input: "QuantSpec | None") -> None:  # noqa: A002
         _needs_input(self, input, "Outlier Suppression")
@@ -605,8 +605,7 @@ class CBQPreprocess(Step):
         if (not isinstance(self.alphas, tuple) or not self.alphas
                 or any(isinstance(a, bool) or not isinstance(a, (int, float)) or not 0.0 < a <= 1.0 for a in self.alphas)):  # fmt: skip
             raise SlimquantError(f"cbq_preprocess: alphas must be a non-empty tuple of numbers in (0, 1], got {self.alphas!r}")
-        if not isinstance(self.sample_rows, int) or isinstance(self.sample_rows, bool) or self.sample_rows < 1:
-            raise SlimquantError(f"cbq_preprocess: sample_rows must be a positive integer, got {self.sample_rows!r}")
+        _check_positive_ints(self, "sample_rows")
 
     def check(self, weight: "QuantSpec | None", input: "QuantSpec | None") -> None:  # noqa: A002
         _needs_weight(self, weight)
@@ -647,10 +646,7 @@ class CBQ(Step):
 
     def __post_init__(self) -> None:
         _check_bool(self, "homologous", "learn_input_ranges")
-        for knob in ("window", "rank", "iters", "batch_size"):
-            v = getattr(self, knob)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise SlimquantError(f"cbq: {knob} must be a positive integer, got {v!r}")
+        _check_positive_ints(self, "window", "rank", "iters", "batch_size")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             raise SlimquantError(f"cbq: seed must be an integer, got {self.seed!r}")
         if isinstance(self.lr, bool) or not isinstance(self.lr, (int, float)) or not 0.0 < self.lr <= 1.0:
@@ -689,8 +685,7 @@ class AWQ(Step):
 
     def __post_init__(self) -> None:
         _check_bool(self, "clip")
-        if not isinstance(self.grid, int) or isinstance(self.grid, bool) or self.grid < 1:
-            raise SlimquantError(f"awq: grid must be a positive integer, got {self.grid!r}")
+        _check_positive_ints(self, "grid")
 
     def check(self, weight: "QuantSpec | None", input: "QuantSpec | None") -> None:  # noqa: A002
         if weight is None:
