@@ -255,15 +255,16 @@ def _w4_pair(llama, spec: QuantSpec = W4):  # noqa: ANN001
     return unfused, fused
 
 
-def _count_gated(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
-    calls = {"gated": 0}
-    gated = native.w4a16_gated
+def _count_native(monkeypatch: pytest.MonkeyPatch, name: str) -> dict[str, int]:
+    """Counts the calls of ``slimquant.kernels.native.<name>``, which still runs: ``{name: calls}``."""
+    calls = {name: 0}
+    kernel = getattr(native, name)
 
     def counted(*a, **kw):  # noqa: ANN002, ANN003, ANN202
-        calls["gated"] += 1
-        return gated(*a, **kw)
+        calls[name] += 1
+        return kernel(*a, **kw)
 
-    monkeypatch.setattr(native, "w4a16_gated", counted)
+    monkeypatch.setattr(native, name, counted)
     return calls
 
 
@@ -280,10 +281,10 @@ def test_quantize_fuses_4bit_gated_mlps(llama, native_lib, spec: QuantSpec, leng
     assert type(fused.model.norm).__name__ == "LlamaRMSNorm"  # the final norm feeds the float lm_head
     assert list(fused.state_dict()) == list(unfused.state_dict())
     assert fuse_for_inference(fused) == 0  # already fused
-    calls = _count_gated(monkeypatch)
+    calls = _count_native(monkeypatch, "w4a16_gated")
     ids = _ids(llama.config.vocab_size, 2, length)  # 6 rows: the GEMVs; 48: the tiled GEMM
     a, b = _logits(unfused, ids), _logits(fused, ids)
-    assert calls["gated"] == len(fused.model.layers)
+    assert calls["w4a16_gated"] == len(fused.model.layers)
     torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5 * float(a.abs().max()))
 
 
@@ -292,7 +293,7 @@ def test_4bit_mlp_takes_the_unfused_path_when_the_fused_one_does_not_apply(llama
     """Hooks on gate / up (and global ones) see their calls; other kernels, gradients and other dtypes run the
     original module."""
     unfused, fused = _w4_pair(llama)
-    calls = _count_gated(monkeypatch)
+    calls = _count_native(monkeypatch, "w4a16_gated")
     ids = _ids(llama.config.vocab_size)
     expected = _logits(unfused, ids)
     mlp = fused.model.layers[0].mlp
@@ -300,26 +301,26 @@ def test_4bit_mlp_takes_the_unfused_path_when_the_fused_one_does_not_apply(llama
     handle = mlp.up_proj.register_forward_hook(lambda mod, args, out: seen.append(out.shape))
     torch.testing.assert_close(_logits(fused, ids), expected, rtol=1e-4, atol=1e-5 * float(expected.abs().max()))
     handle.remove()
-    assert seen == [(2, 24, 128)] and calls["gated"] == len(fused.model.layers) - 1
-    calls["gated"] = 0
+    assert seen == [(2, 24, 128)] and calls["w4a16_gated"] == len(fused.model.layers) - 1
+    calls["w4a16_gated"] = 0
     with torch.nn.modules.module.register_module_forward_hook(lambda *a: None):
         _logits(fused, ids)
-    assert calls["gated"] == 0
+    assert calls["w4a16_gated"] == 0
     acts = []
     handle = mlp.act_fn.register_forward_hook(lambda mod, args, out: acts.append(out.shape))
     _logits(fused, ids)
     handle.remove()
-    assert acts == [(2, 24, 128)] and calls["gated"] == len(fused.model.layers) - 1  # the hooked MLP ran unfused
-    calls["gated"] = 0
+    assert acts == [(2, 24, 128)] and calls["w4a16_gated"] == len(fused.model.layers) - 1  # the hooked MLP ran unfused
+    calls["w4a16_gated"] = 0
     mlp.gate_proj.kernel = "reference"
     x = torch.randn(2, 24, 64)
-    assert torch.equal(mlp(x), mlp.original(x)) and calls["gated"] == 0
+    assert torch.equal(mlp(x), mlp.original(x)) and calls["w4a16_gated"] == 0
     mlp.gate_proj.kernel = "fast"
     xg = x.clone().requires_grad_(True)
     out = mlp(xg)
     out.sum().backward()
-    assert calls["gated"] == 0 and xg.grad is not None and xg.grad.abs().sum() > 0
-    assert mlp(x.double()).dtype == torch.float64 and calls["gated"] == 0
+    assert calls["w4a16_gated"] == 0 and xg.grad is not None and xg.grad.abs().sum() > 0
+    assert mlp(x.double()).dtype == torch.float64 and calls["w4a16_gated"] == 0
 
 
 def test_save_load_round_trip_of_a_4bit_fused_model(llama, tokenizer, tmp_path) -> None:  # noqa: ANN001
@@ -344,24 +345,12 @@ def test_no_4bit_fusion_for_other_weights(llama) -> None:  # noqa: ANN001
 # -- native norms before weight-only layers --------------------------------------------------------------
 
 
-def _count_norms(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
-    calls = {"rmsnorm": 0}
-    norm = native.rmsnorm
-
-    def counted(*a, **kw):  # noqa: ANN002, ANN003, ANN202
-        calls["rmsnorm"] += 1
-        return norm(*a, **kw)
-
-    monkeypatch.setattr(native, "rmsnorm", counted)
-    return calls
-
-
 def test_native_norm_equals_the_original_within_float32_rounding(llama, native_lib,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
     """Each block's two norms run natively (counted); the model's logits stay within float32 rounding of the
     model with transformers' norms, and each norm's output within a few ulp of the original's."""
     unfused, fused = _w4_pair(llama)
-    calls = _count_norms(monkeypatch)
+    calls = _count_native(monkeypatch, "rmsnorm")
     ids = _ids(llama.config.vocab_size)
     a, b = _logits(unfused, ids), _logits(fused, ids)
     assert calls["rmsnorm"] == 2 * len(fused.model.layers)
@@ -381,7 +370,7 @@ def test_native_norm_takes_the_original_path_when_it_does_not_apply(llama, nativ
     native library all run the original module, bit for bit."""
     _, fused = _w4_pair(llama)
     norm = fused.model.layers[0].input_layernorm
-    calls = _count_norms(monkeypatch)
+    calls = _count_native(monkeypatch, "rmsnorm")
     x = torch.randn(2, 5, 64)
     out = norm(x)  # grad enabled and the weight requires grad: the original, which keeps the graph
     out.sum().backward()
