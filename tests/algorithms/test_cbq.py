@@ -11,8 +11,8 @@ from torch.nn.utils import parametrize
 
 import slimquant
 from slimquant import CBQ, RTN, CBQPreprocess, QuantSpec, Recipe
-from slimquant.algorithms.cbq import (InputFakeQuant, LoRARoundingWeight, coarse_outliers, coarse_to_fine_outliers,
-                                      rectified_sigmoid, window_distance)  # fmt: skip
+from slimquant.algorithms.cbq import InputFakeQuant, LoRARoundingWeight, rectified_sigmoid, window_distance
+from slimquant.math.outliers import coarse_outliers, coarse_to_fine_outliers
 from slimquant.errors import NotSupportedYet, SlimquantError
 from slimquant.math.qparams import qparams_from_minmax
 from slimquant.math.weights import dequantize_weight, quantize_weight

@@ -457,7 +457,7 @@ def _cbq_preprocess(model: nn.Module, step: Step, recipe: Recipe, stats: dict[st
     """CBQ's coarse-to-fine pre-processing (m5): per smoothing group, the outlier input channels scaled down with
     the strength (or none) of the lowest quantized output error, then each linear's outlier weights truncated
     where that lowers the error too."""
-    from slimquant.algorithms.cbq import coarse_outliers, coarse_to_fine_outliers
+    from slimquant.math.outliers import coarse_outliers, coarse_to_fine_outliers
 
     assert isinstance(step, CBQPreprocess)
     rows = []
