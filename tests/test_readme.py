@@ -1,4 +1,5 @@
-"""Every example of the README runs, from an empty directory: the command-line block and the Python block.
+"""Every example of the README runs, from an empty directory: the command-line block, the Python block, and the
+QAT and structured-pruning blocks (on a user's own small CNN, with what their comments promise checked).
 
 The fast tier swaps the embedded models for tiny random ones of the same kinds (and ``/models/llama`` for a
 tiny Hugging Face directory); ``pytest -m slow`` runs the examples with the real embedded models.
@@ -122,3 +123,72 @@ def test_readme_examples_with_the_real_models(capsys, tmp_path, monkeypatch, eva
         monkeypatch.chdir(work)
         _inputs(work, eval_text.strip().splitlines())
         run()
+
+
+# -- the QAT and structured-pruning blocks, with a user's own CNN and data ------------------------------------
+
+
+class _UserCNN(__import__("torch").nn.Module):
+    """Someone's small CNN (not one of ours): conv-BN-ReLU twice, pooling, a linear classifier."""
+
+    def __init__(self) -> None:
+        from torch import nn
+
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.conv2, self.bn2 = nn.Conv2d(8, 16, 3, padding=1), nn.BatchNorm2d(16)
+        self.pool, self.fc = nn.AdaptiveAvgPool2d(2), nn.Linear(64, 10)
+
+    def forward(self, x):  # noqa: ANN001, ANN201
+        import torch.nn.functional as F
+
+        x = F.relu(self.bn1(self.conv1(x)))
+        x = F.relu(self.bn2(self.conv2(x)))
+        return self.fc(self.pool(x).flatten(1))
+
+
+def _user_namespace() -> dict:
+    import torch
+    from conftest import make_llama
+
+    g = torch.Generator().manual_seed(0)
+    loader = [(torch.randn(8, 1, 8, 8, generator=g), torch.randint(0, 10, (8,), generator=g)) for _ in range(3)]
+    return {"__name__": "__readme__", "CNN": _UserCNN, "cnn": _UserCNN().train(), "loader": loader,
+            "x": loader[0][0], "llm": make_llama(64).eval(),
+            "calib_windows": torch.randint(0, 64, (4, 16), generator=g)}  # fmt: skip
+
+
+def test_readme_qat_example_runs_and_its_comment_holds(tmp_path, monkeypatch) -> None:  # noqa: ANN001
+    """The QAT block on a user's CNN; then, as its last comment says, ``sq.load(..., model=CNN())`` gives the
+    converted model's outputs."""
+    import torch
+
+    import slimquant as sq
+
+    monkeypatch.chdir(tmp_path)
+    ns = _user_namespace()
+    exec(compile(_block("### Quantization-aware training", "python"), "README.md (QAT)", "exec"), ns)  # noqa: S102
+    model = ns["result"].model.eval()
+    loaded = sq.load("out/cnn-w4a4", model=_UserCNN()).model.eval()
+    x = ns["loader"][1][0]
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x))
+
+
+def test_readme_pruning_example_runs_and_its_comments_hold(tmp_path, monkeypatch) -> None:  # noqa: ANN001
+    """The structured-pruning block on a user's CNN and a tiny Llama; the saved pruned CNN loads back through
+    ``sq.load_pruned`` with the same outputs, and the LLM's MLPs lost a quarter of their channels."""
+    import torch
+
+    import slimquant as sq
+
+    monkeypatch.chdir(tmp_path)
+    ns = _user_namespace()
+    exec(compile(_block("### Structured pruning", "python"), "README.md (pruning)", "exec"), ns)  # noqa: S102
+    pruned = ns["pruned"].model.eval()
+    x = ns["loader"][0][0]
+    loaded = sq.load_pruned("out/cnn-pruned", _UserCNN(), example=x[:2]).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), pruned(x))
+    assert (pruned.conv1.out_channels, pruned.conv2.out_channels, pruned.fc.in_features) == (4, 8, 32)  # halves
+    assert ns["llm"].config.intermediate_size == 96  # 128 - a quarter
