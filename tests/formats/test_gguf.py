@@ -312,3 +312,22 @@ def test_signed_block_scales_use_the_extra_negative_level():
     assert err_signed <= (dequantize_weight(plain, QuantSpec("int4", "per_group", 32)) - w).abs().max() + 1e-3
     data = gb.pack(qw.q, block_params(qw.scale, None, gguf_type("Q4_0")), gguf_type("Q4_0"))
     assert np.array_equal(gguf.quants.dequantize(data, gguf.GGMLQuantizationType.Q4_0), gb.dequantize(data, gguf_type("Q4_0"), 32))
+
+
+def test_cli_m5_on_a_gguf_grid_exports_exactly(bpe_llama_dir, tmp_path, capsys, eval_text):
+    """CBQ (--anti_method m5) trains on the GGUF type's own grid (its LoRA-rounded integers and range factors stay on
+    Q4_0's block grid), so the export needs no --requantize."""
+    from slimquant.cli.main import main
+
+    calib = tmp_path / "calib.txt"
+    calib.write_text(eval_text, encoding="utf-8")
+    ck = tmp_path / "ck"
+    assert main(["quantize", "--model_path", str(bpe_llama_dir), "--gguf_type", "Q4_0", "--anti_method", "m5",
+                 "--iters", "2", "--batch_size", "2", "--calib_file", str(calib), "--calib_size", "4",
+                 "--calib_seq_len", "16", "--save_directory", str(ck)]) == 0  # fmt: skip
+    assert "gguf:Q4_0" in capsys.readouterr().out
+    manifest = json.loads((ck / "slimquant_manifest.json").read_text())
+    assert manifest["layers"]["model.layers.0.mlp.down_proj"]["method"]["algorithm"] == "cbq"
+    out = tmp_path / "gguf"
+    assert main(["export", "--model", str(ck), "--format", "gguf", "--save_directory", str(out)]) == 0
+    assert "GGUF Q4_0" in capsys.readouterr().out and (out / "model.gguf").is_file()
