@@ -13,6 +13,9 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
 
 from slimquant.cli.main import main
 
@@ -128,27 +131,22 @@ def test_readme_examples_with_the_real_models(capsys, tmp_path, monkeypatch, eva
 # -- the QAT and structured-pruning blocks, with a user's own CNN and data ------------------------------------
 
 
-class _UserCNN(__import__("torch").nn.Module):
+class _UserCNN(nn.Module):
     """Someone's small CNN (not one of ours): conv-BN-ReLU twice, pooling, a linear classifier."""
 
     def __init__(self) -> None:
-        from torch import nn
-
         super().__init__()
         self.conv1, self.bn1 = nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8)
         self.conv2, self.bn2 = nn.Conv2d(8, 16, 3, padding=1), nn.BatchNorm2d(16)
         self.pool, self.fc = nn.AdaptiveAvgPool2d(2), nn.Linear(64, 10)
 
     def forward(self, x):  # noqa: ANN001, ANN201
-        import torch.nn.functional as F
-
         x = F.relu(self.bn1(self.conv1(x)))
         x = F.relu(self.bn2(self.conv2(x)))
         return self.fc(self.pool(x).flatten(1))
 
 
 def _user_namespace() -> dict:
-    import torch
     from conftest import make_llama
 
     g = torch.Generator().manual_seed(0)
@@ -161,8 +159,6 @@ def _user_namespace() -> dict:
 def test_readme_qat_example_runs_and_its_comment_holds(tmp_path, monkeypatch) -> None:  # noqa: ANN001
     """The QAT block on a user's CNN; then, as its last comment says, ``sq.load(..., model=CNN())`` gives the
     converted model's outputs."""
-    import torch
-
     import slimquant as sq
 
     monkeypatch.chdir(tmp_path)
@@ -178,8 +174,6 @@ def test_readme_qat_example_runs_and_its_comment_holds(tmp_path, monkeypatch) ->
 def test_readme_pruning_example_runs_and_its_comments_hold(tmp_path, monkeypatch) -> None:  # noqa: ANN001
     """The structured-pruning block on a user's CNN and a tiny Llama; the saved pruned CNN loads back through
     ``sq.load_pruned`` with the same outputs, and the LLM's MLPs lost a quarter of their channels."""
-    import torch
-
     import slimquant as sq
 
     monkeypatch.chdir(tmp_path)

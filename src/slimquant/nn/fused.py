@@ -20,10 +20,10 @@ call computes ``silu(gate(x)) * up(x)`` from both packed weights (at prefill one
 products never written whole). An RMSNorm read only by weight-only quantized layers (W4A16, W8A16) has no int8 rows
 to write: :class:`NativeRMSNorm` computes it in one native pass per row instead of transformers' five torch ops.
 
-Both keep the state-dict keys of the modules they replace and hold the original module (unregistered) for
-everything else: the fused path runs only when every W8A8 layer involved uses the default ``"fast"`` kernel,
-the native library is built and the tensors are float32 on the CPU (and need no gradient); otherwise the original module computes
-exactly as before. The fused path differs from the unfused one only by float32 rounding in the norm's sum of
+All of them keep the state-dict keys of the modules they replace and hold the original module (unregistered) for
+everything else: the fused path runs only when every quantized layer involved uses the default ``"fast"`` kernel
+(or ``"native"`` for the weight-only ones), the native library is built and the tensors are float32 on the CPU
+(and need no gradient, the norm's weight included); otherwise the original module computes exactly as before. The fused path differs from the unfused one only by float32 rounding in the norm's sum of
 squares and in ``exp`` (the int8 rows are those of the float values it computes). Built by
 :func:`slimquant.surgery.fuse.fuse_for_inference`.
 """
