@@ -118,8 +118,7 @@ def render(rows: dict[str, dict], tokens: int, windows: int, elapsed: float) -> 
 
 def main() -> None:
     wo.benchmark_main(__doc__, "1 window per text; prints only", CONFIGS, None, __file__, child_main,
-                      lambda rows, ref, windows, elapsed: render(rows, next(iter(rows.values()))["tokens"], windows,
-                                                                 elapsed), "cbq")  # fmt: skip
+                      wo.by_tokens(render), "cbq")
 
 
 if __name__ == "__main__":

@@ -223,8 +223,7 @@ def render(rows: dict[str, dict], tokens: int, windows: int, elapsed: float) -> 
 
 def main() -> None:
     wo.benchmark_main(__doc__, "1 window per text, three configs; prints only", CONFIGS, QUICK, __file__, child_main,
-                      lambda rows, ref, windows, elapsed: render(rows, next(iter(rows.values()))["tokens"], windows,
-                                                                 elapsed), "w8a8s")  # fmt: skip
+                      wo.by_tokens(render), "w8a8s")
 
 if __name__ == "__main__":
     main()

@@ -532,6 +532,12 @@ def benchmark_main(doc: str | None, quick_help: str, configs, quick, script: str
         write_section(report, section)
 
 
+def by_tokens(render):  # noqa: ANN001, ANN201
+    """``render(rows, tokens, windows, elapsed)`` as :func:`benchmark_main` calls it (``tokens``: the predicted
+    tokens of the evaluation windows, as the first row measured them)."""
+    return lambda rows, ref, windows, elapsed: render(rows, next(iter(rows.values()))["tokens"], windows, elapsed)
+
+
 def write_section(report: str, name: str = "weight-only") -> None:
     """Replace the ``<!-- {name}:begin/end -->`` block of BENCHMARKS.md (or append it); prose outside the
     markers is kept. Every benchmark script writes its section through this."""

@@ -129,7 +129,8 @@ def test_windows_overlap_and_warm_start_on_a_three_block_llama(tokenizer, tmp_pa
     assert info["0"]["window"] == ["model.layers.0", "model.layers.1"] and not info["0"]["warm_start"]
     assert info["1"]["window"] == ["model.layers.1", "model.layers.2"] and info["1"]["warm_start"]
     assert info["2"]["window"] == ["model.layers.2"] and info["2"]["warm_start"]
-    assert all(i["steps"] == 6 and i["best_rel_loss"] <= 1 for i in info.values())
+    # every window's training moved off round to nearest and lowered its loss (observed 0.74 / 0.76 / 0.90)
+    assert all(i["steps"] == 6 and i["best_step"] >= 0 and i["best_rel_loss"] < 0.97 for i in info.values())
     # the float model's modules are left untouched by the window's parametrizations
     assert not any(parametrize.is_parametrized(m) for m in res.model.modules())
     ids = torch.randint(0, 30, (2, 24))

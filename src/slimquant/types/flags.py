@@ -105,7 +105,8 @@ def add_recipe_flags(parser: argparse.ArgumentParser) -> None:
                    help="autoround: step size of the signed updates, decayed linearly to 0 (default 1 / iters; "
                    f"autoround-light 5e-3); m5 (CBQ): Adam's learning rate (default {CBQ.lr})")  # fmt: skip
     parser.add_argument("--batch_size", type=positive_int, default=None,
-                   help=f"autoround / m5 (CBQ): calibration windows per tuning step (default {AutoRound.batch_size})")  # fmt: skip
+                   help=f"autoround / m5 (CBQ): calibration windows per tuning step (default {AutoRound.batch_size} / "
+                   f"{CBQ.batch_size})")  # fmt: skip
     parser.add_argument("--percdamp", type=float, default=0.01,
                    help="gptq / sparsegpt: Hessian dampening, fraction of its mean diagonal")  # fmt: skip
     parser.add_argument("--sparsity", type=float, default=None,
